@@ -1,0 +1,142 @@
+"""Packing and unpacking of GPTQ integer codes, as pure functions on tensors.
+
+GPTQ packs `b`-bit unsigned codes into int32 words as one little-endian bit stream: code `i` of
+a run occupies stream bits `[i*b, (i+1)*b)`, and word `j` holds stream bits `[32*j, 32*j + 32)`.
+For b in {2, 4, 8} that is the familiar "32/b codes per word"; for 3 bits codes spill across
+word boundaries (32 codes fill 3 words). gptqmodel stores 5/6/7 bits in a different, "planar"
+layout that we do not handle. `qweight` is packed along the input dimension
+(rows), `qzeros` along the output dimension (columns).
+
+We own these few lines rather than import gptqmodel's helpers, which are private and move
+between releases. Every function is exact and round-trips bit for bit (see tests/test_codec.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"GPTQ codes of {bits} bits are not supported; use one of {SUPPORTED_BITS}.")
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Number of int32 words that hold `n` codes of `bits` bits."""
+    _check_bits(bits)
+    if (n * bits) % 32:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole int32 words.")
+    return n * bits // 32
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Unpack int32 words along `dim` into uint8 codes.
+
+    Returns a tensor whose size along `dim` is `packed.shape[dim] * 32 // bits`. This runs in every
+    LoTA forward, so the 2/4/8-bit path stays in int32 (an arithmetic shift followed by the mask
+    is exact) and writes straight into the uint8 result.
+    """
+    _check_bits(bits)
+    words = packed.movedim(dim, -1)
+    mask = (1 << bits) - 1
+    if bits in (2, 4, 8):
+        per_word = 32 // bits
+        codes = torch.empty(*words.shape[:-1], words.shape[-1], per_word, dtype=torch.uint8, device=packed.device)
+        w32 = words.to(torch.int32)
+        for i in range(per_word):
+            codes[..., i] = (w32 >> (i * bits)) & mask
+        codes = codes.flatten(-2)
+    else:  # 3 bits: 32 codes in 3 words; int64 keeps the spilled bits unsigned
+        if words.shape[-1] % bits:
+            raise ValueError(f"{words.shape[-1]} words do not hold whole runs of 32 {bits}-bit codes.")
+        blocks = (words.to(torch.int64) & 0xFFFFFFFF).reshape(*words.shape[:-1], -1, bits)
+        out = []
+        for i in range(32):
+            w, off = divmod(i * bits, 32)
+            value = blocks[..., w] >> off
+            if off + bits > 32:  # the code spills into the next word
+                value = value | (blocks[..., w + 1] << (32 - off))
+            out.append(value & mask)
+        codes = torch.stack(out, dim=-1).reshape(*words.shape[:-1], -1)
+    return codes.to(torch.uint8).movedim(-1, dim)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) along `dim` into int32 words (inverse of unpack_codes)."""
+    _check_bits(bits)
+    c = codes.movedim(dim, -1).to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > (1 << bits) - 1):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to be packed in {bits} bits.")
+    n = c.shape[-1]
+    packed_len(n, bits)  # validates that the codes fill whole words
+    if bits in (2, 4, 8):
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=c.device, dtype=torch.int64)
+        words = (c.reshape(*c.shape[:-1], n // per_word, per_word) << shifts).sum(-1)
+    else:
+        blocks = c.reshape(*c.shape[:-1], n // 32, 32)
+        words = torch.zeros(*c.shape[:-1], n // 32, bits, dtype=torch.int64, device=c.device)
+        for i in range(32):
+            start = i * bits
+            w, off = divmod(start, 32)
+            words[..., w] |= (blocks[..., i] << off) & 0xFFFFFFFF
+            if off + bits > 32:
+                words[..., w + 1] |= blocks[..., i] >> (32 - off)
+        words = words.reshape(*c.shape[:-1], -1)
+    # Reinterpret the unsigned 32-bit values as int32 (two's complement).
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`qweight` int32 [K*b/32, N] -> codes uint8 [K, N]."""
+    return unpack_codes(qweight, bits, dim=0)
+
+
+def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [K, N] -> `qweight` int32 [K*b/32, N]."""
+    return pack_codes(codes, bits, dim=0)
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """`qzeros` int32 [groups, N*b/32] -> stored zero points uint8 [groups, N] (no +1 applied)."""
+    return unpack_codes(qzeros, bits, dim=1)
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """stored zero points [groups, N] -> `qzeros` int32 [groups, N*b/32]."""
+    return pack_codes(zeros, bits, dim=1)
+
+
+def zeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed true zero points (v2, "gptq_v2") -> packed classic zero points (v1, "gptq": z - 1).
+
+    A v1 checkpoint cannot hold a true zero point of 0 (it would need -1); refuse rather than
+    write a checkpoint that loads wrong.
+    """
+    z = unpack_qzeros(qzeros, bits).to(torch.int16)
+    if z.numel() and int(z.min()) < 1:
+        raise ValueError(
+            "this layer has a zero point of 0, which the classic GPTQ format ('gptq', v1) cannot store; "
+            "save it in 'gptq_v2' format instead."
+        )
+    return pack_qzeros(z - 1, bits)
+
+
+def zeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed classic zero points (v1: z - 1) -> packed true zero points (v2)."""
+    z = unpack_qzeros(qzeros, bits).to(torch.int16) + 1
+    if z.numel() and int(z.max()) > (1 << bits) - 1:
+        raise ValueError(
+            f"a stored v1 zero point of {(1 << bits) - 1} means a true zero point of {1 << bits}, "
+            f"which does not fit in {bits} bits of the 'gptq_v2' format."
+        )
+    return pack_qzeros(z, bits)
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """The default (no act-order) `g_idx`: row k belongs to group k // group_size."""
+    gs = in_features if group_size in (-1, 0) else group_size
+    return torch.arange(in_features, device=device, dtype=torch.int32) // gs

@@ -1,0 +1,104 @@
+"""LotaConfig: the PEFT configuration of a LoTA-QAF adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .ternary import OFFSET_MODES
+
+
+@dataclass
+class LotaConfig(PeftConfig):
+    """Configuration of a LoTA-QAF adapter (ternary adaptation of GPTQ integer codes).
+
+    Each targeted GPTQ layer gets ternary `A` [in, r] and `B` [r, out]; where the integer product
+    `A @ B` passes the threshold `omega`, the layer's integer code moves by one step on its
+    quantization grid. There is no `lora_alpha`: a step is always exactly one quantization step.
+    """
+
+    r: int = field(default=64, metadata={"help": "Rank of the ternary factors A [in, r] and B [r, out]."})
+    omega: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Integer threshold on the product A @ B, strictly between 0 and r. A code moves by +1 (-1) "
+            "where the product is above omega (below -omega). Defaults to round(0.75 * r); larger is more "
+            "conservative (the paper used 0.875 * r on one task and found larger omega helped at 2 bits)."
+        },
+    )
+    offset: str = field(
+        default="none",
+        metadata={
+            "help": "Offset factor mode. 'none': integer grid only, merges exactly. 'float': the paper's "
+            "fractional offset mu (one float per group and output column); cannot be merged exactly into "
+            "a GPTQ checkpoint. 'integer': mu rounded to an integer zero-point shift in the forward pass "
+            "(straight-through gradient), so the trained model is exactly what a GPTQ checkpoint holds."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names of the GPTQ layers to adapt: a list of name suffixes (e.g. ['q_proj', 'v_proj']), a "
+            "regex matched against the full module name, or 'all-linear' for every quantized linear layer "
+            "except the output head. Defaults to all-linear."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Names (list of suffixes) or a regex of modules to leave alone."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Indices of the decoder layers to adapt; others are left alone."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the decoder-layer list (e.g. 'layers'), used with layers_to_transform."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules other than LoTA layers to train in full precision and save with the adapter "
+            "(e.g. an unquantized classification head). They are not part of the integer merge."
+        },
+    )
+    init_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed for the ternary initialisation of A (None: use torch's global generator)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .registry import LOTA_PEFT_TYPE
+
+        self.peft_type = LOTA_PEFT_TYPE
+        if self.task_type is None:  # LoTA is for GPTQ LLMs: give users PeftModelForCausalLM unless they say otherwise
+            self.task_type = "CAUSAL_LM"
+        if self.target_modules is None:
+            self.target_modules = "all-linear"
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LotaConfig: r must be a positive integer, got r={self.r!r}.")
+        if self.omega is None:
+            self.omega = int(round(0.75 * self.r))
+        if self.r < 2:
+            raise ValueError(
+                "LotaConfig: r must be at least 2 so that an integer omega with 0 < omega < r exists; "
+                f"got r={self.r}. The paper uses r=64."
+            )
+        if isinstance(self.omega, bool) or not isinstance(self.omega, int) or not 0 < self.omega < self.r:
+            raise ValueError(
+                f"LotaConfig: omega must be an integer strictly between 0 and r={self.r}, got omega={self.omega!r}. "
+                f"The default is round(0.75 * r) = {int(round(0.75 * self.r))}."
+            )
+        if self.offset not in OFFSET_MODES:
+            raise ValueError(
+                f"LotaConfig: unknown offset mode {self.offset!r}; choose one of {', '.join(map(repr, OFFSET_MODES))}."
+            )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("LotaConfig: layers_pattern only makes sense together with layers_to_transform.")

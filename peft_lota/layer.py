@@ -1,0 +1,209 @@
+"""The LoTA tuner layer: ternary A, B on top of an integer-coded (quantized) base layer.
+
+Backend-agnostic: a quantized backend (see gptq.py) subclasses `LotaLayer` and implements
+`read_quant_state()` and `write_quant_state()`, the only two places that know how its codes are
+stored. Everything else (forward, merge, unmerge, deltas) is written once here, on top of the
+pure functions of ternary.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Optional
+
+import torch
+from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from .ternary import LotaState, apply_adapters, dequantize, effective_weight, init_ternary_A, lota_linear
+
+logger = logging.getLogger(__name__)
+
+
+class FloatOffsetMergeError(ValueError):
+    """Raised when asked to merge an offset="float" adapter without opting in to rounding."""
+
+
+def float_offset_merge_message(adapter_name: str) -> str:
+    return (
+        f"LoTA adapter {adapter_name!r} was trained with offset='float'. Its offset mu is a fraction of a "
+        "quantization step per group and output column, while a GPTQ checkpoint stores integer zero points, so "
+        "it cannot be merged without changing the model. Alternatives: (1) keep it unmerged and run the "
+        "PeftModel; (2) train with LotaConfig(offset='integer') (exactly mergeable) or offset='none'; "
+        "(3) pass round_float_offset=True to merge mu rounded to the nearest integer zero-point shift "
+        "(the largest weight change is reported)."
+    )
+
+
+class LotaLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("lota_A", "lota_B")
+    other_param_names = ("r", "omega", "offset")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, *, r: int, omega: int, offset: str,
+                 init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lota_A = nn.ParameterDict({})
+        self.lota_B = nn.ParameterDict({})
+        self.r: dict[str, int] = {}
+        self.omega: dict[str, int] = {}
+        self.offset: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged_snapshot: Optional[dict[str, torch.Tensor]] = None  # raw buffers before the first merge
+        self.merge_reports: dict[str, dict] = {}
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self._current_key = current_key
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r=r, omega=omega, offset=offset, init_seed=init_seed)
+
+    # ---- backend interface -------------------------------------------------------------------
+    def read_quant_state(self) -> LotaState:
+        """Codes, true zero points, scales, g_idx and bias of the base layer as it is now."""
+        raise NotImplementedError
+
+    def encode_quant_state(self, codes: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
+        """New raw buffers (e.g. packed qweight, qzeros) holding these codes and true zero points."""
+        raise NotImplementedError
+
+    def snapshot_quant_buffers(self) -> dict[str, torch.Tensor]:
+        """The raw buffers that encode_quant_state produces, as they are now (not copies)."""
+        raise NotImplementedError
+
+    def restore_quant_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Write raw buffers back into the base layer, in place."""
+        raise NotImplementedError
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, *, r: int, omega: int, offset: str, init_seed=None, **kwargs) -> None:
+        generator = None
+        if init_seed is not None:  # one reproducible stream per layer, independent of creation order
+            generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
+        device = self.read_device()
+        self.lota_A[adapter_name] = nn.Parameter(init_ternary_A(self.in_features, r, generator).to(device))
+        self.lota_B[adapter_name] = nn.Parameter(torch.zeros(r, self.out_features, device=device))
+        self.r[adapter_name], self.omega[adapter_name], self.offset[adapter_name] = r, omega, offset
+        self.set_adapter(self.active_adapters)
+
+    def read_device(self) -> torch.device:
+        return next(iter(self.base_layer.buffers())).device
+
+    def product(self, adapter_name: str) -> torch.Tensor:
+        """P = A @ B in float32, outside autocast: entries are exact integers in [-r, r]."""
+        A, B = self.lota_A[adapter_name], self.lota_B[adapter_name]
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            return A.float() @ B.float()
+
+    def _unmerged_active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.lota_A and a not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._unmerged_active()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        state = self.read_quant_state()
+        Ps = [self.product(a) for a in active]
+        # Same shapes and op order as gptqmodel's TorchLinear (2-D matmul, then bias), so a fresh
+        # adapter, or the merged model, gives bit-identical outputs to the stock kernel.
+        out = lota_linear(x.reshape(-1, x.shape[-1]), state, Ps,
+                          [self.omega[a] for a in active], [self.offset[a] for a in active])
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    # ---- deltas ------------------------------------------------------------------------------
+    def _base_state(self) -> LotaState:
+        """The layer's codes without any merged adapter."""
+        if self._unmerged_snapshot is None:
+            return self.read_quant_state()
+        current = self.snapshot_quant_buffers()
+        self.restore_quant_buffers(self._unmerged_snapshot)
+        try:
+            return self.read_quant_state()
+        finally:
+            self.restore_quant_buffers(current)
+
+    @torch.no_grad()
+    def get_delta_codes(self, adapter_name: str) -> torch.Tensor:
+        """The integer code change D in {-1, 0, 1} (int8) this adapter applies to the unmerged codes, [out, in]."""
+        state = self._base_state()
+        _, _, _, (D,) = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
+                                       [self.offset[adapter_name]])
+        return D.t().contiguous()
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The float weight change of this adapter, [out, in]: scale * D plus the offset term, if any."""
+        state = self._base_state()
+        codes, zeros, mu = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
+                                          [self.offset[adapter_name]])[:3]
+        before = dequantize(state.codes, state.zeros, state.scales, state.g_idx).float()
+        after = effective_weight(state, codes, zeros, mu).float()
+        return (after - before).t().contiguous()
+
+    # ---- merge -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+              round_float_offset: bool = False) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            if self.offset[name] == "float" and not round_float_offset:
+                raise FloatOffsetMergeError(float_offset_merge_message(name))
+
+        state = self.read_quant_state()
+        codes, zeros = state.codes, state.zeros.to(torch.int32)
+        for name in adapter_names:
+            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias)
+            # A float offset merges like an integer one: mu rounded into the zero points.
+            mode = "integer" if self.offset[name] == "float" else self.offset[name]
+            new_codes, new_zeros, _, _ = apply_adapters(step, [self.product(name)], [self.omega[name]], [mode])
+            if self.offset[name] == "float":
+                self.merge_reports[name] = self._rounding_report(step, name, new_codes, new_zeros)
+            codes, zeros = new_codes, new_zeros
+
+        buffers = self.encode_quant_state(codes, zeros)
+        if safe_merge:
+            self._check_merge(buffers, codes, zeros)
+        if self._unmerged_snapshot is None:
+            self._unmerged_snapshot = {k: v.clone() for k, v in self.snapshot_quant_buffers().items()}
+        self.restore_quant_buffers(buffers)
+        self.merged_adapters.extend(adapter_names)
+
+    def _rounding_report(self, step: LotaState, name: str, new_codes, new_zeros) -> dict:
+        exact = effective_weight(step, *apply_adapters(step, [self.product(name)], [self.omega[name]], ["float"])[:3])
+        rounded = dequantize(new_codes, new_zeros, step.scales, step.g_idx)
+        change = (exact.float() - rounded.float()).abs()
+        report = {"max_abs_weight_change": float(change.max()), "mean_abs_weight_change": float(change.mean())}
+        logger.warning("LoTA adapter %r: float offset rounded into the zero points of %s; largest weight change %.3g.",
+                       name, self._current_key or "a layer", report["max_abs_weight_change"])
+        return report
+
+    def _check_merge(self, buffers, codes, zeros) -> None:
+        """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
+        current = {k: v.clone() for k, v in self.snapshot_quant_buffers().items()}
+        self.restore_quant_buffers(buffers)
+        try:
+            written = self.read_quant_state()
+        finally:
+            self.restore_quant_buffers(current)
+        if not (torch.equal(written.codes, codes) and torch.equal(written.zeros.to(torch.int32), zeros.to(torch.int32))):
+            raise ValueError(f"safe_merge: the packed merge of {self._current_key or 'a layer'} does not decode to "
+                             "the adapted codes; nothing was written.")
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        self.restore_quant_buffers(self._unmerged_snapshot)
+        self._unmerged_snapshot = None
+        self.merged_adapters = []
+        self.merge_reports = {}
+
+    def __repr__(self) -> str:
+        return "lota." + super().__repr__()

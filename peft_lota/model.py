@@ -1,0 +1,151 @@
+"""LotaModel: the PEFT tuner that injects LoTA layers, merges them on the integer grid and unloads."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, onload_layer
+from peft.utils import ModulesToSaveWrapper, _get_submodules
+
+from .config import LotaConfig
+from .gptq import dispatch_gptq, is_gptq_layer, prepare_gptq_model
+from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
+
+# One dispatch function per quantized backend (STYLE.md); the first that returns a layer wins.
+DISPATCHERS = (dispatch_gptq,)
+
+TERNARY_KEY = re.compile(r"\.lota_[AB]\.")
+
+
+def _pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """{-1, 0, 1} float -> 2 bits per value, 4 values per uint8 (flattened)."""
+    v = (t.detach().flatten().round().to(torch.int16) + 1).to(torch.uint8).cpu()
+    if v.numel() % 4:
+        v = torch.cat([v, torch.ones(4 - v.numel() % 4, dtype=torch.uint8)])
+    v = v.view(-1, 4)
+    return v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)
+
+
+def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    v = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).flatten()[: like.numel()]
+    return (v.to(torch.float32) - 1).view(like.shape).to(like.dtype)
+
+
+class LotaModel(BaseTuner):
+    """Creates a LoTA-QAF model from a GPTQ-quantized transformers model (use `peft.get_peft_model`)."""
+
+    prefix: str = "lota_"
+    tuner_layer_cls = LotaLayer
+    target_module_mapping: dict = {}
+
+    # ---- injection ---------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: LotaConfig, model_config: dict) -> LotaConfig:
+        # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a GPTQ model.
+        if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
+            output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            names = {n for n, m in self.model.named_modules()
+                     if is_gptq_layer(m) and m is not output_head and not isinstance(m, LotaLayer)}
+            names |= {n for n, m in self.model.named_modules() if isinstance(m, LotaLayer)}
+            if not names:
+                raise ValueError(
+                    "LotaConfig(target_modules='all-linear') found no GPTQ-quantized linear layer in this model. "
+                    "LoTA adapts GPTQ models: load a GPTQ checkpoint (quantization_config with quant_method 'gptq')."
+                )
+            peft_config.target_modules = names
+        return peft_config
+
+    def _prepare_model(self, peft_config: LotaConfig, model: nn.Module) -> None:
+        prepare_gptq_model(model)
+
+    def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        if isinstance(target, LotaLayer):
+            target.update_layer(adapter_name, r=lota_config.r, omega=lota_config.omega, offset=lota_config.offset,
+                                init_seed=lota_config.init_seed)
+            return
+        new_module = None
+        for dispatch in DISPATCHERS:
+            new_module = dispatch(target, adapter_name, lota_config, current_key=current_key)
+            if new_module is not None:
+                break
+        if new_module is None:
+            raise TypeError(
+                f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts GPTQ-quantized "
+                "linear layers only (their integer codes are what LoTA moves). Remove it from target_modules, or use "
+                "target_modules='all-linear' to pick every GPTQ layer."
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # BaseTuner's version copies `.weight`, which GPTQ layers do not have (and crashes on unload).
+        setattr(parent, child_name, new_module)
+
+    # ---- merge / unload ----------------------------------------------------------------------
+    def _lota_layers(self):
+        return [m for m in self.model.modules() if isinstance(m, LotaLayer)]
+
+    def _check_float_offsets(self, adapter_names: Optional[list[str]], round_float_offset: bool) -> None:
+        """Refuse a float-offset merge up front, before any layer is written."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and config.offset == "float" and not round_float_offset:
+                raise FloatOffsetMergeError(float_offset_merge_message(name))
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                      round_float_offset: bool = False) -> None:
+        """Merge adapters into the integer codes (Q + D), keeping them in memory so unmerge_adapter can restore."""
+        self._check_float_offsets(adapter_names, round_float_offset)
+        self._check_merge_allowed()
+        for module in self._lota_layers():
+            with onload_layer(module):
+                module.merge(safe_merge=safe_merge, adapter_names=adapter_names, round_float_offset=round_float_offset)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None, round_float_offset: bool = False) -> nn.Module:
+        """Merge on the integer grid and return the plain transformers GPTQ model.
+
+        Its `save_pretrained` / `push_to_hub` write a standard GPTQ checkpoint (see export.py).
+        """
+        info = self._merge_info(adapter_names)
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge, round_float_offset=round_float_offset)
+        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        from .export import attach_gptq_export
+
+        attach_gptq_export(model, info)
+        return model
+
+    def _merge_info(self, adapter_names: Optional[list[str]]) -> dict:
+        """What the model card of a merged checkpoint says about the adapter(s)."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        configs = [self.peft_config[n] for n in names if n in self.peft_config]
+        qcfg = getattr(getattr(self.model, "config", None), "quantization_config", None)
+        qget = (lambda k: qcfg.get(k) if isinstance(qcfg, dict) else getattr(qcfg, k, None))
+        first = configs[0] if configs else None
+        return {
+            "base_model": (first.base_model_name_or_path if first else None)
+            or getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "bits": qget("bits"), "group_size": qget("group_size"),
+            "r": first.r if first else None, "omega": first.omega if first else None,
+            "offset": first.offset if first else None, "adapters": list(names),
+        }
+
+    # ---- compact adapter files: ternary tensors at 2 bits per value ------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        sd = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {k: (_pack_ternary(v) if TERNARY_KEY.search(k) else v) for k, v in sd.items()}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        sd = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        params = dict(model.named_parameters())
+        for key, value in sd.items():
+            if TERNARY_KEY.search(key) and key in params and value.dtype == torch.uint8:
+                sd[key] = _unpack_ternary(value, params[key])
+        return sd
