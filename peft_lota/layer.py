@@ -1,8 +1,8 @@
 """The LoTA tuner layer: ternary A, B on top of an integer-coded (quantized) base layer.
 
 Backend-agnostic: a quantized backend (see gptq.py) subclasses `LotaLayer` and implements
-`read_quant_state()` and `write_quant_state()`, the only two places that know how its codes are
-stored. Everything else (forward, merge, unmerge, deltas) is written once here, on top of the
+`read_quant_state()`, `encode_quant_state()` and the snapshot/restore pair, the only places
+that know how its codes are stored. Everything else (forward, merge, unmerge, deltas) is written once here, on top of the
 pure functions of ternary.py.
 """
 
@@ -137,13 +137,19 @@ class LotaLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The float weight change of this adapter, [out, in]: scale * D plus the offset term, if any."""
+        """The float weight change of this adapter, [out, in]: scale * (D + offset), in float32.
+
+        The offset is mu for offset="float" and the integer zero-point shift for offset="integer".
+        """
         state = self._base_state()
-        codes, zeros, mu = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
-                                          [self.offset[adapter_name]])[:3]
-        before = dequantize(state.codes, state.zeros, state.scales, state.g_idx).float()
-        after = effective_weight(state, codes, zeros, mu).float()
-        return (after - before).t().contiguous()
+        _, zeros, mu, (D,) = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
+                                            [self.offset[adapter_name]])
+        steps = D.float()
+        if mu is not None:
+            steps = steps + mu[state.g_idx]
+        elif self.offset[adapter_name] == "integer":
+            steps = steps + (state.zeros.float() - zeros.float())[state.g_idx]
+        return (state.scales[state.g_idx].float() * steps).t().contiguous()
 
     # ---- merge -------------------------------------------------------------------------------
     @torch.no_grad()

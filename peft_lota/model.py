@@ -54,7 +54,12 @@ class LotaModel(BaseTuner):
                     "LotaConfig(target_modules='all-linear') found no GPTQ-quantized linear layer in this model. "
                     "LoTA adapts GPTQ models: load a GPTQ checkpoint (quantization_config with quant_method 'gptq')."
                 )
-            peft_config.target_modules = names
+            # Suffixes ("q_proj") rather than full names, so PEFT still applies layers_to_transform;
+            # full names only where a suffix would also match some non-GPTQ module.
+            suffixes = {n.rpartition(".")[2] for n in names}
+            clash = any(n.rpartition(".")[2] in suffixes and n not in names and not isinstance(m, LotaLayer)
+                        and n for n, m in self.model.named_modules())
+            peft_config.target_modules = names if clash else suffixes
         return peft_config
 
     def _prepare_model(self, peft_config: LotaConfig, model: nn.Module) -> None:
