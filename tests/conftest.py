@@ -1,0 +1,99 @@
+"""Shared pytest fixtures: tiny GPTQ checkpoints built on demand (see tests/tiny_models.py).
+
+Set PEFT_LOTA_TEST_CACHE=/some/dir to keep built checkpoints across runs; entries are keyed by
+the torch/transformers/gptqmodel/Python versions and a hash of tiny_models.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any third-party import: gptqmodel sizes a thread pool from the core count and fails on
+# 2 cores without this; the rest quiets progress bars and INFO chatter (no hub is reachable anyway).
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # optimum's per-layer quantization bars
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# TorchLinear ("gptq_torch") torch.compiles its dequantization at load. On 2 cores the inductor
+# compiles cost 10-35 s per new model shape/bit width with a cold inductor cache (test_fixtures.py:
+# 144 s cold, 70 s warm, 44 s without dynamo); both paths pass the same logits oracle there.
+# Run with TORCHDYNAMO_DISABLE=0 to exercise the compiled path.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import hashlib
+import logging
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+logging.getLogger("optimum").setLevel(logging.WARNING)
+try:  # gptqmodel logs (banner, kernel selection, quantization tables) through LogBar's shared logger,
+    from logbar import LogBar  # which sets itself to INFO only when first created: create it first.
+
+    LogBar.shared().setLevel(logging.WARNING)
+except ImportError:
+    pass
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_models` from any rootdir
+from tiny_models import SPECS_MATRIX, Spec, build_gptq_checkpoint, build_tokenizer  # noqa: E402
+
+# torch (imported just above) sets its compile-trace logger to DEBUG; pytest would show it on failures.
+logging.getLogger("torch.__trace").setLevel(logging.INFO)
+
+__all__ = ["SPECS_MATRIX", "Spec"]
+
+
+def pytest_configure(config):
+    # Deprecation chatter from inside transformers' own GPTQ code path, not from ours.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def _cache_key() -> str:
+    import gptqmodel
+    import torch
+    import transformers
+
+    src = hashlib.sha256(Path(__file__).with_name("tiny_models.py").read_bytes()).hexdigest()[:12]
+    py = "{}.{}".format(*sys.version_info[:2])  # the tokenizer is trained on this Python's stdlib
+    return f"torch{torch.__version__}-tf{transformers.__version__}-gptqmodel{gptqmodel.__version__}-py{py}-{src}"
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(tmp_path_factory):
+    """Factory: gptq_dir(Spec(...)) -> Path of a saved tiny GPTQ checkpoint (with tokenizer)."""
+    root = tmp_path_factory.mktemp("gptq")
+    persistent = os.environ.get("PEFT_LOTA_TEST_CACHE")
+    cache = Path(persistent).expanduser() / _cache_key() if persistent else None
+    built: dict[Spec, Path] = {}
+
+    def get(spec: Spec) -> Path:
+        if spec in built:
+            return built[spec]
+        if cache is not None and (cache / spec.slug() / "BUILD_COMPLETE").exists():
+            built[spec] = cache / spec.slug()
+            return built[spec]
+        path = build_gptq_checkpoint(spec, root)
+        if cache is not None:
+            # Copy under a unique name, then rename: concurrent runs never see a half-written entry.
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".tmp-{uuid.uuid4().hex}"
+            shutil.copytree(path, tmp)
+            try:
+                tmp.rename(cache / spec.slug())
+            except OSError:  # another run got there first; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+        built[spec] = path
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """The same deterministic 512-token BPE the checkpoints ship with."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

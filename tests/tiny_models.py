@@ -1,0 +1,208 @@
+"""Tiny GPTQ-quantized Llama/Qwen2 checkpoints built offline on CPU, for tests.
+
+Importable without pytest. Everything is seeded: the same Spec gives the same checkpoint on the
+same versions of torch/transformers/gptqmodel/Python (the tokenizer is trained on the running
+Python's own standard library source, so its vocabulary follows the Python version).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's thread pool fails on 2 cores without it
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch a hub
+
+import torch
+
+VOCAB = 512
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 128, 384, 2, 4, 2  # all in/out features are multiples of 128
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+_MARKER = "BUILD_COMPLETE"  # written last: a directory without it is a crashed build and is redone
+_STDLIB = os.path.dirname(os.__file__)
+# transformers' GPTQConfig accepts only these. gptqmodel 7.7's own API does quantize 5/6/7 bits, but
+# writes them as format "gptq_p" (a planar layout, not the continuous bit stream), which
+# transformers 5.23 then refuses to load ("Only support quantization to [2,3,4,8] bits").
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Spec:
+    arch: str = "llama"  # "llama" (no bias) | "qwen2" (bias on q/k/v projections)
+    bits: int = 4  # 2, 3, 4 or 8; see BITS for why not 5/6/7
+    sym: bool = False
+    desc_act: bool = False  # act-order: g_idx is a permutation of the group ids, not sorted
+    fmt: str = "gptq_v2"  # "gptq_v2" (transformers GPTQConfig) | "gptq" (v1, gptqmodel's own API)
+    group_size: int = 32  # or -1 (one group per output column)
+
+    def __post_init__(self):
+        assert self.arch in ("llama", "qwen2"), self.arch
+        assert self.bits in BITS, f"bits={self.bits}: use one of {BITS}"
+        assert self.fmt in ("gptq", "gptq_v2"), self.fmt
+        assert self.group_size == -1 or (HIDDEN % self.group_size == 0 and INTERMEDIATE % self.group_size == 0
+                                         and self.group_size % 32 == 0), self.group_size
+
+    def slug(self) -> str:
+        g = "gall" if self.group_size == -1 else f"g{self.group_size}"
+        return (f"{self.arch}-{self.bits}b-{'sym' if self.sym else 'asym'}-{'act' if self.desc_act else 'noact'}"
+                f"-{'v2' if self.fmt == 'gptq_v2' else 'v1'}-{g}")
+
+
+# A covering design: every pair of values of any two factors among bits x sym x desc_act x fmt x arch
+# occurs in at least one spec (checked in tests/test_fixtures.py), plus group_size -1 twice.
+# Asymmetric group-32 specs contain zero points 0 and maxq (so their v1 files carry borrows, see
+# test_fixtures.v1_to_v2_zeros); the group_size -1 asym spec has none.
+SPECS_MATRIX: list[Spec] = [
+    Spec("llama", 2, False, False, "gptq_v2"),
+    Spec("qwen2", 2, True, True, "gptq"),
+    Spec("llama", 2, True, True, "gptq", group_size=-1),
+    Spec("qwen2", 3, False, True, "gptq_v2"),
+    Spec("llama", 3, True, False, "gptq"),
+    Spec("llama", 4, False, True, "gptq"),
+    Spec("qwen2", 4, True, False, "gptq_v2"),
+    Spec("qwen2", 8, False, False, "gptq"),
+    Spec("llama", 8, True, True, "gptq_v2"),
+    Spec("qwen2", 4, False, False, "gptq_v2", group_size=-1),
+]
+
+
+def calibration_texts(n: int = 16, seed: int = 0, chars: int = 400) -> list[str]:
+    """`n` snippets of about `chars` characters of stdlib source, chosen reproducibly."""
+    files = sorted(glob.glob(os.path.join(_STDLIB, "*.py")))
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        text = Path(rng.choice(files)).read_text(encoding="utf-8", errors="replace")
+        if len(text) <= chars:
+            continue
+        start = rng.randrange(len(text) - chars)
+        out.append(text[start:start + chars])
+    return out
+
+
+def build_tokenizer(save_dir=None):
+    """Byte-level BPE with a 512-token vocabulary, trained offline on stdlib source."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    files = sorted(glob.glob(os.path.join(_STDLIB, "*.py")))[:24]  # ~0.6 MB: plenty for 256 merges
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def _fill_weights(model, seed: int) -> None:
+    """Replace linear weights by heavy-tailed values with per-row offsets and per-column scales.
+
+    Gaussian i.i.d. weights put every asymmetric zero point near maxq/2. Real checkpoints have
+    outlier input channels (which is what makes act-order matter) and rows whose values lean to one
+    side; this gives GPTQ non-trivial Hessian orderings and a spread of zero points.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in sorted(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            out_f, in_f = mod.weight.shape
+            # Student t(4) noise, built from normals because StudentT.sample takes no generator
+            z = torch.randn(out_f, in_f, generator=g)
+            chi = torch.randn(4, out_f, in_f, generator=g).pow(2).sum(0) / 4
+            noise = z / chi.sqrt()
+            col = torch.exp(0.5 * torch.randn(1, in_f, generator=g))  # log-normal input-channel scales
+            row = torch.exp(0.3 * torch.randn(out_f, 1, generator=g))
+            offset = 0.7 * torch.randn(out_f, 1, generator=g)
+            w = 0.02 * row * (col * noise + offset)
+            with torch.no_grad():
+                mod.weight.copy_(w)
+                if mod.bias is not None:
+                    mod.bias.copy_(0.02 * torch.randn(out_f, generator=g))
+
+
+def _build_float(spec: Spec, fp_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=3)
+    config = LlamaConfig(**common) if spec.arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _fill_weights(model, seed=1234 + (spec.arch == "qwen2"))  # same float model for every llama spec
+    if spec.arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.save_pretrained(str(fp_dir))
+
+
+def _quantize_v2(spec: Spec, fp_dir: Path, out: Path, tok) -> None:
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    extra = {"act_group_aware": False} if spec.group_size == -1 else {}
+    qcfg = GPTQConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.desc_act,
+                      dataset=calibration_texts(), tokenizer=tok, **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(fp_dir), quantization_config=qcfg, dtype=torch.float32)
+    model.save_pretrained(str(out))
+
+
+def _quantize_v1(spec: Spec, fp_dir: Path, out: Path, tok) -> None:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    extra = {"act_group_aware": False} if spec.group_size == -1 else {}
+    qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.desc_act,
+                          format="gptq", offload_to_disk=False, **extra)
+    model = GPTQModel.load(str(fp_dir), qcfg, device="cpu", dtype=torch.float32)
+    model.quantize(calibration_texts(), batch_size=1)
+    model.save(str(out))
+
+
+def build_gptq_checkpoint(spec: Spec, root) -> Path:
+    """Build (or reuse) the checkpoint for `spec` under `root/spec.slug()` and return its path."""
+    out = Path(root) / spec.slug()
+    if (out / _MARKER).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    fp_dir = Path(root) / f"_float-{spec.slug()}"
+    shutil.rmtree(fp_dir, ignore_errors=True)
+    # One thread: these matmuls are tiny, and two threads on a shared 2-core machine made a
+    # build 4x slower (34 s instead of 8 s) from oversubscription.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = build_tokenizer(fp_dir)
+        _build_float(spec, fp_dir)
+        (_quantize_v2 if spec.fmt == "gptq_v2" else _quantize_v1)(spec, fp_dir, out, tok)
+        tok.save_pretrained(str(out))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(fp_dir, ignore_errors=True)
+    (out / _MARKER).write_text(json.dumps(spec.__dict__))
+    return out
+
+
+def load_gptq(path, backend: str | None = "gptq_torch", dtype=torch.float32):
+    """Load a GPTQ checkpoint on CPU; backend=None is the stock default load (no quantization_config).
+
+    "gptq_torch" gives gptqmodel's TorchLinear: standard buffer layout, trainable, all bit widths.
+    """
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    kwargs = {}
+    if backend is not None:
+        bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
+        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=backend)
+    with warnings.catch_warnings():
+        # Expected: only `backend` is taken from our GPTQConfig, the rest comes from config.json.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **kwargs)
