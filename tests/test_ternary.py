@@ -1,0 +1,110 @@
+"""The ternary maths of LoTA-QAF, checked against the spec with plain autograd as the reference."""
+
+import pytest
+import torch
+
+from peft_lota import ternary
+from peft_lota.ternary import LotaState, lota_linear
+
+
+def test_init_is_ternary_and_fresh_adapter_is_a_no_op():
+    A = ternary.init_ternary_A(256, 16, torch.Generator().manual_seed(0))
+    assert set(A.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert 0.2 < (A != 0).float().mean() < 0.8
+    P = A @ torch.zeros(16, 8)
+    codes = torch.randint(0, 16, (256, 8), dtype=torch.uint8)
+    assert not ternary.delta_codes(P, codes, 12, 15).any()
+
+
+def test_threshold_and_grid_edge_rule():
+    omega, maxq = 3, 3
+    P = torch.tensor([[4.0, 4.0, 3.0, -4.0, -4.0, -3.0, 0.0]])
+    Q = torch.tensor([[1, 3, 1, 1, 0, 1, 1]], dtype=torch.uint8)
+    D = ternary.delta_codes(P, Q, omega, maxq)
+    # strictly above omega moves up, unless already at maxq; strictly below -omega moves down, unless at 0
+    assert D.tolist() == [[1, 0, 0, -1, 0, 0, 0]]
+    assert D.dtype == torch.int8
+
+
+def test_offset_mu_and_integer_shift():
+    g_idx = torch.tensor([0, 0, 1, 1])
+    counts = ternary.group_counts(g_idx, 2)
+    P = torch.tensor([[5.0], [1.0], [-2.0], [-2.0]])
+    D = torch.tensor([[1], [0], [0], [0]], dtype=torch.int8)
+    mu = ternary.offset_mu(P, D, 4, g_idx, counts)
+    # group 0: residuals (5 - 4, 1) -> mean 1 -> /omega 0.25; group 1: mean -2 -> -0.5
+    assert torch.allclose(mu, torch.tensor([[0.25], [-0.5]]))
+    zeros = torch.tensor([[1], [15]])
+    shifted = ternary.shift_zeros(zeros, torch.tensor([[0.75], [-2.0]]), maxq=15)
+    assert shifted.tolist() == [[1], [15]]  # kept inside [1, maxq]: 1 - 1 -> 0 is refused, 15 + 2 -> 17 too
+    assert ternary.shift_zeros(torch.tensor([[0], [8]]), torch.tensor([[0.2], [2.6]]), 15).tolist() == [[0], [5]]
+
+
+def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
+    g = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    g_idx = torch.randperm(K, generator=g) % G  # act-order style grouping
+    state = LotaState(
+        codes=torch.randint(0, maxq + 1, (K, N), generator=g, dtype=torch.uint8),
+        zeros=torch.randint(1, maxq + 1, (G, N), generator=g),
+        scales=torch.rand(G, N, generator=g) * 0.1 + 0.01,  # fp32: the reference below works in fp32
+        g_idx=g_idx, maxq=maxq, bias=torch.randn(N, generator=g),
+    )
+    A = torch.randint(-1, 2, (K, r), generator=g).float().requires_grad_()
+    B = torch.randint(-1, 2, (r, N), generator=g).float().requires_grad_()
+    x = torch.randn(10, K, generator=g, dtype=torch.float32).requires_grad_()
+    return state, A, B, x
+
+
+def _reference(state, A, B, x, omega, offset):
+    """Spec section 2 written directly with autograd: STE = `D + P - P.detach()`."""
+    P = A @ B
+    D = ternary.delta_codes(P.detach(), state.codes, omega, state.maxq).float()
+    g = state.g_idx
+    s = state.scales.float()[g]
+    codes = state.codes.float() + D + (P - P.detach())
+    zeros = state.zeros.float()
+    if offset == "none":
+        w = s * (codes - zeros[g])
+    else:
+        mu = ternary.group_mean(P - omega * D, g, state.counts) / omega
+        if offset == "float":
+            w = s * (codes - zeros[g] + mu[g])
+        else:
+            z_int = ternary.shift_zeros(state.zeros, mu.detach(), state.maxq).float()
+            w = s * (codes - z_int[g] + (mu - mu.detach())[g])
+    return x @ w + state.bias
+
+
+@pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
+def test_straight_through_gradients_match_reference(offset):
+    omega = 1
+    state, A, B, x = _problem(offset)
+    y = lota_linear(x, state, [A @ B], [omega], [offset])
+    y_ref = _reference(state, A, B, x, omega, offset)
+    assert torch.allclose(y, y_ref, atol=1e-4)
+    grad_out = torch.randn_like(y)
+    gA, gB, gx = torch.autograd.grad(y, (A, B, x), grad_out)
+    rA, rB, rx = torch.autograd.grad(y_ref, (A, B, x), grad_out)
+    for got, ref in ((gA, rA), (gB, rB), (gx, rx)):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert gA.abs().sum() > 0 and gB.abs().sum() > 0
+
+
+def test_no_grad_path_equals_autograd_path():
+    state, A, B, x = _problem("float", seed=3)
+    y = lota_linear(x, state, [A @ B], [2], ["float"])
+    with torch.no_grad():
+        y2 = lota_linear(x, state, [A @ B], [2], ["float"])
+    assert torch.equal(y.detach(), y2)
+
+
+def test_adapters_in_turn_equal_their_sequential_application():
+    state, A, B, _ = _problem("none", seed=4)
+    A2, B2 = torch.flip(A, (0,)).detach(), torch.flip(B, (1,)).detach()
+    P1, P2 = (A @ B).detach(), A2 @ B2
+    codes, _, _, (D1, D2) = ternary.apply_adapters(state, [P1, P2], [1, 1], ["none", "none"])
+    step = ternary.delta_codes(P2, (state.codes.to(torch.int16) + D1).to(torch.uint8), 1, state.maxq)
+    assert torch.equal(D2, step)
+    assert torch.equal(codes.to(torch.int16), state.codes.to(torch.int16) + D1 + D2)
+    assert int(codes.max()) <= state.maxq
