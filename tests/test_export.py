@@ -1,0 +1,436 @@
+"""Export of merged models as standard GPTQ checkpoints (peft_lota/export.py).
+
+"Exact" here means: reloaded with stock `from_pretrained`, every GPTQ buffer is bit-identical to the
+model that was saved (true zero points compared as gptqmodel holds them in memory, v2) and the logits
+under the gptq_torch kernel are equal with torch.equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_lota import codec, export
+from peft_lota.export import attach_gptq_export, push_gptq_checkpoint_to_hub, save_gptq_checkpoint
+from tiny_models import Spec, load_gptq
+
+V1_ASYM = Spec("llama", 4, sym=False, desc_act=True, fmt="gptq")
+V2_SYM_BIAS = Spec("qwen2", 4, sym=True, desc_act=False, fmt="gptq_v2")
+V1_SYM_3BIT = Spec("llama", 3, sym=True, desc_act=False, fmt="gptq")
+LOTA_INFO = {"base_model": "org/tiny-llama", "bits": 4, "group_size": 32, "r": 64, "omega": 48, "offset": "none",
+             "license": "apache-2.0"}
+
+
+def gptq_layers(model):
+    return export._gptq_layers(model)
+
+
+def buffers(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in gptq_layers(model):
+        for key in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+            if getattr(layer, key, None) is not None:
+                out[f"{name}.{key}"] = getattr(layer, key).detach().clone()
+    return out
+
+
+def assert_same_buffers(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    ids = torch.randint(4, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    return model(ids).logits
+
+
+def saved_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+def true_zeros(layer) -> torch.Tensor:
+    """Unpacked true zero points of a gptq_torch layer (it holds v2 in memory for either checkpoint format)."""
+    return codec.unpack_qzeros(layer.qzeros, layer.bits)
+
+
+def set_zero(layer, group: int, col: int, value: int):
+    z = true_zeros(layer).to(torch.int16)
+    z[group, col] = value
+    layer.qzeros.data = codec.pack_qzeros(z, layer.bits)
+    if callable(getattr(layer, "clear_weight_cache", None)):
+        layer.clear_weight_cache()
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `path` (symlinks by target)."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(path))] = "->" + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def copy_tokenizer(src: Path, dst: Path):
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(p, dst / p.name)
+
+
+# ---- (a) exact round trips -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [V1_ASYM, V2_SYM_BIAS, V1_SYM_3BIT], ids=lambda s: s.slug())
+def test_round_trip_is_exact(gptq_dir, tmp_path, spec):
+    model = load_gptq(gptq_dir(spec))
+    before, expected = buffers(model), logits(model)
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+
+    qc = saved_config(out)
+    min_zero = min(int(true_zeros(m).min()) for _, m in gptq_layers(model))
+    assert qc["format"] == qc["checkpoint_format"] == ("gptq" if min_zero >= 1 else "gptq_v2")
+    assert qc["sym"] is spec.sym and qc["backend"] == "auto"
+    reloaded = load_gptq(out)
+    assert_same_buffers(before, buffers(reloaded))
+    assert torch.equal(expected, logits(reloaded))
+    if spec.bits == 3:  # checks the v1 file independently of gptqmodel: stored = z - 1
+        from safetensors.torch import load_file
+
+        name, layer = gptq_layers(model)[0]
+        stored = load_file(out / "model.safetensors")[f"{name}.qzeros"]
+        assert torch.equal(codec.unpack_qzeros(stored, 3).to(torch.int16) + 1, true_zeros(layer).to(torch.int16))
+
+
+# ---- (b) merged codes, (c) changed zero points --------------------------------------------------------
+
+def test_changed_codes_survive(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    original = logits(model)
+    g = torch.Generator().manual_seed(1)
+    for _, layer in gptq_layers(model)[:4]:
+        codes = codec.unpack_qweight(layer.qweight, layer.bits).to(torch.int16)
+        maxq = (1 << layer.bits) - 1
+        step = torch.randint(-1, 2, codes.shape, generator=g, dtype=torch.int16)
+        step[(codes + step < 0) | (codes + step > maxq)] = 0  # LoTA's edge mask: stay on the grid
+        layer.qweight.data = codec.pack_qweight(codes + step, layer.bits)
+        layer.clear_weight_cache()
+    merged, expected = buffers(model), logits(model)
+    assert not torch.equal(original, expected)  # the change is visible, so the round trip below means something
+
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+    reloaded = load_gptq(out)
+    assert_same_buffers(merged, buffers(reloaded))
+    assert torch.equal(expected, logits(reloaded))
+
+
+def test_zero_point_of_zero_is_written_as_gptq_v2_with_warning(gptq_dir, tmp_path, caplog):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    set_zero(gptq_layers(model)[0][1], group=0, col=5, value=0)
+    merged, expected = buffers(model), logits(model)
+
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        out = save_gptq_checkpoint(model, tmp_path / "out")
+    assert "gptq_v2" in caplog.text and "vLLM" in caplog.text
+    assert saved_config(out)["format"] == "gptq_v2"
+    assert json.loads((out / "quantize_config.json").read_text())["format"] == "gptq_v2"
+    reloaded = load_gptq(out)
+    assert_same_buffers(merged, buffers(reloaded))
+    assert torch.equal(expected, logits(reloaded))
+
+
+def test_asymmetric_zeros_in_1_to_maxq_are_written_as_v1(gptq_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = load_gptq(gptq_dir(V1_ASYM))  # this fixture has a few true zero points of 0
+    for _, layer in gptq_layers(model):
+        z = true_zeros(layer).to(torch.int16)
+        layer.qzeros.data = codec.pack_qzeros(z.clamp(min=1), layer.bits)
+        layer.clear_weight_cache()
+    name, layer = gptq_layers(model)[0]
+    maxq = (1 << layer.bits) - 1
+    set_zero(layer, group=0, col=1, value=maxq)  # its v1 neighbour-carry case: stored maxq - 1, never maxq
+    merged, expected = buffers(model), logits(model)
+
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+    assert (saved_config(out)["format"], saved_config(out)["sym"]) == ("gptq", False)
+    stored = codec.unpack_qzeros(load_file(out / "model.safetensors")[f"{name}.qzeros"], layer.bits)
+    assert int(stored[0, 1]) == maxq - 1
+    reloaded = load_gptq(out)
+    assert_same_buffers(merged, buffers(reloaded))
+    assert torch.equal(expected, logits(reloaded))
+
+
+def test_symmetric_checkpoint_with_a_changed_zero_is_saved_asymmetric(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V2_SYM_BIAS))
+    layer = gptq_layers(model)[3][1]
+    set_zero(layer, group=1, col=7, value=(1 << (layer.bits - 1)) + 1)
+    merged, expected = buffers(model), logits(model)
+
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+    qc = saved_config(out)
+    assert qc["sym"] is False and qc["format"] == "gptq"
+    assert json.loads((out / "quantize_config.json").read_text())["sym"] is False
+    reloaded = load_gptq(out)
+    assert_same_buffers(merged, buffers(reloaded))
+    assert torch.equal(expected, logits(reloaded))
+
+
+# ---- (d) configs ---------------------------------------------------------------------------------
+
+def test_configs_are_clean_and_the_model_is_not_mutated(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    config_before = model.config.to_dict()
+    before = buffers(model)
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+
+    qc = saved_config(out)
+    assert qc["backend"] == "auto" and qc["dataset"] is None and "peft_lota:" in " ".join(qc["meta"]["quantizer"])
+    qz = json.loads((out / "quantize_config.json").read_text())
+    assert {k: qz[k] for k in ("bits", "group_size", "desc_act", "sym", "format", "checkpoint_format", "quant_method",
+                               "pack_dtype", "lm_head")} == {
+        "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "format": qc["format"],
+        "checkpoint_format": qc["format"], "quant_method": "gptq", "pack_dtype": "int32", "lm_head": False}
+    from gptqmodel import QuantizeConfig  # what GPTQModel's tools read
+
+    parsed = QuantizeConfig.from_pretrained(str(out))
+    assert (parsed.bits, parsed.group_size, parsed.desc_act, parsed.sym, getattr(parsed.format, "value", None)) == (
+        4, 32, True, False, qc["format"])
+
+    # The in-memory model is as it was: config (backend, format, dtype, ...) and every buffer.
+    assert model.config.to_dict() == config_before
+    assert model.config.quantization_config.backend == "gptq_torch"
+    assert "get_state_dict_and_metadata" not in vars(model.hf_quantizer)
+    assert_same_buffers(before, buffers(model))
+
+    # The plainest stock load (default kernel, no quantization_config) reads the same buffers.
+    stock = load_gptq(out, backend=None)
+    assert_same_buffers(before, buffers(stock))
+
+
+def test_gptqmodel_load_reads_the_checkpoint(gptq_dir, tmp_path):
+    from gptqmodel import BACKEND, GPTQModel
+
+    src = gptq_dir(V1_ASYM)
+    model = load_gptq(src)
+    out = save_gptq_checkpoint(model, tmp_path / "out")
+    copy_tokenizer(src, out)  # GPTQModel.load also loads a tokenizer
+    # GPTQModel's TorchLinear runs in fp16/bf16 only: compare with a transformers fp16 load of the same folder.
+    loaded = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+    assert_same_buffers(buffers(model), buffers(loaded.model))
+    assert torch.equal(logits(load_gptq(out, dtype=torch.float16)), logits(loaded.model))
+
+
+# ---- (e) atomic writes, other files in the target ------------------------------------------------------
+
+def _fill_target(target: Path, src: Path):
+    copy_tokenizer(src, target)
+    (target / "notes.txt").write_text("mine")
+    (target / "README.md").write_text("# my own card\n")
+    (target / "runs").mkdir()
+    (target / "runs" / "log.txt").write_text("log")
+    (target / "model-00001-of-00009.safetensors").write_bytes(b"stale shard")
+    (target / "model.safetensors.index.json").write_text("{}")
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_failure_mid_save_leaves_target_untouched(gptq_dir, tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    src = gptq_dir(V1_ASYM)
+    target = tmp_path / "out"
+    _fill_target(target, src)
+    snapshot = tree(target)
+    model = load_gptq(src)
+
+    def half_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(modeling_utils, "safe_save_file", half_write)
+        with pytest.raises(OSError, match="disk full"):
+            save_gptq_checkpoint(model, target, lota_info=LOTA_INFO)
+    assert tree(target) == snapshot and _leftovers(tmp_path) == []
+
+    # The last step (moving the new folder into place) fails: the old folder is put back.
+    real_rename, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append((a, b))
+        if Path(b) == target and len(calls) == 2:
+            raise OSError("rename failed")
+        return real_rename(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(export.os, "rename", rename)
+        with pytest.raises(OSError, match="rename failed"):
+            save_gptq_checkpoint(model, target)
+    assert len(calls) == 3  # away, (failed) into place, back
+    assert tree(target) == snapshot and _leftovers(tmp_path) == []
+
+
+def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_path, caplog):
+    src = gptq_dir(V1_ASYM)
+    target = tmp_path / "out"
+    _fill_target(target, src)
+    user_files = {k: v for k, v in tree(target).items() if not k.startswith("model")}
+    model = load_gptq(src)
+    expected = logits(model)
+
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        save_gptq_checkpoint(model, target, lota_info=LOTA_INFO, max_shard_size="100KB")
+    assert "overwrite_readme=True" in caplog.text  # the user's README.md was kept
+    after = tree(target)
+    assert {k: after[k] for k in user_files} == user_files
+    shards = sorted(p.name for p in target.glob("model*.safetensors"))
+    assert len(shards) > 1 and "model-00001-of-00009.safetensors" not in shards  # new sharding, stale one gone
+    assert json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    assert torch.equal(expected, logits(load_gptq(target)))
+    assert _leftovers(tmp_path) == []
+
+    # Asked to, the card replaces the user's README; a card we wrote is refreshed without asking.
+    save_gptq_checkpoint(model, target, lota_info=LOTA_INFO, overwrite_readme=True)
+    assert export.CARD_MARKER in (target / "README.md").read_text()
+    save_gptq_checkpoint(model, target, lota_info={**LOTA_INFO, "r": 32})
+    assert "| LoTA rank r | 32 |" in (target / "README.md").read_text()
+    assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]  # shards of the last save gone
+
+
+# ---- model card --------------------------------------------------------------------------------------
+
+def test_model_card(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V2_SYM_BIAS))
+    out = save_gptq_checkpoint(model, tmp_path / "out", lota_info={**LOTA_INFO, "adapters": ["default"]})
+    card = (out / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert 'base_model: "org/tiny-llama"' in front and "library_name: transformers" in front
+    assert 'license: "apache-2.0"' in front
+    assert all(f'- "{t}"' in front for t in ("gptq", "peft-lota", "lota-qaf"))
+    assert "LoTA-QAF" in body and "peft_lota" in body and "integer grid" in body
+    for row in ("| bits | 4 |", "| group size | 32 |", "| LoTA rank r | 64 |", "| LoTA threshold omega | 48 |",
+                "| LoTA offset mode | none |", "| adapters | default |", "| checkpoint format | `gptq` |"):
+        assert row in body
+    qc = json.loads((out / "quantize_config.json").read_text())
+    local = export.model_card({"base_model": "/data/my-model", "r": 8}, qc)
+    assert "base_model:" not in local.split("---")[1] and "`/data/my-model`" in local  # the Hub wants a repo id
+    with pytest.raises(ValueError, match="bits"):
+        save_gptq_checkpoint(model, tmp_path / "bad", lota_info={**LOTA_INFO, "bits": 2})
+    assert not (tmp_path / "bad").exists()
+    assert not (save_gptq_checkpoint(model, tmp_path / "plain") / "README.md").exists()  # no lota_info, no card
+
+
+# ---- (f) the Hub, mocked ----------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Captures create_repo / upload_folder calls; uploaded folders are copied before they are deleted."""
+    from huggingface_hub import HfApi
+
+    calls = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, "token": self.token, **kwargs})
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, **kwargs):
+        copy = tmp_path / f"uploaded-{len(calls['upload_folder'])}"
+        allow = kwargs.get("allow_patterns")
+        shutil.copytree(kwargs["folder_path"], copy,
+                        ignore=None if allow is None else lambda d, names: [n for n in names if n not in allow])
+        calls["upload_folder"].append({**kwargs, "copy": copy})
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_a_loadable_checkpoint(gptq_dir, fake_hub):
+    src = gptq_dir(V1_ASYM)
+    model = load_gptq(src)
+    expected = logits(model)
+    result = push_gptq_checkpoint_to_hub(model, "me/tiny-lota", lota_info=LOTA_INFO, private=True, token="tok",
+                                         revision="dev", create_pr=True)
+    assert result == "commit-info"
+    (repo,) = fake_hub["create_repo"]
+    assert repo["repo_id"] == "me/tiny-lota" and repo["exist_ok"] and repo["private"] and repo["token"] == "tok"
+    (up,) = fake_hub["upload_folder"]
+    assert (up["repo_id"], up["revision"], up["create_pr"]) == ("me/tiny-lota", "dev", True)
+    assert "model*.safetensors" in up["delete_patterns"]  # no stale shard of an older upload survives
+    folder = up["copy"]
+    assert not Path(up["folder_path"]).exists()  # the temporary folder is cleaned up
+    assert "peft-lota" in (folder / "README.md").read_text() and (folder / "quantize_config.json").exists()
+    copy_tokenizer(src, folder)
+    assert torch.equal(expected, logits(load_gptq(folder)))
+
+
+# ---- merged-model methods ------------------------------------------------------------------------
+
+def test_attached_methods_write_correct_checkpoints(gptq_dir, tmp_path, fake_hub):
+    from transformers import PreTrainedModel
+
+    model = attach_gptq_export(load_gptq(gptq_dir(V1_ASYM)), LOTA_INFO)
+    assert type(model).save_pretrained is PreTrainedModel.save_pretrained  # only this instance changed
+    expected = logits(model)
+
+    model.save_pretrained(tmp_path / "out", safe_serialization=True)
+    assert saved_config(tmp_path / "out")["backend"] == "auto" and (tmp_path / "out" / "README.md").exists()
+    assert torch.equal(expected, logits(load_gptq(tmp_path / "out")))
+    with pytest.raises(ValueError, match="safe_serialization"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
+
+    model.push_to_hub("me/repo", private=False, tags=["code"])
+    up = fake_hub["upload_folder"][-1]
+    assert up["repo_id"] == "me/repo" and '- "code"' in (up["copy"] / "README.md").read_text()
+
+    model.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/other", commit_message="msg")
+    up = fake_hub["upload_folder"][-1]
+    assert (up["repo_id"], up["commit_message"]) == ("me/other", "msg")
+    assert sorted(p.name for p in up["copy"].iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "quantize_config.json"]
+
+
+# ---- refusals ----------------------------------------------------------------------------------------
+
+def test_refuses_layers_not_in_the_standard_layout(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    layer = gptq_layers(model)[2][1]
+    layer._cpu_transformed = True
+    with pytest.raises(ValueError, match="backend='gptq_torch'"):
+        save_gptq_checkpoint(model, tmp_path / "out")
+    layer._cpu_transformed = False
+
+    class MarlinLikeLinear(type(layer)):  # a repacking kernel, recognised by class
+        pass
+
+    layer.__class__ = MarlinLikeLinear
+    with pytest.raises(ValueError, match="MarlinLikeLinear kernel"):
+        save_gptq_checkpoint(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# ---- (g) the upstream bug this module exists for -------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "UPSTREAM BUG (transformers 5.23 + gptqmodel 7.7): save_pretrained of a model loaded from a v1 ('gptq') "
+    "checkpoint writes the in-memory v2 zero points under the v1 label, so the reload is wrong. If this XPASSes, "
+    "upstream is fixed: revisit peft_lota/export.py (it may be able to defer to save_pretrained)."))
+def test_upstream_save_pretrained_round_trip_of_a_v1_checkpoint(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    expected = logits(model)
+    type(model).save_pretrained(model, tmp_path / "plain")  # transformers' own, not attach_gptq_export's
+    assert torch.equal(expected, logits(load_gptq(tmp_path / "plain"))), "plain save_pretrained round trip is wrong"
