@@ -12,6 +12,8 @@ from .config import LotaConfig  # noqa: E402
 from .layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
 from .gptq import GPTQLotaLinear, prepare_gptq_model  # noqa: E402
 from .model import LotaModel  # noqa: E402
+from .optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
+from .export import push_gptq_checkpoint_to_hub, save_gptq_checkpoint  # noqa: E402
 
 register()
 
@@ -20,7 +22,13 @@ __all__ = [
     "FloatOffsetMergeError",
     "GPTQLotaLinear",
     "LotaConfig",
+    "LotaCallback",
     "LotaLayer",
     "LotaModel",
+    "LotaOptimizer",
+    "TSignSGD",
+    "create_lota_optimizer",
     "prepare_gptq_model",
+    "push_gptq_checkpoint_to_hub",
+    "save_gptq_checkpoint",
 ]
