@@ -108,6 +108,11 @@ def _normalise_zero_format(module: nn.Module, zeros_may_be_v1: bool) -> None:
 
         convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
     module.qzero_format(format=2)
+    _clear_kernel_caches(module)
+
+
+def _clear_kernel_caches(module: nn.Module) -> None:
+    """gptqmodel kernels cache decoded zeros and g_idx; drop them after the buffers change."""
     for clear in ("_stream_reset_cache", "clear_weight_cache"):
         if callable(getattr(module, clear, None)):
             getattr(module, clear)()
@@ -167,9 +172,7 @@ class GPTQLotaLinear(LotaLayer):
         base = self.base_layer
         for name, value in buffers.items():
             getattr(base, name).copy_(value)
-        for clear in ("_stream_reset_cache", "clear_weight_cache"):  # the kernel caches decoded zeros
-            if callable(getattr(base, clear, None)):
-                getattr(base, clear)()
+        _clear_kernel_caches(base)
 
 
 def dispatch_gptq(target: nn.Module, adapter_name: str, config: Any, **kwargs) -> Optional[nn.Module]:
