@@ -127,6 +127,13 @@ def effective_weight(state: LotaState, codes, zeros, mu) -> torch.Tensor:
     return w
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for x's device."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class LotaLinearFunction(torch.autograd.Function):
     """y = x @ W'(P_1..P_m) + bias, with straight-through gradients to each P.
 
@@ -142,12 +149,16 @@ class LotaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, state: LotaState, omegas, offset_modes, *Ps):
         codes, zeros, mu, _ = apply_adapters(state, [P.detach() for P in Ps], omegas, offset_modes)
-        w = effective_weight(state, codes, zeros, mu).to(x.dtype)
-        out = torch.matmul(x, w)
-        if state.bias is not None:
-            out = out + state.bias.to(out.dtype)
+        # Under autocast the stock kernel's matmul runs in the autocast dtype; do the same explicitly,
+        # so that backward (which autocast does not reach) uses the same dtype for all three matmuls.
+        dtype = compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(dtype)
+            out = torch.matmul(x, effective_weight(state, codes, zeros, mu).to(dtype))
+            if state.bias is not None:
+                out = out + state.bias.to(out.dtype)
         ctx.state, ctx.omegas, ctx.offset_modes = state, omegas, offset_modes
-        ctx.save_for_backward(x, codes, zeros, *( [mu] if mu is not None else []))
+        ctx.save_for_backward(x, codes, zeros, *([mu] if mu is not None else []))  # x in the compute dtype
         ctx.has_mu = mu is not None
         return out
 
@@ -155,7 +166,8 @@ class LotaLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, codes, zeros, *rest = ctx.saved_tensors
         state = ctx.state
-        w = effective_weight(state, codes, zeros, rest[0] if ctx.has_mu else None).to(grad_out.dtype)
+        grad_out = grad_out.to(x.dtype)
+        w = effective_weight(state, codes, zeros, rest[0] if ctx.has_mu else None).to(x.dtype)
         grad_x = torch.matmul(grad_out, w.t()) if ctx.needs_input_grad[0] else None
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
