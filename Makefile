@@ -14,7 +14,7 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -q "torch==2.14.1"
 	$(PY) -m pip install -q --no-build-isolation "gptqmodel==7.7.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,examples,bench]"
 
 test:
 	$(PY) -m pytest -q tests
