@@ -1,0 +1,683 @@
+"""Accuracy benchmark: LoTA-QAF against LoRA-family baselines on small GPTQ models built offline.
+
+    python benchmarks/bench_accuracy.py --preset cpu --root demo_out
+
+Two settings, each at every bit width of the preset (GPTQ, asymmetric, the model preset's group size):
+
+- recovery: fine-tune on the held-in ``finetune`` split of the pretraining corpus, report held-out
+  perplexity on the ``eval`` split (both from examples/demo_model.py);
+- task: learn a downstream task derived from the standard library (benchmarks/tasks.py), report
+  exact match of greedy decodes on a test split whose items share no source file with training.
+
+Methods (same data, same batches in the same order, same number of optimizer steps, same rank):
+GPTQ with no fine-tuning; PEFT LoRA on the GPTQ model (16-bit adapter, unmerged); PEFT QA-LoRA
+(unmerged: PEFT cannot merge it into GPTQ); LoRA merged the only way users can today (dequantize,
+add the LoRA delta, re-quantize with GPTQ: same bits, group size and calibration as the base);
+LoTA with offset 'none' and 'integer' (merged with merge_and_unload, evaluated as the plain GPTQ
+model) and 'float' (unmerged; its rounded merge is evaluated too); full precision as the ceiling
+and full precision + LoRA (same data and steps) as the ceiling of what the fine-tuning can reach.
+
+``--tune`` runs the pilot instead, at one bit width: LoTA at each candidate omega and each
+AdamW-trained method at each candidate learning rate, trained on 90% of the training data and
+scored on the other 10% (never on the test split). Results go to
+benchmarks/results/accuracy-<preset>.{md,json,png} (pilot: accuracy-<preset>-tune.{md,json}).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "examples"), str(HERE)]
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails to size its pool on 2-core machines
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import demo_model as dm  # noqa: E402  (examples/demo_model.py: corpus, model presets, GPTQ, perplexity)
+import tasks  # noqa: E402
+
+RESULTS = HERE / "results"
+THREADS = [1]  # torch threads for training and evaluation (set in main)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ----------------------------------------------------------------------------- presets
+# Every method sees the same batches for the same number of optimizer steps, at the same rank.
+# lrs: the AdamW peak learning rate of each adapter method, per setting, chosen with --tune on the
+# cpu preset (benchmarks/README.md). LoTA has no learning rate: t-SignSGD with the paper's quantile
+# schedule and r = 64; omega = 16 (0.25 r) instead of the paper's 48 (0.75 r), because at these
+# step counts omega = 48 moved no integer code at all in the pilot (see README).
+# qalora_group: PEFT's default pooling size (16); 128 (= the GPTQ group, the size that would make the
+# delta foldable into zero points) leaves one pooled feature for 128-wide layers (pilot: 33% vs 90%).
+_LRS = {"recovery": {"lora": 1e-3, "qalora": 1e-3, "fp_lora": 1e-3},
+        "task": {"lora": 1e-3, "qalora": 1e-3, "fp_lora": 1e-3}}
+_COMMON = dict(rank=64, omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
+               tune_lrs=(3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8))
+BENCH_PRESETS: dict[str, dict] = {
+    # CI: a tiny model built on the spot (~1-2 min); checks the pipeline, not the numbers.
+    "smoke": dict(_COMMON, model=dm.get_preset("demo", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=2, seq_len=64, batch_size=8, steps=30, warmup=5,
+                                               group_size=64, eval_blocks=16, calib_samples=16, calib_len=128),
+                  model_name="smoke", bits=(2,), rank=8, omega=2, recovery_steps=3, recovery_batch=4,
+                  task_steps=3, task_batch=8, max_test=24, tune_lrs=(1e-3,), tune_omegas=(2,)),
+    # 2 CPU cores, ~30 min: the demo model (the cached build shared with the demo; ~5 min to build).
+    "cpu": dict(_COMMON, model="demo", model_name="demo", bits=(4, 3, 2), recovery_steps=100, recovery_batch=16,
+                task_steps=100, task_batch=32, max_test=None),
+    # One GPU (UNTESTED): demo_model's "gpu" model (~10M layer parameters), 5x the steps and 2x the batch.
+    "gpu": dict(_COMMON, model="gpu", model_name="gpu", bits=(4, 3, 2), recovery_steps=500, recovery_batch=32,
+                task_steps=500, task_batch=64, max_test=None),
+}
+
+METHODS = {  # key: (label, description)
+    "fp": ("full precision, no fine-tuning", "the unquantized model"),
+    "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of what this fine-tuning can reach"),
+    "gptq": ("GPTQ, no fine-tuning", "the quantized base"),
+    "lora": ("GPTQ + LoRA (unmerged)", "PEFT LoRA, 16-bit adapter kept beside the GPTQ layers"),
+    "qalora": ("GPTQ + QA-LoRA (unmerged)", "PEFT use_qalora; PEFT cannot merge it into GPTQ"),
+    "lora_requant": ("LoRA merged by re-quantizing", "dequantize, add the LoRA delta, GPTQ again"),
+    "lota_none": ("LoTA offset=none (merged)", "t-SignSGD, integer merge, plain GPTQ checkpoint"),
+    "lota_integer": ("LoTA offset=integer (merged)", "t-SignSGD, integer merge with zero-point shift"),
+    "lota_float": ("LoTA offset=float (unmerged)", "t-SignSGD, fractional offset, adapter model"),
+    "lota_float_rounded": ("LoTA offset=float, merged with rounding", "merge_and_unload(round_float_offset=True)"),
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quiet() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("logbar", "gptqmodel", "peft", "peft_lota", "accelerate", "optimum", "torch", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    try:  # gptqmodel logs through LogBar, whose shared logger resets its level when first created
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.ERROR)
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------- models
+def load_fp(fp_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).to(device())
+
+
+def load_quant(q_dir):
+    # float32 activations everywhere: the adapters train in float32 and CPU has no fast fp16 matmul.
+    return dm.load_gptq(q_dir, dtype=torch.float32, device_map={"": device()})
+
+
+def lora_config(rank: int, qalora_group: int | None = None):
+    from peft import LoraConfig
+
+    kw = dict(use_qalora=True, qalora_group_size=qalora_group) if qalora_group else {}
+    # lora_alpha = r (scaling 1): the learning rate is tuned per method, which absorbs the scale.
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM", **kw)
+
+
+def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
+    """A fresh model for `method`, with its adapter injected (same seed for every method)."""
+    import peft_lota
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    if method == "fp_lora":
+        return get_peft_model(load_fp(dirs["fp"]), lora_config(cfg["rank"]))
+    base = load_quant(dirs[bits])
+    if method in ("lora", "lora_requant"):
+        return get_peft_model(base, lora_config(cfg["rank"]))
+    if method == "qalora":
+        return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
+    offset = method.split("_")[1]
+    return get_peft_model(base, peft_lota.LotaConfig(r=cfg["rank"], omega=cfg.get("omega"), offset=offset,
+                                                     init_seed=0))
+
+
+# ----------------------------------------------------------------------------- training
+def recovery_loss(model, blocks: torch.Tensor) -> torch.Tensor:
+    b = blocks.to(device())
+    logits = model(input_ids=b[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
+
+
+def task_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, labels = (t.to(device()) for t in batch)
+    logits = model(input_ids=ids[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: str) -> dict:
+    """One run: AdamW (warmup + cosine, clip 1.0) for LoRA-family adapters, t-SignSGD for LoTA."""
+    import peft_lota
+
+    steps = len(batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method.startswith("lota"):
+        opt, sched, clip = peft_lota.create_lota_optimizer(model, total_steps=steps), None, None
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warmup = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: dm._lr_factor(s, warmup, steps))
+        clip = 1.0
+    model.train()
+    t0, losses = time.time(), []
+    bar = tqdm(batches, desc=desc, mininterval=5, leave=False)
+    for batch in bar:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", refresh=False)
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return dict(train_s=round(time.time() - t0, 1), first_loss=round(losses[0], 4),
+                final_loss=round(sum(tail) / len(tail), 4))
+
+
+# ----------------------------------------------------------------------------- data
+def recovery_data(fp_dir, model_preset, steps: int, batch: int, validation: bool = False):
+    """(train batches, eval blocks): the finetune split's blocks in a fixed random order, and the eval
+    split's blocks (demo_model.eval_blocks). validation=True (the pilot): the last 10% of the finetune
+    stream (whole files: the stream is the split's files in path order) is held out for scoring."""
+    blocks = dm.finetune_blocks(fp_dir, model_preset)
+    if validation:
+        n_val = len(blocks) // 10
+        held, blocks = blocks[-n_val:], blocks[:-n_val]
+        n_eval = dm.get_preset(model_preset)["eval_blocks"]
+        evaluation = held[torch.linspace(0, n_val - 1, min(n_eval, n_val)).long()]
+    else:
+        evaluation = dm.eval_blocks(fp_dir, model_preset)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
+    idx = torch.arange(steps * batch) % len(order)  # wraps around if the split is small (smoke)
+    train_blocks = blocks[order[idx]].view(steps, batch, -1)
+    return list(train_blocks), evaluation
+
+
+def encode_items(tok, items) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids): prompt and answer (+ newline) tokenized apart, so the decode sees
+    exactly the prompt tokens it was trained on."""
+    prompts = tok([p for p, _ in items], add_special_tokens=False)["input_ids"]
+    answers = tok([" " + a + "\n" for _, a in items], add_special_tokens=False)["input_ids"]
+    return list(zip(prompts, answers))
+
+
+def task_batches(tok, items, steps: int, batch: int) -> list:
+    enc = encode_items(tok, items)
+    pad = tok.eos_token_id
+    out = []
+    for s in range(steps):
+        chunk = [enc[(s * batch + j) % len(enc)] for j in range(batch)]
+        n = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.full((batch, n), pad, dtype=torch.long)
+        labels = torch.full((batch, n), -100, dtype=torch.long)
+        for j, (p, a) in enumerate(chunk):  # right padding: causal attention never looks at it
+            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[j, len(p): len(p) + len(a)] = torch.tensor(a)
+        out.append((ids, labels))
+    return out
+
+
+def task_data(fp_dir, cfg: dict, validation: bool = False):
+    """(train batches, scored items). validation=True (the pilot): items of the finetune files are
+    scored and only the train files' items are trained on (tasks.load_task)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    p = dm.get_preset(cfg["model"])
+    train_items, test_items = tasks.load_task(cfg["task"], p["include_tests"], cfg["max_test"],
+                                              validation=validation)
+    return task_batches(tok, train_items, cfg["task_steps"], cfg["task_batch"]), test_items
+
+
+_WORD = re.compile(r"\s*([A-Za-z0-9_]+)")
+
+
+def first_word(text: str) -> str | None:
+    """The answer a decode gives: its first identifier (every task's answer is one identifier or number)."""
+    m = _WORD.match(text)
+    return m.group(1) if m else None
+
+
+def _finished(text: str) -> bool:
+    m = _WORD.match(text)
+    return bool(m) and m.end() < len(text) or (not m and text.strip() != "")
+
+
+@torch.no_grad()
+def exact_match(model, tok, items, batch_size: int = 64, max_new: int = 16) -> dict:
+    """Greedy decoding (left padding, explicit positions); the first identifier of the decode must
+    equal the answer exactly. Decoding stops once every row has finished its first identifier."""
+    was_training = model.training
+    model.eval()
+    enc = encode_items(tok, items)
+    correct, samples = 0, []
+    for i in range(0, len(enc), batch_size):
+        chunk = enc[i: i + batch_size]
+        n = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), n), tok.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for j, (p, _) in enumerate(chunk):
+            ids[j, n - len(p):], mask[j, n - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(device()), mask.to(device())
+        for _ in range(max_new):
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if all(_finished(t) for t in tok.batch_decode(ids[:, n:].tolist())):
+                break
+        for j, (_, answer) in enumerate(items[i: i + batch_size]):
+            text = tok.decode(ids[j, n:].tolist())
+            correct += first_word(text) == answer
+            if len(samples) < 8:
+                samples.append([answer, text])
+    model.train(was_training)
+    return dict(em=round(100 * correct / len(items), 2), n=len(items), samples=samples)
+
+
+# ----------------------------------------------------------------------------- LoRA merged the user's way
+def lora_requantize(lora_model, dirs: dict, bits: int, model_preset, work: Path, probe: torch.Tensor):
+    """Dequantize every GPTQ layer, add the LoRA delta in float32, GPTQ-quantize again with the
+    base's bits, group size and calibration (demo_model.quantize on the merged fp model)."""
+    from peft.tuners.lora import LoraLayer
+
+    fp = load_fp(dirs["fp"]).cpu()
+    n_merged = 0
+    for name, m in lora_model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        base = m.get_base_layer()
+        w = base.dequantize_weight().t().float()  # [out, in], exactly what the GPTQ kernel uses
+        for a in m.active_adapters:
+            w = w + (m.lora_B[a].weight @ m.lora_A[a].weight).float() * m.scaling[a]
+        target = fp.get_submodule(name.removeprefix("base_model.model."))
+        target.weight.data.copy_(w.cpu())
+        n_merged += 1
+    with torch.no_grad():  # the merged full-precision model must be the LoRA model (up to float rounding)
+        fp_diff = float((fp(input_ids=probe.cpu()).logits - lora_model(input_ids=probe).logits.cpu()).abs().max())
+    merged_fp, merged_q = work / "merged-fp", work / f"merged-gptq-{bits}bit"
+    shutil.rmtree(merged_fp, ignore_errors=True)
+    shutil.rmtree(merged_q, ignore_errors=True)
+    fp.save_pretrained(merged_fp)
+    for f in ("tokenizer.json", "tokenizer_config.json", "train_tokens.pt"):  # tokens: the same calibration windows
+        if (Path(dirs["fp"]) / f).exists():
+            shutil.copy(Path(dirs["fp"]) / f, merged_fp / f)
+    (merged_fp / "DONE").touch()
+    p = dm.get_preset(model_preset)
+    q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
+    t0 = time.time()
+    dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
+                calib_samples=p["calib_samples"], calib_len=p["calib_len"])
+    requant_s = time.time() - t0
+    torch.set_num_threads(THREADS[0])  # demo_model.quantize sets its own thread count
+    model = load_quant(merged_q)
+    return model, dict(requant_s=round(requant_s, 1), layers=n_merged,
+                       max_logit_diff_merged_fp_vs_lora=fp_diff), [merged_fp, merged_q]
+
+
+# ----------------------------------------------------------------------------- runs
+def max_logit_diff(a, b, probe: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(input_ids=probe).logits - b(input_ids=probe).logits).abs().max())
+
+
+def codes_moved_pct(model) -> float:
+    """Share of the adapted layers' integer codes that the LoTA adapter moves (by +-1), in %."""
+    codes = [layer.get_delta_codes(layer.active_adapters[0]) for layer in model.base_model._lota_layers()]
+    return round(100 * sum(int((c != 0).sum()) for c in codes) / sum(c.numel() for c in codes), 3)
+
+
+def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save) -> None:
+    """Every method at every bit width for one setting; fills results[setting][method][bits]."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["fp"])
+    if setting == "recovery":
+        batches, blocks = recovery_data(dirs["fp"], cfg["model"], cfg["recovery_steps"], cfg["recovery_batch"])
+        score = lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))  # noqa: E731
+        loss_fn = recovery_loss
+    else:
+        batches, items = task_data(dirs["fp"], cfg)
+        score = lambda m: exact_match(m, tok, items)  # noqa: E731
+        loss_fn = task_loss
+    probe = (batches[0] if setting == "recovery" else batches[0][0])[:2].to(device())
+    res = results.setdefault(setting, {})
+    lrs = cfg["lrs"][setting]
+    work = Path(tempfile.mkdtemp(prefix="bench_acc_"))
+
+    def record(method, bits, out):
+        res.setdefault(method, {})[str(bits)] = out
+        save()
+
+    def evaluate(model):
+        t0 = time.time()
+        out = score(model)
+        out["eval_s"] = round(time.time() - t0, 1)
+        return out
+
+    try:
+        record("fp", "fp", evaluate(load_fp(dirs["fp"])))
+        # The ceiling of what this fine-tuning can reach without quantization.
+        m = make_adapter_model("fp_lora", dirs, None, cfg)
+        log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
+        record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
+        for bits in cfg["bits"]:
+            tag = f"{setting} {bits}-bit"
+            record("gptq", bits, evaluate(load_quant(dirs[bits])))
+            for method in ("lora", "qalora"):
+                m = make_adapter_model(method, dirs, bits, cfg)
+                log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
+                record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
+                if method == "lora":  # the same trained adapter, merged the way users can today
+                    q, info, tmp = lora_requantize(m, dirs, bits, cfg["model"], work, probe)
+                    record("lora_requant", bits, dict(**evaluate(q), **info))
+                    for d in tmp:
+                        shutil.rmtree(d, ignore_errors=True)
+                del m
+            for offset in ("none", "integer", "float"):
+                method = f"lota_{offset}"
+                m = make_adapter_model(method, dirs, bits, cfg)
+                log = train(m, method, batches, loss_fn, None, f"{tag} {method}")
+                log["codes_moved_pct"] = codes_moved_pct(m)
+                if offset == "float":
+                    record(method, bits, dict(**evaluate(m), **log))
+                    with torch.no_grad():
+                        before = m(input_ids=probe).logits
+                    m.base_model.merge_adapter(round_float_offset=True)  # layers keep their rounding reports
+                    reports = [r for layer in m.base_model._lota_layers() for r in layer.merge_reports.values()]
+                    merged = m.merge_and_unload(round_float_offset=True)  # already merged: unloads
+                    out = evaluate(merged)
+                    with torch.no_grad():
+                        out["max_logit_change_vs_unmerged"] = float((merged(input_ids=probe).logits - before).abs().max())
+                    out["max_abs_weight_change"] = max(r["max_abs_weight_change"] for r in reports)
+                    out["mean_abs_weight_change"] = sum(r["mean_abs_weight_change"] for r in reports) / len(reports)
+                    record("lota_float_rounded", bits, out)
+                else:
+                    with torch.no_grad():
+                        before = m(input_ids=probe).logits
+                    merged = m.merge_and_unload()
+                    out = evaluate(merged)
+                    with torch.no_grad():  # the point of LoTA: the merged GPTQ model IS the adapter model
+                        log["max_logit_diff_merged_vs_adapter"] = float((merged(input_ids=probe).logits - before).abs().max())
+                    record(method, bits, dict(**out, **log))
+                del m, merged
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
+    """The pilot, at `tune_bits`, scored on held-out training data (never the test split): LoTA
+    (offset 'none') at each candidate omega, and each AdamW-trained method at each candidate lr."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["fp"])
+    bits = cfg["tune_bits"]
+    for setting in cfg["settings"]:
+        if setting == "recovery":
+            batches, blocks = recovery_data(dirs["fp"], cfg["model"], cfg["recovery_steps"], cfg["recovery_batch"],
+                                            validation=True)
+            score, loss_fn = (lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))), recovery_loss
+            methods = ("fp_lora", "lora", "qalora")
+        else:
+            batches, items = task_data(dirs["fp"], cfg, validation=True)
+            score, loss_fn = (lambda m: exact_match(m, tok, items)), task_loss
+            methods = ("fp_lora", "lora", "qalora")
+        res = results.setdefault(setting, {})
+        res.setdefault("fp", {})["-"] = score(load_fp(dirs["fp"]))
+        res.setdefault("gptq", {})["-"] = score(load_quant(dirs[bits]))
+        runs = [("lota_none", dict(omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
+        runs += [(m, dict(lr=lr), f"lr={lr:g}") for m in methods for lr in cfg["tune_lrs"]]
+        runs = [r for r in runs if r[0] in cfg.get("tune_methods", [r[0]])]
+        for method, knob, key in runs:
+            model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
+            log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
+            if method.startswith("lota"):
+                log["codes_moved_pct"] = codes_moved_pct(model)
+            res.setdefault(method, {})[key] = dict(**score(model), **log)
+            save()
+            print(f"  {setting:8s} {method:9s} {key:12s} {score_str(res[method][key])}  {log}", flush=True)
+            del model
+
+
+# ----------------------------------------------------------------------------- report
+def score_str(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['ppl']:.2f}" if "ppl" in r else f"{r['em']:.1f}"
+
+
+def machine_info(wall: dict) -> dict:
+    import gptqmodel
+    import peft
+    import transformers
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cores=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, gptqmodel=getattr(gptqmodel, "__version__", "?"), git_commit=commit,
+                wall_s=wall)
+
+
+def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
+    lines = []
+    for setting, unit in (("recovery", "held-out perplexity (lower is better)"),
+                          ("task", f"exact match % on {cfg['task']} (higher is better)")):
+        if setting not in results:
+            continue
+        res = results[setting]
+        head = ["method"] + [f"{b}-bit" for b in bits]
+        lines += [f"**{setting}**: {unit}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, (label, _) in METHODS.items():
+            if method not in res:
+                continue
+            r = res[method]
+            if "fp" in r:  # bit-independent rows
+                cells = [score_str(r["fp"])] * len(bits)
+            else:
+                cells = [score_str(r.get(str(b))) for b in bits]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_details(results: dict, bits: tuple) -> str:
+    """What the merges did, per setting and bit width, and the training time of each method."""
+    lines = ["| setting | bits | LoTA codes moved % (none / integer / float) | merged vs adapter, max logit diff "
+             "(none / integer) | float: unmerged -> rounded merge (largest weight change) | LoRA: unmerged -> "
+             "re-quantized |", "|---|---|---|---|---|---|"]
+    for setting, res in results.items():
+        for b in map(str, bits):
+            get = lambda m, k=None: res.get(m, {}).get(b, {}) if k is None else res.get(m, {}).get(b, {}).get(k)  # noqa: E731
+            moved = " / ".join(str(get(f"lota_{o}", "codes_moved_pct")) for o in ("none", "integer", "float"))
+            diff = " / ".join(f"{get(f'lota_{o}', 'max_logit_diff_merged_vs_adapter')}" for o in ("none", "integer"))
+            fr = get("lota_float_rounded")
+            flt = (f"{score_str(get('lota_float') or None)} -> {score_str(fr or None)} "
+                   f"({fr.get('max_abs_weight_change', float('nan')):.3g})") if fr else "-"
+            lq = f"{score_str(get('lora') or None)} -> {score_str(get('lora_requant') or None)}"
+            lines.append(f"| {setting} | {b} | {moved} | {diff} | {flt} | {lq} |")
+    times: dict = {}
+    for setting, res in results.items():
+        for method, by_bits in res.items():
+            ts = [r["train_s"] for r in by_bits.values() if "train_s" in r]
+            if ts:
+                times.setdefault(method, {})[setting] = sum(ts) / len(ts)
+    lines += ["", "Training time per run (s, mean over bit widths): " + "; ".join(
+        f"{METHODS[m][0]}: " + ", ".join(f"{s} {t:.0f}" for s, t in by.items()) for m, by in times.items())]
+    return "\n".join(lines)
+
+
+def format_tune(results: dict, cfg: dict) -> str:
+    lines = [f"Pilot at {cfg['tune_bits']} bits, {cfg['recovery_steps']} / {cfg['task_steps']} steps (recovery / task), "
+             "scored on held-out files of the training data, never on the test split: recovery trains on the "
+             "finetune split's first 90% and scores perplexity on its last 10% (other files); the task trains "
+             "on items of the train split's files and scores exact match % on items of the finetune split's files.",
+             ""]
+    for setting, res in results.items():
+        lines += [f"**{setting}**", "", "| method | knob | score | final train loss | codes moved % |",
+                  "|---|---|---|---|---|"]
+        for method, by_knob in res.items():
+            for knob, r in by_knob.items():
+                lines.append(f"| {method} | {knob} | {score_str(r)} | {r.get('final_loss', '-')} | "
+                             f"{r.get('codes_moved_pct', '-')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in ("recovery", "task") if s in results]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        res = results[setting]
+        for method, (label, _) in METHODS.items():
+            if method not in res:
+                continue
+            r = res[method]
+            if "fp" in r:
+                ax.axhline(float(score_str(r["fp"])), ls="--", color="k" if method == "fp" else "grey", label=label)
+                continue
+            xs = [b for b in bits if str(b) in r]
+            ls = "-" if method.startswith("lota") else ":" if method == "gptq" else "-."
+            ax.plot(xs, [float(score_str(r[str(b)])) for b in xs], marker="o", ls=ls, label=label)
+        ax.set_xticks(list(bits))
+        ax.set_xlabel("GPTQ bits")
+        ax.set_ylabel("held-out perplexity (lower is better)" if setting == "recovery"
+                      else f"exact match % ({cfg['task']})")
+        ax.set_title(f"{setting}: {cfg['model_name']} model")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS))
+    ap.add_argument("--root", default="demo_out", help="model cache (shared with examples/demo_model.py)")
+    ap.add_argument("--out", default=str(RESULTS), help="where accuracy-<preset>.{md,json,png} go")
+    ap.add_argument("--settings", nargs="+", default=["recovery", "task"], choices=["recovery", "task"])
+    ap.add_argument("--bits", type=int, nargs="+", default=None, help="default: the preset's")
+    ap.add_argument("--omega", type=int, default=None, help="LoTA threshold (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
+                         "others also use ran 5-10x slower than 1)")
+    ap.add_argument("--tune", action="store_true", help="run the pilot (lr and omega) instead")
+    ap.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="pilot: learning rates to try")
+    ap.add_argument("--tune-omegas", type=int, nargs="+", default=None, help="pilot: LoTA omegas to try")
+    ap.add_argument("--tune-methods", nargs="+", default=None, help="pilot: only these methods")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
+    args = ap.parse_args(argv)
+
+    quiet()
+    torch.compiler.set_stance("force_eager")  # gptqmodel compiles its dequantization: slower than eager here
+    cfg = dict(BENCH_PRESETS[args.preset])
+    if args.bits:
+        cfg["bits"] = tuple(args.bits)
+    if args.omega is not None:
+        cfg["omega"] = args.omega
+    cfg["settings"] = args.settings
+    for key in ("tune_lrs", "tune_omegas", "tune_methods"):
+        if getattr(args, key) is not None:
+            cfg[key] = tuple(getattr(args, key))
+    THREADS[0] = args.threads or (max(1, (os.cpu_count() or 2) // 2) if device().type == "cpu" else os.cpu_count())
+    root = Path(args.root) / "smoke" if args.preset == "smoke" else Path(args.root)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(THREADS[0])
+
+    wall, t_start = {}, time.time()
+    t0 = time.time()
+    base = root / (cfg["model"] if isinstance(cfg["model"], str) else "custom")  # demo_model's naming
+    cached = (base / "fp" / "DONE").exists()
+    dirs = dm.build(cfg["model"], root, bits=cfg["bits"] if not args.tune else (cfg["tune_bits"],))
+    wall["build_s"] = round(time.time() - t0, 1)
+    torch.set_num_threads(THREADS[0])  # demo_model's build sets its own
+    print(f"models: {dirs['fp'].parent} ({'cached' if cached else 'built'} in {wall['build_s']:.0f} s)", flush=True)
+
+    results: dict = {}
+    stem = f"accuracy-{args.preset}" + ("-tune" if args.tune else "")
+    record = dict(preset=args.preset, note=args.note, config={k: v for k, v in cfg.items() if k != "model"},
+                  model_preset=dm.get_preset(cfg["model"]), methods={k: v[1] for k, v in METHODS.items()},
+                  results=results)
+
+    def save():
+        record["machine"] = machine_info(dict(wall, total_s=round(time.time() - t_start, 1)))
+        (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+
+    if args.tune:
+        run_tune(cfg, dirs, results, save)
+        save()
+        text = format_tune(results, cfg)
+    else:
+        # The quantization gap first: if GPTQ costs nothing there is nothing to recover.
+        blocks = dm.eval_blocks(dirs["fp"], cfg["model"])
+        gap = {"fp": round(dm.perplexity(load_fp(dirs["fp"]), blocks), 3)}
+        for b in cfg["bits"]:
+            gap[str(b)] = round(dm.perplexity(load_quant(dirs[b]), blocks), 3)
+        record["gap"] = gap
+        print("quantization gap (held-out perplexity): " + ", ".join(
+            f"{k}{'' if k == 'fp' else '-bit'} {v:.2f}" for k, v in gap.items()), flush=True)
+        for setting in args.settings:
+            t0 = time.time()
+            run_setting(setting, cfg, dirs, results, save)
+            wall[f"{setting}_s"] = round(time.time() - t0, 1)
+            print(f"{setting}: {wall[f'{setting}_s']:.0f} s", flush=True)
+        wall["benchmark_s"] = round(time.time() - t_start - wall["build_s"], 1)
+        save()
+        text = format_tables(results, cfg["bits"], cfg) + "\n" + format_details(results, cfg["bits"]) + "\n"
+        plot(results, cfg["bits"], cfg, out_dir / f"{stem}.png")
+    m = record["machine"]
+    header = (f"# Accuracy benchmark, preset `{args.preset}`\n\n"
+              f"{m['date']} on {m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}); "
+              f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, gptqmodel {m['gptqmodel']}; "
+              f"commit {m['git_commit']}. {args.note}\n\n"
+              f"Wall time: benchmark {m['wall_s'].get('benchmark_s', m['wall_s']['total_s']):.0f} s "
+              f"(model build/cache {m['wall_s']['build_s']:.0f} s).\n\n")
+    (out_dir / f"{stem}.md").write_text(header + text)
+    print(text)
+    print(f"wrote {out_dir / stem}.{{md,json{',png' if not args.tune else ''}}}; total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
