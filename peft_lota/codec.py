@@ -34,60 +34,73 @@ def packed_len(n: int, bits: int) -> int:
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Unpack int32 words along `dim` into uint8 codes.
 
-    Returns a tensor whose size along `dim` is `packed.shape[dim] * 32 // bits`. This runs in every
-    LoTA forward, so the 2/4/8-bit path stays in int32 (an arithmetic shift followed by the mask
-    is exact) and writes straight into the uint8 result.
+    Returns a contiguous tensor whose size along `dim` is `packed.shape[dim] * 32 // bits`. This
+    runs in every LoTA forward and merge, so the 2/4/8-bit path works in int32 lanes with the
+    packed dimension first (every op reads and writes contiguous rows): an arithmetic shift cast
+    to uint8 keeps the low byte, and the mask removes the higher codes of that byte.
     """
     _check_bits(bits)
-    words = packed.movedim(dim, -1)
+    words = packed.movedim(dim, 0).to(torch.int32)
     mask = (1 << bits) - 1
     if bits in (2, 4, 8):
         per_word = 32 // bits
-        codes = torch.empty(*words.shape[:-1], words.shape[-1], per_word, dtype=torch.uint8, device=packed.device)
-        w32 = words.to(torch.int32)
+        codes = torch.empty(words.shape[0], per_word, *words.shape[1:], dtype=torch.uint8, device=packed.device)
         for i in range(per_word):
-            codes[..., i] = (w32 >> (i * bits)) & mask
-        codes = codes.flatten(-2)
+            code = codes[:, i]
+            torch.bitwise_right_shift(words, i * bits, out=code)  # int32 result, low byte stored
+            if bits < 8:
+                code.bitwise_and_(mask)
+        codes = codes.flatten(0, 1)
     else:  # 3 bits: 32 codes in 3 words; int64 keeps the spilled bits unsigned
-        if words.shape[-1] % bits:
-            raise ValueError(f"{words.shape[-1]} words do not hold whole runs of 32 {bits}-bit codes.")
-        blocks = (words.to(torch.int64) & 0xFFFFFFFF).reshape(*words.shape[:-1], -1, bits)
+        if words.shape[0] % bits:
+            raise ValueError(f"{words.shape[0]} words do not hold whole runs of 32 {bits}-bit codes.")
+        blocks = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, bits, *words.shape[1:])
         out = []
         for i in range(32):
             w, off = divmod(i * bits, 32)
-            value = blocks[..., w] >> off
+            value = blocks[:, w] >> off
             if off + bits > 32:  # the code spills into the next word
-                value = value | (blocks[..., w + 1] << (32 - off))
+                value = value | (blocks[:, w + 1] << (32 - off))
             out.append(value & mask)
-        codes = torch.stack(out, dim=-1).reshape(*words.shape[:-1], -1)
-    return codes.to(torch.uint8).movedim(-1, dim)
+        codes = torch.stack(out, dim=1).to(torch.uint8).flatten(0, 1)
+    return codes.movedim(0, dim).contiguous()
 
 
 def pack_codes(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
-    """Pack integer codes in [0, 2**bits) along `dim` into int32 words (inverse of unpack_codes)."""
+    """Pack integer codes in [0, 2**bits) along `dim` into int32 words (inverse of unpack_codes).
+
+    Returns a contiguous tensor. 2/4/8 bits: Horner's scheme in int32 lanes, from the highest code of
+    each word down (a left shift into the sign bit is the two's-complement wrap GPTQ stores).
+    """
     _check_bits(bits)
-    c = codes.movedim(dim, -1).to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) > (1 << bits) - 1):
-        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to be packed in {bits} bits.")
-    n = c.shape[-1]
+    c = codes.movedim(dim, 0)
+    if c.numel():
+        lo, hi = torch.aminmax(c)
+        if int(lo) < 0 or int(hi) > (1 << bits) - 1:
+            raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to be packed in {bits} bits.")
+    n = c.shape[0]
     packed_len(n, bits)  # validates that the codes fill whole words
     if bits in (2, 4, 8):
         per_word = 32 // bits
-        shifts = torch.arange(0, 32, bits, device=c.device, dtype=torch.int64)
-        words = (c.reshape(*c.shape[:-1], n // per_word, per_word) << shifts).sum(-1)
+        c = c.reshape(n // per_word, per_word, *c.shape[1:])
+        words = c[:, per_word - 1].to(torch.int32, copy=True)  # never a view of the input: shifted in place
+        code = torch.empty_like(words)  # same-dtype operands: mixed uint8/int32 ops take a slow path on CPU
+        for i in range(per_word - 2, -1, -1):
+            words.bitwise_left_shift_(bits).bitwise_or_(code.copy_(c[:, i]))
     else:
-        blocks = c.reshape(*c.shape[:-1], n // 32, 32)
-        words = torch.zeros(*c.shape[:-1], n // 32, bits, dtype=torch.int64, device=c.device)
+        c = c.to(torch.int64)
+        blocks = c.reshape(n // 32, 32, *c.shape[1:])
+        words = torch.zeros(n // 32, bits, *c.shape[1:], dtype=torch.int64, device=c.device)
         for i in range(32):
             start = i * bits
             w, off = divmod(start, 32)
-            words[..., w] |= (blocks[..., i] << off) & 0xFFFFFFFF
+            words[:, w] |= (blocks[:, i] << off) & 0xFFFFFFFF
             if off + bits > 32:
-                words[..., w + 1] |= blocks[..., i] >> (32 - off)
-        words = words.reshape(*c.shape[:-1], -1)
-    # Reinterpret the unsigned 32-bit values as int32 (two's complement).
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.to(torch.int32).movedim(-1, dim)
+                words[:, w + 1] |= blocks[:, i] >> (32 - off)
+        words = words.reshape(-1, *c.shape[1:])
+        # Reinterpret the unsigned 32-bit values as int32 (two's complement).
+        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.movedim(0, dim).contiguous()
 
 
 def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
