@@ -14,6 +14,7 @@ codes and write merged ones. gptqmodel's kernels differ in what they do with it:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
@@ -154,11 +155,15 @@ class GPTQLotaLinear(LotaLayer):
 
     def read_quant_state(self) -> LotaState:
         base = self.base_layer
-        bits = base.bits
+        bits, qweight = base.bits, base.qweight.detach()  # this storage, even if a merge swaps in another
+
+        def codes_rows(k0: int, k1: int) -> torch.Tensor:  # rows k0..k1-1: whole words (row_align)
+            return codec.unpack_qweight(qweight[k0 * bits // 32 : k1 * bits // 32], bits)
+
         # Zeros are true (v2) zeros in memory: prepare_gptq_model made sure.
-        codes = codec.unpack_qweight(base.qweight, bits)[: self.in_features]
         zeros = codec.unpack_qzeros(base.qzeros, bits)[:, : self.out_features]
-        return LotaState(codes, zeros, base.scales, base.g_idx.long(), (1 << bits) - 1, base.bias)
+        return LotaState(None, zeros, base.scales, base.g_idx.long(), (1 << bits) - 1, base.bias,
+                         codes_rows=codes_rows, in_features=self.in_features, row_align=32 // math.gcd(bits, 32))
 
     def encode_quant_state(self, codes: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
         base = self.base_layer  # zeros are v2 in memory (read_quant_state made sure)
@@ -166,12 +171,14 @@ class GPTQLotaLinear(LotaLayer):
                 "qzeros": codec.pack_qzeros(zeros, base.bits).to(base.qzeros.device)}
 
     def snapshot_quant_buffers(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.base_layer.qweight, "qzeros": self.base_layer.qzeros}
+        return {"qweight": self.base_layer.qweight.data, "qzeros": self.base_layer.qzeros.data}
 
     def restore_quant_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         base = self.base_layer
         for name, value in buffers.items():
-            getattr(base, name).copy_(value)
+            # `.data =` swaps the storage of the registered buffer (whoever holds the buffer sees the
+            # new values) without copying, and leaves the tensors of a snapshot untouched.
+            getattr(base, name).data = value
         _clear_kernel_caches(base)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .ternary import LotaState, apply_adapters, dequantize, effective_weight, init_ternary_A, lota_linear
+from .ternary import LotaState, adapt_codes, apply_adapters, dequantize, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,15 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         raise NotImplementedError
 
     def snapshot_quant_buffers(self) -> dict[str, torch.Tensor]:
-        """The raw buffers that encode_quant_state produces, as they are now (not copies)."""
+        """The raw buffers that encode_quant_state produces, as they are now: aliases, not copies.
+
+        restore_quant_buffers swaps the layer's storage rather than writing into it, so a snapshot
+        keeps its values for as long as it is held, at no cost.
+        """
         raise NotImplementedError
 
     def restore_quant_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Write raw buffers back into the base layer, in place."""
+        """Make the base layer hold these raw buffers (swapped in, not copied; never written to later)."""
         raise NotImplementedError
 
     # ---- adapters ----------------------------------------------------------------------------
@@ -108,10 +112,10 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         state = self.read_quant_state()
-        Ps = [self.product(a) for a in active]
+        factors = [(self.lota_A[a], self.lota_B[a]) for a in active]
         # Same shapes and op order as gptqmodel's TorchLinear (2-D matmul, then bias), so a fresh
         # adapter, or the merged model, gives bit-identical outputs to the stock kernel.
-        out = lota_linear(x.reshape(-1, x.shape[-1]), state, Ps,
+        out = lota_linear(x.reshape(-1, x.shape[-1]), state, factors,
                           [self.omega[a] for a in active], [self.offset[a] for a in active])
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -162,22 +166,20 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             if self.offset[name] == "float" and not round_float_offset:
                 raise FloatOffsetMergeError(float_offset_merge_message(name))
 
-        state = self.read_quant_state()
-        codes, zeros = state.codes, state.zeros.to(torch.int32)
+        state = step = self.read_quant_state()
         for name in adapter_names:
-            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias)
             # A float offset merges like an integer one: mu rounded into the zero points.
             mode = "integer" if self.offset[name] == "float" else self.offset[name]
-            new_codes, new_zeros, _, _ = apply_adapters(step, [self.product(name)], [self.omega[name]], [mode])
+            codes, zeros, _ = adapt_codes(step, [(self.lota_A[name], self.lota_B[name])], [self.omega[name]], [mode])
             if self.offset[name] == "float":
-                self.merge_reports[name] = self._rounding_report(step, name, new_codes, new_zeros)
-            codes, zeros = new_codes, new_zeros
+                self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
+            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias)
 
-        buffers = self.encode_quant_state(codes, zeros)
+        buffers = self.encode_quant_state(step.codes, step.zeros)
         if safe_merge:
-            self._check_merge(buffers, codes, zeros)
+            self._check_merge(buffers, step.codes, step.zeros)
         if self._unmerged_snapshot is None:
-            self._unmerged_snapshot = {k: v.clone() for k, v in self.snapshot_quant_buffers().items()}
+            self._unmerged_snapshot = self.snapshot_quant_buffers()  # aliases: the merge swaps new buffers in
         self.restore_quant_buffers(buffers)
         self.merged_adapters.extend(adapter_names)
 
@@ -192,7 +194,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
 
     def _check_merge(self, buffers, codes, zeros) -> None:
         """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
-        current = {k: v.clone() for k, v in self.snapshot_quant_buffers().items()}
+        current = self.snapshot_quant_buffers()
         self.restore_quant_buffers(buffers)
         try:
             written = self.read_quant_state()

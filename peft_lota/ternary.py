@@ -85,14 +85,57 @@ def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
 
 
 class LotaState:
-    """What one forward needs of a GPTQ layer, read once per call from its (standard-layout) buffers."""
+    """What one forward needs of a quantized layer, read once per call from its (standard-layout) buffers.
 
-    __slots__ = ("codes", "zeros", "scales", "g_idx", "counts", "maxq", "bias")
+    Codes are given either whole (`codes`, uint8 [K, N]) or as `codes_rows(k0, k1)`, which decodes
+    rows k0..k1-1 on demand (k0, k1 multiples of `row_align`), so that the fast path decodes one
+    row chunk at a time. `codes` is then decoded whole on first use (reference paths only).
+    """
 
-    def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None):
-        self.codes, self.zeros, self.scales, self.g_idx = codes, zeros, scales, g_idx
+    __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
+                 "row_align", "group_rows")
+
+    def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
+                 row_align: int = 1):
+        self._codes, self.codes_rows = codes, codes_rows
+        if codes_rows is None:
+            self.codes_rows = lambda k0, k1: codes[k0:k1]
+        self.zeros, self.scales, self.g_idx = zeros, scales, g_idx
         self.maxq, self.bias = maxq, bias
+        self.in_features = codes.shape[0] if in_features is None else in_features
+        self.row_align = row_align
         self.counts = group_counts(g_idx, scales.shape[0])
+        self.group_rows = contiguous_group_rows(g_idx, scales.shape[0])
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is None:
+            self._codes = self.codes_rows(0, self.in_features)
+        return self._codes
+
+    def group_blocks(self, t: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+        """The rows of the per-group tensor `t` [G, N] that rows k0..k1-1 use, as [blocks, 1, N].
+
+        Rows k0..k1-1 viewed as [blocks, (k1 - k0) / blocks, N] broadcast against it. Contiguous groups
+        (no act-order) need no gather: the chunk lies in one group, or holds whole groups (see row_chunks).
+        """
+        gs = self.group_rows
+        if gs is None:  # act-order: one block per row
+            return t[self.g_idx[k0:k1]].unsqueeze(1)
+        g0, g1 = k0 // gs, (k1 - 1) // gs + 1
+        if g1 - g0 > 1 and (k0 % gs or (k1 - k0) % gs):
+            raise ValueError(f"rows {k0}..{k1 - 1} straddle groups of {gs} rows; use row_chunks().")
+        return t[g0:g1].unsqueeze(1)
+
+
+def contiguous_group_rows(g_idx: torch.Tensor, num_groups: int):
+    """Group size if g_idx is k // group_size with equal, full groups (no act-order), else None."""
+    K = g_idx.numel()
+    if num_groups < 1 or K % num_groups:
+        return None
+    gs = K // num_groups
+    expected = torch.arange(K, device=g_idx.device) // gs
+    return gs if torch.equal(g_idx.to(expected.dtype), expected) else None
 
 
 def apply_adapters(state: LotaState, Ps, omegas, offset_modes):
@@ -134,64 +177,299 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# ---- the fast path: row chunks ------------------------------------------------------------------
+#
+# A layer's codes, P, D and weight are [K, N] tensors; on CPU, element-wise work over them is bound
+# by memory traffic. The functions below walk the rows in chunks of about CHUNK_ELEMENTS elements, so
+# that each chunk's temporaries (P, the step, the weight rows) stay in cache, and never materialise P
+# or the weight gradient for a whole layer. They return the same integers and bit-identical weights
+# as the reference functions above (tests/test_ternary.py checks it); gradients agree up to float
+# summation order. On accelerators a single chunk is used: there, kernel launches are the cost.
+
+CHUNK_ELEMENTS = 1 << 21
+
+
+class Scratch:
+    """Buffers reused across the chunks of one call.
+
+    On CPU a fresh multi-megabyte tensor is page-faulted in on every allocation, which costs several
+    times the arithmetic done in it; chunk loops take their temporaries from here instead.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self._buffers = device, {}
+
+    def __call__(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
+def row_chunks(state: LotaState, n_cols: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row ranges covering [0, K): whole packed words, and whole groups or parts of one group."""
+    K = state.in_features
+    if device.type != "cpu" or K == 0:
+        return [(0, K)]
+    align = state.row_align
+    rows = max(CHUNK_ELEMENTS // max(n_cols, 1), 1)
+    gs = state.group_rows
+    if gs is not None and gs < K:
+        unit = math.lcm(gs, align)
+        if rows >= unit:
+            rows = rows // unit * unit
+        else:  # several chunks per group: a divisor of the group size
+            fits = [d for d in range(align, rows + 1, align) if gs % d == 0]
+            rows = fits[-1] if fits else unit
+    else:
+        rows = max(align, rows // align * align)
+    return [(k, min(k + rows, K)) for k in range(0, K, rows)]
+
+
+def step_codes_(codes: torch.Tensor, P: torch.Tensor, omega: int, maxq: int, step=None) -> torch.Tensor:
+    """codes += D in place, with D = delta_codes(P, codes, omega, maxq), for integer-valued P. Overwrites P.
+
+    For an integer P, clamp(P, +-(omega + 1)) / (omega + 1) is exactly +-1 where |P| > omega and
+    strictly inside (-1, 1) elsewhere, so truncation to int8 is the thresholded step. A step is +-1,
+    so clamping Q + step to [0, maxq] drops exactly the steps that would leave the grid: the edge
+    rule. Three cheap in-place passes instead of two float comparisons and a mask.
+    """
+    P.clamp_(-(omega + 1), omega + 1).div_(omega + 1)
+    step = P.to(torch.int8) if step is None else step.copy_(P)  # float -> int truncates toward zero
+    if maxq < 127:  # codes fit int8: add in place
+        codes.view(torch.int8).add_(step).clamp_(0, maxq)
+    else:
+        codes.copy_(codes.to(torch.int16).add_(step).clamp_(0, maxq))
+    return codes
+
+
+def _movable_chunks(A: torch.Tensor, B: torch.Tensor, omega: int, chunks) -> list[bool]:
+    """Whether any code of each row chunk can move: |P[k, n]| <= sum_j |A[k, j]| * max|B| (entries in [-1, 1])."""
+    bound = A.abs().sum(1) * B.abs().amax()
+    if not len(chunks) or float(B.abs().sum(0).amax() * A.abs().amax()) <= omega:  # no column can reach omega
+        return [False] * len(chunks)
+    return (torch.stack([bound[k0:k1].amax() for k0, k1 in chunks]) > omega).tolist()
+
+
+def adapt_codes(state: LotaState, factors, omegas, offset_modes):
+    """Apply adapters (A, B) in turn, one row chunk at a time: (codes' uint8 [K, N], zeros' int32, mu or None).
+
+    The same integers as apply_adapters(state, [A @ B, ...], ...). With offset "none", chunks where no
+    code can move (see _movable_chunks: always so for a fresh adapter, B = 0) skip P altogether; an
+    offset needs P everywhere for its group means.
+    """
+    K, N, device = state.in_features, state.scales.shape[1], state.scales.device
+    chunks = row_chunks(state, N, device)
+    scratch = Scratch(device)
+    codes = torch.empty(K, N, dtype=torch.uint8, device=device)
+    factors = [(A.detach().float(), B.detach().float()) for A, B in factors]
+    movable = [_movable_chunks(A, B, omega, chunks) if mode == "none" else [True] * len(chunks)
+               for (A, B), omega, mode in zip(factors, omegas, offset_modes)]
+    sums = [None if mode == "none" else torch.zeros(state.scales.shape, dtype=torch.float32, device=device)
+            for mode in offset_modes]
+    with torch.autocast(device_type=device.type, enabled=False):  # P in float32: exact integers
+        for c, (k0, k1) in enumerate(chunks):
+            rows = codes[k0:k1]
+            rows.copy_(state.codes_rows(k0, k1))
+            shape = (k1 - k0, N)
+            for (A, B), omega, mode, can_move, total in zip(factors, omegas, offset_modes, movable, sums):
+                if not can_move[c]:
+                    continue
+                P = torch.mm(A[k0:k1], B, out=scratch("P", shape, torch.float32))
+                step = scratch("step", shape, torch.int8)
+                if mode == "none":
+                    step_codes_(rows, P, omega, state.maxq, step)
+                    continue
+                D = scratch("D", shape, torch.int16).copy_(rows).neg_()
+                step_codes_(rows, scratch("P2", shape, torch.float32).copy_(P), omega, state.maxq, step)
+                D.add_(rows)  # codes after - codes before
+                total.index_add_(0, state.g_idx[k0:k1], P.sub_(D, alpha=omega))  # R = P - omega * D (exact)
+    zeros, mu = state.zeros.to(torch.int32), None
+    for total, omega, mode in zip(sums, omegas, offset_modes):
+        if mode == "none":
+            continue
+        step_mu = total / state.counts.clamp_min(1)[:, None] / omega  # = offset_mu: integer sums are exact
+        if mode == "integer":
+            zeros = shift_zeros(zeros, step_mu, state.maxq)
+        else:
+            mu = step_mu if mu is None else mu + step_mu
+    return codes, zeros, mu
+
+
+def weight_rows(state: LotaState, codes, zeros32, scales32, mu, k0: int, k1: int, out: torch.Tensor,
+                scratch: Scratch) -> torch.Tensor:
+    """Rows k0..k1-1 of effective_weight(state, codes, zeros, mu), bit for bit, written into `out` in its dtype.
+
+    `codes` holds just these rows; `zeros32`, `scales32` are the whole zeros and scales in float32.
+    (Q - z) * s is exact in float32 (a scale has at most 11 significant bits, |Q - z| < 256), so
+    rounding it to the scales' own dtype gives exactly the product the stock kernel computes in
+    that dtype. Same-dtype float ops only: on CPU, mixed uint8/fp16 broadcasting ops run ~10x slower.
+    """
+    s = state.group_blocks(scales32, k0, k1)
+    target = out.view(s.shape[0], -1, out.shape[-1])
+    w = target if out.dtype == torch.float32 else scratch("w32", target.shape, torch.float32)
+    w.copy_(codes.view(target.shape)).sub_(state.group_blocks(zeros32, k0, k1)).mul_(s)
+    if state.scales.dtype != torch.float32:  # the stock kernel's rounding
+        w.copy_(scratch("rounded", target.shape, state.scales.dtype).copy_(w))
+    if mu is not None:
+        w.add_(s * state.group_blocks(mu, k0, k1))
+    if w is not target:
+        target.copy_(w)
+    return out
+
+
+def adapted_weight(state: LotaState, codes, zeros, mu, dtype: torch.dtype) -> torch.Tensor:
+    """effective_weight(state, codes, zeros, mu).to(dtype), bit for bit, built one row chunk at a time."""
+    K, N = codes.shape
+    out = torch.empty(K, N, dtype=dtype, device=codes.device)
+    zeros32, scales32, scratch = zeros.float(), state.scales.float(), Scratch(codes.device)
+    for k0, k1 in row_chunks(state, N, codes.device):
+        weight_rows(state, codes[k0:k1], zeros32, scales32, mu, k0, k1, out[k0:k1], scratch)
+    return out
+
+
+def input_grad(state: LotaState, codes, zeros, mu, g2: torch.Tensor) -> torch.Tensor:
+    """dL/dx = g @ W'^T, rebuilding W' one row chunk at a time (each chunk gives its own columns)."""
+    K, N = codes.shape
+    grad_x = torch.empty(g2.shape[0], K, dtype=g2.dtype, device=g2.device)
+    zeros32, scales32, scratch = zeros.float(), state.scales.float(), Scratch(g2.device)
+    for k0, k1 in row_chunks(state, N, g2.device):
+        w = weight_rows(state, codes[k0:k1], zeros32, scales32, mu, k0, k1,
+                        scratch("w", (k1 - k0, N), g2.dtype), scratch)
+        torch.mm(g2, w.t(), out=grad_x[:, k0:k1])
+    return grad_x
+
+
+def _factored_pays(state: LotaState, ranks, tokens: int) -> bool:
+    """Whether the per-group factored gradient costs fewer multiply-adds than forming G (see factor_grads).
+
+    Per adapter of rank r, G costs M K N (shared) + 2 K N r, the factored form 2 M N r K / group_size.
+    """
+    gs = state.group_rows
+    if gs is None:
+        return False
+    return sum(2 * r / gs for r in ranks) < 1 + sum(2 * r / tokens for r in ranks)
+
+
+def factor_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, factors) -> list:
+    """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32.
+
+    dL/dP = G = s[g] * (x^T g), dL/dA = G B^T, dL/dB = A^T G. Two exact ways to compute them:
+    - direct: form G one row chunk at a time: M K N multiply-adds, plus 2 K N r per adapter;
+    - factored (contiguous groups only): the scale is constant over a group's rows, so with
+      U_g = x_g A_g [M, r] and H_g = g (s_g * B)^T [M, r], dL/dB = sum_g s_g * (U_g^T g) and
+      dL/dA_g = x_g^T H_g: 2 M N r K / group_size, cheaper whenever r is small against the group size
+      (r = 64, groups of 128: M K N instead of M K N (1 + 128 / M)).
+    The two differ only in float summation order.
+    """
+    M, K, N = x2.shape[0], x2.shape[1], g2.shape[1]
+    device, dtype = x2.device, x2.dtype
+    s32, scratch = state.scales.float(), Scratch(device)
+    grads = [(torch.zeros(A.shape, dtype=torch.float32, device=device),
+              torch.zeros(B.shape, dtype=torch.float32, device=device)) for A, B in factors]
+    gs = state.group_rows
+    if _factored_pays(state, [A.shape[1] for A, _ in factors], M):
+        for (A, B), (dA, dB) in zip(factors, grads):
+            r, n_groups = A.shape[1], s32.shape[0]
+            per_chunk = max(1, 2 * CHUNK_ELEMENTS // (r * N)) if device.type == "cpu" else n_groups
+            A_c, B32 = A.to(dtype), B.float()
+            for g0 in range(0, n_groups, per_chunk):
+                g1 = min(g0 + per_chunk, n_groups)
+                nb, k0, k1 = g1 - g0, g0 * gs, g1 * gs
+                xb = x2[:, k0:k1].reshape(M, nb, gs).transpose(0, 1)  # [groups, M, gs]
+                U = torch.bmm(xb, A_c[k0:k1].view(nb, gs, r))  # x_g A_g: [groups, M, r]
+                T = torch.mm(U.transpose(0, 1).reshape(M, nb * r).t(), g2, out=scratch("T", (nb * r, N), dtype))
+                s = s32[g0:g1].unsqueeze(1)
+                T32 = T if dtype == torch.float32 else scratch("T32", T.shape, torch.float32).copy_(T)
+                dB.add_(T32.view(nb, r, N).mul_(s).sum(0))  # sum_g s_g * (U_g^T g)
+                SB = scratch("SB", (nb, r, N), dtype).copy_(s * B32)  # s_g * B
+                H = g2 @ SB.view(nb * r, N).t()  # g (s_g * B)^T: [M, groups * r]
+                dA[k0:k1] = torch.bmm(xb.transpose(1, 2), H.view(M, nb, r).transpose(0, 1)).view(nb * gs, r)
+        return grads
+    for k0, k1 in row_chunks(state, N, device):
+        G = torch.mm(x2[:, k0:k1].t(), g2, out=scratch("G", (k1 - k0, N), dtype))  # dL/dW' rows
+        if dtype != torch.float32:
+            G = scratch("G32", G.shape, torch.float32).copy_(G)
+        s = state.group_blocks(s32, k0, k1)
+        G.view(s.shape[0], -1, N).mul_(s)
+        for (A, B), (dA, dB) in zip(factors, grads):
+            torch.mm(G, B.t(), out=dA[k0:k1])
+            dB.addmm_(A[k0:k1].t(), G)
+    return grads
+
+
+def add_offset_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, A, B, omega: int, dA, dB) -> None:
+    """The gradient that reaches P through the offset mu, added in place to (dA, dB).
+
+    mu[g] = mean_{k in g}(P - omega D)[k] / omega, so dL/dP[k] gains E[g(k)] = mean_{k' in g} G[k'] / omega,
+    one row per group: dL/dA[k] += E[g(k)] B^T and dL/dB += (sum_{k in g} A[k])^T E[g]. The group means
+    of G = s * x^T g need only x summed over each group's columns.
+    """
+    x_groups = torch.zeros(x2.shape[0], state.scales.shape[0], device=x2.device).index_add_(1, state.g_idx, x2.float())
+    E = (x_groups.t() @ g2.float()) * state.scales.float() / state.counts.clamp_min(1)[:, None] / omega
+    dA.add_((E @ B.t())[state.g_idx])
+    A_groups = torch.zeros(E.shape[0], A.shape[1], device=A.device).index_add_(0, state.g_idx, A)
+    dB.add_(A_groups.t() @ E)
+
+
 class LotaLinearFunction(torch.autograd.Function):
-    """y = x @ W'(P_1..P_m) + bias, with straight-through gradients to each P.
+    """y = x @ W'(A_1 B_1, ..., A_m B_m) + bias, with straight-through gradients to each A_i, B_i.
 
     Forward stores only the adapted codes (uint8, one byte per weight) and the small zero/offset
     tensors, and rebuilds W' in backward: less than the dequantized weight that a LoRA layer on
     GPTQ keeps alive for its input gradient.
 
     Backward (spec section 2): the threshold and edge mask pass gradients through unchanged, so
-    dL/dP = s[g] * dL/dW' (called G), plus, with an offset, the path through mu:
-    mu[g] = mean_{k in g}(P - omega D)[k] / omega gives dL/dP[k] += sum_{k' in g} G[k'] / (omega |g|).
+    dL/dP = s[g] * dL/dW' (factor_grads), plus, with an offset, the path through mu (add_offset_grads);
+    then dL/dA = dL/dP @ B^T and dL/dB = A^T @ dL/dP. Neither dL/dW' nor dL/dP is held for a whole
+    layer on CPU.
     """
 
     @staticmethod
-    def forward(ctx, x, state: LotaState, omegas, offset_modes, *Ps):
-        codes, zeros, mu, _ = apply_adapters(state, [P.detach() for P in Ps], omegas, offset_modes)
+    def forward(ctx, x, state: LotaState, omegas, offset_modes, *factors):
+        pairs = list(zip(factors[0::2], factors[1::2]))
+        codes, zeros, mu = adapt_codes(state, pairs, omegas, offset_modes)
         # Under autocast the stock kernel's matmul runs in the autocast dtype; do the same explicitly,
-        # so that backward (which autocast does not reach) uses the same dtype for all three matmuls.
+        # so that backward (which autocast does not reach) uses the same dtype for all matmuls.
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(dtype)
-            out = torch.matmul(x, effective_weight(state, codes, zeros, mu).to(dtype))
+            out = torch.matmul(x, adapted_weight(state, codes, zeros, mu, dtype))
             if state.bias is not None:
                 out = out + state.bias.to(out.dtype)
         ctx.state, ctx.omegas, ctx.offset_modes = state, omegas, offset_modes
-        ctx.save_for_backward(x, codes, zeros, *([mu] if mu is not None else []))  # x in the compute dtype
         ctx.has_mu = mu is not None
+        ctx.save_for_backward(x, codes, zeros, *([mu] if ctx.has_mu else []), *factors)  # x in the compute dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, codes, zeros, *rest = ctx.saved_tensors
-        state = ctx.state
-        grad_out = grad_out.to(x.dtype)
-        w = effective_weight(state, codes, zeros, rest[0] if ctx.has_mu else None).to(x.dtype)
-        grad_x = torch.matmul(grad_out, w.t()) if ctx.needs_input_grad[0] else None
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = torch.matmul(x2.t(), g2).float()  # dL/dW' [K, N]
-        G = grad_w * state.scales[state.g_idx].float()
-        grads_P = []
-        group_sum = None
-        for omega, mode in zip(ctx.omegas, ctx.offset_modes):
-            if mode == "none":
-                grads_P.append(G)
-                continue
-            if group_sum is None:
-                group_sum = group_mean(G, state.g_idx, state.counts)  # = sum_{k in g} G / |g|
-            grads_P.append(G + group_sum[state.g_idx] / omega)
-        return (grad_x, None, None, None, *grads_P)
+        mu = rest.pop(0) if ctx.has_mu else None
+        state, (K, N) = ctx.state, codes.shape
+        x2, g2 = x.reshape(-1, K), grad_out.to(x.dtype).reshape(-1, N)
+        needs = ctx.needs_input_grad
+        wanted = [i for i in range(len(rest) // 2) if needs[4 + 2 * i] or needs[5 + 2 * i]]
+        factors = [(rest[2 * i].float(), rest[2 * i + 1].float()) for i in wanted]
+        grads = [None] * len(rest)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grad_x = input_grad(state, codes, zeros, mu, g2).view(x.shape) if needs[0] else None
+            for i, (A, B), (dA, dB) in zip(wanted, factors, factor_grads(state, x2, g2, factors)):
+                if ctx.offset_modes[i] != "none":
+                    add_offset_grads(state, x2, g2, A, B, ctx.omegas[i], dA, dB)
+                grads[2 * i] = dA.to(rest[2 * i].dtype) if needs[4 + 2 * i] else None
+                grads[2 * i + 1] = dB.to(rest[2 * i + 1].dtype) if needs[5 + 2 * i] else None
+        return (grad_x, None, None, None, *grads)
 
 
-def lota_linear(x: torch.Tensor, state: LotaState, Ps, omegas, offset_modes) -> torch.Tensor:
-    """Functional entry point; falls back to a plain (no-autograd-graph) path when nothing needs grad."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(P.requires_grad for P in Ps)):
-        return LotaLinearFunction.apply(x, state, tuple(omegas), tuple(offset_modes), *Ps)
-    codes, zeros, mu, _ = apply_adapters(state, Ps, omegas, offset_modes)
-    w = effective_weight(state, codes, zeros, mu).to(x.dtype)
-    out = torch.matmul(x, w)
+def lota_linear(x: torch.Tensor, state: LotaState, factors, omegas, offset_modes) -> torch.Tensor:
+    """y = x @ W' + bias for adapters given as (A, B) pairs; no autograd graph when nothing needs grad."""
+    flat = [t for pair in factors for t in pair]
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in flat)):
+        return LotaLinearFunction.apply(x, state, tuple(omegas), tuple(offset_modes), *flat)
+    codes, zeros, mu = adapt_codes(state, factors, omegas, offset_modes)
+    out = torch.matmul(x, adapted_weight(state, codes, zeros, mu, x.dtype))
     if state.bias is not None:
         out.add_(state.bias.to(out.dtype))
     return out

@@ -80,7 +80,7 @@ def _reference(state, A, B, x, omega, offset):
 def test_straight_through_gradients_match_reference(offset):
     omega = 1
     state, A, B, x = _problem(offset)
-    y = lota_linear(x, state, [A @ B], [omega], [offset])
+    y = lota_linear(x, state, [(A, B)], [omega], [offset])
     y_ref = _reference(state, A, B, x, omega, offset)
     assert torch.allclose(y, y_ref, atol=1e-4)
     grad_out = torch.randn_like(y)
@@ -93,9 +93,9 @@ def test_straight_through_gradients_match_reference(offset):
 
 def test_no_grad_path_equals_autograd_path():
     state, A, B, x = _problem("float", seed=3)
-    y = lota_linear(x, state, [A @ B], [2], ["float"])
+    y = lota_linear(x, state, [(A, B)], [2], ["float"])
     with torch.no_grad():
-        y2 = lota_linear(x, state, [A @ B], [2], ["float"])
+        y2 = lota_linear(x, state, [(A, B)], [2], ["float"])
     assert torch.equal(y.detach(), y2)
 
 
