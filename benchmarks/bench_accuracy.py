@@ -55,15 +55,17 @@ THREADS = [1]  # torch threads for training and evaluation (set in main)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------------- presets
-# Every method sees the same batches for the same number of optimizer steps, at the same rank.
-# lrs: the AdamW peak learning rate of each adapter method, per setting, chosen with --tune on the
-# cpu preset (benchmarks/README.md). LoTA has no learning rate: t-SignSGD with the paper's quantile
-# schedule and r = 64; omega = 16 (0.25 r) instead of the paper's 48 (0.75 r), because at these
-# step counts omega = 48 moved no integer code at all in the pilot (see README).
-# qalora_group: PEFT's default pooling size (16); 128 (= the GPTQ group, the size that would make the
-# delta foldable into zero points) leaves one pooled feature for 128-wide layers (pilot: 33% vs 90%).
-_LRS = {"recovery": {"lora": 1e-3, "qalora": 1e-3, "fp_lora": 1e-3},
-        "task": {"lora": 1e-3, "qalora": 1e-3, "fp_lora": 1e-3}}
+# Every method sees the same batches for the same number of optimizer steps, at the same rank (64).
+# lrs: each AdamW-trained method's peak learning rate per setting, chosen with --tune on the cpu preset
+# (grid 1e-4..1e-2, 2 bits, scored on held-out files of the training data; benchmarks/results/
+# accuracy-cpu-tune.md). LoTA has no learning rate: t-SignSGD with the paper's quantile schedule;
+# omega = 16 (0.25 r) instead of the paper's 48 (0.75 r): in the pilot omega = 48 moved 0.001% (recovery)
+# and 0% (task) of the codes in 100 steps and learned nothing; 16 was best in both settings, 8 worse.
+# qalora_group: PEFT's default pooling size (16). 128 (= the GPTQ group, the size that would make the
+# delta foldable into zero points) leaves one pooled feature for 128-wide layers (a task pilot: 33% vs 90%).
+# The gpu preset reuses the cpu preset's choices (untested; re-run --tune there).
+_LRS = {"recovery": {"lora": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4},
+        "task": {"lora": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3}}
 _COMMON = dict(rank=64, omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
                tune_lrs=(3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8))
 BENCH_PRESETS: dict[str, dict] = {
@@ -354,8 +356,9 @@ def codes_moved_pct(model) -> float:
     return round(100 * sum(int((c != 0).sum()) for c in codes) / sum(c.numel() for c in codes), 3)
 
 
-def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save) -> None:
-    """Every method at every bit width for one setting; fills results[setting][method][bits]."""
+def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known: dict | None = None) -> None:
+    """Every method at every bit width for one setting; fills results[setting][method][bits].
+    `known`: scores already measured for the un-fine-tuned models ({"fp": {...}, "4": {...}})."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
@@ -383,14 +386,15 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save) -> Non
         return out
 
     try:
-        record("fp", "fp", evaluate(load_fp(dirs["fp"])))
+        known = known or {}
+        record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
         # The ceiling of what this fine-tuning can reach without quantization.
         m = make_adapter_model("fp_lora", dirs, None, cfg)
         log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
         record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
         for bits in cfg["bits"]:
             tag = f"{setting} {bits}-bit"
-            record("gptq", bits, evaluate(load_quant(dirs[bits])))
+            record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
             for method in ("lora", "qalora"):
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
@@ -480,9 +484,12 @@ def machine_info(wall: dict) -> dict:
 
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    import peft_lota
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
+        commit = git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes in peft_lota/)"
+                                                        if git("status", "--porcelain", "--", "../peft_lota") else "")
     except OSError:
         commit = None
     return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cores=os.cpu_count(),
@@ -490,6 +497,7 @@ def machine_info(wall: dict) -> dict:
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, gptqmodel=getattr(gptqmodel, "__version__", "?"), git_commit=commit,
+                peft_lota=str(Path(peft_lota.__file__).parent),
                 wall_s=wall)
 
 
@@ -652,15 +660,18 @@ def main(argv=None) -> None:
     else:
         # The quantization gap first: if GPTQ costs nothing there is nothing to recover.
         blocks = dm.eval_blocks(dirs["fp"], cfg["model"])
-        gap = {"fp": round(dm.perplexity(load_fp(dirs["fp"]), blocks), 3)}
-        for b in cfg["bits"]:
-            gap[str(b)] = round(dm.perplexity(load_quant(dirs[b]), blocks), 3)
-        record["gap"] = gap
+        known = {}
+        for key, load in [("fp", lambda: load_fp(dirs["fp"]))] + [(str(b), lambda b=b: load_quant(dirs[b]))
+                                                                  for b in cfg["bits"]]:
+            t0 = time.time()
+            known[key] = dict(ppl=round(dm.perplexity(load(), blocks), 3))
+            known[key]["eval_s"] = round(time.time() - t0, 1)
+        gap = record["gap"] = {k: v["ppl"] for k, v in known.items()}
         print("quantization gap (held-out perplexity): " + ", ".join(
             f"{k}{'' if k == 'fp' else '-bit'} {v:.2f}" for k, v in gap.items()), flush=True)
         for setting in args.settings:
             t0 = time.time()
-            run_setting(setting, cfg, dirs, results, save)
+            run_setting(setting, cfg, dirs, results, save, known if setting == "recovery" else None)
             wall[f"{setting}_s"] = round(time.time() - t0, 1)
             print(f"{setting}: {wall[f'{setting}_s']:.0f} s", flush=True)
         wall["benchmark_s"] = round(time.time() - t_start - wall["build_s"], 1)
@@ -674,6 +685,11 @@ def main(argv=None) -> None:
               f"commit {m['git_commit']}. {args.note}\n\n"
               f"Wall time: benchmark {m['wall_s'].get('benchmark_s', m['wall_s']['total_s']):.0f} s "
               f"(model build/cache {m['wall_s']['build_s']:.0f} s).\n\n")
+    if "gap" in record:
+        fp_ppl = record["gap"]["fp"]
+        header += ("Quantization gap first (held-out perplexity, no fine-tuning): full precision "
+                   f"{fp_ppl:.2f}; " + "; ".join(f"{b}-bit {v:.2f} ({100 * (v / fp_ppl - 1):+.1f}%)"
+                                                 for b, v in record["gap"].items() if b != "fp") + ".\n\n")
     (out_dir / f"{stem}.md").write_text(header + text)
     print(text)
     print(f"wrote {out_dir / stem}.{{md,json{',png' if not args.tune else ''}}}; total {time.time() - t_start:.0f} s")
