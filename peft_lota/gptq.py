@@ -22,7 +22,7 @@ from torch import nn
 
 from . import codec
 from .layer import LotaLayer
-from .ternary import LotaState
+from .ternary import LotaState, group_layout
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +160,28 @@ class GPTQLotaLinear(LotaLayer):
         def codes_rows(k0: int, k1: int) -> torch.Tensor:  # rows k0..k1-1: whole words (row_align)
             return codec.unpack_qweight(qweight[k0 * bits // 32 : k1 * bits // 32], bits)
 
-        # Zeros are true (v2) zeros in memory: prepare_gptq_model made sure.
-        zeros = codec.unpack_qzeros(base.qzeros, bits)[:, : self.out_features]
-        return LotaState(None, zeros, base.scales, base.g_idx.long(), (1 << bits) - 1, base.bias,
-                         codes_rows=codes_rows, in_features=self.in_features, row_align=32 // math.gcd(bits, 32))
+        zeros, g_idx, layout = self._decoded_metadata()
+        return LotaState(None, zeros, base.scales, g_idx, (1 << bits) - 1, base.bias, codes_rows=codes_rows,
+                         in_features=self.in_features, row_align=32 // math.gcd(bits, 32), layout=layout)
+
+    def _decoded_metadata(self):
+        """Zero points, g_idx and its group layout, decoded once and reused while qzeros and g_idx are unchanged.
+
+        Every forward needs them and training never changes them; a merge swaps a new qzeros in (new
+        storage) and in-place writes bump the tensor version, either of which invalidates this cache.
+        """
+        base = self.base_layer
+        sources = (base.qzeros, base.g_idx, base.scales)
+        cached = self.__dict__.get("_lota_metadata")
+        # The cache holds aliases of its sources, so their storage cannot be freed and reused at the same address.
+        if cached is None or any(a.data_ptr() != t.data_ptr() or a.shape != t.shape or v != t._version
+                                 for (a, v), t in zip(cached[0], sources)):
+            # Zeros are true (v2) zeros in memory: prepare_gptq_model made sure.
+            zeros = codec.unpack_qzeros(base.qzeros, base.bits)[:, : self.out_features]
+            g_idx = base.g_idx.long()
+            key = tuple((t.detach(), t._version) for t in sources)
+            cached = self.__dict__["_lota_metadata"] = (key, zeros, g_idx, group_layout(g_idx, base.scales.shape[0]))
+        return cached[1:]
 
     def encode_quant_state(self, codes: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
         base = self.base_layer  # zeros are v2 in memory (read_quant_state made sure)

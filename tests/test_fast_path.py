@@ -189,3 +189,18 @@ def test_merge_swaps_buffers_and_reading_deltas_while_merged_keeps_the_merge(gpt
     assert torch.equal(logits(model, X), expected)  # ...without undoing the merge
     model.unmerge_adapter()
     assert torch.equal(qweight, original)
+
+
+def test_decoded_zero_points_follow_merge_and_unmerge(gptq_dir):
+    from test_lota_gptq import adapted, lota_layers
+    from tiny_models import Spec
+
+    model = adapted(gptq_dir(Spec("llama", 4, False, False, "gptq_v2")), offset="integer")
+    layers = lota_layers(model)
+    before = [layer.read_quant_state().zeros.clone() for layer in layers]
+    model.merge_adapter()
+    for layer in layers:
+        assert torch.equal(layer.read_quant_state().zeros, codec.unpack_qzeros(layer.base_layer.qzeros, 4))
+    assert any(not torch.equal(layer.read_quant_state().zeros, z) for layer, z in zip(layers, before))
+    model.unmerge_adapter()
+    assert all(torch.equal(layer.read_quant_state().zeros, z) for layer, z in zip(layers, before))
