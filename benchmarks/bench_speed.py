@@ -1,0 +1,379 @@
+"""Speed and memory benchmark: LoTA-QAF against PEFT LoRA and QA-LoRA on the same GPTQ models.
+
+    python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | gpu
+    python benchmarks/bench_speed.py --preset cpu --only train merge
+
+Three parts, each method measured in a process of its own (benchmarks/_speed_worker.py):
+
+- train: time per optimizer step (forward + backward + optimizer step; warm-up steps excluded;
+  median and spread over the timed steps) and peak memory, on a tiny model and on a model with
+  TinyLlama-1.1B's layer widths. Methods: LoTA (LotaConfig, t-SignSGD via create_lota_optimizer)
+  from its fresh initialisation and with dense random +-1 A, B (its worst case: no row chunk can be
+  skipped), PEFT LoRA and PEFT QA-LoRA (AdamW), all with the same rank, the same targets and the
+  same trainable kernel (gptqmodel TorchLinear, backend "gptq_torch").
+- infer: prefill throughput and one-token decode latency (KV cache) under the default kernel of a
+  stock `from_pretrained(dir)`: the base GPTQ checkpoint, the merged LoTA checkpoint
+  (merge_and_unload + save_pretrained) and PEFT LoRA unmerged on the base.
+- merge: merge_and_unload() of an r=64 adapter with random ternary A, B on a model with
+  Llama-3-8B's linear shapes (random GPTQ codes), the save of the merged checkpoint, and the size of
+  the LoTA adapter file against an fp16 LoRA adapter of the same rank.
+
+GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
+values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails to size its pool on 2-core machines
+
+from _speed_models import ModelShape, write_random_gptq  # noqa: E402
+
+RESULTS = HERE / "results"
+WORKER = HERE / "_speed_worker.py"
+
+# Layer shapes of real models (random codes). tiny: the test suite's tiny Llama. mid: TinyLlama-1.1B's
+# widths, with few layers and a small vocabulary on CPU so that the decoder layers, not the output
+# head, dominate as they do in the full-depth model. 8B: Llama-3-8B's linear layers; a tiny vocabulary
+# (embeddings are not part of a merge). The CPU checkpoints are bf16: gptqmodel's default CPU kernel
+# (TorchAtenLinear, aten's int4pack matmul) is fast with bf16 activations only; with fp16 it takes a
+# path ~40x slower, with fp32 it dequantizes at every call. Training loads them in the preset's dtype.
+TINY = ModelShape("tiny", hidden=128, intermediate=384, layers=2, heads=4, kv_heads=2, vocab=512, group_size=32,
+                  dtype="bfloat16")
+MID_CPU = ModelShape("mid (TinyLlama-1.1B widths, 2 of 22 layers)", hidden=2048, intermediate=5632, layers=2,
+                     heads=32, kv_heads=4, vocab=1024, dtype="bfloat16")
+MID_GPU = ModelShape("mid (TinyLlama-1.1B shapes, all 22 layers)", hidden=2048, intermediate=5632, layers=22,
+                     heads=32, kv_heads=4, vocab=32000, dtype="float16")
+LLAMA3_8B = ModelShape("Llama-3-8B linear shapes", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
+                       vocab=256, dtype="float16")
+
+PRESETS: dict[str, dict] = {
+    # CI: minutes on 2 cores; checks that every part runs, its numbers are not meant to be read.
+    "smoke": dict(device="cpu", dtype="float32", compile="off", rank=16, omega=12,
+                  train=[dict(shape=TINY, batch=2, seq=64, warmup=1, steps=3),
+                         dict(shape=ModelShape("mid (TinyLlama widths, 1 layer)", 2048, 5632, 1, 32, 4, 256,
+                                               dtype="bfloat16"),
+                              batch=1, seq=32, warmup=1, steps=2)],
+                  infer=dict(shape=TINY, prompt=32, warmup=1, repeats=3, decode_steps=5),
+                  merge=dict(shape=ModelShape("Llama-3-8B linear shapes, 1 of 32 layers", 4096, 14336, 1, 32, 8, 256,
+                                              dtype="float16"), save=True)),
+    # 2 CPU cores, ~15-20 min: the numbers the README quotes.
+    "cpu": dict(device="cpu", dtype="float32", compile="off", rank=64, omega=48,
+                train=[dict(shape=TINY, batch=8, seq=128, warmup=3, steps=20),
+                       dict(shape=MID_CPU, batch=1, seq=256, warmup=2, steps=8)],
+                infer=dict(shape=MID_CPU, prompt=128, warmup=2, repeats=8, decode_steps=32),
+                merge=dict(shape=LLAMA3_8B, save=True)),
+    # One CUDA GPU (UNTESTED: no GPU was available when this was written).
+    "gpu": dict(device="cuda", dtype="bfloat16", compile="on", rank=64, omega=48,
+                train=[dict(shape=TINY, batch=8, seq=128, warmup=5, steps=30),
+                       dict(shape=MID_GPU, batch=8, seq=512, warmup=5, steps=20)],
+                infer=dict(shape=MID_GPU, prompt=512, warmup=3, repeats=20, decode_steps=64),
+                merge=dict(shape=LLAMA3_8B, save=True)),
+}
+
+TRAIN_METHODS = {
+    "lota": "LoTA (fresh init)",
+    "lota-dense": "LoTA (dense random A, B)",
+    "lora": "LoRA",
+    "qalora": "QA-LoRA",
+}
+INFER_MODELS = {"base": "GPTQ base", "merged": "LoTA merged", "lora": "LoRA unmerged"}
+
+# Targets of issue 4, with the paper's figures (LoTA-QAF, arXiv 2505.18724) for reference.
+TARGETS = {
+    "train_time": ("training step time <= 1.10x LoRA", 1.10, "1.14-1.25x"),
+    "train_mem": ("peak training memory <= LoRA's", 1.00, "+3-6%"),
+    "infer_base": ("merged inference within 1% of the base model", 0.01, "-"),
+    "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
+    "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
+}
+
+
+# ---- running workers --------------------------------------------------------------------------------
+
+def run_worker(job: dict, env: dict, log) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(job), str(out)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        out.unlink(missing_ok=True)
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise RuntimeError(f"worker {job['kind']} {job.get('method', '')} failed:\n{tail}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    log(f"  {job['kind']} {job.get('method', '')}: done in {time.time() - t0:.0f} s")
+    return result
+
+
+def worker_env(cfg: dict, threads: int | None) -> dict:
+    env = dict(os.environ)
+    # gptqmodel's TorchLinear torch.compiles its dequantization unless dynamo is disabled. One setting
+    # for every method and every process of a run (LoTA's own forward is eager either way).
+    env["TORCHDYNAMO_DISABLE"] = "1" if cfg["compile"] == "off" else "0"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), env["PYTHONPATH"]) if p)
+    return env
+
+
+# ---- the three parts ----------------------------------------------------------------------------------
+
+def bench_train(cfg: dict, work: Path, env: dict, log) -> list[dict]:
+    rows = []
+    for spec in cfg["train"]:
+        shape = spec["shape"]
+        path = write_random_gptq(shape, work / slug(shape))
+        log(f"train: {shape.describe()}, batch {spec['batch']} x {spec['seq']} tokens")
+        for method in TRAIN_METHODS:
+            job = dict(kind="train", method=method, model_dir=str(path), device=cfg["device"], dtype=cfg["dtype"],
+                       rank=cfg["rank"], group_size=shape.group_size, batch=spec["batch"], seq=spec["seq"],
+                       warmup=spec["warmup"], steps=spec["steps"], threads=cfg.get("threads"))
+            rows.append(dict(model=shape.name, describe=shape.describe(), method=method,
+                             tokens=spec["batch"] * spec["seq"], **run_worker(job, env, log)))
+    return rows
+
+
+def bench_infer(cfg: dict, work: Path, env: dict, log) -> list[dict]:
+    spec = cfg["infer"]
+    shape = spec["shape"]
+    base = write_random_gptq(shape, work / slug(shape))
+    merged = work / (slug(shape) + "-lota-merged")
+    log(f"infer: {shape.describe()}, prompt {spec['prompt']} tokens")
+    made = run_worker(dict(kind="merged_checkpoint", model_dir=str(base), out_dir=str(merged), device=cfg["device"],
+                           dtype=None, rank=cfg["rank"], omega=cfg["omega"], threads=cfg.get("threads")),
+                      env, log)
+    job = dict(kind="infer", base_dir=str(base), merged_dir=str(merged), device=cfg["device"], dtype=None,
+               rank=cfg["rank"], prompt=spec["prompt"], warmup=spec["warmup"], repeats=spec["repeats"],
+               decode_steps=spec["decode_steps"], threads=cfg.get("threads"))
+    measured = run_worker(job, env, log)
+    return [dict(model=shape.name, describe=shape.describe(), method=method, **measured[method],
+                 **(made if method == "merged" else {})) for method in INFER_MODELS]
+
+
+def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
+    spec = cfg["merge"]
+    shape = spec["shape"]
+    t0 = time.time()
+    path = write_random_gptq(shape, work / slug(shape))
+    log(f"merge: {shape.describe()} (checkpoint ready in {time.time() - t0:.0f} s)")
+    job = dict(kind="merge", model_dir=str(path), work_dir=str(work / "merge-out"), device=cfg["device"],
+               dtype="float16", rank=cfg["rank"], save=spec["save"], threads=cfg.get("threads"))
+    return dict(model=shape.name, describe=shape.describe(), full_8b=shape.layers == 32, **run_worker(job, env, log))
+
+
+def jsonable(x):
+    if isinstance(x, ModelShape):
+        return asdict(x)
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def slug(shape: ModelShape) -> str:
+    return "".join(c if c.isalnum() else "-" for c in f"{shape.name}-{shape.layers}l-{shape.vocab}v-{shape.dtype}")[:80]
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def train_tables(rows: list[dict], targets: list) -> str:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = {r["method"]: r for r in rows if r["model"] == model}
+        lora = group.get("lora")
+        first = next(iter(group.values()))
+        out += [f"### {first['describe']}", "", f"{first['tokens']} tokens per step, kernel {first['kernel']}.", "",
+                "| method | step time, median (s) | spread min-max (s) | x LoRA | target <= 1.10x | "
+                "peak memory (MiB) | x LoRA | target <= 1.00x | growth during steps (MiB) | trainable params |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for method, label in TRAIN_METHODS.items():
+            r = group.get(method)
+            if r is None:
+                continue
+            t, m = r["step_s"], r["peak_mib"]
+            rt = t["median"] / lora["step_s"]["median"] if lora else None
+            rm = m / lora["peak_mib"] if lora else None
+            is_lota = method.startswith("lota")
+            ok_t = (rt <= TARGETS["train_time"][1]) if (is_lota and rt is not None) else None
+            ok_m = (rm <= TARGETS["train_mem"][1]) if (is_lota and rm is not None) else None
+            if is_lota:
+                targets.append((f"{TARGETS['train_time'][0]} ({model}, {label})", TARGETS["train_time"][2],
+                                f"{rt:.2f}x", status(ok_t)))
+                targets.append((f"{TARGETS['train_mem'][0]} ({model}, {label})", TARGETS["train_mem"][2],
+                                f"{rm:.2f}x ({(rm - 1) * 100:+.0f}%)", status(ok_m)))
+            out.append(f"| {label} | {t['median']:.4f} | {t['min']:.4f}-{t['max']:.4f} | "
+                       f"{'-' if rt is None else f'{rt:.2f}'} | {status(ok_t) if is_lota else ''} | {m:.0f} | "
+                       f"{'-' if rm is None else f'{rm:.2f}'} | {status(ok_m) if is_lota else ''} | "
+                       f"{r['growth_mib']:.0f} | {r['trainable_params'] / 1e6:.2f}M |")
+        out.append("")
+    out.append(f"Memory: {rows[0]['memory_method']}.")
+    return "\n".join(out)
+
+
+def infer_table(rows: list[dict], targets: list) -> str:
+    by = {r["method"]: r for r in rows}
+    base, merged, lora = by["base"], by["merged"], by["lora"]
+    out = [f"### {base['describe']}", "",
+           f"Default kernel: {base['kernel']}. The merged checkpoint moved {merged['codes_moved']:,} of "
+           f"{merged['codes_total']:,} codes (random dense ternary A, B).", "",
+           "| model | prefill (tokens/s) | x base | decode latency, median (ms) | spread min-max (ms) | x base |",
+           "|---|---|---|---|---|---|"]
+    for method, label in INFER_MODELS.items():
+        r = by[method]
+        d = r["decode_s"]
+        out.append(f"| {label} | {r['prefill_tok_s']:.1f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.3f} | "
+                   f"{d['median'] * 1e3:.2f} | {d['min'] * 1e3:.2f}-{d['max'] * 1e3:.2f} | "
+                   f"{d['median'] / base['decode_s']['median']:.3f} |")
+    pre_vs_base = merged["prefill_tok_s"] / base["prefill_tok_s"] - 1
+    dec_vs_base = merged["decode_s"]["median"] / base["decode_s"]["median"] - 1
+    pre_vs_lora = merged["prefill_tok_s"] / lora["prefill_tok_s"]
+    dec_vs_lora = lora["decode_s"]["median"] / merged["decode_s"]["median"]
+    tol = TARGETS["infer_base"][1]
+    targets += [(f"{TARGETS['infer_base'][0]}: prefill throughput", "-", f"{pre_vs_base * 100:+.1f}%",
+                 status(abs(pre_vs_base) <= tol)),
+                (f"{TARGETS['infer_base'][0]}: decode latency", "-", f"{dec_vs_base * 100:+.1f}%",
+                 status(abs(dec_vs_base) <= tol)),
+                (f"{TARGETS['infer_lora'][0]}: prefill", TARGETS["infer_lora"][2], f"{pre_vs_lora:.2f}x",
+                 status(pre_vs_lora >= TARGETS["infer_lora"][1])),
+                (f"{TARGETS['infer_lora'][0]}: decode", TARGETS["infer_lora"][2], f"{dec_vs_lora:.2f}x",
+                 status(dec_vs_lora >= TARGETS["infer_lora"][1]))]
+    return "\n".join(out)
+
+
+def merge_table(r: dict, targets: list) -> str:
+    ok = (r["merge_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
+    targets.append((TARGETS["merge"][0], TARGETS["merge"][2], f"{r['merge_s']:.1f} s"
+                    + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok)))
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    rows = [("merge_and_unload()", f"{r['merge_s']:.1f} s ({r['ns_per_code']:.2f} ns per code, "
+                                    f"{r['codes'] / 1e9:.2f}G codes in {r['layers']} layers)"),
+            ("target < 60 s", status(ok)),
+            ("memory held during the merge (RSS over the runtime)",
+             f"{r['rss_before_merge_mib']:,.0f} MiB before, peak {r['merge_peak_rss_mib']:,.0f} MiB"),
+            ("model load (gptq_torch, not part of the merge)", f"{r['load_s']:.1f} s")]
+    if "save_s" in r:
+        rows.append(("save_pretrained of the merged model", f"{r['save_s']:.1f} s "
+                                                            f"({mib(r['merged_checkpoint_bytes'])} written)"))
+    rows += [("LoTA adapter file (ternary A, B at 2 bits per value)", mib(r["lota_adapter_bytes"])),
+             ("fp16 LoRA adapter file, same rank and layers", mib(r["lora_fp16_adapter_bytes"])),
+             ("LoTA / LoRA fp16 size", f"{r['lota_adapter_bytes'] / r['lora_fp16_adapter_bytes']:.3f}")]
+    return "\n".join([f"### {r['describe']}", "", "| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def machine_info() -> dict:
+    import gptqmodel
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    ram = None
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    if Path("/proc/meminfo").exists():
+        ram = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip() or None
+    except OSError:
+        commit = None
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cores=os.cpu_count(),
+                ram_gib=ram, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__, gptqmodel=getattr(gptqmodel, "__version__", "?"), git_commit=commit,
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+
+
+def render(record: dict) -> str:
+    m, cfg = record["machine"], record["config"]
+    targets: list = []
+    parts = [f"# Speed and memory benchmark, preset `{record['preset']}`", "",
+             f"{m['date']} on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM"
+             f"{', ' + m['gpu'] if m['gpu'] else ', no GPU'}); torch {m['torch']}, transformers {m['transformers']}, "
+             f"peft {m['peft']}, gptqmodel {m['gptqmodel']}; commit {m['git_commit']}; load average at the end "
+             f"{m['load_average']}.", "",
+             f"Settings: device {cfg['device']}, {cfg['dtype']} training, rank r = {cfg['rank']} for every method, "
+             f"torch.compile {cfg['compile']} (TORCHDYNAMO_DISABLE={'1' if cfg['compile'] == 'off' else '0'} in every "
+             f"process), torch threads {cfg.get('threads') or 'default'}. Wall time {record['wall_s']:.0f} s.", ""]
+    if record.get("note"):
+        parts += [f"**Note:** {record['note']}", ""]
+    if "train" in record:
+        parts += ["## Training", "", train_tables(record["train"], targets), ""]
+    if "infer" in record:
+        parts += ["## Inference (merged vs base vs unmerged LoRA)", "", infer_table(record["infer"], targets), ""]
+    if "merge" in record:
+        parts += ["## Merge and adapter size", "", merge_table(record["merge"], targets), ""]
+    parts += ["## Targets", "", "| target | paper | measured | status |", "|---|---|---|---|"]
+    parts += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    ap.add_argument("--only", nargs="+", choices=["train", "infer", "merge"], default=["train", "infer", "merge"],
+                    help="run these parts only (default: all three)")
+    ap.add_argument("--compile", choices=["on", "off"], default=None,
+                    help="torch.compile of gptqmodel's dequantization, for every method (default: the preset's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    ap.add_argument("--work-dir", default=str(HERE / "runs" / "speed"),
+                    help="where the random GPTQ checkpoints are cached (the 8B-shaped one takes ~3.7 GB)")
+    ap.add_argument("--out", default=str(RESULTS), help="where speed-<preset>.{md,json} go")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared, noisy machine')")
+    args = ap.parse_args(argv)
+
+    cfg = dict(PRESETS[args.preset])
+    if args.compile:
+        cfg["compile"] = args.compile
+    cfg["threads"] = args.threads
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = worker_env(cfg, args.threads)
+    t_start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:6.0f} s] {msg}", flush=True)
+
+    record: dict = dict(preset=args.preset, note=args.note, parts=args.only, config=jsonable(cfg))
+    if "train" in args.only:
+        record["train"] = bench_train(cfg, work, env, log)
+    if "infer" in args.only:
+        record["infer"] = bench_infer(cfg, work, env, log)
+    if "merge" in args.only:
+        record["merge"] = bench_merge(cfg, work, env, log)
+    record["wall_s"] = time.time() - t_start
+    record["machine"] = machine_info()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"speed-{args.preset}"
+    text = render(record)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"wrote {out / stem}.{{md,json}} in {record['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
