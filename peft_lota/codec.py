@@ -13,9 +13,12 @@ between releases. Every function is exact and round-trips bit for bit (see tests
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+_BLOCK_ELEMENTS = 1 << 18  # int32 words per block in pack_codes (1 MiB)
 
 
 def _check_bits(bits: int) -> None:
@@ -83,10 +86,15 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     if bits in (2, 4, 8):
         per_word = 32 // bits
         c = c.reshape(n // per_word, per_word, *c.shape[1:])
-        words = c[:, per_word - 1].to(torch.int32, copy=True)  # never a view of the input: shifted in place
-        code = torch.empty_like(words)  # same-dtype operands: mixed uint8/int32 ops take a slow path on CPU
-        for i in range(per_word - 2, -1, -1):
-            words.bitwise_left_shift_(bits).bitwise_or_(code.copy_(c[:, i]))
+        words = torch.empty(c.shape[0], *c.shape[2:], dtype=torch.int32, device=c.device)
+        # Blocks of words small enough for the cache; same-dtype operands (mixed uint8/int32 ops are slow on CPU).
+        step = max(1, _BLOCK_ELEMENTS // max(1, math.prod(c.shape[2:])))
+        code = torch.empty(min(step, c.shape[0]), *c.shape[2:], dtype=torch.int32, device=c.device)
+        for w0 in range(0, c.shape[0], step):
+            out, block, tmp = words[w0:w0 + step], c[w0:w0 + step], code[: min(step, c.shape[0] - w0)]
+            out.copy_(block[:, per_word - 1])
+            for i in range(per_word - 2, -1, -1):
+                out.bitwise_left_shift_(bits).bitwise_or_(tmp.copy_(block[:, i]))
     else:
         c = c.to(torch.int64)
         blocks = c.reshape(n // 32, 32, *c.shape[1:])

@@ -100,6 +100,7 @@ def test_chunks_that_cannot_move_are_skipped_and_still_exact(monkeypatch):
     K, N, r, omega = 256, 24, 8, 6
     A, B = factors(K, N, r, seed=0, dense_rows=[5, 200])
     B[:, 0], B[:, 1] = A[200], -A[200]  # P = +-8 there: row 200 moves up or down
+    B[:4, 20:] = 0  # columns 20.. cannot reach omega: only the block of rows 5, 200 x columns 0..19 is computed
     calls = []
     real_step = ternary.step_codes_
     monkeypatch.setattr(ternary, "step_codes_", lambda *a, **k: calls.append(1) or real_step(*a, **k))
