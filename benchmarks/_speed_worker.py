@@ -8,6 +8,7 @@ off, thread count) is set by bench_speed.py before this process imports torch.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -185,7 +186,10 @@ def run_train(job: dict) -> dict:
 
 
 def make_merged_checkpoint(job: dict) -> dict:
-    """LoTA with random dense ternary A, B (codes really move) on the base, merged and saved as GPTQ."""
+    """LoTA with random dense ternary A, B on the base, merged and saved as GPTQ.
+
+    omega is set low (r / 8) so that many codes really move: with omega = 0.75 r, random A, B move none.
+    """
     import torch
     from peft import get_peft_model
 
@@ -312,6 +316,17 @@ def run_merge(job: dict) -> dict:
     lora.save_pretrained(str(work / "lora-adapter"))
     result["lora_fp16_adapter_bytes"] = (work / "lora-adapter" / "adapter_model.safetensors").stat().st_size
     shutil.rmtree(work, ignore_errors=True)
+    if job.get("dense"):  # the worst case: +-1 everywhere, no row or column can be skipped
+        del model, merged, lora
+        gc.collect()  # the first model sits in reference cycles: free it before loading the second
+        model = get_peft_model(load_model(job["model_dir"], job, backend="gptq_torch"),
+                               peft_lota.LotaConfig(r=job["rank"], target_modules=LORA_TARGETS, init_seed=0))
+        randomize_lota(model, seed=3, dense=True)
+        sync(torch.device(job["device"]))
+        t0 = time.perf_counter()
+        model.merge_and_unload()
+        sync(torch.device(job["device"]))
+        result["merge_dense_s"] = time.perf_counter() - t0
     return result
 
 
