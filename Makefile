@@ -2,22 +2,37 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install test clean
+.PHONY: install test demo bench-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 
 # torch first: gptqmodel is an sdist whose build imports torch, so it is built against the installed one.
-install: $(PY)
+# The stamp makes `make demo` on an installed checkout skip straight to the job.
+$(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q "torch==2.14.1"
 	$(PY) -m pip install -q --no-build-isolation "gptqmodel==7.7.0"
 	$(PY) -m pip install -q -e ".[test,examples,bench]"
+	touch $(STAMP)
 
-test:
+install: $(STAMP)
+
+test: install
 	$(PY) -m pytest -q tests
+
+# Pretrain a small Llama on the stdlib, GPTQ it to 2 bits, fine-tune with LoTA (stock Trainer), merge,
+# save, reload and check; prints the result table. Cached in demo_out/ (delete it to start over).
+demo: install
+	$(PY) examples/demo.py --root demo_out
+
+# The benchmarks' smoke presets (minutes); the full presets are documented in benchmarks/README.md.
+bench-smoke: install
+	$(PY) benchmarks/bench_accuracy.py --preset smoke
+	$(PY) benchmarks/bench_speed.py --preset smoke
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache logs

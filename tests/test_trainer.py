@@ -48,7 +48,6 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 def make_trainer(path, data, out_dir, **kw):
     model = get_peft_model(load_gptq(path), LotaConfig(r=4, omega=1, init_seed=0))
-    model.enable_input_require_grads()  # frozen embeddings feeding checkpointed blocks
     args = dict(output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 max_steps=6, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                 disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
