@@ -170,9 +170,11 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
     path = write_random_gptq(shape, work / slug(shape))
     log(f"merge: {shape.describe()} (checkpoint ready in {time.time() - t0:.0f} s)")
     job = dict(kind="merge", model_dir=str(path), work_dir=str(work / "merge-out"), device=cfg["device"],
-               dtype="float16", rank=cfg["rank"], save=spec["save"], dense=spec.get("dense", False),
-               threads=cfg.get("threads"))
-    return dict(model=shape.name, describe=shape.describe(), full_8b=shape.layers == 32, **run_worker(job, env, log))
+               dtype="float16", rank=cfg["rank"], save=spec["save"], dense=False, threads=cfg.get("threads"))
+    result = dict(model=shape.name, describe=shape.describe(), full_8b=shape.layers == 32, **run_worker(job, env, log))
+    if spec.get("dense"):  # in a process of its own: two 8B-shaped models need not fit in memory together
+        result["merge_dense_s"] = run_worker(dict(job, dense=True, save=False), env, log)["merge_s"]
+    return result
 
 
 def jsonable(x):
