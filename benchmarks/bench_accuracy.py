@@ -25,6 +25,7 @@ benchmarks/results/accuracy-<preset>.{md,json,png} (pilot: accuracy-<preset>-tun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -115,6 +116,21 @@ def quiet() -> None:
         LogBar.shared().setLevel(logging.ERROR)
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def our_thread_count():
+    """Keep THREADS[0] torch threads inside demo_model calls, which set torch's thread count to the
+    core count: on the shared 2-core machine a GPTQ re-quantization took ~4 min with 2 threads and
+    ~30 s with 1 (oversubscribed threads spin)."""
+    set_threads = torch.set_num_threads
+    torch.set_num_threads = lambda n: None
+    try:
+        set_threads(THREADS[0])
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(THREADS[0])
 
 
 # ----------------------------------------------------------------------------- models
@@ -335,10 +351,10 @@ def lora_requantize(lora_model, dirs: dict, bits: int, model_preset, work: Path,
     p = dm.get_preset(model_preset)
     q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
     t0 = time.time()
-    dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
-                calib_samples=p["calib_samples"], calib_len=p["calib_len"])
+    with our_thread_count():
+        dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
+                    calib_samples=p["calib_samples"], calib_len=p["calib_len"])
     requant_s = time.time() - t0
-    torch.set_num_threads(THREADS[0])  # demo_model.quantize sets its own thread count
     model = load_quant(merged_q)
     return model, dict(requant_s=round(requant_s, 1), layers=n_merged,
                        max_logit_diff_merged_fp_vs_lora=fp_diff), [merged_fp, merged_q]
