@@ -12,6 +12,10 @@ PyTorch's `[out, in]` weight convention.
     P = A @ B  float [K, N]   exact integers in [-r, r]
     D          int8  [K, N]   code change in {-1, 0, +1}
     mu         float [G, N]   offset factor, in units of the scale
+
+Two layers: reference functions written straight from the spec (delta_codes ... effective_weight; used
+for get_delta_* and as the tests' oracle), and a chunked fast path (row_chunks ... LotaLinearFunction)
+that forward, backward and merge use, equal to the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # by memory traffic. The functions below walk the rows in chunks of about CHUNK_ELEMENTS elements, so
 # that each chunk's temporaries (P, the step, the weight rows) stay in cache, and never materialise P
 # or the weight gradient for a whole layer. They return the same integers and bit-identical weights
-# as the reference functions above (tests/test_ternary.py checks it); gradients agree up to float
+# as the reference functions above (tests/test_fast_path.py checks it); gradients agree up to float
 # summation order. On accelerators a single chunk is used: there, kernel launches are the cost.
 
 CHUNK_ELEMENTS = 1 << 21
