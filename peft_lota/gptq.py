@@ -173,14 +173,15 @@ class GPTQLotaLinear(LotaLayer):
         base = self.base_layer
         sources = (base.qzeros, base.g_idx, base.scales)
         cached = self.__dict__.get("_lota_metadata")
-        # The cache holds aliases of its sources, so their storage cannot be freed and reused at the same address.
+        # The cache holds aliases of its sources: their storage cannot be freed and reused at the same address.
         if cached is None or any(a.data_ptr() != t.data_ptr() or a.shape != t.shape or v != t._version
                                  for (a, v), t in zip(cached[0], sources)):
             # Zeros are true (v2) zeros in memory: prepare_gptq_model made sure.
             zeros = codec.unpack_qzeros(base.qzeros, base.bits)[:, : self.out_features]
             g_idx = base.g_idx.long()
             key = tuple((t.detach(), t._version) for t in sources)
-            cached = self.__dict__["_lota_metadata"] = (key, zeros, g_idx, group_layout(g_idx, base.scales.shape[0]))
+            layout = group_layout(g_idx, base.scales.shape[0])
+            cached = self.__dict__["_lota_metadata"] = (key, zeros, g_idx, layout)
         return cached[1:]
 
     def encode_quant_state(self, codes: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .ternary import LotaState, adapt_codes, apply_adapters, dequantize, effective_weight, init_ternary_A, lota_linear
+from .ternary import (LotaState, adapt_codes, apply_adapters, dequantize, effective_weight, init_ternary_A,
+                      lota_linear)
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +171,12 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         for name in adapter_names:
             # A float offset merges like an integer one: mu rounded into the zero points.
             mode = "integer" if self.offset[name] == "float" else self.offset[name]
-            codes, zeros, _ = adapt_codes(step, [(self.lota_A[name], self.lota_B[name])], [self.omega[name]], [mode])
+            factors = [(self.lota_A[name], self.lota_B[name])]
+            codes, zeros, _ = adapt_codes(step, factors, [self.omega[name]], [mode])
             if self.offset[name] == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
-            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias)
+            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias,
+                             layout=(state.counts, state.group_rows))
 
         buffers = self.encode_quant_state(step.codes, step.zeros)
         if safe_merge:
