@@ -366,7 +366,8 @@ def main(argv=None) -> None:
     def log(msg):
         print(f"[{time.time() - t_start:6.0f} s] {msg}", flush=True)
 
-    record: dict = dict(preset=args.preset, note=args.note, parts=args.only, config=jsonable(cfg))
+    record: dict = dict(preset=args.preset, note=args.note, parts=args.only, config=jsonable(cfg),
+                        machine=machine_info())  # the commit measured: taken before the run
     if "train" in args.only:
         record["train"] = bench_train(cfg, work, env, log)
     if "infer" in args.only:
@@ -374,7 +375,7 @@ def main(argv=None) -> None:
     if "merge" in args.only:
         record["merge"] = bench_merge(cfg, work, env, log)
     record["wall_s"] = time.time() - t_start
-    record["machine"] = machine_info()
+    record["machine"]["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
