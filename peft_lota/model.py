@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, onload_layer
 from peft.utils import ModulesToSaveWrapper, _get_submodules
 
@@ -118,7 +119,20 @@ class LotaModel(BaseTuner):
         Its `save_pretrained` / `push_to_hub` write a standard GPTQ checkpoint (see export.py).
         """
         info = self._merge_info(adapter_names)
-        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge, round_float_offset=round_float_offset)
+        self._check_float_offsets(adapter_names, round_float_offset)
+        self._check_merge_allowed()
+        layers = self._lota_layers()
+        for i, module in enumerate(tqdm(layers, desc="merging LoTA", disable=not progressbar)):
+            try:
+                with onload_layer(module):
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names,
+                                 round_float_offset=round_float_offset)
+            except Exception as err:
+                raise RuntimeError(f"merge_and_unload failed at LoTA layer {i} of {len(layers)} "
+                                   f"({module._current_key}); the layers before it are merged already.") from err
+            # The model is unloaded next, so there is no unmerge: free the pre-merge buffers now rather
+            # than holding two copies of every packed weight until the end.
+            module._unmerged_snapshot = None
         model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
         from .export import attach_gptq_export
 
