@@ -84,6 +84,7 @@ BENCH_PRESETS: dict[str, dict] = {
                 task_steps=500, task_batch=64, max_test=None),
 }
 
+TRAINED = ("fp_lora", "lora", "qalora", "lota_none", "lota_integer", "lota_float")
 METHODS = {  # key: (label, description)
     "fp": ("full precision, no fine-tuning", "the unquantized model"),
     "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of what this fine-tuning can reach"),
@@ -159,7 +160,7 @@ def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
     import peft_lota
     from peft import get_peft_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.get("seed", 0))
     if method == "fp_lora":
         return get_peft_model(load_fp(dirs["fp"]), lora_config(cfg["rank"]))
     base = load_quant(dirs[bits])
@@ -169,7 +170,7 @@ def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
         return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
     offset = method.split("_")[1]
     return get_peft_model(base, peft_lota.LotaConfig(r=cfg["rank"], omega=cfg.get("omega"), offset=offset,
-                                                     init_seed=0))
+                                                     init_seed=cfg.get("seed", 0)))
 
 
 # ----------------------------------------------------------------------------- training
@@ -404,14 +405,15 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
     try:
         known = known or {}
         record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
-        # The ceiling of what this fine-tuning can reach without quantization.
-        m = make_adapter_model("fp_lora", dirs, None, cfg)
-        log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
-        record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
+        run = lambda method: cfg.get("methods") is None or method in cfg["methods"]  # noqa: E731
+        if run("fp_lora"):  # the ceiling of what this fine-tuning can reach without quantization
+            m = make_adapter_model("fp_lora", dirs, None, cfg)
+            log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
+            record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
         for bits in cfg["bits"]:
             tag = f"{setting} {bits}-bit"
             record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
-            for method in ("lora", "qalora"):
+            for method in filter(run, ("lora", "qalora")):
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
                 record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
@@ -423,6 +425,8 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                 del m
             for offset in ("none", "integer", "float"):
                 method = f"lota_{offset}"
+                if not run(method):
+                    continue
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, None, f"{tag} {method}")
                 log["codes_moved_pct"] = codes_moved_pct(m)
@@ -626,6 +630,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
                          "others also use ran 5-10x slower than 1)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=TRAINED,
+                    help="only these fine-tuned methods (default: all; lora_requant comes with lora)")
+    ap.add_argument("--seed", type=int, default=0, help="adapter initialisation seed (the data order stays fixed)")
+    ap.add_argument("--tag", default="", help="suffix of the result files: accuracy-<preset>-<tag>.*")
     ap.add_argument("--tune", action="store_true", help="run the pilot (lr and omega) instead")
     ap.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="pilot: learning rates to try")
     ap.add_argument("--tune-omegas", type=int, nargs="+", default=None, help="pilot: LoTA omegas to try")
@@ -640,7 +648,7 @@ def main(argv=None) -> None:
         cfg["bits"] = tuple(args.bits)
     if args.omega is not None:
         cfg["omega"] = args.omega
-    cfg["settings"] = args.settings
+    cfg["settings"], cfg["seed"], cfg["methods"] = args.settings, args.seed, args.methods
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
@@ -660,7 +668,7 @@ def main(argv=None) -> None:
     print(f"models: {dirs['fp'].parent} ({'cached' if cached else 'built'} in {wall['build_s']:.0f} s)", flush=True)
 
     results: dict = {}
-    stem = f"accuracy-{args.preset}" + ("-tune" if args.tune else "")
+    stem = f"accuracy-{args.preset}" + ("-tune" if args.tune else "") + (f"-{args.tag}" if args.tag else "")
     record = dict(preset=args.preset, note=args.note, config={k: v for k, v in cfg.items() if k != "model"},
                   model_preset=dm.get_preset(cfg["model"]), methods={k: v[1] for k, v in METHODS.items()},
                   results=results)
