@@ -29,10 +29,12 @@ test: install
 demo: install
 	$(PY) examples/demo.py --root demo_out
 
-# The benchmarks' smoke presets (minutes); the full presets are documented in benchmarks/README.md.
+# The benchmarks' smoke presets (~3 min; CI runs them): every part runs, the numbers mean nothing.
+# Models and results go to build/bench-smoke, not to benchmarks/results. Full presets: benchmarks/README.md.
+SMOKE := build/bench-smoke
 bench-smoke: install
-	$(PY) benchmarks/bench_accuracy.py --preset smoke
-	$(PY) benchmarks/bench_speed.py --preset smoke
+	$(PY) benchmarks/bench_accuracy.py --preset smoke --root $(SMOKE)/models --out $(SMOKE)
+	$(PY) benchmarks/bench_speed.py --preset smoke --work-dir $(SMOKE)/models --out $(SMOKE)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache logs

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -198,8 +199,10 @@ def load_gptq_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype =
     if not qcfg or qcfg.get("quant_method") != "gptq":
         raise ValueError(f"{path} is not a GPTQ checkpoint (config.json has no GPTQ quantization_config). LoTA "
                          "fine-tunes GPTQ models; quantize the model with GPTQ first.")
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=GPTQConfig(bits=qcfg["bits"], backend=backend), dtype=dtype, device_map=device_map)
+    with warnings.catch_warnings():  # transformers warns that only `backend` of our GPTQConfig is used: intended
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=GPTQConfig(bits=qcfg["bits"], backend=backend), dtype=dtype, device_map=device_map)
 
 
 @torch.no_grad()
@@ -252,6 +255,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
         logging.getLogger(name).setLevel(min(level, logging.INFO) if training_args.should_log else level)
     transformers.utils.logging.set_verbosity(level)
     logging.getLogger("optimum").setLevel(logging.WARNING)
+    # PeftModel reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21): not ours to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:  # gptqmodel's banner and per-layer chatter
         from logbar import LogBar
 
