@@ -29,7 +29,7 @@ test: install
 demo: install
 	$(PY) examples/demo.py --root demo_out
 
-# The benchmarks' smoke presets (~3 min; CI runs them): every part runs, the numbers mean nothing.
+# The benchmarks' smoke presets (~1 min; CI runs them): every part runs, the numbers mean nothing.
 # Models and results go to build/bench-smoke, not to benchmarks/results. Full presets: benchmarks/README.md.
 SMOKE := build/bench-smoke
 bench-smoke: install
