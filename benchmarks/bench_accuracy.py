@@ -627,6 +627,7 @@ def main(argv=None) -> None:
     ap.add_argument("--settings", nargs="+", default=["recovery", "task"], choices=["recovery", "task"])
     ap.add_argument("--bits", type=int, nargs="+", default=None, help="default: the preset's")
     ap.add_argument("--omega", type=int, default=None, help="LoTA threshold (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
                          "others also use ran 5-10x slower than 1)")
@@ -648,6 +649,8 @@ def main(argv=None) -> None:
         cfg["bits"] = tuple(args.bits)
     if args.omega is not None:
         cfg["omega"] = args.omega
+    if args.steps is not None:
+        cfg["recovery_steps"] = cfg["task_steps"] = args.steps
     cfg["settings"], cfg["seed"], cfg["methods"] = args.settings, args.seed, args.methods
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
