@@ -189,7 +189,6 @@ def make_merged_checkpoint(job: dict) -> dict:
 
     omega is set low (r / 8) so that many codes really move: with omega = 0.75 r, random A, B move none.
     """
-    import torch
     from peft import get_peft_model
 
     import peft_lota

@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import re

@@ -201,8 +201,8 @@ def load_gptq_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype =
                          "fine-tunes GPTQ models; quantize the model with GPTQ first.")
     with warnings.catch_warnings():  # transformers warns that only `backend` of our GPTQConfig is used: intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=GPTQConfig(bits=qcfg["bits"], backend=backend), dtype=dtype, device_map=device_map)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=qcfg["bits"], backend=backend),
+                                                    dtype=dtype, device_map=device_map)
 
 
 @torch.no_grad()

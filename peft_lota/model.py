@@ -8,8 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, onload_layer
-from peft.utils import ModulesToSaveWrapper, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, onload_layer
 
 from .config import LotaConfig
 from .gptq import dispatch_gptq, is_gptq_layer, prepare_gptq_model

@@ -392,7 +392,7 @@ def factor_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, factors) 
       (r = 64, groups of 128: M K N instead of M K N (1 + 128 / M)).
     The two differ only in float summation order.
     """
-    M, K, N = x2.shape[0], x2.shape[1], g2.shape[1]
+    M, N = x2.shape[0], g2.shape[1]
     device, dtype = x2.device, x2.dtype
     s32, scratch = state.scales.float(), Scratch(device)
     grads = [(torch.zeros(A.shape, dtype=torch.float32, device=device),
