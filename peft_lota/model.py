@@ -105,11 +105,7 @@ class LotaModel(BaseTuner):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
                       round_float_offset: bool = False) -> None:
         """Merge adapters into the integer codes (Q + D), keeping them in memory so unmerge_adapter can restore."""
-        self._check_float_offsets(adapter_names, round_float_offset)
-        self._check_merge_allowed()
-        for module in self._lota_layers():
-            with onload_layer(module):
-                module.merge(safe_merge=safe_merge, adapter_names=adapter_names, round_float_offset=round_float_offset)
+        self._merge_layers(adapter_names, safe_merge, round_float_offset)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, round_float_offset: bool = False) -> nn.Module:
@@ -118,6 +114,20 @@ class LotaModel(BaseTuner):
         Its `save_pretrained` / `push_to_hub` write a standard GPTQ checkpoint (see export.py).
         """
         info = self._merge_info(adapter_names)
+        self._merge_layers(adapter_names, safe_merge, round_float_offset, unloading=True, progressbar=progressbar)
+        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        from .export import attach_gptq_export
+
+        attach_gptq_export(model, info)
+        return model
+
+    def _merge_layers(self, adapter_names: Optional[list[str]], safe_merge: bool, round_float_offset: bool, *,
+                      unloading: bool = False, progressbar: bool = False) -> None:
+        """Merge every LoTA layer in turn, after the checks that refuse a merge before anything is written.
+
+        unloading (merge_and_unload): no unmerge follows, so each layer's pre-merge buffers are freed as soon
+        as it is merged (peak memory ~1x the packed weights, not 2x), and a failure names its layer.
+        """
         self._check_float_offsets(adapter_names, round_float_offset)
         self._check_merge_allowed()
         layers = self._lota_layers()
@@ -127,16 +137,12 @@ class LotaModel(BaseTuner):
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names,
                                  round_float_offset=round_float_offset)
             except Exception as err:
+                if not unloading:
+                    raise
                 raise RuntimeError(f"merge_and_unload failed at LoTA layer {i} of {len(layers)} "
                                    f"({module._current_key}); the layers before it are merged already.") from err
-            # The model is unloaded next, so there is no unmerge: free the pre-merge buffers now rather
-            # than holding two copies of every packed weight until the end.
-            module._unmerged_snapshot = None
-        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        from .export import attach_gptq_export
-
-        attach_gptq_export(model, info)
-        return model
+            if unloading:
+                module._unmerged_snapshot = None
 
     def _merge_info(self, adapter_names: Optional[list[str]]) -> dict:
         """What the model card of a merged checkpoint says about the adapter(s)."""
