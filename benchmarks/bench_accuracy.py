@@ -25,15 +25,11 @@ benchmarks/results/accuracy-<preset>.{md,json,png} (pilot: accuracy-<preset>-tun
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import logging
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +45,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import demo_model as dm  # noqa: E402  (examples/demo_model.py: corpus, model presets, GPTQ, perplexity)
 import tasks  # noqa: E402
+from _machine import machine_info  # noqa: E402
 
 RESULTS = HERE / "results"
 THREADS = [1]  # torch threads for training and evaluation (set in main)
@@ -120,21 +117,6 @@ def quiet() -> None:
         LogBar.shared().setLevel(logging.ERROR)
     except ImportError:
         pass
-
-
-@contextlib.contextmanager
-def our_thread_count():
-    """Keep THREADS[0] torch threads inside demo_model calls, which set torch's thread count to the
-    core count: on the shared 2-core machine a GPTQ re-quantization took ~4 min with 2 threads and
-    ~30 s with 1 (oversubscribed threads spin)."""
-    set_threads = torch.set_num_threads
-    torch.set_num_threads = lambda n: None
-    try:
-        set_threads(THREADS[0])
-        yield
-    finally:
-        torch.set_num_threads = set_threads
-        set_threads(THREADS[0])
 
 
 # ----------------------------------------------------------------------------- models
@@ -355,9 +337,10 @@ def lora_requantize(lora_model, dirs: dict, bits: int, model_preset, work: Path,
     p = dm.get_preset(model_preset)
     q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
     t0 = time.time()
-    with our_thread_count():
-        dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
-                    calib_samples=p["calib_samples"], calib_len=p["calib_len"])
+    # THREADS[0] threads: on the shared 2-core machine a re-quantization took ~4 min with 2 threads and ~30 s
+    # with 1 (oversubscribed threads spin).
+    dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
+                calib_samples=p["calib_samples"], calib_len=p["calib_len"], threads=THREADS[0])
     requant_s = time.time() - t0
     model = load_quant(merged_q)
     return model, dict(requant_s=round(requant_s, 1), layers=n_merged,
@@ -498,30 +481,6 @@ def score_str(r: dict | None) -> str:
     if r is None:
         return "-"
     return f"{r['ppl']:.2f}" if "ppl" in r else f"{r['em']:.1f}"
-
-
-def machine_info(wall: dict) -> dict:
-    import gptqmodel
-    import peft
-    import transformers
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    import peft_lota
-
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()  # noqa: E731
-        commit = git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes in peft_lota/)"
-                                                        if git("status", "--porcelain", "--", "../peft_lota") else "")
-    except OSError:
-        commit = None
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cores=os.cpu_count(),
-                torch_threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, gptqmodel=getattr(gptqmodel, "__version__", "?"), git_commit=commit,
-                peft_lota=str(Path(peft_lota.__file__).parent),
-                wall_s=wall)
 
 
 def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
@@ -670,7 +629,6 @@ def main(argv=None) -> None:
     cached = (base / "fp" / "DONE").exists()
     dirs = dm.build(cfg["model"], root, bits=cfg["bits"] if not args.tune else (cfg["tune_bits"],))
     wall["build_s"] = round(time.time() - t0, 1)
-    torch.set_num_threads(THREADS[0])  # demo_model's build sets its own
     print(f"models: {dirs['fp'].parent} ({'cached' if cached else 'built'} in {wall['build_s']:.0f} s)", flush=True)
 
     results: dict = {}
@@ -679,8 +637,10 @@ def main(argv=None) -> None:
                   model_preset=dm.get_preset(cfg["model"]), methods={k: v[1] for k, v in METHODS.items()},
                   results=results)
 
+    record["machine"] = machine_info()  # once: the commit measured, before the run
+
     def save():
-        record["machine"] = machine_info(dict(wall, total_s=round(time.time() - t_start, 1)))
+        record["machine"]["wall_s"] = dict(wall, total_s=round(time.time() - t_start, 1))
         (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
 
     if args.tune:

@@ -24,10 +24,8 @@ values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the mach
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails to size its pool on 2-core machines
 
+from _machine import machine_info  # noqa: E402
 from _speed_models import ModelShape, write_random_gptq  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -288,31 +287,6 @@ def merge_table(r: dict, targets: list) -> str:
              ("fp16 LoRA adapter file, same rank and layers", mib(r["lora_fp16_adapter_bytes"])),
              ("LoTA / LoRA fp16 size", f"{r['lota_adapter_bytes'] / r['lora_fp16_adapter_bytes']:.3f}")]
     return "\n".join([f"### {r['describe']}", "", "| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
-
-
-def machine_info() -> dict:
-    import gptqmodel
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    ram = None
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    if Path("/proc/meminfo").exists():
-        ram = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu, cores=os.cpu_count(),
-                ram_gib=ram, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, gptqmodel=getattr(gptqmodel, "__version__", "?"), git_commit=commit,
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
 
 def render(record: dict) -> str:

@@ -29,6 +29,7 @@ its GPTQ versions, and prints a perplexity table.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -210,6 +211,24 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _pinned_threads(fn):
+    """Run fn with `threads=` torch threads (default: every core), then restore the caller's count.
+
+    The base models are built with the machine's core count whoever calls, so that the demo and the
+    benchmark build the same model (float reductions depend on the thread count).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int | None = None, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
+@_pinned_threads
 def pretrain(preset: str | dict, out_dir: str | os.PathLike, **overrides) -> Path:
     """Pretrain a preset from scratch with a plain PyTorch loop; skipped if ``out_dir/DONE`` exists.
 
@@ -222,7 +241,6 @@ def pretrain(preset: str | dict, out_dir: str | os.PathLike, **overrides) -> Pat
     if _done(out_dir):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(SEED)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -273,6 +291,7 @@ def pretrain(preset: str | dict, out_dir: str | os.PathLike, **overrides) -> Pat
 
 
 # ----------------------------------------------------------------------------- GPTQ
+@_pinned_threads
 def quantize(fp_dir, out_dir, bits: int, group_size: int = 128, sym: bool = False,
              desc_act: bool = False, calib_samples: int = 128, calib_len: int = 256) -> Path:
     """GPTQ-quantize ``fp_dir`` via transformers' GPTQConfig into ``out_dir`` (cached, DONE marker).
@@ -285,7 +304,6 @@ def quantize(fp_dir, out_dir, bits: int, group_size: int = 128, sym: bool = Fals
     out_dir = Path(out_dir)
     if _done(out_dir):
         return out_dir
-    torch.set_num_threads(os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(fp_dir)
     blocks = token_blocks(tok, "train", calib_len, cache_dir=fp_dir)
     pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(SEED))[:calib_samples]
