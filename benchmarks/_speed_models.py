@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from peft_lota import codec
+from peft_lota.formats import gptq
 
 MARKER = "BUILD_COMPLETE"  # written last: a folder without it is a crashed build and is redone
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -79,7 +79,7 @@ def _layer_tensors(shape: ModelShape, i: int, g: torch.Generator) -> dict[str, t
         groups = K // shape.group_size
         # Every int32 pattern is a valid packing of 32/bits codes: uniform random words = uniform codes.
         out[p + "qweight"] = torch.randint(-2**31, 2**31 - 1, (K * shape.bits // 32, N), generator=g, dtype=torch.int32)
-        out[p + "qzeros"] = codec.pack_qzeros(torch.full((groups, N), 2**(shape.bits - 1) - 1, dtype=torch.uint8),
+        out[p + "qzeros"] = gptq.pack_qzeros(torch.full((groups, N), 2**(shape.bits - 1) - 1, dtype=torch.uint8),
                                               shape.bits)  # v1 stores z - 1
         step = K**-0.5 / (maxq / 12**0.5)  # uniform codes have a std of maxq/sqrt(12) steps
         out[p + "scales"] = (step * (0.75 + 0.5 * torch.rand(groups, N, generator=g))).half()

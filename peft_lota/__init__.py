@@ -1,34 +1,38 @@
-"""peft_lota: LoTA-QAF for Hugging Face PEFT.
+"""peft_lota: fine-tune quantized LLMs with PEFT and ship the result as a standard quantized checkpoint.
 
-`import peft_lota` registers the PEFT method "LOTA"; then
-`peft.get_peft_model(gptq_model, peft_lota.LotaConfig(...))` injects ternary adapters into a
-GPTQ-quantized model, and `merge_and_unload()` merges them into the integer codes with no loss.
+`import peft_lota` registers its PEFT methods; then `peft.get_peft_model(quantized_model, config)`
+injects adapters and `merge_and_unload()` merges them into the integer codes with no loss.
+
+- LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1.
+
+Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`), and
+`export.py` (a merged model as a standard checkpoint) on top.
 """
 
 __version__ = "0.1.0"
 
-from .registry import LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before the config is defined)
-from .config import LotaConfig  # noqa: E402
-from .layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
-from .gptq import GPTQLotaLinear, prepare_gptq_model  # noqa: E402
-from .model import LotaModel  # noqa: E402
-from .optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
-from .export import push_gptq_checkpoint_to_hub, save_gptq_checkpoint  # noqa: E402
+from .registry import LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before any config is made)
+from .formats.gptq import prepare_gptq_model  # noqa: E402
+from .lota.config import LotaConfig  # noqa: E402
+from .lota.layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
+from .lota.model import LotaModel  # noqa: E402
+from .lota.optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
+from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
 
 register()
 
 __all__ = [
     "LOTA_PEFT_TYPE",
     "FloatOffsetMergeError",
-    "GPTQLotaLinear",
-    "LotaConfig",
     "LotaCallback",
+    "LotaConfig",
     "LotaLayer",
     "LotaModel",
     "LotaOptimizer",
     "TSignSGD",
+    "attach_export",
     "create_lota_optimizer",
     "prepare_gptq_model",
-    "push_gptq_checkpoint_to_hub",
-    "save_gptq_checkpoint",
+    "push_checkpoint_to_hub",
+    "save_checkpoint",
 ]

@@ -1,47 +1,68 @@
-"""Registration of the LOTA method with PEFT, without editing PEFT's files.
+"""Registration of peft_lota's methods with PEFT, one mechanism for all of them, without editing PEFT's files.
 
-PEFT's `register_peft_method` only accepts names already in its closed `PeftType` enum, so we add
-the member ourselves first. Both steps are idempotent: importing peft_lota twice, or reloading
-it, registers once.
+PEFT's `register_peft_method` only accepts names already in its closed `PeftType` enum, so each
+method's member is added to the enum first (`peft_type`, at import, before any config is made), then
+`register()` registers every method in METHODS. Both steps are idempotent: importing peft_lota twice,
+or reloading it, registers each method once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from peft.utils import PeftType
 
-NAME = "LOTA"
 
-
-def _extend_peft_type() -> PeftType:
-    if NAME in PeftType.__members__:
-        return PeftType[NAME]
-    member = str.__new__(PeftType, NAME)
-    member._name_ = NAME
-    member._value_ = NAME
+def peft_type(name: str) -> PeftType:
+    """The PeftType member `name`, added to the enum if PEFT does not have it."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
     member.__objclass__ = PeftType
     member._sort_order_ = len(PeftType._member_names_)
-    PeftType._member_map_[NAME] = member
-    PeftType._value2member_map_[NAME] = member
-    PeftType._member_names_.append(NAME)
-    type.__setattr__(PeftType, NAME, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
     return member
 
 
-LOTA_PEFT_TYPE = _extend_peft_type()
+LOTA_PEFT_TYPE = peft_type("LOTA")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method of peft_lota: its PeftType name, parameter prefix, and where its classes live."""
+
+    name: str
+    prefix: str
+    classes: Callable[[], tuple[type, type]]  # () -> (config class, tuner model class), imported late
+
+
+def _lota_classes():
+    from .lota.config import LotaConfig
+    from .lota.model import LotaModel
+
+    return LotaConfig, LotaModel
+
+
+METHODS: tuple[Method, ...] = (Method("LOTA", "lota_", _lota_classes),)
 
 
 def register() -> None:
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    """Register every method of METHODS with PEFT (idempotent; a reload replaces stale classes)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from .config import LotaConfig
-    from .model import LotaModel
-
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(LOTA_PEFT_TYPE) is LotaModel:
-        return
-    if LOTA_PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:  # a reload of peft_lota: replace the stale classes
-        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
-
+    for method in METHODS:
+        config_cls, model_cls = method.classes()
+        member = peft_type(method.name)
+        if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is model_cls:
+            continue
         for mapping in (PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
-            mapping.pop(LOTA_PEFT_TYPE, None)
-    register_peft_method(name=NAME.lower(), config_cls=LotaConfig, model_cls=LotaModel, prefix="lota_")
+            mapping.pop(member, None)
+        register_peft_method(name=method.name.lower(), config_cls=config_cls, model_cls=model_cls,
+                             prefix=method.prefix)

@@ -17,19 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_lota import codec, export
-from peft_lota.export import attach_gptq_export, push_gptq_checkpoint_to_hub, save_gptq_checkpoint
+from peft_lota import export
+from peft_lota.formats import gptq
+from peft_lota.export import attach_export, push_checkpoint_to_hub, save_checkpoint
 from tiny_models import Spec, load_gptq
 
 V1_ASYM = Spec("llama", 4, sym=False, desc_act=True, fmt="gptq")
 V2_SYM_BIAS = Spec("qwen2", 4, sym=True, desc_act=False, fmt="gptq_v2")
 V1_SYM_3BIT = Spec("llama", 3, sym=True, desc_act=False, fmt="gptq")
-LOTA_INFO = {"base_model": "org/tiny-llama", "bits": 4, "group_size": 32, "r": 64, "omega": 48, "offset": "none",
-             "license": "apache-2.0"}
+LOTA_INFO = {"base_model": "org/tiny-llama", "bits": 4, "group_size": 32, "license": "apache-2.0",
+             "method": "LoTA-QAF", "method_url": "https://arxiv.org/abs/2505.18724", "method_tag": "lota-qaf",
+             "summary": "Merged losslessly on the integer grid.",
+             "settings": {"LoTA rank r": 64, "LoTA threshold omega": 48, "LoTA offset mode": "none"}}
 
 
 def gptq_layers(model):
-    return export._gptq_layers(model)
+    return gptq.gptq_layers(model)
 
 
 def buffers(model) -> dict[str, torch.Tensor]:
@@ -59,13 +62,13 @@ def saved_config(path: Path) -> dict:
 
 def true_zeros(layer) -> torch.Tensor:
     """Unpacked true zero points of a gptq_torch layer (it holds v2 in memory for either checkpoint format)."""
-    return codec.unpack_qzeros(layer.qzeros, layer.bits)
+    return gptq.unpack_qzeros(layer.qzeros, layer.bits)
 
 
 def set_zero(layer, group: int, col: int, value: int):
     z = true_zeros(layer).to(torch.int16)
     z[group, col] = value
-    layer.qzeros.data = codec.pack_qzeros(z, layer.bits)
+    layer.qzeros.data = gptq.pack_qzeros(z, layer.bits)
     if callable(getattr(layer, "clear_weight_cache", None)):
         layer.clear_weight_cache()
 
@@ -94,7 +97,7 @@ def copy_tokenizer(src: Path, dst: Path):
 def test_round_trip_is_exact(gptq_dir, tmp_path, spec):
     model = load_gptq(gptq_dir(spec))
     before, expected = buffers(model), logits(model)
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
 
     qc = saved_config(out)
     min_zero = min(int(true_zeros(m).min()) for _, m in gptq_layers(model))
@@ -108,7 +111,7 @@ def test_round_trip_is_exact(gptq_dir, tmp_path, spec):
 
         name, layer = gptq_layers(model)[0]
         stored = load_file(out / "model.safetensors")[f"{name}.qzeros"]
-        assert torch.equal(codec.unpack_qzeros(stored, 3).to(torch.int16) + 1, true_zeros(layer).to(torch.int16))
+        assert torch.equal(gptq.unpack_qzeros(stored, 3).to(torch.int16) + 1, true_zeros(layer).to(torch.int16))
 
 
 # ---- (b) merged codes, (c) changed zero points --------------------------------------------------------
@@ -118,16 +121,16 @@ def test_changed_codes_survive(gptq_dir, tmp_path):
     original = logits(model)
     g = torch.Generator().manual_seed(1)
     for _, layer in gptq_layers(model)[:4]:
-        codes = codec.unpack_qweight(layer.qweight, layer.bits).to(torch.int16)
+        codes = gptq.unpack_qweight(layer.qweight, layer.bits).to(torch.int16)
         maxq = (1 << layer.bits) - 1
         step = torch.randint(-1, 2, codes.shape, generator=g, dtype=torch.int16)
         step[(codes + step < 0) | (codes + step > maxq)] = 0  # LoTA's edge mask: stay on the grid
-        layer.qweight.data = codec.pack_qweight(codes + step, layer.bits)
+        layer.qweight.data = gptq.pack_qweight(codes + step, layer.bits)
         layer.clear_weight_cache()
     merged, expected = buffers(model), logits(model)
     assert not torch.equal(original, expected)  # the change is visible, so the round trip below means something
 
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
     reloaded = load_gptq(out)
     assert_same_buffers(merged, buffers(reloaded))
     assert torch.equal(expected, logits(reloaded))
@@ -139,7 +142,7 @@ def test_zero_point_of_zero_is_written_as_gptq_v2_with_warning(gptq_dir, tmp_pat
     merged, expected = buffers(model), logits(model)
 
     with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
-        out = save_gptq_checkpoint(model, tmp_path / "out")
+        out = save_checkpoint(model, tmp_path / "out")
     assert "gptq_v2" in caplog.text and "vLLM" in caplog.text
     assert saved_config(out)["format"] == "gptq_v2"
     assert json.loads((out / "quantize_config.json").read_text())["format"] == "gptq_v2"
@@ -154,16 +157,16 @@ def test_asymmetric_zeros_in_1_to_maxq_are_written_as_v1(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V1_ASYM))  # this fixture has a few true zero points of 0
     for _, layer in gptq_layers(model):
         z = true_zeros(layer).to(torch.int16)
-        layer.qzeros.data = codec.pack_qzeros(z.clamp(min=1), layer.bits)
+        layer.qzeros.data = gptq.pack_qzeros(z.clamp(min=1), layer.bits)
         layer.clear_weight_cache()
     name, layer = gptq_layers(model)[0]
     maxq = (1 << layer.bits) - 1
     set_zero(layer, group=0, col=1, value=maxq)  # its v1 neighbour-carry case: stored maxq - 1, never maxq
     merged, expected = buffers(model), logits(model)
 
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
     assert (saved_config(out)["format"], saved_config(out)["sym"]) == ("gptq", False)
-    stored = codec.unpack_qzeros(load_file(out / "model.safetensors")[f"{name}.qzeros"], layer.bits)
+    stored = gptq.unpack_qzeros(load_file(out / "model.safetensors")[f"{name}.qzeros"], layer.bits)
     assert int(stored[0, 1]) == maxq - 1
     reloaded = load_gptq(out)
     assert_same_buffers(merged, buffers(reloaded))
@@ -176,7 +179,7 @@ def test_symmetric_checkpoint_with_a_changed_zero_is_saved_asymmetric(gptq_dir, 
     set_zero(layer, group=1, col=7, value=(1 << (layer.bits - 1)) + 1)
     merged, expected = buffers(model), logits(model)
 
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
     qc = saved_config(out)
     assert qc["sym"] is False and qc["format"] == "gptq"
     assert json.loads((out / "quantize_config.json").read_text())["sym"] is False
@@ -191,7 +194,7 @@ def test_configs_are_clean_and_the_model_is_not_mutated(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V1_ASYM))
     config_before = model.config.to_dict()
     before = buffers(model)
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
 
     qc = saved_config(out)
     assert qc["backend"] == "auto" and qc["dataset"] is None and "peft_lota:" in " ".join(qc["meta"]["quantizer"])
@@ -222,7 +225,7 @@ def test_gptqmodel_load_reads_the_checkpoint(gptq_dir, tmp_path):
 
     src = gptq_dir(V1_ASYM)
     model = load_gptq(src)
-    out = save_gptq_checkpoint(model, tmp_path / "out")
+    out = save_checkpoint(model, tmp_path / "out")
     copy_tokenizer(src, out)  # GPTQModel.load also loads a tokenizer
     # GPTQModel's TorchLinear runs in fp16/bf16 only: compare with a transformers fp16 load of the same folder.
     loaded = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
@@ -262,7 +265,7 @@ def test_failure_mid_save_leaves_target_untouched(gptq_dir, tmp_path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(modeling_utils, "safe_save_file", half_write)
         with pytest.raises(OSError, match="disk full"):
-            save_gptq_checkpoint(model, target, lota_info=LOTA_INFO)
+            save_checkpoint(model, target, card_info=LOTA_INFO)
     assert tree(target) == snapshot and _leftovers(tmp_path) == []
 
     # The last step (moving the new folder into place) fails: the old folder is put back.
@@ -277,7 +280,7 @@ def test_failure_mid_save_leaves_target_untouched(gptq_dir, tmp_path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(export.os, "rename", rename)
         with pytest.raises(OSError, match="rename failed"):
-            save_gptq_checkpoint(model, target)
+            save_checkpoint(model, target)
     assert len(calls) == 3  # away, (failed) into place, back
     assert tree(target) == snapshot and _leftovers(tmp_path) == []
 
@@ -291,7 +294,7 @@ def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_
     expected = logits(model)
 
     with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
-        save_gptq_checkpoint(model, target, lota_info=LOTA_INFO, max_shard_size="100KB")
+        save_checkpoint(model, target, card_info=LOTA_INFO, max_shard_size="100KB")
     assert "overwrite_readme=True" in caplog.text  # the user's README.md was kept
     after = tree(target)
     assert {k: after[k] for k in user_files} == user_files
@@ -302,9 +305,9 @@ def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_
     assert _leftovers(tmp_path) == []
 
     # Asked to, the card replaces the user's README; a card we wrote is refreshed without asking.
-    save_gptq_checkpoint(model, target, lota_info=LOTA_INFO, overwrite_readme=True)
+    save_checkpoint(model, target, card_info=LOTA_INFO, overwrite_readme=True)
     assert export.CARD_MARKER in (target / "README.md").read_text()
-    save_gptq_checkpoint(model, target, lota_info={**LOTA_INFO, "r": 32})
+    save_checkpoint(model, target, card_info={**LOTA_INFO, "settings": {"LoTA rank r": 32}})
     assert "| LoTA rank r | 32 |" in (target / "README.md").read_text()
     assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]  # shards of the last save gone
 
@@ -313,23 +316,23 @@ def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_
 
 def test_model_card(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V2_SYM_BIAS))
-    out = save_gptq_checkpoint(model, tmp_path / "out", lota_info={**LOTA_INFO, "adapters": ["default"]})
+    out = save_checkpoint(model, tmp_path / "out", card_info={**LOTA_INFO, "adapters": ["default"]})
     card = (out / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert 'base_model: "org/tiny-llama"' in front and "library_name: transformers" in front
     assert 'license: "apache-2.0"' in front
     assert all(f'- "{t}"' in front for t in ("gptq", "peft-lota", "lota-qaf"))
-    assert "LoTA-QAF" in body and "peft_lota" in body and "integer grid" in body
+    assert "LoTA-QAF" in body and "peft_lota" in body and "integer grid" in body and "GPTQ 4-bit" in body
     for row in ("| bits | 4 |", "| group size | 32 |", "| LoTA rank r | 64 |", "| LoTA threshold omega | 48 |",
                 "| LoTA offset mode | none |", "| adapters | default |", "| checkpoint format | `gptq` |"):
         assert row in body
-    qc = json.loads((out / "quantize_config.json").read_text())
-    local = export.model_card({"base_model": "/data/my-model", "r": 8}, qc)
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
+    local = export.model_card({"base_model": "/data/my-model", "method": "LoTA-QAF"}, {"format": "GPTQ", "bits": 4})
     assert "base_model:" not in local.split("---")[1] and "`/data/my-model`" in local  # the Hub wants a repo id
     with pytest.raises(ValueError, match="bits"):
-        save_gptq_checkpoint(model, tmp_path / "bad", lota_info={**LOTA_INFO, "bits": 2})
+        save_checkpoint(model, tmp_path / "bad", card_info={**LOTA_INFO, "bits": 2})
     assert not (tmp_path / "bad").exists()
-    assert not (save_gptq_checkpoint(model, tmp_path / "plain") / "README.md").exists()  # no lota_info, no card
+    assert not (save_checkpoint(model, tmp_path / "plain") / "README.md").exists()  # no card_info, no card
 
 
 # ---- (f) the Hub, mocked ----------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(gptq_dir, fake_hub):
     src = gptq_dir(V1_ASYM)
     model = load_gptq(src)
     expected = logits(model)
-    result = push_gptq_checkpoint_to_hub(model, "me/tiny-lota", lota_info=LOTA_INFO, private=True, token="tok",
+    result = push_checkpoint_to_hub(model, "me/tiny-lota", card_info=LOTA_INFO, private=True, token="tok",
                                          revision="dev", create_pr=True)
     assert result == "commit-info"
     (repo,) = fake_hub["create_repo"]
@@ -382,7 +385,7 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(gptq_dir, fake_hub):
 def test_attached_methods_write_correct_checkpoints(gptq_dir, tmp_path, fake_hub):
     from transformers import PreTrainedModel
 
-    model = attach_gptq_export(load_gptq(gptq_dir(V1_ASYM)), LOTA_INFO)
+    model = attach_export(load_gptq(gptq_dir(V1_ASYM)), LOTA_INFO)
     assert type(model).save_pretrained is PreTrainedModel.save_pretrained  # only this instance changed
     expected = logits(model)
 
@@ -411,7 +414,7 @@ def test_refuses_layers_not_in_the_standard_layout(gptq_dir, tmp_path):
     layer = gptq_layers(model)[2][1]
     layer._cpu_transformed = True
     with pytest.raises(ValueError, match="backend='gptq_torch'"):
-        save_gptq_checkpoint(model, tmp_path / "out")
+        save_checkpoint(model, tmp_path / "out")
     layer._cpu_transformed = False
 
     class MarlinLikeLinear(type(layer)):  # a repacking kernel, recognised by class
@@ -419,7 +422,7 @@ def test_refuses_layers_not_in_the_standard_layout(gptq_dir, tmp_path):
 
     layer.__class__ = MarlinLikeLinear
     with pytest.raises(ValueError, match="MarlinLikeLinear kernel"):
-        save_gptq_checkpoint(model, tmp_path / "out")
+        save_checkpoint(model, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -432,5 +435,5 @@ def test_refuses_layers_not_in_the_standard_layout(gptq_dir, tmp_path):
 def test_upstream_save_pretrained_round_trip_of_a_v1_checkpoint(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V1_ASYM))
     expected = logits(model)
-    type(model).save_pretrained(model, tmp_path / "plain")  # transformers' own, not attach_gptq_export's
+    type(model).save_pretrained(model, tmp_path / "plain")  # transformers' own, not attach_export's
     assert torch.equal(expected, logits(load_gptq(tmp_path / "plain"))), "plain save_pretrained round trip is wrong"

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from peft_lota import codec, ternary
-from peft_lota.ternary import LotaState
+from peft_lota.formats import gptq
+from peft_lota.lota import ternary
+from peft_lota.formats.base import QuantState
 from test_ternary import _reference
 
 
@@ -38,10 +39,10 @@ def make_state(layout: str, bits: int = 4, K: int = 256, N: int = 24, seed: int 
     scales = (torch.rand(G, N, generator=g) * 0.1 + 1e-3).to(scales_dtype)
     bias = torch.randn(N, generator=g)
     if not packed:
-        return LotaState(codes, zeros, scales, g_idx, maxq, bias)
-    qweight = codec.pack_qweight(codes, bits)
-    return LotaState(None, zeros, scales, g_idx, maxq, bias, in_features=K, row_align=32 // math.gcd(bits, 32),
-                     codes_rows=lambda k0, k1: codec.unpack_qweight(qweight[k0 * bits // 32: k1 * bits // 32], bits))
+        return QuantState(codes, zeros, scales, g_idx, maxq, bias)
+    qweight = gptq.pack_qweight(codes, bits)
+    return QuantState(None, zeros, scales, g_idx, maxq, bias, in_features=K, row_align=32 // math.gcd(bits, 32),
+                     codes_rows=lambda k0, k1: gptq.unpack_qweight(qweight[k0 * bits // 32: k1 * bits // 32], bits))
 
 
 def factors(K, N, r, seed, dense_rows=None):
@@ -129,7 +130,7 @@ def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, fact
     codes, zeros, mu, _ = ternary.apply_adapters(state, [(A @ B).detach()], [omega], [offset])
     w = ternary.effective_weight(state, codes, zeros, mu)
     assert torch.equal(y, torch.matmul(x, w) + state.bias)  # forward: the reference weight, bit for bit
-    ref_state = LotaState(state.codes, state.zeros, state.scales, state.g_idx, state.maxq, state.bias)
+    ref_state = QuantState(state.codes, state.zeros, state.scales, state.g_idx, state.maxq, state.bias)
     y_ref = _reference(ref_state, A, B, x, omega, offset)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, (A, B, x), grad)
@@ -164,9 +165,9 @@ def test_factored_gradient_is_chosen_by_its_cost():
 def test_pack_leaves_its_input_alone():
     zeros = torch.randint(0, 16, (4, 64), dtype=torch.int32)
     before = zeros.clone()
-    packed = codec.pack_qzeros(zeros, 4)
+    packed = gptq.pack_qzeros(zeros, 4)
     assert torch.equal(zeros, before) and packed.is_contiguous()
-    assert torch.equal(codec.unpack_qzeros(packed, 4), before.to(torch.uint8))
+    assert torch.equal(gptq.unpack_qzeros(packed, 4), before.to(torch.uint8))
 
 
 def test_merge_swaps_buffers_and_reading_deltas_while_merged_keeps_the_merge(gptq_dir):
@@ -198,10 +199,10 @@ def test_decoded_zero_points_follow_merge_and_unmerge(gptq_dir):
 
     model = adapted(gptq_dir(Spec("llama", 4, False, False, "gptq_v2")), offset="integer")
     layers = lota_layers(model)
-    before = [layer.read_quant_state().zeros.clone() for layer in layers]
+    before = [layer.quant.read().zeros.clone() for layer in layers]
     model.merge_adapter()
     for layer in layers:
-        assert torch.equal(layer.read_quant_state().zeros, codec.unpack_qzeros(layer.base_layer.qzeros, 4))
-    assert any(not torch.equal(layer.read_quant_state().zeros, z) for layer, z in zip(layers, before))
+        assert torch.equal(layer.quant.read().zeros, gptq.unpack_qzeros(layer.base_layer.qzeros, 4))
+    assert any(not torch.equal(layer.quant.read().zeros, z) for layer, z in zip(layers, before))
     model.unmerge_adapter()
-    assert all(torch.equal(layer.read_quant_state().zeros, z) for layer, z in zip(layers, before))
+    assert all(torch.equal(layer.quant.read().zeros, z) for layer, z in zip(layers, before))

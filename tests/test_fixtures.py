@@ -1,7 +1,7 @@
 """Checks that the tiny GPTQ fixtures are what they claim to be.
 
 The oracle in (c) dequantizes the raw safetensors with a reference written here from the format
-definition (independent of gptqmodel and of peft_lota.codec), rebuilds the float model from it and
+definition (independent of gptqmodel and of peft_lota.formats), rebuilds the float model from it and
 compares logits with the GPTQ model as gptqmodel's TorchLinear runs it.
 """
 

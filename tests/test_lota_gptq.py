@@ -14,7 +14,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_
 from safetensors.torch import load_file
 
 import peft_lota
-from peft_lota import FloatOffsetMergeError, LotaConfig, LotaLayer, codec
+from peft_lota import FloatOffsetMergeError, LotaConfig, LotaLayer
+from peft_lota.formats import gptq
 from tiny_models import SPECS_MATRIX, Spec, load_gptq
 
 IDS = [s.slug() for s in SPECS_MATRIX]
@@ -48,7 +49,7 @@ def adapted(path, offset="none", seed=0, **kw):
 
 def raw_codes(layer):
     """Codes and true zeros straight from a GPTQ layer's packed buffers (zeros are v2 in memory)."""
-    return codec.unpack_qweight(layer.qweight, layer.bits), codec.unpack_qzeros(layer.qzeros, layer.bits)
+    return gptq.unpack_qweight(layer.qweight, layer.bits), gptq.unpack_qzeros(layer.qzeros, layer.bits)
 
 
 @pytest.fixture(scope="module", params=SPECS_MATRIX, ids=IDS)

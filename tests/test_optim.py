@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lota.optim import (
+from peft_lota.lota.optim import (
     LotaCallback,
     LotaOptimizer,
     TSignSGD,

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from peft_lota import ternary
-from peft_lota.ternary import LotaState, lota_linear
+from peft_lota.lota import ternary
+from peft_lota.formats.base import QuantState, group_counts
+from peft_lota.lota.ternary import lota_linear
 
 
 def test_init_is_ternary_and_fresh_adapter_is_a_no_op():
@@ -28,7 +29,7 @@ def test_threshold_and_grid_edge_rule():
 
 def test_offset_mu_and_integer_shift():
     g_idx = torch.tensor([0, 0, 1, 1])
-    counts = ternary.group_counts(g_idx, 2)
+    counts = group_counts(g_idx, 2)
     P = torch.tensor([[5.0], [1.0], [-2.0], [-2.0]])
     D = torch.tensor([[1], [0], [0], [0]], dtype=torch.int8)
     mu = ternary.offset_mu(P, D, 4, g_idx, counts)
@@ -44,7 +45,7 @@ def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
     g = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     g_idx = torch.randperm(K, generator=g) % G  # act-order style grouping
-    state = LotaState(
+    state = QuantState(
         codes=torch.randint(0, maxq + 1, (K, N), generator=g, dtype=torch.uint8),
         zeros=torch.randint(1, maxq + 1, (G, N), generator=g),
         scales=torch.rand(G, N, generator=g) * 0.1 + 0.01,  # fp32: the reference below works in fp32

@@ -1,11 +1,11 @@
-"""Packing and unpacking of GPTQ integer codes, as pure functions on tensors.
+"""Packing and unpacking of integer codes into int32 words, as pure functions on tensors.
 
-GPTQ packs `b`-bit unsigned codes into int32 words as one little-endian bit stream: code `i` of
-a run occupies stream bits `[i*b, (i+1)*b)`, and word `j` holds stream bits `[32*j, 32*j + 32)`.
-For b in {2, 4, 8} that is the familiar "32/b codes per word"; for 3 bits codes spill across
-word boundaries (32 codes fill 3 words). gptqmodel stores 5/6/7 bits in a different, "planar"
-layout that we do not handle. `qweight` is packed along the input dimension
-(rows), `qzeros` along the output dimension (columns).
+The packing GPTQ uses (and, along other dimensions or in other orders, other integer formats):
+`b`-bit unsigned codes form one little-endian bit stream, code `i` of a run occupying stream bits
+`[i*b, (i+1)*b)` and word `j` holding stream bits `[32*j, 32*j + 32)`. For b in {2, 4, 8} that is
+the familiar "32/b codes per word"; for 3 bits codes spill across word boundaries (32 codes fill
+3 words). Which dimension is packed, and what the codes mean, is each format's business
+(formats/gptq.py).
 
 We own these few lines rather than import gptqmodel's helpers, which are private and move
 between releases. Every function is exact and round-trips bit for bit (see tests/test_codec.py).
@@ -23,7 +23,7 @@ _BLOCK_ELEMENTS = 1 << 18  # int32 words per block in pack_codes (1 MiB)
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"GPTQ codes of {bits} bits are not supported; use one of {SUPPORTED_BITS}.")
+        raise ValueError(f"codes of {bits} bits are not supported; use one of {SUPPORTED_BITS}.")
 
 
 def packed_len(n: int, bits: int) -> int:
@@ -109,55 +109,3 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         # Reinterpret the unsigned 32-bit values as int32 (two's complement).
         words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.movedim(0, dim).contiguous()
-
-
-def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """`qweight` int32 [K*b/32, N] -> codes uint8 [K, N]."""
-    return unpack_codes(qweight, bits, dim=0)
-
-
-def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [K, N] -> `qweight` int32 [K*b/32, N]."""
-    return pack_codes(codes, bits, dim=0)
-
-
-def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """`qzeros` int32 [groups, N*b/32] -> stored zero points uint8 [groups, N] (no +1 applied)."""
-    return unpack_codes(qzeros, bits, dim=1)
-
-
-def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """stored zero points [groups, N] -> `qzeros` int32 [groups, N*b/32]."""
-    return pack_codes(zeros, bits, dim=1)
-
-
-def zeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed true zero points (v2, "gptq_v2") -> packed classic zero points (v1, "gptq": z - 1).
-
-    A v1 checkpoint cannot hold a true zero point of 0 (it would need -1); refuse rather than
-    write a checkpoint that loads wrong.
-    """
-    z = unpack_qzeros(qzeros, bits).to(torch.int16)
-    if z.numel() and int(z.min()) < 1:
-        raise ValueError(
-            "this layer has a zero point of 0, which the classic GPTQ format ('gptq', v1) cannot store; "
-            "save it in 'gptq_v2' format instead."
-        )
-    return pack_qzeros(z - 1, bits)
-
-
-def zeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed classic zero points (v1: z - 1) -> packed true zero points (v2)."""
-    z = unpack_qzeros(qzeros, bits).to(torch.int16) + 1
-    if z.numel() and int(z.max()) > (1 << bits) - 1:
-        raise ValueError(
-            f"a stored v1 zero point of {(1 << bits) - 1} means a true zero point of {1 << bits}, "
-            f"which does not fit in {bits} bits of the 'gptq_v2' format."
-        )
-    return pack_qzeros(z, bits)
-
-
-def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
-    """The default (no act-order) `g_idx`: row k belongs to group k // group_size."""
-    gs = in_features if group_size in (-1, 0) else group_size
-    return torch.arange(in_features, device=device, dtype=torch.int32) // gs

@@ -1,9 +1,8 @@
 """The LoTA tuner layer: ternary A, B on top of an integer-coded (quantized) base layer.
 
-Backend-agnostic: a quantized backend (see gptq.py) subclasses `LotaLayer` and implements
-`read_quant_state()`, `encode_quant_state()` and the snapshot/restore pair, the only places
-that know how its codes are stored. Everything else (forward, merge, unmerge, deltas) is written once here, on top of the
-pure functions of ternary.py.
+Format-agnostic: the layer reads and writes its base layer's codes only through a `QuantWeights`
+(formats/), which knows how they are stored. Forward, merge, unmerge and deltas are written once
+here, on top of the pure functions of ternary.py.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ import torch
 from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .ternary import (LotaState, adapt_codes, apply_adapters, dequantize, effective_weight, init_ternary_A,
-                      lota_linear)
+from ..formats.base import QuantState, QuantWeights, dequantize
+from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +40,11 @@ class LotaLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("lota_A", "lota_B")
     other_param_names = ("r", "omega", "offset")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, *, r: int, omega: int, offset: str,
-                 init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, quant: QuantWeights, adapter_name: str, *, r: int, omega: int,
+                 offset: str, init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.quant = quant  # how this layer's codes are read and written (formats/)
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
         self.r: dict[str, int] = {}
@@ -60,40 +60,16 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r=r, omega=omega, offset=offset, init_seed=init_seed)
 
-    # ---- backend interface -------------------------------------------------------------------
-    def read_quant_state(self) -> LotaState:
-        """Codes, true zero points, scales, g_idx and bias of the base layer as it is now."""
-        raise NotImplementedError
-
-    def encode_quant_state(self, codes: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
-        """New raw buffers (e.g. packed qweight, qzeros) holding these codes and true zero points."""
-        raise NotImplementedError
-
-    def snapshot_quant_buffers(self) -> dict[str, torch.Tensor]:
-        """The raw buffers that encode_quant_state produces, as they are now: aliases, not copies.
-
-        restore_quant_buffers swaps the layer's storage rather than writing into it, so a snapshot
-        keeps its values for as long as it is held, at no cost.
-        """
-        raise NotImplementedError
-
-    def restore_quant_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Make the base layer hold these raw buffers (swapped in, not copied; never written to later)."""
-        raise NotImplementedError
-
     # ---- adapters ----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, *, r: int, omega: int, offset: str, init_seed=None, **kwargs) -> None:
         generator = None
         if init_seed is not None:  # one reproducible stream per layer, independent of creation order
             generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
-        device = self.read_device()
+        device = self.quant.device
         self.lota_A[adapter_name] = nn.Parameter(init_ternary_A(self.in_features, r, generator).to(device))
         self.lota_B[adapter_name] = nn.Parameter(torch.zeros(r, self.out_features, device=device))
         self.r[adapter_name], self.omega[adapter_name], self.offset[adapter_name] = r, omega, offset
         self.set_adapter(self.active_adapters)
-
-    def read_device(self) -> torch.device:
-        return next(iter(self.base_layer.buffers())).device
 
     def product(self, adapter_name: str) -> torch.Tensor:
         """P = A @ B in float32, outside autocast: entries are exact integers in [-r, r]."""
@@ -112,7 +88,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        state = self.read_quant_state()
+        state = self.quant.read()
         factors = [(self.lota_A[a], self.lota_B[a]) for a in active]
         # Same shapes and op order as gptqmodel's TorchLinear (2-D matmul, then bias), so a fresh
         # adapter, or the merged model, gives bit-identical outputs to the stock kernel.
@@ -121,16 +97,16 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- deltas ------------------------------------------------------------------------------
-    def _base_state(self) -> LotaState:
+    def _base_state(self) -> QuantState:
         """The layer's codes without any merged adapter."""
         if self._unmerged_snapshot is None:
-            return self.read_quant_state()
-        current = self.snapshot_quant_buffers()
-        self.restore_quant_buffers(self._unmerged_snapshot)
+            return self.quant.read()
+        current = self.quant.snapshot()
+        self.quant.restore(self._unmerged_snapshot)
         try:
-            return self.read_quant_state()
+            return self.quant.read()
         finally:
-            self.restore_quant_buffers(current)
+            self.quant.restore(current)
 
     @torch.no_grad()
     def get_delta_codes(self, adapter_name: str) -> torch.Tensor:
@@ -167,7 +143,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             if self.offset[name] == "float" and not round_float_offset:
                 raise FloatOffsetMergeError(float_offset_merge_message(name))
 
-        state = step = self.read_quant_state()
+        state = step = self.quant.read()
         for name in adapter_names:
             # A float offset merges like an integer one: mu rounded into the zero points.
             mode = "integer" if self.offset[name] == "float" else self.offset[name]
@@ -175,18 +151,17 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             codes, zeros, _ = adapt_codes(step, factors, [self.omega[name]], [mode])
             if self.offset[name] == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
-            step = LotaState(codes, zeros, state.scales, state.g_idx, state.maxq, state.bias,
-                             layout=(state.counts, state.group_rows))
+            step = state.replace(codes=codes, zeros=zeros)
 
-        buffers = self.encode_quant_state(step.codes, step.zeros)
+        buffers = self.quant.encode(step.codes, step.zeros)
         if safe_merge:
             self._check_merge(buffers, step.codes, step.zeros)
         if self._unmerged_snapshot is None:
-            self._unmerged_snapshot = self.snapshot_quant_buffers()  # aliases: the merge swaps new buffers in
-        self.restore_quant_buffers(buffers)
+            self._unmerged_snapshot = self.quant.snapshot()  # aliases: the merge swaps new buffers in
+        self.quant.restore(buffers)
         self.merged_adapters.extend(adapter_names)
 
-    def _rounding_report(self, step: LotaState, name: str, new_codes, new_zeros) -> dict:
+    def _rounding_report(self, step: QuantState, name: str, new_codes, new_zeros) -> dict:
         exact = effective_weight(step, *apply_adapters(step, [self.product(name)], [self.omega[name]], ["float"])[:3])
         rounded = dequantize(new_codes, new_zeros, step.scales, step.g_idx)
         change = (exact.float() - rounded.float()).abs()
@@ -197,12 +172,12 @@ class LotaLayer(nn.Module, BaseTunerLayer):
 
     def _check_merge(self, buffers, codes, zeros) -> None:
         """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
-        current = self.snapshot_quant_buffers()
-        self.restore_quant_buffers(buffers)
+        current = self.quant.snapshot()
+        self.quant.restore(buffers)
         try:
-            written = self.read_quant_state()
+            written = self.quant.read()
         finally:
-            self.restore_quant_buffers(current)
+            self.quant.restore(current)
         if not (torch.equal(written.codes, codes) and torch.equal(written.zeros.to(torch.int32), zeros.to(torch.int32))):
             raise ValueError(f"safe_merge: the packed merge of {self._current_key or 'a layer'} does not decode to "
                              "the adapted codes; nothing was written.")
@@ -211,7 +186,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             logger.warning("Already unmerged. Nothing to do.")
             return
-        self.restore_quant_buffers(self._unmerged_snapshot)
+        self.quant.restore(self._unmerged_snapshot)
         self._unmerged_snapshot = None
         self.merged_adapters = []
         self.merge_reports = {}

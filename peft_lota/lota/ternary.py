@@ -1,14 +1,10 @@
 """LoTA-QAF's ternary adaptation as plain tensor functions (no PEFT, no nn.Module).
 
-Notation follows ../shared/LOTA_SPEC.md. Tensors are kept in GPTQ's own orientation, `[K, N]` =
-`[in_features, out_features]`, so codes, the product `P = A @ B` and the code change `D` line up
-with `qweight` without transposes; only the public `get_delta_*` methods of the layer return
-PyTorch's `[out, in]` weight convention.
+Notation follows ../shared/LOTA_SPEC.md. Tensors are kept in the formats' own orientation, `[K, N]` =
+`[in_features, out_features]` (codes, zeros, scales, g_idx: formats/base.py), so the product `P = A @ B`
+and the code change `D` line up with the codes without transposes; only the public `get_delta_*`
+methods of the layer return PyTorch's `[out, in]` weight convention.
 
-    codes   Q  uint8 [K, N]   integer codes in [0, maxq]
-    zeros   z  int   [G, N]   true (v2) zero points
-    scales  s  float [G, N]
-    g_idx      long  [K]      group of each input row
     P = A @ B  float [K, N]   exact integers in [-r, r]
     D          int8  [K, N]   code change in {-1, 0, +1}
     mu         float [G, N]   offset factor, in units of the scale
@@ -23,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..formats.base import QuantState, dequantize
 
 OFFSET_MODES = ("none", "float", "integer")
 
@@ -44,11 +42,6 @@ def delta_codes(P: torch.Tensor, codes: torch.Tensor, omega: int, maxq: int) -> 
     up = (P > omega) & (codes < maxq)
     down = (P < -omega) & (codes > 0)
     return up.to(torch.int8) - down.to(torch.int8)
-
-
-def group_counts(g_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Rows per group, float [G]."""
-    return torch.bincount(g_idx, minlength=num_groups).to(torch.float32)
 
 
 def group_mean(x: torch.Tensor, g_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -76,78 +69,7 @@ def shift_zeros(zeros: torch.Tensor, mu: torch.Tensor, maxq: int) -> torch.Tenso
     return torch.clamp(torch.maximum(target, lo), max=maxq)
 
 
-def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """`s[g] * (Q - z[g])` with the op order and dtypes of gptqmodel's TorchLinear.
-
-    The integer difference is formed first and multiplied by the scales in their own dtype
-    (fp16 for standard checkpoints), so a weight computed here is bit-identical to the one the
-    stock kernel computes from the same codes: this is what makes the merged model's logits equal
-    the adapter model's.
-    """
-    dtype = torch.int16  # holds Q - z for every width; int8 (gptqmodel's choice below 8 bits) gives the same values
-    return scales[g_idx] * (codes.to(dtype) - zeros.to(dtype)[g_idx])
-
-
-class LotaState:
-    """What one forward needs of a quantized layer, read once per call from its (standard-layout) buffers.
-
-    Codes are given either whole (`codes`, uint8 [K, N]) or as `codes_rows(k0, k1)`, which decodes
-    rows k0..k1-1 on demand (k0, k1 multiples of `row_align`), so that the fast path decodes one
-    row chunk at a time. `codes` is then decoded whole on first use (reference paths only).
-    """
-
-    __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
-                 "row_align", "group_rows")
-
-    def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
-                 row_align: int = 1, layout=None):
-        self._codes, self.codes_rows = codes, codes_rows
-        if codes_rows is None:
-            self.codes_rows = lambda k0, k1: codes[k0:k1]
-        self.zeros, self.scales, self.g_idx = zeros, scales, g_idx
-        self.maxq, self.bias = maxq, bias
-        self.in_features = codes.shape[0] if in_features is None else in_features
-        self.row_align = row_align
-        # (counts, group_rows) depend on g_idx only: a layer may pass them in, computed once (group_layout)
-        self.counts, self.group_rows = layout if layout is not None else group_layout(g_idx, scales.shape[0])
-
-    @property
-    def codes(self) -> torch.Tensor:
-        if self._codes is None:
-            self._codes = self.codes_rows(0, self.in_features)
-        return self._codes
-
-    def group_blocks(self, t: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-        """The rows of the per-group tensor `t` [G, N] that rows k0..k1-1 use, as [blocks, 1, N].
-
-        Rows k0..k1-1 viewed as [blocks, (k1 - k0) / blocks, N] broadcast against it. Contiguous groups
-        (no act-order) need no gather: the chunk lies in one group, or holds whole groups (see row_chunks).
-        """
-        gs = self.group_rows
-        if gs is None:  # act-order: one block per row
-            return t[self.g_idx[k0:k1]].unsqueeze(1)
-        g0, g1 = k0 // gs, (k1 - 1) // gs + 1
-        if g1 - g0 > 1 and (k0 % gs or (k1 - k0) % gs):
-            raise ValueError(f"rows {k0}..{k1 - 1} straddle groups of {gs} rows; use row_chunks().")
-        return t[g0:g1].unsqueeze(1)
-
-
-def group_layout(g_idx: torch.Tensor, num_groups: int):
-    """(rows per group, contiguous group size or None) of a g_idx."""
-    return group_counts(g_idx, num_groups), contiguous_group_rows(g_idx, num_groups)
-
-
-def contiguous_group_rows(g_idx: torch.Tensor, num_groups: int):
-    """Group size if g_idx is k // group_size with equal, full groups (no act-order), else None."""
-    K = g_idx.numel()
-    if num_groups < 1 or K % num_groups:
-        return None
-    gs = K // num_groups
-    expected = torch.arange(K, device=g_idx.device) // gs
-    return gs if torch.equal(g_idx.to(expected.dtype), expected) else None
-
-
-def apply_adapters(state: LotaState, Ps, omegas, offset_modes):
+def apply_adapters(state: QuantState, Ps, omegas, offset_modes):
     """Apply adapters in turn: returns (codes', zeros', mu_float or None, [D per adapter]).
 
     Each adapter's edge mask is taken against the codes left by the previous one, so applying
@@ -171,7 +93,7 @@ def apply_adapters(state: LotaState, Ps, omegas, offset_modes):
     return codes, zeros, mu_total, deltas
 
 
-def effective_weight(state: LotaState, codes, zeros, mu) -> torch.Tensor:
+def effective_weight(state: QuantState, codes, zeros, mu) -> torch.Tensor:
     """The adapted layer's weight [K, N]: exactly the stock dequantization when there is no float offset."""
     w = dequantize(codes, zeros, state.scales, state.g_idx)
     if mu is not None:
@@ -216,7 +138,7 @@ class Scratch:
         return buf[:n].view(shape)
 
 
-def row_chunks(state: LotaState, n_cols: int, device: torch.device) -> list[tuple[int, int]]:
+def row_chunks(state: QuantState, n_cols: int, device: torch.device) -> list[tuple[int, int]]:
     """Row ranges covering [0, K): whole packed words, and whole groups or parts of one group."""
     K = state.in_features
     if device.type != "cpu" or K == 0:
@@ -266,7 +188,7 @@ def _movable(A: torch.Tensor, B: torch.Tensor, omega: int):
     return rows, cols
 
 
-def adapt_codes(state: LotaState, factors, omegas, offset_modes):
+def adapt_codes(state: QuantState, factors, omegas, offset_modes):
     """Apply adapters (A, B) in turn, one row chunk at a time: (codes' uint8 [K, N], zeros' int32, mu or None).
 
     The same integers as apply_adapters(state, [A @ B, ...], ...). With offset "none", P is computed
@@ -322,7 +244,7 @@ def adapt_codes(state: LotaState, factors, omegas, offset_modes):
     return codes, zeros, mu
 
 
-def weight_rows(state: LotaState, codes, zeros32, scales32, mu, k0: int, k1: int, out: torch.Tensor,
+def weight_rows(state: QuantState, codes, zeros32, scales32, mu, k0: int, k1: int, out: torch.Tensor,
                 scratch: Scratch) -> torch.Tensor:
     """Rows k0..k1-1 of effective_weight(state, codes, zeros, mu), bit for bit, written into `out` in its dtype.
 
@@ -344,7 +266,7 @@ def weight_rows(state: LotaState, codes, zeros32, scales32, mu, k0: int, k1: int
     return out
 
 
-def adapted_weight(state: LotaState, codes, zeros, mu, dtype: torch.dtype) -> torch.Tensor:
+def adapted_weight(state: QuantState, codes, zeros, mu, dtype: torch.dtype) -> torch.Tensor:
     """effective_weight(state, codes, zeros, mu).to(dtype), bit for bit, built one row chunk at a time."""
     K, N = codes.shape
     out = torch.empty(K, N, dtype=dtype, device=codes.device)
@@ -354,7 +276,7 @@ def adapted_weight(state: LotaState, codes, zeros, mu, dtype: torch.dtype) -> to
     return out
 
 
-def input_grad(state: LotaState, codes, zeros, mu, g2: torch.Tensor) -> torch.Tensor:
+def input_grad(state: QuantState, codes, zeros, mu, g2: torch.Tensor) -> torch.Tensor:
     """dL/dx = g @ W'^T, rebuilding W' one row chunk at a time (each chunk gives its own columns)."""
     K, N = codes.shape
     grad_x = torch.empty(g2.shape[0], K, dtype=g2.dtype, device=g2.device)
@@ -369,7 +291,7 @@ def input_grad(state: LotaState, codes, zeros, mu, g2: torch.Tensor) -> torch.Te
 FACTORED_MARGIN = 0.85
 
 
-def _factored_pays(state: LotaState, ranks, tokens: int) -> bool:
+def _factored_pays(state: QuantState, ranks, tokens: int) -> bool:
     """Whether the per-group factored gradient costs fewer multiply-adds than forming G (see factor_grads).
 
     Per adapter of rank r, G costs M K N (shared) + 2 K N r, the factored form 2 M N r K / group_size.
@@ -381,7 +303,7 @@ def _factored_pays(state: LotaState, ranks, tokens: int) -> bool:
     return sum(2 * r / gs for r in ranks) < FACTORED_MARGIN * (1 + sum(2 * r / tokens for r in ranks))
 
 
-def factor_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, factors) -> list:
+def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors) -> list:
     """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32.
 
     dL/dP = G = s[g] * (x^T g), dL/dA = G B^T, dL/dB = A^T G. Two exact ways to compute them:
@@ -428,7 +350,7 @@ def factor_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, factors) 
     return grads
 
 
-def add_offset_grads(state: LotaState, x2: torch.Tensor, g2: torch.Tensor, A, B, omega: int, dA, dB) -> None:
+def add_offset_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, A, B, omega: int, dA, dB) -> None:
     """The gradient that reaches P through the offset mu, added in place to (dA, dB).
 
     mu[g] = mean_{k in g}(P - omega D)[k] / omega, so dL/dP[k] gains E[g(k)] = mean_{k' in g} G[k'] / omega,
@@ -456,7 +378,7 @@ class LotaLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, state: LotaState, omegas, offset_modes, *factors):
+    def forward(ctx, x, state: QuantState, omegas, offset_modes, *factors):
         pairs = list(zip(factors[0::2], factors[1::2]))
         codes, zeros, mu = adapt_codes(state, pairs, omegas, offset_modes)
         # Under autocast the stock kernel's matmul runs in the autocast dtype; do the same explicitly,
@@ -492,7 +414,7 @@ class LotaLinearFunction(torch.autograd.Function):
         return (grad_x, None, None, None, *grads)
 
 
-def lota_linear(x: torch.Tensor, state: LotaState, factors, omegas, offset_modes) -> torch.Tensor:
+def lota_linear(x: torch.Tensor, state: QuantState, factors, omegas, offset_modes) -> torch.Tensor:
     """y = x @ W' + bias for adapters given as (A, B) pairs; no autograd graph when nothing needs grad."""
     flat = [t for pair in factors for t in pair]
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in flat)):

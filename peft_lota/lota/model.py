@@ -10,12 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from peft.tuners.tuners_utils import BaseTuner, onload_layer
 
+from .. import formats
 from .config import LotaConfig
-from .gptq import dispatch_gptq, is_gptq_layer, prepare_gptq_model
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
-
-# One dispatch function per quantized backend (STYLE.md); the first that returns a layer wins.
-DISPATCHERS = (dispatch_gptq,)
 
 TERNARY_KEY = re.compile(r"\.lota_[AB]\.")
 
@@ -47,7 +44,7 @@ class LotaModel(BaseTuner):
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
             names = {n for n, m in self.model.named_modules()
-                     if is_gptq_layer(m) and m is not output_head and not isinstance(m, LotaLayer)}
+                     if formats.is_quantized_layer(m) and m is not output_head and not isinstance(m, LotaLayer)}
             names |= {n for n, m in self.model.named_modules() if isinstance(m, LotaLayer)}
             if not names:
                 raise ValueError(
@@ -63,7 +60,7 @@ class LotaModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: LotaConfig, model: nn.Module) -> None:
-        prepare_gptq_model(model)
+        formats.prepare_model(model)
 
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -71,17 +68,15 @@ class LotaModel(BaseTuner):
             target.update_layer(adapter_name, r=lota_config.r, omega=lota_config.omega, offset=lota_config.offset,
                                 init_seed=lota_config.init_seed)
             return
-        new_module = None
-        for dispatch in DISPATCHERS:
-            new_module = dispatch(target, adapter_name, lota_config, current_key=current_key)
-            if new_module is not None:
-                break
-        if new_module is None:
+        quant = formats.dispatch(target, current_key)  # one dispatch per format (formats/)
+        if quant is None:
             raise TypeError(
                 f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts GPTQ-quantized "
                 "linear layers only (their integer codes are what LoTA moves). Remove it from target_modules, or use "
                 "target_modules='all-linear' to pick every GPTQ layer."
             )
+        new_module = LotaLayer(target, quant, adapter_name, r=lota_config.r, omega=lota_config.omega,
+                               offset=lota_config.offset, init_seed=lota_config.init_seed, current_key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -116,9 +111,9 @@ class LotaModel(BaseTuner):
         info = self._merge_info(adapter_names)
         self._merge_layers(adapter_names, safe_merge, round_float_offset, unloading=True, progressbar=progressbar)
         model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        from .export import attach_gptq_export
+        from ..export import attach_export
 
-        attach_gptq_export(model, info)
+        attach_export(model, info)
         return model
 
     def _merge_layers(self, adapter_names: Optional[list[str]], safe_merge: bool, round_float_offset: bool, *,
@@ -145,18 +140,20 @@ class LotaModel(BaseTuner):
                 module._unmerged_snapshot = None
 
     def _merge_info(self, adapter_names: Optional[list[str]]) -> dict:
-        """What the model card of a merged checkpoint says about the adapter(s)."""
+        """What the model card of a merged checkpoint says about the adapter(s) (export.model_card)."""
         names = adapter_names if adapter_names is not None else self.active_adapters
         configs = [self.peft_config[n] for n in names if n in self.peft_config]
-        qcfg = getattr(getattr(self.model, "config", None), "quantization_config", None)
-        qget = (lambda k: qcfg.get(k) if isinstance(qcfg, dict) else getattr(qcfg, k, None))
         first = configs[0] if configs else None
         return {
             "base_model": (first.base_model_name_or_path if first else None)
             or getattr(getattr(self.model, "config", None), "_name_or_path", None),
-            "bits": qget("bits"), "group_size": qget("group_size"),
-            "r": first.r if first else None, "omega": first.omega if first else None,
-            "offset": first.offset if first else None, "adapters": list(names),
+            "method": "LoTA-QAF", "method_url": "https://arxiv.org/abs/2505.18724", "method_tag": "lota-qaf",
+            "summary": "The ternary adapters were merged losslessly on the integer grid: their thresholded product "
+                       "moved each integer code by -1, 0 or +1, and the result was written back into the packed "
+                       "integer weights.",
+            "settings": {"LoTA rank r": first.r if first else None, "LoTA threshold omega": first.omega if first else None,
+                         "LoTA offset mode": first.offset if first else None},
+            "adapters": list(names),
         }
 
     # ---- compact adapter files: ternary tensors at 2 bits per value ------------------------------

@@ -71,7 +71,7 @@ class LotaConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .registry import LOTA_PEFT_TYPE
+        from ..registry import LOTA_PEFT_TYPE
 
         self.peft_type = LOTA_PEFT_TYPE
         if self.task_type is None:  # LoTA is for GPTQ LLMs: give users PeftModelForCausalLM unless they say otherwise

@@ -1,0 +1,186 @@
+"""What every PEFT method sees of a quantized linear layer, whatever format stores it.
+
+A uniform integer grid, group-wise (../shared/LOTA_SPEC.md section 1), `K = in_features`,
+`N = out_features`, in the formats' own orientation `[K, N]`:
+
+    codes   Q  uint8 [K, N]   integer codes in [0, maxq]
+    zeros   z  int   [G, N]   true zero points (GPTQ's "v2" convention)
+    scales  s  float [G, N]   in the dtype the checkpoint stores (fp16 for GPTQ)
+    g_idx      long  [K]      group of each input row (act-order permutes it)
+    weight     W[k, n] = s[g[k], n] * (Q[k, n] - z[g[k], n])
+
+`QuantState` carries these for one layer, read from its packed buffers by the layer's
+`QuantWeights` (one implementation per format, each in its own file beside this one); methods work on
+a QuantState and hand codes, zeros and scales back to `QuantWeights.encode`, never touching a packed
+tensor. A `Format` describes one format to the rest of the package (dispatch, model preparation,
+checkpoint writing), so that adding a format means adding a file, not editing if/else chains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+def group_counts(g_idx: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rows per group, float [G]."""
+    return torch.bincount(g_idx, minlength=num_groups).to(torch.float32)
+
+
+def contiguous_group_rows(g_idx: torch.Tensor, num_groups: int):
+    """Group size if g_idx is k // group_size with equal, full groups (no act-order), else None."""
+    K = g_idx.numel()
+    if num_groups < 1 or K % num_groups:
+        return None
+    gs = K // num_groups
+    expected = torch.arange(K, device=g_idx.device) // gs
+    return gs if torch.equal(g_idx.to(expected.dtype), expected) else None
+
+
+def group_layout(g_idx: torch.Tensor, num_groups: int):
+    """(rows per group, contiguous group size or None) of a g_idx."""
+    return group_counts(g_idx, num_groups), contiguous_group_rows(g_idx, num_groups)
+
+
+def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """`s[g] * (Q - z[g])` with the op order and dtypes of gptqmodel's TorchLinear.
+
+    The integer difference is formed first and multiplied by the scales in their own dtype
+    (fp16 for standard checkpoints), so a weight computed here is bit-identical to the one the
+    stock kernel computes from the same codes: this is what makes a merged model's logits equal
+    the adapter model's.
+    """
+    dtype = torch.int16  # holds Q - z for every width; int8 (gptqmodel's choice below 8 bits) gives the same values
+    return scales[g_idx] * (codes.to(dtype) - zeros.to(dtype)[g_idx])
+
+
+class QuantState:
+    """One quantized layer's codes, zeros, scales, g_idx and bias, read once per call from its buffers.
+
+    Codes are given either whole (`codes`, uint8 [K, N]) or as `codes_rows(k0, k1)`, which decodes
+    rows k0..k1-1 on demand (k0, k1 multiples of `row_align`), so that fast paths decode one
+    row chunk at a time. `codes` is then decoded whole on first use (reference paths only).
+    """
+
+    __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
+                 "row_align", "group_rows")
+
+    def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
+                 row_align: int = 1, layout=None):
+        self._codes, self.codes_rows = codes, codes_rows
+        if codes_rows is None:
+            self.codes_rows = lambda k0, k1: codes[k0:k1]
+        self.zeros, self.scales, self.g_idx = zeros, scales, g_idx
+        self.maxq, self.bias = maxq, bias
+        self.in_features = codes.shape[0] if in_features is None else in_features
+        self.row_align = row_align
+        # (counts, group_rows) depend on g_idx only: a layer may pass them in, computed once (group_layout)
+        self.counts, self.group_rows = layout if layout is not None else group_layout(g_idx, scales.shape[0])
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is None:
+            self._codes = self.codes_rows(0, self.in_features)
+        return self._codes
+
+    @property
+    def layout(self):
+        return self.counts, self.group_rows
+
+    def replace(self, **changes) -> "QuantState":
+        """A copy with some fields changed (codes, zeros, scales): e.g. the state after a merge step."""
+        fields = dict(codes=self._codes, zeros=self.zeros, scales=self.scales, g_idx=self.g_idx, maxq=self.maxq,
+                      bias=self.bias)
+        fields.update(changes)
+        rows = None if "codes" in changes else self.codes_rows
+        return QuantState(fields.pop("codes"), **fields, codes_rows=rows, in_features=self.in_features,
+                          row_align=self.row_align, layout=self.layout)
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [K, N] in the scales' dtype, as the stock kernel computes it."""
+        return dequantize(self.codes, self.zeros, self.scales, self.g_idx)
+
+    def group_blocks(self, t: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+        """The rows of the per-group tensor `t` [G, N] that rows k0..k1-1 use, as [blocks, 1, N].
+
+        Rows k0..k1-1 viewed as [blocks, (k1 - k0) / blocks, N] broadcast against it. Contiguous groups
+        (no act-order) need no gather: the chunk lies in one group, or holds whole groups (row chunks
+        are cut that way).
+        """
+        gs = self.group_rows
+        if gs is None:  # act-order: one block per row
+            return t[self.g_idx[k0:k1]].unsqueeze(1)
+        g0, g1 = k0 // gs, (k1 - 1) // gs + 1
+        if g1 - g0 > 1 and (k0 % gs or (k1 - k0) % gs):
+            raise ValueError(f"rows {k0}..{k1 - 1} straddle groups of {gs} rows; use row_chunks().")
+        return t[g0:g1].unsqueeze(1)
+
+
+class QuantWeights:
+    """Reads and writes the quantized weights of one layer of some format (one subclass per format).
+
+    `read()` decodes the layer's buffers into a QuantState; `encode(...)` packs codes (and zeros,
+    scales) into new raw buffers in the format's own layout, without touching the layer;
+    `snapshot()` / `restore()` swap whole buffers in and out (aliases, never copies or in-place
+    writes), which is how merges are applied and undone exactly.
+    """
+
+    format_name: str = "?"
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    # layer geometry
+    in_features: int
+    out_features: int
+    bits: int
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layer.buffers())).device
+
+    def read(self) -> QuantState:
+        raise NotImplementedError
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        """New raw buffers holding these codes [K, N], true zeros [G, N] (and scales [G, N], if given)."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The raw buffers that `encode` produces, as they are now: aliases, not copies."""
+        raise NotImplementedError
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Make the layer hold these raw buffers (swapped in, not copied; never written to later)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantized format, as the rest of the package sees it.
+
+    is_layer(module): whether a module is a layer of this format (in any kernel).
+    dispatch(module, name): its QuantWeights, or None if `module` is not of this format; raises with
+        instructions if it is, but in a layout that cannot be read.
+    prepare_model(model): make every layer of this format in `model` readable and trainable (returns
+        how many layers it changed); called once by a method before it injects adapters.
+    model_is(model): whether `model` (a transformers model) holds this format, from its config.
+    checkpoint(model): (state_dict, quantization_config, extra files {name: text}, facts for the
+        model card) of a standard checkpoint of `model` in this format.
+    """
+
+    name: str
+    is_layer: Callable[[nn.Module], bool]
+    dispatch: Callable[[nn.Module, str], Optional[QuantWeights]]
+    prepare_model: Callable[[nn.Module], int]
+    model_is: Callable[[nn.Module], bool]
+    checkpoint: Callable[[nn.Module], tuple[dict, dict, dict, dict]]
+    describe: Callable[[dict], Any] = lambda qc: None

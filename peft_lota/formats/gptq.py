@@ -1,0 +1,409 @@
+"""GPTQ as gptqmodel holds it: codec, layout check, reading and writing codes, dispatch, checkpoints.
+
+Buffers of a GPTQ layer (spec section 1): `qweight` int32 [K*b/32, N] (codes packed along the input
+dimension), `qzeros` int32 [G, N*b/32] (zero points packed along the output dimension), `scales`
+fp16 [G, N], `g_idx` int32 [K], optional `bias`. On disk the classic format ("gptq", v1) stores
+z - 1; "gptq_v2" stores the true z, which is what gptqmodel keeps in memory after converting.
+
+gptqmodel's kernels differ in what they do with that layout:
+
+- `TorchLinear` ("gptq_torch") keeps it, trains, and runs on every device: the kernel adapted
+  layers run on.
+- `TorchAtenLinear` / `TorchCpuAvx512Linear` / `TorchFusedLinear` (the default CPU kernels) and
+  `TritonV2Linear` keep it until their first inference call, after which the CPU ones repack into a
+  private layout (and the AVX512 one refuses `train()`): while still untouched, `prepare_gptq_model`
+  moves them to `TorchLinear`, losslessly.
+- Marlin, Machete, ExLlama, BitBLAS, ... repack at load: their codes cannot be read; the error says
+  how to load the model instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .base import Format, QuantState, QuantWeights, group_layout
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+logger = logging.getLogger(__name__)
+
+NAME = "gptq"
+RELOAD_HINT = (
+    "Load the model with a layout-keeping kernel, e.g. AutoModelForCausalLM.from_pretrained(path, "
+    "quantization_config=GPTQConfig(bits={bits}, backend='gptq_torch')), and call get_peft_model (or merge) "
+    "before running inference with it."
+)
+# Kernels that hold qweight/qzeros/scales/g_idx in the standard layout (the CPU ones until their first
+# inference call). Matched by exact class: a subclass may repack.
+LAYOUT_KEEPING_KERNELS = ("TorchLinear", "TritonV2Linear", "TorchAtenLinear", "TorchCpuAvx512Linear",
+                          "TorchFusedLinear")
+
+
+# ---- codec: GPTQ's tensors as pure functions ------------------------------------------------------------
+
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`qweight` int32 [K*b/32, N] -> codes uint8 [K, N]."""
+    return unpack_codes(qweight, bits, dim=0)
+
+
+def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [K, N] -> `qweight` int32 [K*b/32, N]."""
+    return pack_codes(codes, bits, dim=0)
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """`qzeros` int32 [groups, N*b/32] -> stored zero points uint8 [groups, N] (no +1 applied)."""
+    return unpack_codes(qzeros, bits, dim=1)
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """stored zero points [groups, N] -> `qzeros` int32 [groups, N*b/32]."""
+    return pack_codes(zeros, bits, dim=1)
+
+
+def zeros_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed true zero points (v2, "gptq_v2") -> packed classic zero points (v1, "gptq": z - 1).
+
+    A v1 checkpoint cannot hold a true zero point of 0 (it would need -1); refuse rather than
+    write a checkpoint that loads wrong.
+    """
+    z = unpack_qzeros(qzeros, bits).to(torch.int16)
+    if z.numel() and int(z.min()) < 1:
+        raise ValueError(
+            "this layer has a zero point of 0, which the classic GPTQ format ('gptq', v1) cannot store; "
+            "save it in 'gptq_v2' format instead."
+        )
+    return pack_qzeros(z - 1, bits)
+
+
+def zeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed classic zero points (v1: z - 1) -> packed true zero points (v2)."""
+    z = unpack_qzeros(qzeros, bits).to(torch.int16) + 1
+    if z.numel() and int(z.max()) > (1 << bits) - 1:
+        raise ValueError(
+            f"a stored v1 zero point of {(1 << bits) - 1} means a true zero point of {1 << bits}, "
+            f"which does not fit in {bits} bits of the 'gptq_v2' format."
+        )
+    return pack_qzeros(z, bits)
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """The default (no act-order) `g_idx`: row k belongs to group k // group_size."""
+    gs = in_features if group_size in (-1, 0) else group_size
+    return torch.arange(in_features, device=device, dtype=torch.int32) // gs
+
+
+# ---- which layers, in which layout ---------------------------------------------------------------------
+
+def _qlinear_classes():
+    from gptqmodel.nn_modules.qlinear import GPTQQuantLinear
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    return GPTQQuantLinear, TorchLinear
+
+
+def is_gptq_layer(module: nn.Module) -> bool:
+    try:
+        GPTQQuantLinear, _ = _qlinear_classes()
+    except ImportError:  # gptqmodel not installed: no GPTQ layers can exist
+        return False
+    return isinstance(module, GPTQQuantLinear) and hasattr(module, "qweight")
+
+
+def gptq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_gptq_layer(m)]
+
+
+def layout_problem(name: str, module: nn.Module) -> Optional[str]:
+    """Why this GPTQ layer's buffers are not in the standard layout, or None if they are.
+
+    The one check every reader and writer of GPTQ buffers uses (adapters, merges, export).
+    """
+    cls = type(module).__name__
+    bits = getattr(module, "bits", None)
+    if getattr(module, "planar", False) or bits not in SUPPORTED_BITS:
+        return (f"layer {name} ({cls}) holds {bits}-bit codes in gptqmodel's planar layout; peft_lota supports "
+                f"{SUPPORTED_BITS} bits in the standard GPTQ layout.")
+    if getattr(module, "_cpu_transformed", False) or getattr(module, "linear_mode", None) == "inference":
+        return (f"layer {name} ({cls}) has already repacked its weights into a private layout for fast CPU "
+                "inference (it does so on its first call under torch.inference_mode / no_grad).")
+    if cls not in LAYOUT_KEEPING_KERNELS:
+        return f"layer {name} uses the {cls} kernel, which repacks GPTQ weights into its own layout at load."
+    if getattr(module, "pack_dtype", torch.int32) != torch.int32:
+        return f"layer {name} ({cls}) packs its codes in {module.pack_dtype}, not int32."
+    K, N = module.in_features, module.out_features
+    if (tuple(module.qweight.shape) != (K * bits // 32, N) or module.qzeros.shape[0] != module.scales.shape[0]
+            or tuple(module.g_idx.shape) != (K,)):
+        return f"layer {name} ({cls}) has buffers of non-standard shapes."
+    return None
+
+
+def _problems_error(what: str, problems: list[str], bits) -> ValueError:
+    more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + RELOAD_HINT.format(bits=bits))
+
+
+def quantization_config(model: nn.Module) -> Optional[dict]:
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qcfg is None:
+        return None
+    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
+def model_is_gptq(model: nn.Module) -> bool:
+    qc = quantization_config(model)
+    return qc is not None and qc.get("quant_method") == "gptq"
+
+
+def checkpoint_format(model: nn.Module) -> str:
+    """"gptq" (v1, zeros stored as z - 1) or "gptq_v2" (true zeros), as the model was loaded."""
+    qc = quantization_config(model) or {}
+    return (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+
+
+# ---- getting layers into a trainable, readable layout --------------------------------------------------
+
+def _to_torch_linear(module: nn.Module) -> nn.Module:
+    """A TorchLinear holding exactly the same codes, zeros (as v2), scales, g_idx and bias."""
+    _, TorchLinear = _qlinear_classes()
+    new = TorchLinear(
+        bits=module.bits, group_size=module.group_size, sym=module.sym, desc_act=module.desc_act,
+        in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None,
+        pack_dtype=module.pack_dtype, register_buffers=True,
+    )
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+        src = getattr(module, name)
+        if src is not None:
+            setattr(new, name, src)  # buffers are shared, not copied: no extra memory
+    new.qzero_format(format=module.qzero_format())  # normalised to v2 right after by prepare_gptq_model
+    new.train(module.training)
+    new.post_init()
+    return new
+
+
+def _normalise_zero_format(module: nn.Module, zeros_may_be_v1: bool) -> None:
+    """Hold true (v2) zero points in memory, and say so in the layer's format flag.
+
+    gptqmodel's flag is only reliable when it says 2 (set when gptqmodel converts): a layer loaded
+    from a v2 checkpoint keeps the constructor's default 1. So zeros are v1 in memory exactly when
+    the flag says 1 and the checkpoint is v1 (loaded by a kernel that does not require v2). Such
+    zeros were made from v2 by a packed-word subtraction (borrows cross fields), so gptqmodel's own
+    packed-word addition is the exact inverse. We also drop the v1/v2 clones that some kernels swap
+    into `qzeros.data` on train()/eval(): they would silently undo a merged zero point.
+    """
+    for attr in ("qzeros_data_v1", "qzeros_data_v2"):
+        if hasattr(module, attr):
+            delattr(module, attr)
+    if module.qzero_format() == 1 and zeros_may_be_v1:
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+        convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+    module.qzero_format(format=2)
+    clear_kernel_caches(module)
+
+
+def clear_kernel_caches(module: nn.Module) -> None:
+    """gptqmodel kernels cache decoded zeros and g_idx; drop them after the buffers change."""
+    for clear in ("_stream_reset_cache", "clear_weight_cache"):
+        if callable(getattr(module, clear, None)):
+            getattr(module, clear)()
+
+
+def prepare_gptq_model(model: nn.Module) -> int:
+    """Move every GPTQ layer of `model` to TorchLinear with v2 zeros in memory. Returns how many moved.
+
+    All GPTQ layers, not only the targeted ones: Trainer calls model.train() every step, and a
+    kernel that refuses train() anywhere in the model would crash it.
+    """
+    _, TorchLinear = _qlinear_classes()
+    zeros_may_be_v1 = checkpoint_format(model) == "gptq"
+    problems, moved = [], 0
+    for name, module in gptq_layers(model):
+        problem = layout_problem(name, module)
+        if problem:
+            problems.append(problem)
+            continue
+        if type(module) is not TorchLinear:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = _to_torch_linear(module)
+            setattr(parent, child, module)
+            moved += 1
+        _normalise_zero_format(module, zeros_may_be_v1)
+    if problems:
+        raise _problems_error("peft_lota cannot use this model's GPTQ layers as loaded", problems,
+                              (quantization_config(model) or {}).get("bits", "<bits>"))
+    if moved:
+        logger.info("peft_lota: moved %d GPTQ layers to the trainable, layout-keeping TorchLinear kernel.", moved)
+    return moved
+
+
+# ---- reading and writing one layer ---------------------------------------------------------------------
+
+class GPTQWeights(QuantWeights):
+    """Codes, zeros and scales of a gptqmodel GPTQ layer in the standard layout (after prepare_gptq_model)."""
+
+    format_name = NAME
+
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+
+    def read(self) -> QuantState:
+        base = self.layer
+        bits, qweight = base.bits, base.qweight.detach()  # this storage, even if a merge swaps in another
+
+        def codes_rows(k0: int, k1: int) -> torch.Tensor:  # rows k0..k1-1: whole words (row_align)
+            return unpack_qweight(qweight[k0 * bits // 32: k1 * bits // 32], bits)
+
+        zeros, g_idx, layout = self._decoded_metadata()
+        return QuantState(None, zeros, base.scales, g_idx, self.maxq, base.bias, codes_rows=codes_rows,
+                          in_features=self.in_features, row_align=32 // math.gcd(bits, 32), layout=layout)
+
+    def _decoded_metadata(self):
+        """Zero points, g_idx and its group layout, decoded once and reused while qzeros and g_idx are unchanged.
+
+        Every forward needs them and training never changes them; a merge swaps a new qzeros in (new
+        storage) and in-place writes bump the tensor version, either of which invalidates this cache.
+        """
+        base = self.layer
+        sources = (base.qzeros, base.g_idx, base.scales)
+        cached = self.__dict__.get("_metadata")
+        # The cache holds aliases of its sources: their storage cannot be freed and reused at the same address.
+        if cached is None or any(a.data_ptr() != t.data_ptr() or a.shape != t.shape or v != t._version
+                                 for (a, v), t in zip(cached[0], sources)):
+            # Zeros are true (v2) zeros in memory: prepare_gptq_model made sure.
+            zeros = unpack_qzeros(base.qzeros, base.bits)[:, : self.out_features]
+            g_idx = base.g_idx.long()
+            key = tuple((t.detach(), t._version) for t in sources)
+            layout = group_layout(g_idx, base.scales.shape[0])
+            cached = self.__dict__["_metadata"] = (key, zeros, g_idx, layout)
+        return cached[1:]
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        base = self.layer  # zeros are v2 in memory (prepare_gptq_model made sure)
+        out = {"qweight": pack_qweight(codes, base.bits).to(base.qweight.device),
+               "qzeros": pack_qzeros(zeros, base.bits).to(base.qzeros.device)}
+        if scales is not None:
+            out["scales"] = scales.detach().to(base.scales.dtype).to(base.scales.device).contiguous()
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        base = self.layer
+        return {"qweight": base.qweight.data, "qzeros": base.qzeros.data, "scales": base.scales.data}
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        base = self.layer
+        for name, value in buffers.items():
+            # `.data =` swaps the storage of the registered buffer (whoever holds the buffer sees the
+            # new values) without copying, and leaves the tensors of a snapshot untouched.
+            getattr(base, name).data = value
+        clear_kernel_caches(base)
+
+
+def dispatch_gptq(module: nn.Module, name: str = "") -> Optional[GPTQWeights]:
+    """The GPTQWeights of a gptqmodel GPTQ layer, or None if `module` is not one."""
+    if not is_gptq_layer(module):
+        return None
+    problem = layout_problem(name or type(module).__name__, module)
+    if problem:
+        raise ValueError(problem + " " + RELOAD_HINT.format(bits=module.bits))
+    return GPTQWeights(module)
+
+
+# ---- a standard checkpoint of a whole model --------------------------------------------------------------
+
+def _true_zeros(layer: nn.Module, loaded_format: str) -> torch.Tensor:
+    """Packed true zero points (v2) of a layer, whatever its in-memory format.
+
+    gptqmodel's `qzero_format()` marker is 2 only when it converted v1 -> v2 itself; a layer loaded
+    from a "gptq_v2" checkpoint holds true zeros under the default marker 1. So: v2 unless the
+    checkpoint was v1 and the layer was never converted.
+    """
+    if layer.qzero_format() == 2 or loaded_format == "gptq_v2":
+        return layer.qzeros.data
+    return zeros_v1_to_v2(layer.qzeros.data, layer.bits)
+
+
+def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
+    """(state_dict, quantization_config, extra files, facts) of a standard GPTQ checkpoint of `model`.
+
+    - format: classic v1 ("gptq") when every true zero point z is in [1, maxq], which every stock
+      loader reads. z = 0 cannot be stored in v1 (it would be -1), and gptqmodel converts v1 to v2 at
+      load with a packed integer add that would carry into the neighbouring zero point for a stored
+      maxq, so [1, maxq] is exactly the safe range. Otherwise "gptq_v2" (true z), which only
+      gptqmodel-based loaders read; a warning says so.
+    - `sym` stays True only if every zero point is still 2**(bits-1): symmetric kernels (Marlin) may
+      ignore qzeros.
+    - `backend` is "auto": the checkpoint does not pin the kernel the model happened to be trained with.
+    - `quantize_config.json` (an extra file) is what GPTQModel's own tools read first.
+    Every tensor other than qzeros is written exactly as it is in memory.
+    """
+    qc = quantization_config(model)
+    if qc is None or qc.get("quant_method") != "gptq":
+        raise ValueError("A GPTQ checkpoint needs a transformers model with a GPTQ quantization_config "
+                         "(quant_method 'gptq').")
+    loaded_format = checkpoint_format(model)
+    bits = int(qc["bits"])
+    layers = gptq_layers(model)
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        raise _problems_error("Cannot write a standard GPTQ checkpoint from this model", problems, bits)
+    if not layers:
+        raise ValueError("This model has no gptqmodel GPTQ layers; nothing to write as a GPTQ checkpoint.")
+    if any(m.bits != bits for _, m in layers):
+        raise ValueError(f"Layers of several bit widths (config says {bits}); per-layer bits are not supported.")
+
+    true_zeros = {n: _true_zeros(m, loaded_format) for n, m in layers}
+    unpacked = [(unpack_qzeros(true_zeros[n], bits), m.out_features) for n, m in layers]
+    fits_v1 = all(int(z.min()) >= 1 for z, _ in unpacked)  # z <= maxq always holds in b bits
+    still_sym = all(bool((z[:, :n] == 1 << (bits - 1)).all()) for z, n in unpacked)  # [:, :n]: word padding
+    fmt = "gptq" if fits_v1 else "gptq_v2"
+    if not fits_v1:
+        logger.warning("peft_lota: some zero points are 0, which the classic GPTQ format cannot store; writing a "
+                       "'gptq_v2' checkpoint. Only gptqmodel-based loaders (transformers/optimum with gptqmodel, "
+                       "GPTQModel) read it; vLLM, TGI, ExLlama and AutoGPTQ do not.")
+
+    state_dict = model.state_dict()
+    for name, _ in layers:
+        z = true_zeros[name]
+        state_dict[f"{name}.qzeros" if name else "qzeros"] = zeros_v2_to_v1(z, bits) if fmt == "gptq" else z
+
+    qc.update(format=fmt, checkpoint_format=fmt, sym=bool(qc.get("sym", True)) and still_sym,
+              backend="auto",  # what stock loading picks anyway; never pin a training kernel
+              dataset=None, tokenizer=None)  # calibration inputs, not part of a checkpoint
+    meta = dict(qc.get("meta") or {})
+    meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]
+    meta["quantizer"].append(f"peft_lota:{__version__}")
+    qc["meta"] = meta
+    import json
+
+    extra = {"quantize_config.json": json.dumps(_quantize_config_json(qc), indent=2) + "\n"}
+    loaders = ("Needs `gptqmodel` (and `optimum`) installed." if fits_v1 else
+               "This checkpoint is in the `gptq_v2` format (some zero points are 0, which the classic format cannot "
+               "store): it loads with transformers/optimum + gptqmodel and with GPTQModel, not with vLLM, TGI, "
+               "ExLlama or AutoGPTQ.")
+    facts = {"format": "GPTQ", "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc.get("desc_act"),
+             "sym": qc["sym"], "checkpoint_format": fmt, "loaders": loaders}
+    return state_dict, qc, extra, facts
+
+
+def _quantize_config_json(qc: dict) -> dict:
+    """What GPTQModel's own save writes to quantize_config.json (its QuantizeConfig.to_dict), minus run-time noise."""
+    meta = dict(qc.get("meta") or {})
+    for key in ("damp_percent", "true_sequential", "act_group_aware"):
+        if qc.get(key) is not None:
+            meta.setdefault(key, qc[key])
+    return {"bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc["desc_act"], "sym": qc["sym"],
+            "lm_head": False, "method": "gptq", "quant_method": "gptq", "format": qc["format"],
+            "checkpoint_format": qc["format"], "pack_dtype": "int32", "meta": meta}
+
+
+FORMAT = Format(name=NAME, is_layer=is_gptq_layer, dispatch=dispatch_gptq, prepare_model=prepare_gptq_model,
+                model_is=model_is_gptq, checkpoint=gptq_checkpoint)
