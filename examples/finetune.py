@@ -99,6 +99,11 @@ class LotaArguments:
     target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated layer names, a regex, or all-linear."})
     init_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the ternary initialisation of A."})
+    train_mode: str = field(default="latent", metadata={
+        "help": "latent: real-valued A, B under the Trainer's own optimizer (AdamW); ternary: the paper's t-SignSGD."})
+    latent_threshold: float = field(default=1e-3, metadata={"help": "latent mode: latent value where A/B entries turn +-1."})
+    max_step: int = field(default=1, metadata={"help": "Largest code change in quantization steps (1: the paper)."})
+    train_scales: bool = field(default=False, metadata={"help": "Also train the adapted layers' scales (exactly mergeable)."})
     q_start: float = field(default=0.95, metadata={"help": "t-SignSGD: quantile of |grad| left alone at the start."})
     q_mid: float = field(default=0.999, metadata={"help": "t-SignSGD: quantile at the end of the first phase."})
     q_end: float = field(default=0.9999, metadata={"help": "t-SignSGD: quantile at the last step."})
@@ -233,11 +238,11 @@ def perplexity(model, dataset, collator, batch_size: int = 8) -> tuple[float, to
 
 
 def adapter_digest(model) -> str:
-    """sha256 of every LoTA tensor, in name order: equal digests mean bit-identical adapters."""
+    """sha256 of every LoTA tensor (ternary or latent values), in name order: equal digests mean identical adapters."""
     h = hashlib.sha256()
     for name, p in sorted((n, p) for n, p in model.named_parameters() if ".lota_" in n):
         h.update(name.encode())
-        h.update(p.detach().to(torch.int8).cpu().numpy().tobytes())  # ternary: exact in int8
+        h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -285,6 +290,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArg
     targets = [t.strip() for t in targets.split(",")] if "," in targets else targets
     config = peft_lota.LotaConfig(r=lota_args.r, omega=lota_args.omega, offset=lota_args.offset,
                                   target_modules=targets, init_seed=lota_args.init_seed,
+                                  train_mode=lota_args.train_mode, latent_threshold=lota_args.latent_threshold,
+                                  max_step=lota_args.max_step, train_scales=lota_args.train_scales,
                                   base_model_name_or_path=model_args.model_name_or_path)
     model = get_peft_model(model, config)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
@@ -292,12 +299,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArg
     if training_args.should_log:
         model.print_trainable_parameters()
 
-    optimizer = peft_lota.create_lota_optimizer(
-        model, ternary_kwargs=dict(q_start=lota_args.q_start, q_mid=lota_args.q_mid, q_end=lota_args.q_end),
-        other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
+    extra = {}
+    if lota_args.train_mode == "ternary":  # the paper's t-SignSGD; latent adapters train under the Trainer's optimizer
+        optimizer = peft_lota.create_lota_optimizer(
+            model, ternary_kwargs=dict(q_start=lota_args.q_start, q_mid=lota_args.q_mid, q_end=lota_args.q_end),
+            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
+        extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, processing_class=tokenizer, optimizers=(optimizer, None),
-                      callbacks=[peft_lota.LotaCallback()])
+                      data_collator=collator, processing_class=tokenizer, **extra)
 
     summary: dict = {"train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}
     main = training_args.process_index == 0

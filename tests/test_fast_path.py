@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from peft_lota.formats import gptq
+from peft_lota import numerics
 from peft_lota.lota import ternary
 from peft_lota.formats.base import QuantState
 from test_ternary import _reference
@@ -18,7 +19,7 @@ from test_ternary import _reference
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(ternary, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(numerics, "CHUNK_ELEMENTS", 256)
 
 
 def make_state(layout: str, bits: int = 4, K: int = 256, N: int = 24, seed: int = 0, packed: bool = True,
@@ -58,18 +59,18 @@ def factors(K, N, r, seed, dense_rows=None):
 
 def test_step_codes_is_delta_codes_on_every_input():
     for maxq, r in ((3, 4), (7, 8), (15, 64), (255, 16)):
-        for omega in sorted({1, r // 2, r - 1}):
+        for omega, k in itertools.product(sorted({1, r // 2, r - 1}), (1, 2, 3)):
             P, Q = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(maxq + 1), indexing="ij")
             P, Q = P.float(), Q.to(torch.uint8).contiguous()
-            expected = Q.to(torch.int16) + ternary.delta_codes(P, Q, omega, maxq)
-            got = ternary.step_codes_(Q.clone(), P.clone(), omega, maxq)
-            assert torch.equal(got.to(torch.int16), expected), (maxq, omega)
+            expected = Q.to(torch.int16) + ternary.delta_codes(P, Q, omega, maxq, k)
+            got = ternary.step_codes_(Q.clone(), P.clone(), omega, maxq, max_step=k)
+            assert torch.equal(got.to(torch.int16), expected), (maxq, omega, k)
 
 
 def test_row_chunks_cover_rows_in_whole_words_and_groups():
     for layout, bits in itertools.product(("contiguous", "act-order", "one"), (2, 3, 4, 8)):
         state = make_state(layout, bits)
-        chunks = ternary.row_chunks(state, 24, torch.device("cpu"))
+        chunks = numerics.row_chunks(state, 24, torch.device("cpu"))
         assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == 256
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         for k0, k1 in chunks:
@@ -93,7 +94,7 @@ def test_adapt_codes_equals_apply_adapters(layout, bits):
         assert (mu is None and ref_mu is None) or torch.equal(mu, ref_mu)
         for dtype in (torch.float32, torch.bfloat16):
             expected = ternary.effective_weight(state, ref_codes, ref_zeros, ref_mu).to(dtype)
-            assert torch.equal(ternary.adapted_weight(state, codes, zeros, mu, dtype), expected)
+            assert torch.equal(numerics.adapted_weight(state, codes, zeros, mu, dtype), expected)
 
 
 def test_chunks_that_cannot_move_are_skipped_and_still_exact(monkeypatch):
@@ -106,7 +107,7 @@ def test_chunks_that_cannot_move_are_skipped_and_still_exact(monkeypatch):
     real_step = ternary.step_codes_
     monkeypatch.setattr(ternary, "step_codes_", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     codes, _, _ = ternary.adapt_codes(state, [(A, B)], [omega], ["none"])
-    chunks = ternary.row_chunks(state, N, torch.device("cpu"))
+    chunks = numerics.row_chunks(state, N, torch.device("cpu"))
     assert len(calls) == 2 < len(chunks)  # only the chunks holding rows 5 and 200
     ref, _, _, (D,) = ternary.apply_adapters(state, [A @ B], [omega], ["none"])
     assert D.any() and torch.equal(codes, ref)
@@ -126,7 +127,7 @@ def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, fact
     K, N, r, omega = 256, 24, 4, 1
     A, B = (t.requires_grad_() for t in factors(K, N, r, seed=3))
     x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    y = ternary.lota_linear(x, state, [(A, B)], [omega], [offset])
+    y = ternary.lota_linear(x, state, [(A, B)], [(omega, offset, 1)])
     codes, zeros, mu, _ = ternary.apply_adapters(state, [(A @ B).detach()], [omega], [offset])
     w = ternary.effective_weight(state, codes, zeros, mu)
     assert torch.equal(y, torch.matmul(x, w) + state.bias)  # forward: the reference weight, bit for bit
@@ -139,6 +140,27 @@ def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, fact
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "act-order", "one"])
+def test_trained_scales_forward_is_bit_exact_and_gradients_match_reference(layout):
+    state = make_state(layout, bits=3, seed=8, packed=True)  # fp16 scales, as GPTQ stores them
+    K, N, r = 256, 24, 4
+    A, B = (t.requires_grad_() for t in factors(K, N, r, seed=4))
+    scales = (state.scales.float() * 1.05).requires_grad_()
+    x = torch.randn(7, K, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    y = ternary.lota_linear(x, state, [(A, B)], [(1, "integer", 2)], scales)
+    codes, zeros, mu, _ = ternary.apply_adapters(state, [(A @ B).detach()], [1], ["integer"], [2])
+    rounded = state.replace(scales=scales.detach().half())
+    w = ternary.effective_weight(rounded, codes, zeros, mu)
+    assert torch.equal(y, torch.matmul(x, w.float()) + state.bias)  # what a merge writes, bit for bit
+    ref_state = QuantState(state.codes, state.zeros, state.scales, state.g_idx, state.maxq, state.bias)
+    y_ref = _reference(ref_state, A, B, x, 1, "integer", 2, scales)
+    grad = torch.randn_like(y)
+    got, ref = torch.autograd.grad(y, (A, B, x, scales), grad), torch.autograd.grad(y_ref, (A, B, x, scales), grad)
+    for a, b in zip(got, ref):  # the forward's weights are rounded to fp16, the reference's are not
+        assert torch.allclose(a, b, rtol=1e-3, atol=2e-3)
+    assert got[3].abs().sum() > 0
+
+
 def test_two_adapters_get_their_own_gradients_in_both_paths(monkeypatch):
     state = make_state("contiguous", seed=2, scales_dtype=torch.float32)
     K, N = 256, 24
@@ -149,7 +171,7 @@ def test_two_adapters_get_their_own_gradients_in_both_paths(monkeypatch):
     results = []
     for factored in (False, True):
         monkeypatch.setattr(ternary, "_factored_pays", lambda *a: factored)
-        y = ternary.lota_linear(x, state, [(A1, B1), (A2, B2)], [1, 2], ["none", "integer"])
+        y = ternary.lota_linear(x, state, [(A1, B1), (A2, B2)], [(1, "none", 1), (2, "integer", 1)])
         results.append(torch.autograd.grad(y.square().sum(), (A1, B1, A2, B2)))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4) and a.abs().sum() > 0

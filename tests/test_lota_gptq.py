@@ -177,19 +177,29 @@ def test_float_offset_refuses_merge_unless_rounding_is_asked(gptq_dir):
 
 # ---- saving and loading the adapter ----------------------------------------------------------------
 
-def test_adapter_round_trip_is_exact_and_compact(gptq_dir, tmp_path):
+@pytest.mark.parametrize("train_mode", ["ternary", "latent"])
+def test_adapter_round_trip_is_exact_and_compact(gptq_dir, tmp_path, train_mode):
     path = gptq_dir(Spec("qwen2", 3, False, True, "gptq_v2"))
-    model = adapted(path, offset="integer", r=8, omega=2)
+    model = adapted(path, offset="integer", r=8, omega=2, train_mode=train_mode)
+    if train_mode == "latent":  # latent values that are not ternary themselves, on both sides of the threshold
+        with torch.no_grad():
+            for layer in lota_layers(model):
+                for p in (layer.lota_A["default"], layer.lota_B["default"]):
+                    p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) * 4e-3)
     expected = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert all(t.dtype == torch.uint8 for k, t in saved.items() if ".lota_" in k)
+    packed = {k: t for k, t in saved.items() if k.endswith((".lota_A", ".lota_B"))}
+    assert packed and all(t.dtype == torch.uint8 for t in packed.values())
+    latents = {k: t for k, t in saved.items() if k.endswith("_latent")}
+    assert (latents.keys() == {k + "_latent" for k in packed}) if train_mode == "latent" else not latents
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LOTA" and config["offset"] == "integer" and config["r"] == 8
+    assert config["train_mode"] == train_mode
 
     reloaded = PeftModel.from_pretrained(load_gptq(path), tmp_path / "adapter")
     for a, b in zip(lota_layers(model), lota_layers(reloaded)):
-        assert torch.equal(a.lota_A["default"], b.lota_A["default"])
+        assert torch.equal(a.lota_A["default"], b.lota_A["default"])  # latent values too: resuming is exact
         assert torch.equal(a.lota_B["default"], b.lota_B["default"])
     assert torch.equal(logits(reloaded), expected)
 
@@ -199,9 +209,15 @@ def test_adapter_round_trip_is_exact_and_compact(gptq_dir, tmp_path):
 
     # 2 bits per ternary value: an fp16 LoRA of the same rank stores 8x more bytes
     n_values = sum(p.numel() for n, p in model.named_parameters() if ".lota_" in n)
-    ternary_bytes = sum(t.numel() for k, t in saved.items() if ".lota_" in k)
-    assert ternary_bytes == pytest.approx(n_values / 4, abs=4 * len(saved))
-    assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < 2 * n_values / 4 + 20_000
+    assert sum(t.numel() for t in packed.values()) == pytest.approx(n_values / 4, abs=4 * len(saved))
+    if train_mode == "ternary":
+        assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < 2 * n_values / 4 + 20_000
+    else:  # without the latent values (e.g. stripped for shipping), the same ternary adapter loads
+        from safetensors.torch import save_file
+
+        save_file(packed, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        shipped = PeftModel.from_pretrained(load_gptq(path), tmp_path / "adapter")
+        assert torch.equal(logits(shipped), expected)
 
 
 # ---- the merged checkpoint -----------------------------------------------------------------------------

@@ -57,12 +57,18 @@ def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
     return state, A, B, x
 
 
-def _reference(state, A, B, x, omega, offset):
-    """Spec section 2 written directly with autograd: STE = `D + P - P.detach()`."""
+def _reference(state, A, B, x, omega, offset, max_step=1, scales=None):
+    """Spec section 2 written directly with autograd: STE = `D + P - P.detach()`.
+
+    scales: trained scales (float32, may require grad), used rounded to state.scales' dtype with an STE.
+    """
     P = A @ B
-    D = ternary.delta_codes(P.detach(), state.codes, omega, state.maxq).float()
+    D = ternary.delta_codes(P.detach(), state.codes, omega, state.maxq, max_step).float()
     g = state.g_idx
-    s = state.scales.float()[g]
+    if scales is None:
+        s = state.scales.float()[g]
+    else:
+        s = (scales + (scales.detach().to(state.scales.dtype).float() - scales.detach()))[g]
     codes = state.codes.float() + D + (P - P.detach())
     zeros = state.zeros.float()
     if offset == "none":
@@ -81,7 +87,7 @@ def _reference(state, A, B, x, omega, offset):
 def test_straight_through_gradients_match_reference(offset):
     omega = 1
     state, A, B, x = _problem(offset)
-    y = lota_linear(x, state, [(A, B)], [omega], [offset])
+    y = lota_linear(x, state, [(A, B)], [(omega, offset, 1)])
     y_ref = _reference(state, A, B, x, omega, offset)
     assert torch.allclose(y, y_ref, atol=1e-4)
     grad_out = torch.randn_like(y)
@@ -94,9 +100,9 @@ def test_straight_through_gradients_match_reference(offset):
 
 def test_no_grad_path_equals_autograd_path():
     state, A, B, x = _problem("float", seed=3)
-    y = lota_linear(x, state, [(A, B)], [2], ["float"])
+    y = lota_linear(x, state, [(A, B)], [(2, "float", 1)])
     with torch.no_grad():
-        y2 = lota_linear(x, state, [(A, B)], [2], ["float"])
+        y2 = lota_linear(x, state, [(A, B)], [(2, "float", 1)])
     assert torch.equal(y.detach(), y2)
 
 
@@ -109,3 +115,34 @@ def test_adapters_in_turn_equal_their_sequential_application():
     assert torch.equal(D2, step)
     assert torch.equal(codes.to(torch.int16), state.codes.to(torch.int16) + D1 + D2)
     assert int(codes.max()) <= state.maxq
+
+
+def test_wide_steps_count_the_thresholds_passed_and_stop_at_the_grid_edge():
+    P = torch.tensor([[-9.0, -7, -4, -3, 0, 3, 4, 6, 7, 12]])
+    codes = torch.full_like(P, 5, dtype=torch.uint8)
+    assert ternary.delta_codes(P, codes, 3, 15, max_step=1).tolist() == [[-1, -1, -1, 0, 0, 0, 1, 1, 1, 1]]
+    assert ternary.delta_codes(P, codes, 3, 15, max_step=2).tolist() == [[-2, -2, -1, 0, 0, 0, 1, 1, 2, 2]]
+    assert ternary.delta_codes(P, codes, 3, 15, max_step=3).tolist() == [[-2, -2, -1, 0, 0, 0, 1, 1, 2, 3]]
+    edge = torch.tensor([[1, 14]], dtype=torch.uint8)  # two steps asked, one left to the edge: it moves one
+    assert ternary.delta_codes(torch.tensor([[-7.0, 7]]), edge, 3, 15, max_step=2).tolist() == [[-1, 1]]
+
+
+@pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
+@pytest.mark.parametrize("max_step", [1, 2])
+def test_trained_scales_and_wide_steps_match_reference(offset, max_step):
+    """Trained scales: the forward uses them rounded to the stored dtype (fp16 here), the gradient passes through."""
+    state, A, B, x = _problem(offset, seed=5, r=6)
+    state = state.replace(scales=state.scales.half())
+    scales = (state.scales.float() * (1 + 0.1 * torch.randn(state.scales.shape,
+                                                             generator=torch.Generator().manual_seed(2))))
+    scales.requires_grad_()
+    y = lota_linear(x, state, [(A, B)], [(1, offset, max_step)], scales)
+    y_ref = _reference(state, A, B, x, 1, offset, max_step, scales)
+    # The forward also rounds each weight s * (Q - z) to fp16, as the stock kernel does; the reference does not.
+    assert torch.allclose(y, y_ref, atol=2e-3)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, (A, B, x, scales), grad_out)
+    ref = torch.autograd.grad(y_ref, (A, B, x, scales), grad_out)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-3, atol=2e-3)
+    assert got[3].abs().sum() > 0

@@ -47,7 +47,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 def make_trainer(path, data, out_dir, **kw):
-    model = get_peft_model(load_gptq(path), LotaConfig(r=4, omega=1, init_seed=0))
+    model = get_peft_model(load_gptq(path), LotaConfig(r=4, omega=1, init_seed=0, train_mode="ternary"))
     args = dict(output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 max_steps=6, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                 disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
@@ -129,7 +129,7 @@ def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer):
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "finetune.py"),
            "--model_name_or_path", str(path), "--train_file", str(train), "--validation_split_percentage", "20",
            "--block_size", str(SEQ), "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
-           "--r", "4", "--omega", "1", "--init_seed", "0", "--q_start", "0.5", "--q_mid", "0.6", "--q_end", "0.7",
+           "--r", "4", "--omega", "1", "--init_seed", "0", "--train_mode", "ternary", "--q_start", "0.5", "--q_mid", "0.6", "--q_end", "0.7",
            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 
 from .ternary import OFFSET_MODES
 
+TRAIN_MODES = ("latent", "ternary")
+
 
 @dataclass
 class LotaConfig(PeftConfig):
@@ -64,6 +66,39 @@ class LotaConfig(PeftConfig):
             "(e.g. an unquantized classification head). They are not part of the integer merge."
         },
     )
+    train_mode: str = field(
+        default="latent",
+        metadata={
+            "help": "How A and B are trained. 'latent': real-valued A and B that any optimizer trains (the AdamW a "
+            "Trainer builds, TRL, ...); the forward uses their ternary values (+1 above latent_threshold, -1 below "
+            "-latent_threshold, else 0) with a straight-through gradient, so what is merged is exactly what was "
+            "trained. 'ternary': the paper's algorithm: A and B hold {-1, 0, 1} and only t-SignSGD may update them "
+            "(optimizers=(peft_lota.create_lota_optimizer(model), None), callbacks=[peft_lota.LotaCallback()])."
+        },
+    )
+    latent_threshold: float = field(
+        default=1e-3,
+        metadata={
+            "help": "train_mode='latent': the latent value at which an entry of A or B becomes +-1. A fresh B is 0 "
+            "and A's entries sit at +-2 latent_threshold, so with AdamW an entry flips after about "
+            "latent_threshold / learning_rate steps of a consistently signed gradient."
+        },
+    )
+    max_step: int = field(
+        default=1,
+        metadata={
+            "help": "Largest code change, in quantization steps. 1 is the paper's ternary step. k > 1 lets a code "
+            "move by up to k steps: by i where |A @ B| passes i * omega (stopping at the grid's edge)."
+        },
+    )
+    train_scales: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the adapted layers' quantization scales (one multiplier per group and output "
+            "column). The forward uses them rounded to the checkpoint's dtype (fp16), so the merge writes "
+            "exactly the scales that were trained."
+        },
+    )
     init_seed: Optional[int] = field(
         default=None,
         metadata={"help": "Seed for the ternary initialisation of A (None: use torch's global generator)."},
@@ -100,5 +135,27 @@ class LotaConfig(PeftConfig):
             raise ValueError(
                 f"LotaConfig: unknown offset mode {self.offset!r}; choose one of {', '.join(map(repr, OFFSET_MODES))}."
             )
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"LotaConfig: unknown train_mode {self.train_mode!r}; choose one of "
+                             f"{', '.join(map(repr, TRAIN_MODES))}.")
+        if isinstance(self.latent_threshold, bool) or not isinstance(self.latent_threshold, (int, float)) \
+                or not self.latent_threshold > 0:
+            raise ValueError(f"LotaConfig: latent_threshold must be a positive number, got {self.latent_threshold!r}.")
+        if isinstance(self.max_step, bool) or not isinstance(self.max_step, int) or self.max_step < 1:
+            raise ValueError(f"LotaConfig: max_step must be a positive integer (1 is the paper's ternary step), got "
+                             f"{self.max_step!r}.")
+        if self.max_step * self.omega >= self.r and self.max_step > 1:
+            raise ValueError(f"LotaConfig: with max_step={self.max_step} and omega={self.omega}, |A @ B| <= r={self.r} "
+                             f"can never pass {self.max_step} * omega; lower max_step or omega.")
+        if not isinstance(self.train_scales, bool):
+            raise ValueError(f"LotaConfig: train_scales must be True or False, got {self.train_scales!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("LotaConfig: layers_pattern only makes sense together with layers_to_transform.")
+
+    def layer_settings(self):
+        """What each LoTA layer needs of this config."""
+        from .layer import AdapterSettings
+
+        return AdapterSettings(r=self.r, omega=self.omega, offset=self.offset, max_step=self.max_step,
+                               train_mode=self.train_mode, latent_threshold=float(self.latent_threshold),
+                               train_scales=self.train_scales)

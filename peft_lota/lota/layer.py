@@ -1,14 +1,21 @@
-"""The LoTA tuner layer: ternary A, B on top of an integer-coded (quantized) base layer.
+"""The LoTA tuner layer: ternary A, B (and optionally trained scales) on top of an integer-coded base layer.
 
 Format-agnostic: the layer reads and writes its base layer's codes only through a `QuantWeights`
 (formats/), which knows how they are stored. Forward, merge, unmerge and deltas are written once
 here, on top of the pure functions of ternary.py.
+
+Two ways to hold A and B (`LotaConfig.train_mode`):
+- "latent": real-valued A, B that any optimizer trains; the forward uses their ternary values
+  (straight-through gradient), so what is merged is exactly what the forward computed;
+- "ternary": A, B hold {-1, 0, 1} themselves and only the paper's t-SignSGD (optim.py) may update
+  them; values outside {-1, 0, 1} are refused at every forward, save and merge.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,6 +32,10 @@ class FloatOffsetMergeError(ValueError):
     """Raised when asked to merge an offset="float" adapter without opting in to rounding."""
 
 
+class NotTernaryError(ValueError):
+    """A ternary-mode adapter holds values outside {-1, 0, 1}: something other than t-SignSGD trained it."""
+
+
 def float_offset_merge_message(adapter_name: str) -> str:
     return (
         f"LoTA adapter {adapter_name!r} was trained with offset='float'. Its offset mu is a fraction of a "
@@ -36,20 +47,78 @@ def float_offset_merge_message(adapter_name: str) -> str:
     )
 
 
-class LotaLayer(nn.Module, BaseTunerLayer):
-    adapter_layer_names = ("lota_A", "lota_B")
-    other_param_names = ("r", "omega", "offset")
+def not_ternary_message(adapter_name: str, where: str) -> str:
+    return (
+        f"LoTA adapter {adapter_name!r} has train_mode='ternary' (the paper's t-SignSGD), but its lota_A/lota_B hold "
+        f"values outside {{-1, 0, 1}} at {where}: an optimizer other than t-SignSGD updated them (e.g. the AdamW a "
+        "Trainer builds by default). Either train it with optimizers=(peft_lota.create_lota_optimizer(model), None) "
+        "and callbacks=[peft_lota.LotaCallback()], or create it with LotaConfig(train_mode='latent') (the default), "
+        "which trains under any optimizer."
+    )
 
-    def __init__(self, base_layer: nn.Module, quant: QuantWeights, adapter_name: str, *, r: int, omega: int,
-                 offset: str, init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """One adapter's settings in a layer (from its LotaConfig)."""
+
+    r: int
+    omega: int
+    offset: str = "none"
+    max_step: int = 1
+    train_mode: str = "latent"
+    latent_threshold: float = 1e-3
+    train_scales: bool = False
+
+    @property
+    def step(self) -> tuple[int, str, int]:
+        return self.omega, self.offset, self.max_step
+
+
+class TernarizeSTE(torch.autograd.Function):
+    """sign(v) where |v| > threshold, else 0; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, threshold: float) -> torch.Tensor:
+        return ternarize(latent, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def ternarize(latent: torch.Tensor, threshold: float) -> torch.Tensor:
+    return (latent > threshold).to(latent.dtype) - (latent < -threshold).to(latent.dtype)
+
+
+def is_ternary(t: torch.Tensor) -> bool:
+    return bool(((t == 0) | (t.abs() == 1)).all())
+
+
+class RoundToStoredSTE(torch.autograd.Function):
+    """A float32 tensor rounded to the dtype a checkpoint stores (fp16 scales), kept in float32; STE gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class LotaLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("lota_A", "lota_B", "lota_scales")
+    other_param_names = ("settings",)
+
+    def __init__(self, base_layer: nn.Module, quant: QuantWeights, adapter_name: str, settings: AdapterSettings, *,
+                 init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.quant = quant  # how this layer's codes are read and written (formats/)
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
-        self.r: dict[str, int] = {}
-        self.omega: dict[str, int] = {}
-        self.offset: dict[str, str] = {}
+        self.lota_scales = nn.ParameterDict({})  # multipliers of the base scales, when they are trained
+        self.settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_snapshot: Optional[dict[str, torch.Tensor]] = None  # raw buffers before the first merge
@@ -58,24 +127,64 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         self.out_features = base_layer.out_features
         self._current_key = current_key
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r=r, omega=omega, offset=offset, init_seed=init_seed)
+        self.update_layer(adapter_name, settings, init_seed=init_seed)
 
     # ---- adapters ----------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, *, r: int, omega: int, offset: str, init_seed=None, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, settings: AdapterSettings, init_seed=None, **kwargs) -> None:
         generator = None
         if init_seed is not None:  # one reproducible stream per layer, independent of creation order
             generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
         device = self.quant.device
-        self.lota_A[adapter_name] = nn.Parameter(init_ternary_A(self.in_features, r, generator).to(device))
-        self.lota_B[adapter_name] = nn.Parameter(torch.zeros(r, self.out_features, device=device))
-        self.r[adapter_name], self.omega[adapter_name], self.offset[adapter_name] = r, omega, offset
+        A = init_ternary_A(self.in_features, settings.r, generator)
+        if settings.train_mode == "latent":  # each entry in the middle of its ternary level
+            A = A * (2 * settings.latent_threshold)
+        self.lota_A[adapter_name] = nn.Parameter(A.to(device))
+        self.lota_B[adapter_name] = nn.Parameter(torch.zeros(settings.r, self.out_features, device=device))
+        if settings.train_scales:
+            groups = self.quant.read().scales.shape[0]
+            self.lota_scales[adapter_name] = nn.Parameter(torch.ones(groups, self.out_features, device=device))
+        self.settings[adapter_name] = settings
         self.set_adapter(self.active_adapters)
 
-    def product(self, adapter_name: str) -> torch.Tensor:
-        """P = A @ B in float32, outside autocast: entries are exact integers in [-r, r]."""
+    # PEFT's own accessors of the settings, for code that reads them per adapter
+    @property
+    def r(self) -> dict[str, int]:
+        return {a: s.r for a, s in self.settings.items()}
+
+    @property
+    def omega(self) -> dict[str, int]:
+        return {a: s.omega for a, s in self.settings.items()}
+
+    @property
+    def offset(self) -> dict[str, str]:
+        return {a: s.offset for a, s in self.settings.items()}
+
+    def factors(self, adapter_name: str, where: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the forward uses them: ternary values, with gradients to the latent values if any."""
         A, B = self.lota_A[adapter_name], self.lota_B[adapter_name]
+        settings = self.settings[adapter_name]
+        if settings.train_mode == "latent":
+            return TernarizeSTE.apply(A, settings.latent_threshold), TernarizeSTE.apply(B, settings.latent_threshold)
+        if not (is_ternary(A) and is_ternary(B)):
+            raise NotTernaryError(not_ternary_message(adapter_name, where))
+        return A, B
+
+    def product(self, adapter_name: str, where: str = "a delta") -> torch.Tensor:
+        """P = A @ B in float32, outside autocast: entries are exact integers in [-r, r]."""
+        A, B = (t.detach() for t in self.factors(adapter_name, where))
         with torch.autocast(device_type=A.device.type, enabled=False):
             return A.float() @ B.float()
+
+    def scales_after(self, base_scales: torch.Tensor, adapter_names) -> Optional[torch.Tensor]:
+        """The scales (float32, each rounded to the stored dtype) after these adapters' trained multipliers, or
+        None if none of them trains scales. Adapters apply in turn, each result rounded, as merges do."""
+        trained = [a for a in adapter_names if a in self.lota_scales]
+        if not trained:
+            return None
+        s = base_scales.float()
+        for a in trained:
+            s = RoundToStoredSTE.apply(s * self.lota_scales[a], base_scales.dtype)
+        return s
 
     def _unmerged_active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.lota_A and a not in self.merged_adapters]
@@ -89,11 +198,12 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         state = self.quant.read()
-        factors = [(self.lota_A[a], self.lota_B[a]) for a in active]
+        factors = [self.factors(a) for a in active]
+        scales = self.scales_after(state.scales, active)
         # Same shapes and op order as gptqmodel's TorchLinear (2-D matmul, then bias), so a fresh
         # adapter, or the merged model, gives bit-identical outputs to the stock kernel.
-        out = lota_linear(x.reshape(-1, x.shape[-1]), state, factors,
-                          [self.omega[a] for a in active], [self.offset[a] for a in active])
+        out = lota_linear(x.reshape(-1, x.shape[-1]), state, factors, [self.settings[a].step for a in active],
+                          scales)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- deltas ------------------------------------------------------------------------------
@@ -108,29 +218,37 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         finally:
             self.quant.restore(current)
 
+    def _adapted(self, adapter_name: str):
+        """(state before, codes', zeros', mu, D) of this adapter alone on the unmerged codes (reference maths)."""
+        state = self._base_state()
+        s = self.settings[adapter_name]
+        codes, zeros, mu, (D,) = apply_adapters(state, [self.product(adapter_name)], [s.omega], [s.offset],
+                                                [s.max_step])
+        return state, codes, zeros, mu, D
+
     @torch.no_grad()
     def get_delta_codes(self, adapter_name: str) -> torch.Tensor:
-        """The integer code change D in {-1, 0, 1} (int8) this adapter applies to the unmerged codes, [out, in]."""
-        state = self._base_state()
-        _, _, _, (D,) = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
-                                       [self.offset[adapter_name]])
-        return D.t().contiguous()
+        """The integer code change D (int8) this adapter applies to the unmerged codes, [out, in].
+
+        D is in {-1, 0, 1}, or in {-max_step..max_step} with wider steps.
+        """
+        return self._adapted(adapter_name)[4].t().contiguous()
 
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The float weight change of this adapter, [out, in]: scale * (D + offset), in float32.
+        """The float weight change of this adapter, [out, in], in float32: W' - W.
 
-        The offset is mu for offset="float" and the integer zero-point shift for offset="integer".
+        W' = s' * (Q + D - z' + mu): s' the trained scales (if any), z' the zero points after an integer
+        offset, mu the float offset.
         """
-        state = self._base_state()
-        _, zeros, mu, (D,) = apply_adapters(state, [self.product(adapter_name)], [self.omega[adapter_name]],
-                                            [self.offset[adapter_name]])
-        steps = D.float()
+        state, codes, zeros, mu, _ = self._adapted(adapter_name)
+        scales = self.scales_after(state.scales, [adapter_name])
+        # In float32 every product s * (Q - z) is exact (11 x 9 significant bits): so is s * D without trained scales.
+        before = dequantize(state.codes, state.zeros, state.scales.float(), state.g_idx)
+        after = dequantize(codes, zeros, (state.scales if scales is None else scales).float(), state.g_idx)
         if mu is not None:
-            steps = steps + mu[state.g_idx]
-        elif self.offset[adapter_name] == "integer":
-            steps = steps + (state.zeros.float() - zeros.float())[state.g_idx]
-        return (state.scales[state.g_idx].float() * steps).t().contiguous()
+            after = after + (state.scales if scales is None else scales).float()[state.g_idx] * mu[state.g_idx]
+        return (after - before).t().contiguous()
 
     # ---- merge -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,29 +258,34 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         if not adapter_names:
             return
         for name in adapter_names:
-            if self.offset[name] == "float" and not round_float_offset:
+            if self.settings[name].offset == "float" and not round_float_offset:
                 raise FloatOffsetMergeError(float_offset_merge_message(name))
 
         state = step = self.quant.read()
         for name in adapter_names:
+            s = self.settings[name]
             # A float offset merges like an integer one: mu rounded into the zero points.
-            mode = "integer" if self.offset[name] == "float" else self.offset[name]
-            factors = [(self.lota_A[name], self.lota_B[name])]
-            codes, zeros, _ = adapt_codes(step, factors, [self.omega[name]], [mode])
-            if self.offset[name] == "float":
+            mode = "integer" if s.offset == "float" else s.offset
+            codes, zeros, _ = adapt_codes(step, [self.factors(name, "merge")], [s.omega], [mode], [s.max_step])
+            if s.offset == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
-            step = state.replace(codes=codes, zeros=zeros)
+            scales = self.scales_after(step.scales, [name])
+            step = state.replace(codes=codes, zeros=zeros,
+                                 scales=step.scales if scales is None else scales.to(step.scales.dtype))
 
-        buffers = self.quant.encode(step.codes, step.zeros)
+        trained_scales = any(n in self.lota_scales for n in adapter_names)
+        buffers = self.quant.encode(step.codes, step.zeros, step.scales if trained_scales else None)
         if safe_merge:
-            self._check_merge(buffers, step.codes, step.zeros)
+            self._check_merge(buffers, step)
         if self._unmerged_snapshot is None:
             self._unmerged_snapshot = self.quant.snapshot()  # aliases: the merge swaps new buffers in
         self.quant.restore(buffers)
         self.merged_adapters.extend(adapter_names)
 
     def _rounding_report(self, step: QuantState, name: str, new_codes, new_zeros) -> dict:
-        exact = effective_weight(step, *apply_adapters(step, [self.product(name)], [self.omega[name]], ["float"])[:3])
+        s = self.settings[name]
+        exact = effective_weight(step, *apply_adapters(step, [self.product(name, "merge")], [s.omega], ["float"],
+                                                       [s.max_step])[:3])
         rounded = dequantize(new_codes, new_zeros, step.scales, step.g_idx)
         change = (exact.float() - rounded.float()).abs()
         report = {"max_abs_weight_change": float(change.max()), "mean_abs_weight_change": float(change.mean())}
@@ -170,7 +293,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
                        name, self._current_key or "a layer", report["max_abs_weight_change"])
         return report
 
-    def _check_merge(self, buffers, codes, zeros) -> None:
+    def _check_merge(self, buffers, expected: QuantState) -> None:
         """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
         current = self.quant.snapshot()
         self.quant.restore(buffers)
@@ -178,7 +301,9 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             written = self.quant.read()
         finally:
             self.quant.restore(current)
-        if not (torch.equal(written.codes, codes) and torch.equal(written.zeros.to(torch.int32), zeros.to(torch.int32))):
+        if not (torch.equal(written.codes, expected.codes)
+                and torch.equal(written.zeros.to(torch.int32), expected.zeros.to(torch.int32))
+                and torch.equal(written.scales, expected.scales)):
             raise ValueError(f"safe_merge: the packed merge of {self._current_key or 'a layer'} does not decode to "
                              "the adapted codes; nothing was written.")
 

@@ -14,11 +14,12 @@ from .. import formats
 from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
-TERNARY_KEY = re.compile(r"\.lota_[AB]\.")
+TERNARY_KEY = re.compile(r"\.lota_[AB]$")  # checkpoint keys (adapter name removed) of A and B
+LATENT_SUFFIX = "_latent"  # "...lota_A_latent": the latent values a latent-mode adapter resumes from
 
 
 def _pack_ternary(t: torch.Tensor) -> torch.Tensor:
-    """{-1, 0, 1} float -> 2 bits per value, 4 values per uint8 (flattened)."""
+    """{-1, 0, 1} float -> 2 bits per value (codes 0, 1, 2), 4 values per uint8 (flattened)."""
     v = (t.detach().flatten().round().to(torch.int16) + 1).to(torch.uint8).cpu()
     if v.numel() % 4:
         v = torch.cat([v, torch.ones(4 - v.numel() % 4, dtype=torch.uint8)])
@@ -26,9 +27,18 @@ def _pack_ternary(t: torch.Tensor) -> torch.Tensor:
     return v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)
 
 
-def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    v = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).flatten()[: like.numel()]
-    return (v.to(torch.float32) - 1).view(like.shape).to(like.dtype)
+def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor, key: str) -> torch.Tensor:
+    """Inverse of _pack_ternary into the shape and dtype of `like`; refuses a size or value that cannot be."""
+    expected = -(-like.numel() // 4)
+    if packed.dim() != 1 or packed.numel() != expected:
+        raise ValueError(f"Adapter tensor {key} holds {packed.numel()} packed bytes, but this model's {key} has shape "
+                         f"{tuple(like.shape)} ({expected} bytes): the adapter was made for a model of another shape "
+                         "or another rank r.")
+    v = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).flatten()
+    if bool((v == 3).any()):
+        raise ValueError(f"Adapter tensor {key} holds invalid 2-bit codes (3): the file is corrupt or not a LoTA "
+                         "adapter.")
+    return (v[: like.numel()].to(torch.float32) - 1).view(like.shape).to(like.dtype)
 
 
 class LotaModel(BaseTuner):
@@ -65,8 +75,7 @@ class LotaModel(BaseTuner):
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
         if isinstance(target, LotaLayer):
-            target.update_layer(adapter_name, r=lota_config.r, omega=lota_config.omega, offset=lota_config.offset,
-                                init_seed=lota_config.init_seed)
+            target.update_layer(adapter_name, lota_config.layer_settings(), init_seed=lota_config.init_seed)
             return
         quant = formats.dispatch(target, current_key)  # one dispatch per format (formats/)
         if quant is None:
@@ -75,8 +84,8 @@ class LotaModel(BaseTuner):
                 "linear layers only (their integer codes are what LoTA moves). Remove it from target_modules, or use "
                 "target_modules='all-linear' to pick every GPTQ layer."
             )
-        new_module = LotaLayer(target, quant, adapter_name, r=lota_config.r, omega=lota_config.omega,
-                               offset=lota_config.offset, init_seed=lota_config.init_seed, current_key=current_key)
+        new_module = LotaLayer(target, quant, adapter_name, lota_config.layer_settings(),
+                               init_seed=lota_config.init_seed, current_key=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -126,6 +135,10 @@ class LotaModel(BaseTuner):
         self._check_float_offsets(adapter_names, round_float_offset)
         self._check_merge_allowed()
         layers = self._lota_layers()
+        for module in layers:  # a ternary-mode adapter another optimizer trained is refused before anything is written
+            for name in adapter_names if adapter_names is not None else module.active_adapters:
+                if name in module.lota_A and name not in module.merged_adapters:
+                    module.factors(name, "merge")
         for i, module in enumerate(tqdm(layers, desc="merging LoTA", disable=not progressbar)):
             try:
                 with onload_layer(module):
@@ -160,13 +173,46 @@ class LotaModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         sd = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {k: (_pack_ternary(v) if TERNARY_KEY.search(k) else v) for k, v in sd.items()}
+        out = {}
+        for key, value in sd.items():
+            name = cls._remove_adapter_name_from_key(key, adapter_name)
+            if not TERNARY_KEY.search(name):
+                out[key] = value
+            elif config.train_mode == "latent":  # what the forward uses, and the latent values to resume from
+                from .layer import ternarize
+
+                out[key] = _pack_ternary(ternarize(value.detach(), config.latent_threshold))
+                base, _, adapter = key.rpartition(".")
+                out[f"{base}{LATENT_SUFFIX}.{adapter}"] = value.detach().float().contiguous()
+            else:
+                from .layer import NotTernaryError, is_ternary, not_ternary_message
+
+                if not is_ternary(value):
+                    raise NotTernaryError(not_ternary_message(adapter_name, "save"))
+                out[key] = _pack_ternary(value)
+        return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        latents = {k[: -len(LATENT_SUFFIX)]: v for k, v in state_dict.items() if k.endswith(LATENT_SUFFIX)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(LATENT_SUFFIX)}
         sd = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         params = dict(model.named_parameters())
-        for key, value in sd.items():
-            if TERNARY_KEY.search(key) and key in params and value.dtype == torch.uint8:
-                sd[key] = _unpack_ternary(value, params[key])
+        for key, value in list(sd.items()):
+            name = cls._remove_adapter_name_from_key(key, adapter_name)
+            if not TERNARY_KEY.search(name) or key not in params:
+                continue
+            like = params[key]
+            latent = latents.get(name) if name in latents else latents.get(name.removeprefix("base_model.model."))
+            if config.train_mode == "latent" and latent is not None:
+                if latent.shape != like.shape:
+                    raise ValueError(f"Adapter tensor {name} has shape {tuple(latent.shape)}, but this model's has "
+                                     f"{tuple(like.shape)}: the adapter was made for a model of another shape or "
+                                     "another rank r.")
+                sd[key] = latent.to(like.dtype)
+                continue
+            ternary = _unpack_ternary(value, like, name) if value.dtype == torch.uint8 else value
+            if config.train_mode == "latent":  # no latent values saved: start each entry in its level's middle
+                ternary = ternary * (2 * config.latent_threshold)
+            sd[key] = ternary
         return sd

@@ -69,7 +69,8 @@ class TSignSGD(torch.optim.Optimizer):
     """Ternary sign SGD (LoTA-QAF): moves each ternary entry by at most one step in {-1, 0, 1}.
 
     Give it only tensors whose values are in {-1, 0, 1} (checked once, at the first step). There is
-    no learning rate and no momentum; `lr` is accepted and ignored, and exists only because LR
+    no learning rate and, as in the paper, no momentum unless `momentum` > 0 (then the sign and the
+    quantile are taken on an exponential average of the gradients); `lr` is accepted and ignored, and exists only because LR
     schedulers (Trainer builds one) require an 'lr' key in every param group. Its nominal value 1.0
     is the size of the step actually taken.
 
@@ -100,8 +101,10 @@ class TSignSGD(torch.optim.Optimizer):
         guard_norm: float = 10.0,
         guard_quantile: float = 0.99995,
         lr: float = 1.0,
+        momentum: float = 0.0,
     ):
-        fractions = dict(q_start=q_start, q_mid=q_mid, q_end=q_end, split=split, guard_quantile=guard_quantile)
+        fractions = dict(q_start=q_start, q_mid=q_mid, q_end=q_end, split=split, guard_quantile=guard_quantile,
+                         momentum=momentum)
         for name, v in fractions.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -110,6 +113,7 @@ class TSignSGD(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, total_steps=total_steps, step=0, q_start=q_start, q_mid=q_mid, q_end=q_end, split=split,
             tau=tau, outlier_guard=outlier_guard, guard_norm=guard_norm, guard_quantile=guard_quantile,
+            momentum=momentum,
         )  # fmt: skip
         super().__init__(params, defaults)
         self._checked_ternary = False
@@ -181,6 +185,12 @@ class TSignSGD(torch.optim.Optimizer):
                     continue
                 if g.is_sparse:
                     raise RuntimeError("TSignSGD does not support sparse gradients")
+                beta = group.get("momentum", 0.0)
+                if beta:  # the sign and the threshold of an average of the gradients (not in the paper)
+                    avg = self.state[p].get("exp_avg")
+                    if avg is None:
+                        avg = self.state[p]["exp_avg"] = torch.zeros_like(g, dtype=torch.float32)
+                    g = avg.mul_(beta).add_(g.float(), alpha=1 - beta)
                 a = g.abs().reshape(-1)
                 mask = a > _lower_quantile(a, q).clamp_min(group["tau"])
                 if guard:  # skip the few largest entries: an abnormal gradient must not reshape the adapter
@@ -250,6 +260,16 @@ def create_lota_optimizer(
     `other_optimizer_cls` (default AdamW, lr 2e-4) for any other trainable parameter (e.g.
     `modules_to_save`). Returns one optimizer, usable as `Trainer(..., optimizers=(opt, None))`.
     """
+    from .layer import LotaLayer
+
+    latent = sorted({a for m in model.modules() if isinstance(m, LotaLayer)
+                     for a, s in m.settings.items() if s.train_mode == "latent"})
+    if latent:
+        raise ValueError(
+            f"LoTA adapter(s) {', '.join(map(repr, latent))} have train_mode='latent': they train under any optimizer "
+            "(a Trainer's default AdamW, TRL, ...), so create_lota_optimizer and LotaCallback are not needed. "
+            "create_lota_optimizer runs the paper's t-SignSGD on adapters made with LotaConfig(train_mode='ternary')."
+        )
     ternary, other = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -301,7 +321,8 @@ class LotaCallback(TrainerCallback):
         if opt is None:
             raise ValueError(
                 "LotaCallback found no TSignSGD in the Trainer's optimizer: pass "
-                "optimizers=(peft_lota.create_lota_optimizer(model), None) to Trainer."
+                "optimizers=(peft_lota.create_lota_optimizer(model), None) to Trainer. (Adapters with "
+                "LotaConfig(train_mode='latent'), the default, need neither: drop the callback.)"
             )
         opt.set_total_steps(state.max_steps)
 

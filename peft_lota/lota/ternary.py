@@ -20,7 +20,9 @@ import math
 
 import torch
 
+from .. import numerics
 from ..formats.base import QuantState, dequantize
+from ..numerics import Scratch, adapted_weight, compute_dtype, input_grad, row_chunks
 
 OFFSET_MODES = ("none", "float", "integer")
 
@@ -34,14 +36,20 @@ def init_ternary_A(in_features: int, r: int, generator: torch.Generator | None =
     return (a > thr).float() - (a < -thr).float()
 
 
-def delta_codes(P: torch.Tensor, codes: torch.Tensor, omega: int, maxq: int) -> torch.Tensor:
-    """Threshold the integer product and apply the grid-edge rule: D in {-1, 0, +1}, int8.
+def delta_codes(P: torch.Tensor, codes: torch.Tensor, omega: int, maxq: int, max_step: int = 1) -> torch.Tensor:
+    """Threshold the integer product and apply the grid-edge rule: D in {-max_step..max_step}, int8.
 
-    A step that would leave [0, maxq] is dropped (a mask, not a clamp after the add).
+    The paper's rule (max_step 1): D = +1 where P > omega, -1 where P < -omega, and a step that would
+    leave [0, maxq] is dropped (a mask, not a clamp after the add). Wider steps count the thresholds
+    omega, 2 omega, ..., max_step * omega that |P| passes, and stop at the grid's edge.
     """
-    up = (P > omega) & (codes < maxq)
-    down = (P < -omega) & (codes > 0)
-    return up.to(torch.int8) - down.to(torch.int8)
+    if max_step == 1:
+        up = (P > omega) & (codes < maxq)
+        down = (P < -omega) & (codes > 0)
+        return up.to(torch.int8) - down.to(torch.int8)
+    passed = sum((P > i * omega).to(torch.int16) - (P < -i * omega).to(torch.int16) for i in range(1, max_step + 1))
+    after = (codes.to(torch.int16) + passed).clamp(0, maxq)
+    return (after - codes.to(torch.int16)).to(torch.int8)
 
 
 def group_mean(x: torch.Tensor, g_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -69,7 +77,7 @@ def shift_zeros(zeros: torch.Tensor, mu: torch.Tensor, maxq: int) -> torch.Tenso
     return torch.clamp(torch.maximum(target, lo), max=maxq)
 
 
-def apply_adapters(state: QuantState, Ps, omegas, offset_modes):
+def apply_adapters(state: QuantState, Ps, omegas, offset_modes, max_steps=None):
     """Apply adapters in turn: returns (codes', zeros', mu_float or None, [D per adapter]).
 
     Each adapter's edge mask is taken against the codes left by the previous one, so applying
@@ -79,8 +87,8 @@ def apply_adapters(state: QuantState, Ps, omegas, offset_modes):
     zeros = state.zeros.to(torch.int32)
     mu_total = None
     deltas = []
-    for P, omega, mode in zip(Ps, omegas, offset_modes):
-        D = delta_codes(P, codes, omega, state.maxq)
+    for P, omega, mode, k in zip(Ps, omegas, offset_modes, max_steps or [1] * len(Ps)):
+        D = delta_codes(P, codes, omega, state.maxq, k)
         deltas.append(D)
         codes = (codes.to(torch.int16) + D).to(torch.uint8)
         if mode == "none":
@@ -101,72 +109,29 @@ def effective_weight(state: QuantState, codes, zeros, mu) -> torch.Tensor:
     return w
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `x` runs in: the autocast dtype when autocast is on for x's device."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 # ---- the fast path: row chunks ------------------------------------------------------------------
 #
-# A layer's codes, P, D and weight are [K, N] tensors; on CPU, element-wise work over them is bound
-# by memory traffic. The functions below walk the rows in chunks of about CHUNK_ELEMENTS elements, so
-# that each chunk's temporaries (P, the step, the weight rows) stay in cache, and never materialise P
-# or the weight gradient for a whole layer. They return the same integers and bit-identical weights
-# as the reference functions above (tests/test_fast_path.py checks it); gradients agree up to float
-# summation order. On accelerators a single chunk is used: there, kernel launches are the cost.
+# Forward, backward and merge walk the rows in chunks (numerics.row_chunks), so that each chunk's
+# temporaries (P, the step, the weight rows) stay in cache, and never materialise P or the weight
+# gradient for a whole layer on CPU. They return the same integers and bit-identical weights as the
+# reference functions above (tests/test_fast_path.py checks it); gradients agree up to float
+# summation order.
 
-CHUNK_ELEMENTS = 1 << 21
+def step_codes_(codes: torch.Tensor, P: torch.Tensor, omega: int, maxq: int, step=None,
+                max_step: int = 1) -> torch.Tensor:
+    """codes += D in place, with D = delta_codes(P, codes, omega, maxq, max_step), for integer-valued P.
 
-
-class Scratch:
-    """Buffers reused across the chunks of one call.
-
-    On CPU a fresh multi-megabyte tensor is page-faulted in on every allocation, which costs several
-    times the arithmetic done in it; chunk loops take their temporaries from here instead.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device, self._buffers = device, {}
-
-    def __call__(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
-        return buf[:n].view(shape)
-
-
-def row_chunks(state: QuantState, n_cols: int, device: torch.device) -> list[tuple[int, int]]:
-    """Row ranges covering [0, K): whole packed words, and whole groups or parts of one group."""
-    K = state.in_features
-    if device.type != "cpu" or K == 0:
-        return [(0, K)]
-    align = state.row_align
-    rows = max(CHUNK_ELEMENTS // max(n_cols, 1), 1)
-    gs = state.group_rows
-    if gs is not None and gs < K:
-        unit = math.lcm(gs, align)
-        if rows >= unit:
-            rows = rows // unit * unit
-        else:  # several chunks per group: a divisor of the group size
-            fits = [d for d in range(align, rows + 1, align) if gs % d == 0]
-            rows = fits[-1] if fits else unit
-    else:
-        rows = max(align, rows // align * align)
-    return [(k, min(k + rows, K)) for k in range(0, K, rows)]
-
-
-def step_codes_(codes: torch.Tensor, P: torch.Tensor, omega: int, maxq: int, step=None) -> torch.Tensor:
-    """codes += D in place, with D = delta_codes(P, codes, omega, maxq), for integer-valued P. Overwrites P.
-
-    For an integer P, clamp(P, +-(omega + 1)) / (omega + 1) is exactly +-1 where |P| > omega and
-    strictly inside (-1, 1) elsewhere, so truncation to int8 is the thresholded step. A step is +-1,
+    Overwrites P. For an integer P, clamp(P, +-(omega + 1)) / (omega + 1) is exactly +-1 where |P| > omega
+    and strictly inside (-1, 1) elsewhere, so truncation to int8 is the thresholded step. A step is +-1,
     so clamping Q + step to [0, maxq] drops exactly the steps that would leave the grid: the edge
-    rule. Three cheap in-place passes instead of two float comparisons and a mask.
+    rule. Three cheap in-place passes instead of two float comparisons and a mask. Wider steps:
+    trunc((|P| - 1) / omega) (exact for integers) is the number of thresholds |P| passes.
     """
-    P.clamp_(-(omega + 1), omega + 1).div_(omega + 1)
+    if max_step == 1:
+        P.clamp_(-(omega + 1), omega + 1).div_(omega + 1)
+    else:
+        sign = torch.sign(P)
+        P.abs_().sub_(1).clamp_(min=0).div_(omega).trunc_().clamp_(max=max_step).mul_(sign)
     step = P.to(torch.int8) if step is None else step.copy_(P)  # float -> int truncates toward zero
     if maxq < 127:  # codes fit int8: add in place
         codes.view(torch.int8).add_(step).clamp_(0, maxq)
@@ -188,7 +153,7 @@ def _movable(A: torch.Tensor, B: torch.Tensor, omega: int):
     return rows, cols
 
 
-def adapt_codes(state: QuantState, factors, omegas, offset_modes):
+def adapt_codes(state: QuantState, factors, omegas, offset_modes, max_steps=None):
     """Apply adapters (A, B) in turn, one row chunk at a time: (codes' uint8 [K, N], zeros' int32, mu or None).
 
     The same integers as apply_adapters(state, [A @ B, ...], ...). With offset "none", P is computed
@@ -201,6 +166,7 @@ def adapt_codes(state: QuantState, factors, omegas, offset_modes):
     scratch = Scratch(device)
     codes = torch.empty(K, N, dtype=torch.uint8, device=device)
     factors = [(A.detach().float(), B.detach().float()) for A, B in factors]
+    max_steps = max_steps or [1] * len(factors)
     movable = [_movable(A, B, omega) if mode == "none" else None
                for (A, B), omega, mode in zip(factors, omegas, offset_modes)]
     B_movable = [None if m is None else B[:, m[1]] for (A, B), m in zip(factors, movable)]
@@ -211,8 +177,8 @@ def adapt_codes(state: QuantState, factors, omegas, offset_modes):
             rows = codes[k0:k1]
             rows.copy_(state.codes_rows(k0, k1))
             shape = (k1 - k0, N)
-            for (A, B), omega, mode, can_move, B_cols, total in zip(factors, omegas, offset_modes, movable,
-                                                                    B_movable, sums):
+            for (A, B), omega, mode, k, can_move, B_cols, total in zip(factors, omegas, offset_modes, max_steps,
+                                                                       movable, B_movable, sums):
                 if mode == "none":
                     idx = torch.nonzero(can_move[0][k0:k1]).flatten()
                     cols = can_move[1]
@@ -220,16 +186,16 @@ def adapt_codes(state: QuantState, factors, omegas, offset_modes):
                         continue
                     if 2 * len(idx) * len(cols) < rows.numel():  # a small block: gather, step, scatter back
                         block = rows[idx][:, cols]
-                        step_codes_(block, A[k0 + idx] @ B_cols, omega, state.maxq)
+                        step_codes_(block, A[k0 + idx] @ B_cols, omega, state.maxq, max_step=k)
                         rows[idx[:, None], cols] = block
                         continue
                 P = torch.mm(A[k0:k1], B, out=scratch("P", shape, torch.float32))
                 step = scratch("step", shape, torch.int8)
                 if mode == "none":
-                    step_codes_(rows, P, omega, state.maxq, step)
+                    step_codes_(rows, P, omega, state.maxq, step, k)
                     continue
                 D = scratch("D", shape, torch.int16).copy_(rows).neg_()
-                step_codes_(rows, scratch("P2", shape, torch.float32).copy_(P), omega, state.maxq, step)
+                step_codes_(rows, scratch("P2", shape, torch.float32).copy_(P), omega, state.maxq, step, k)
                 D.add_(rows)  # codes after - codes before
                 total.index_add_(0, state.g_idx[k0:k1], P.sub_(D, alpha=omega))  # R = P - omega * D (exact)
     zeros, mu = state.zeros.to(torch.int32), None
@@ -242,50 +208,6 @@ def adapt_codes(state: QuantState, factors, omegas, offset_modes):
         else:
             mu = step_mu if mu is None else mu + step_mu
     return codes, zeros, mu
-
-
-def weight_rows(state: QuantState, codes, zeros32, scales32, mu, k0: int, k1: int, out: torch.Tensor,
-                scratch: Scratch) -> torch.Tensor:
-    """Rows k0..k1-1 of effective_weight(state, codes, zeros, mu), bit for bit, written into `out` in its dtype.
-
-    `codes` holds just these rows; `zeros32`, `scales32` are the whole zeros and scales in float32.
-    (Q - z) * s is exact in float32 (a scale has at most 11 significant bits, |Q - z| < 256), so
-    rounding it to the scales' own dtype gives exactly the product the stock kernel computes in
-    that dtype. Same-dtype float ops only: on CPU, mixed uint8/fp16 broadcasting ops run ~10x slower.
-    """
-    s = state.group_blocks(scales32, k0, k1)
-    target = out.view(s.shape[0], -1, out.shape[-1])
-    w = target if out.dtype == torch.float32 else scratch("w32", target.shape, torch.float32)
-    w.copy_(codes.view(target.shape)).sub_(state.group_blocks(zeros32, k0, k1)).mul_(s)
-    if state.scales.dtype != torch.float32:  # the stock kernel's rounding
-        w.copy_(scratch("rounded", target.shape, state.scales.dtype).copy_(w))
-    if mu is not None:
-        w.add_(s * state.group_blocks(mu, k0, k1))
-    if w is not target:
-        target.copy_(w)
-    return out
-
-
-def adapted_weight(state: QuantState, codes, zeros, mu, dtype: torch.dtype) -> torch.Tensor:
-    """effective_weight(state, codes, zeros, mu).to(dtype), bit for bit, built one row chunk at a time."""
-    K, N = codes.shape
-    out = torch.empty(K, N, dtype=dtype, device=codes.device)
-    zeros32, scales32, scratch = zeros.float(), state.scales.float(), Scratch(codes.device)
-    for k0, k1 in row_chunks(state, N, codes.device):
-        weight_rows(state, codes[k0:k1], zeros32, scales32, mu, k0, k1, out[k0:k1], scratch)
-    return out
-
-
-def input_grad(state: QuantState, codes, zeros, mu, g2: torch.Tensor) -> torch.Tensor:
-    """dL/dx = g @ W'^T, rebuilding W' one row chunk at a time (each chunk gives its own columns)."""
-    K, N = codes.shape
-    grad_x = torch.empty(g2.shape[0], K, dtype=g2.dtype, device=g2.device)
-    zeros32, scales32, scratch = zeros.float(), state.scales.float(), Scratch(g2.device)
-    for k0, k1 in row_chunks(state, N, g2.device):
-        w = weight_rows(state, codes[k0:k1], zeros32, scales32, mu, k0, k1,
-                        scratch("w", (k1 - k0, N), g2.dtype), scratch)
-        torch.mm(g2, w.t(), out=grad_x[:, k0:k1])
-    return grad_x
 
 
 FACTORED_MARGIN = 0.85
@@ -303,16 +225,20 @@ def _factored_pays(state: QuantState, ranks, tokens: int) -> bool:
     return sum(2 * r / gs for r in ranks) < FACTORED_MARGIN * (1 + sum(2 * r / tokens for r in ranks))
 
 
-def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors) -> list:
-    """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32.
+def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors, scale_steps=None) -> tuple:
+    """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32, and dL/ds if asked.
 
     dL/dP = G = s[g] * (x^T g), dL/dA = G B^T, dL/dB = A^T G. Two exact ways to compute them:
-    - direct: form G one row chunk at a time: M K N multiply-adds, plus 2 K N r per adapter;
+    - direct: form x^T g one row chunk at a time: M K N multiply-adds, plus 2 K N r per adapter;
     - factored (contiguous groups only): the scale is constant over a group's rows, so with
       U_g = x_g A_g [M, r] and H_g = g (s_g * B)^T [M, r], dL/dB = sum_g s_g * (U_g^T g) and
       dL/dA_g = x_g^T H_g: 2 M N r K / group_size, cheaper whenever r is small against the group size
       (r = 64, groups of 128: M K N instead of M K N (1 + 128 / M)).
     The two differ only in float summation order.
+
+    scale_steps: (codes', zeros', mu) of the forward when the scales are trained. W' = s[g] * (Q' - z + mu),
+    so dL/ds[g, n] = sum over the group's rows of (x^T g)[k, n] * (Q' - z + mu)[k, n]: that needs x^T g
+    itself, so the direct path is taken. Returns (grads per adapter, dL/ds or None).
     """
     M, N = x2.shape[0], g2.shape[1]
     device, dtype = x2.device, x2.dtype
@@ -320,10 +246,10 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors)
     grads = [(torch.zeros(A.shape, dtype=torch.float32, device=device),
               torch.zeros(B.shape, dtype=torch.float32, device=device)) for A, B in factors]
     gs = state.group_rows
-    if _factored_pays(state, [A.shape[1] for A, _ in factors], M):
+    if scale_steps is None and _factored_pays(state, [A.shape[1] for A, _ in factors], M):
         for (A, B), (dA, dB) in zip(factors, grads):
             r, n_groups = A.shape[1], s32.shape[0]
-            per_chunk = max(1, 2 * CHUNK_ELEMENTS // (r * N)) if device.type == "cpu" else n_groups
+            per_chunk = max(1, 2 * numerics.CHUNK_ELEMENTS // (r * N)) if device.type == "cpu" else n_groups
             A_c, B32 = A.to(dtype), B.float()
             for g0 in range(0, n_groups, per_chunk):
                 g1 = min(g0 + per_chunk, n_groups)
@@ -337,17 +263,32 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors)
                 SB = scratch("SB", (nb, r, N), dtype).copy_(s * B32)  # s_g * B
                 H = g2 @ SB.view(nb * r, N).t()  # g (s_g * B)^T: [M, groups * r]
                 dA[k0:k1] = torch.bmm(xb.transpose(1, 2), H.view(M, nb, r).transpose(0, 1)).view(nb * gs, r)
-        return grads
+        return grads, None
+    d_scales = None
+    if scale_steps is not None:
+        codes, zeros, mu = scale_steps
+        zeros32, d_scales = zeros.float(), torch.zeros(s32.shape, dtype=torch.float32, device=device)
     for k0, k1 in row_chunks(state, N, device):
         G = torch.mm(x2[:, k0:k1].t(), g2, out=scratch("G", (k1 - k0, N), dtype))  # dL/dW' rows
         if dtype != torch.float32:
             G = scratch("G32", G.shape, torch.float32).copy_(G)
         s = state.group_blocks(s32, k0, k1)
-        G.view(s.shape[0], -1, N).mul_(s)
+        blocks = G.view(s.shape[0], -1, N)
+        if d_scales is not None:  # sum over each group's rows of G * (Q' - z + mu)
+            steps = scratch("steps", blocks.shape, torch.float32).copy_(codes[k0:k1].view(blocks.shape))
+            steps.sub_(state.group_blocks(zeros32, k0, k1))
+            if mu is not None:
+                steps.add_(state.group_blocks(mu, k0, k1))
+            part = steps.mul_(blocks).sum(1)
+            if gs is None:
+                d_scales.index_add_(0, state.g_idx[k0:k1], part)
+            else:
+                d_scales[k0 // gs: k0 // gs + part.shape[0]] += part
+        blocks.mul_(s)
         for (A, B), (dA, dB) in zip(factors, grads):
             torch.mm(G, B.t(), out=dA[k0:k1])
             dB.addmm_(A[k0:k1].t(), G)
-    return grads
+    return grads, d_scales
 
 
 def add_offset_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, A, B, omega: int, dA, dB) -> None:
@@ -365,7 +306,7 @@ def add_offset_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, A, B
 
 
 class LotaLinearFunction(torch.autograd.Function):
-    """y = x @ W'(A_1 B_1, ..., A_m B_m) + bias, with straight-through gradients to each A_i, B_i.
+    """y = x @ W'(A_1 B_1, ..., A_m B_m; s) + bias, with straight-through gradients to each A_i, B_i (and s).
 
     Forward stores only the adapted codes (uint8, one byte per weight) and the small zero/offset
     tensors, and rebuilds W' in backward: less than the dequantized weight that a LoRA layer on
@@ -375,12 +316,19 @@ class LotaLinearFunction(torch.autograd.Function):
     dL/dP = s[g] * dL/dW' (factor_grads), plus, with an offset, the path through mu (add_offset_grads);
     then dL/dA = dL/dP @ B^T and dL/dB = A^T @ dL/dP. Neither dL/dW' nor dL/dP is held for a whole
     layer on CPU.
+
+    `scales32` (optional, float32 [G, N]): trained scales. The forward uses them rounded to the dtype the
+    checkpoint stores (what a merge writes), and their gradient passes that rounding straight through.
+    `steps`: one (omega, offset mode, max_step) per adapter.
     """
 
     @staticmethod
-    def forward(ctx, x, state: QuantState, omegas, offset_modes, *factors):
+    def forward(ctx, x, state: QuantState, steps, scales32, *factors):
         pairs = list(zip(factors[0::2], factors[1::2]))
-        codes, zeros, mu = adapt_codes(state, pairs, omegas, offset_modes)
+        if scales32 is not None:
+            state = state.replace(scales=scales32.detach().to(state.scales.dtype))
+        omegas, modes, max_steps = zip(*steps)
+        codes, zeros, mu = adapt_codes(state, pairs, omegas, modes, max_steps)
         # Under autocast the stock kernel's matmul runs in the autocast dtype; do the same explicitly,
         # so that backward (which autocast does not reach) uses the same dtype for all matmuls.
         dtype = compute_dtype(x)
@@ -389,7 +337,7 @@ class LotaLinearFunction(torch.autograd.Function):
             out = torch.matmul(x, adapted_weight(state, codes, zeros, mu, dtype))
             if state.bias is not None:
                 out = out + state.bias.to(out.dtype)
-        ctx.state, ctx.omegas, ctx.offset_modes = state, omegas, offset_modes
+        ctx.state, ctx.steps = state, steps
         ctx.has_mu = mu is not None
         ctx.save_for_backward(x, codes, zeros, *([mu] if ctx.has_mu else []), *factors)  # x in the compute dtype
         return out
@@ -401,25 +349,37 @@ class LotaLinearFunction(torch.autograd.Function):
         state, (K, N) = ctx.state, codes.shape
         x2, g2 = x.reshape(-1, K), grad_out.to(x.dtype).reshape(-1, N)
         needs = ctx.needs_input_grad
-        wanted = [i for i in range(len(rest) // 2) if needs[4 + 2 * i] or needs[5 + 2 * i]]
+        first = 4  # index of the first factor among forward's inputs
+        wanted = [i for i in range(len(rest) // 2) if needs[first + 2 * i] or needs[first + 1 + 2 * i]]
         factors = [(rest[2 * i].float(), rest[2 * i + 1].float()) for i in wanted]
         grads = [None] * len(rest)
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_x = input_grad(state, codes, zeros, mu, g2).view(x.shape) if needs[0] else None
-            for i, (A, B), (dA, dB) in zip(wanted, factors, factor_grads(state, x2, g2, factors)):
-                if ctx.offset_modes[i] != "none":
-                    add_offset_grads(state, x2, g2, A, B, ctx.omegas[i], dA, dB)
-                grads[2 * i] = dA.to(rest[2 * i].dtype) if needs[4 + 2 * i] else None
-                grads[2 * i + 1] = dB.to(rest[2 * i + 1].dtype) if needs[5 + 2 * i] else None
-        return (grad_x, None, None, None, *grads)
+            factor_g, d_scales = factor_grads(state, x2, g2, factors, (codes, zeros, mu) if needs[3] else None)
+            for i, (A, B), (dA, dB) in zip(wanted, factors, factor_g):
+                omega, mode, _ = ctx.steps[i]
+                if mode != "none":
+                    add_offset_grads(state, x2, g2, A, B, omega, dA, dB)
+                grads[2 * i] = dA.to(rest[2 * i].dtype) if needs[first + 2 * i] else None
+                grads[2 * i + 1] = dB.to(rest[2 * i + 1].dtype) if needs[first + 1 + 2 * i] else None
+        return (grad_x, None, None, d_scales, *grads)
 
 
-def lota_linear(x: torch.Tensor, state: QuantState, factors, omegas, offset_modes) -> torch.Tensor:
-    """y = x @ W' + bias for adapters given as (A, B) pairs; no autograd graph when nothing needs grad."""
+def lota_linear(x: torch.Tensor, state: QuantState, factors, steps, scales32=None) -> torch.Tensor:
+    """y = x @ W' + bias for adapters given as (A, B) pairs and their (omega, offset, max_step) steps.
+
+    scales32: trained scales (float32), used rounded to the stored dtype. No autograd graph when nothing
+    needs a gradient.
+    """
     flat = [t for pair in factors for t in pair]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in flat)):
-        return LotaLinearFunction.apply(x, state, tuple(omegas), tuple(offset_modes), *flat)
-    codes, zeros, mu = adapt_codes(state, factors, omegas, offset_modes)
+    steps = tuple(tuple(step) for step in steps)
+    inputs = [x, scales32, *flat]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return LotaLinearFunction.apply(x, state, steps, scales32, *flat)
+    if scales32 is not None:
+        state = state.replace(scales=scales32.to(state.scales.dtype))
+    omegas, modes, max_steps = zip(*steps)
+    codes, zeros, mu = adapt_codes(state, factors, omegas, modes, max_steps)
     out = torch.matmul(x, adapted_weight(state, codes, zeros, mu, x.dtype))
     if state.bias is not None:
         out.add_(state.bias.to(out.dtype))
