@@ -3,25 +3,34 @@
 `import peft_lota` registers its PEFT methods; then `peft.get_peft_model(quantized_model, config)`
 injects adapters and `merge_and_unload()` merges them into the integer codes with no loss.
 
-- LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1.
+- LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1;
+- L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a GPTQ or a full-precision model.
 
-Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`), and
+Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`, `l4q/`), and
 `export.py` (a merged model as a standard checkpoint) on top.
 """
 
 __version__ = "0.1.0"
 
-from .registry import LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before any config is made)
+from .registry import L4Q_PEFT_TYPE, LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before any config is made)
 from .formats.gptq import prepare_gptq_model  # noqa: E402
 from .lota.config import LotaConfig  # noqa: E402
 from .lota.layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
 from .lota.model import LotaModel  # noqa: E402
 from .lota.optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
+from .l4q.config import L4QConfig  # noqa: E402
+from .l4q.from_lora import l4q_from_lora  # noqa: E402
+from .l4q.layer import L4QLayer  # noqa: E402
+from .l4q.model import L4QModel  # noqa: E402
 from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
 
 register()
 
 __all__ = [
+    "L4QConfig",
+    "L4QLayer",
+    "L4QModel",
+    "L4Q_PEFT_TYPE",
     "LOTA_PEFT_TYPE",
     "FloatOffsetMergeError",
     "LotaCallback",
@@ -32,6 +41,7 @@ __all__ = [
     "TSignSGD",
     "attach_export",
     "create_lota_optimizer",
+    "l4q_from_lora",
     "prepare_gptq_model",
     "push_checkpoint_to_hub",
     "save_checkpoint",

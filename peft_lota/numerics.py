@@ -106,3 +106,24 @@ def input_grad(state: QuantState, codes, zeros, mu, g2: torch.Tensor) -> torch.T
                         scratch("w", (k1 - k0, N), g2.dtype), scratch)
         torch.mm(g2, w.t(), out=grad_x[:, k0:k1])
     return grad_x
+
+
+def add_group_sums_(total: torch.Tensor, state: QuantState, part: torch.Tensor, k0: int, k1: int) -> None:
+    """total [G, N] += the sums over each group's rows of the rows k0..k1-1 of a [K, N] tensor.
+
+    `part` is those rows already summed per block of state.group_blocks(., k0, k1): [blocks, N].
+    """
+    gs = state.group_rows
+    if gs is None:  # act-order: one block per row
+        total.index_add_(0, state.g_idx[k0:k1], part)
+    else:
+        total[k0 // gs: k0 // gs + part.shape[0]] += part
+
+
+# Trained scales are parametrised as s0 * (1 + SCALE_UNIT * u), u starting at 0: with an optimizer at LoRA-like
+# learning rates (1e-4) a step moves a scale by up to ~1%, the pace the accuracy pilot found best.
+SCALE_UNIT = 100.0
+
+
+def scale_multiplier(u: torch.Tensor) -> torch.Tensor:
+    return 1.0 + SCALE_UNIT * u

@@ -31,6 +31,7 @@ def peft_type(name: str) -> PeftType:
 
 
 LOTA_PEFT_TYPE = peft_type("LOTA")
+L4Q_PEFT_TYPE = peft_type("L4Q")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,14 @@ def _lota_classes():
     return LotaConfig, LotaModel
 
 
-METHODS: tuple[Method, ...] = (Method("LOTA", "lota_", _lota_classes),)
+def _l4q_classes():
+    from .l4q.config import L4QConfig
+    from .l4q.model import L4QModel
+
+    return L4QConfig, L4QModel
+
+
+METHODS: tuple[Method, ...] = (Method("LOTA", "lota_", _lota_classes), Method("L4Q", "l4q_", _l4q_classes))
 
 
 def register() -> None:

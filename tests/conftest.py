@@ -40,7 +40,7 @@ except ImportError:
     pass
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_models` from any rootdir
-from tiny_models import SPECS_MATRIX, Spec, build_gptq_checkpoint, build_tokenizer  # noqa: E402
+from tiny_models import SPECS_MATRIX, Spec, build_float_checkpoint, build_gptq_checkpoint, build_tokenizer  # noqa: E402
 
 # torch (imported just above) sets its compile-trace logger to DEBUG; pytest would show it on failures.
 logging.getLogger("torch.__trace").setLevel(logging.INFO)
@@ -97,3 +97,10 @@ def gptq_dir(tmp_path_factory):
 def tokenizer(tmp_path_factory):
     """The same deterministic 512-token BPE the checkpoints ship with."""
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def fp_dir(tmp_path_factory):
+    """Factory: fp_dir("llama" | "qwen2") -> Path of the tiny full-precision model (with tokenizer)."""
+    root = tmp_path_factory.mktemp("float")
+    return lambda arch: build_float_checkpoint(arch, root)

@@ -191,6 +191,18 @@ def build_gptq_checkpoint(spec: Spec, root) -> Path:
     return out
 
 
+def build_float_checkpoint(arch: str, root) -> Path:
+    """The full-precision model the GPTQ fixtures of `arch` are quantized from, saved with its tokenizer."""
+    out = Path(root) / f"float-{arch}"
+    if (out / _MARKER).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    _build_float(Spec(arch), out)
+    build_tokenizer(out)
+    (out / _MARKER).write_text(arch)
+    return out
+
+
 def load_gptq(path, backend: str | None = "gptq_torch", dtype=torch.float32):
     """Load a GPTQ checkpoint on CPU; backend=None is the stock default load (no quantization_config).
 

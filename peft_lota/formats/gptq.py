@@ -243,6 +243,40 @@ def prepare_gptq_model(model: nn.Module) -> int:
     return moved
 
 
+# ---- building a GPTQ layer and model from codes (a method that quantizes a full-precision model) ------------
+
+def make_gptq_linear(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bias,
+                     bits: int, group_size: int, sym: bool) -> nn.Module:
+    """A TorchLinear holding these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype), g_idx and bias.
+
+    Its forward is the stock kernel's, so it computes exactly the weight `dequantize` describes.
+    """
+    _, TorchLinear = _qlinear_classes()
+    K, N = codes.shape
+    layer = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=False, in_features=K, out_features=N,
+                        bias=bias is not None, pack_dtype=torch.int32, register_buffers=True)
+    layer.qweight = pack_qweight(codes, bits).to(codes.device)
+    layer.qzeros = pack_qzeros(zeros.to(torch.int32), bits).to(codes.device)
+    layer.scales = scales.detach().clone().contiguous()
+    layer.g_idx = g_idx.to(torch.int32).to(codes.device)
+    if bias is not None:
+        layer.bias = bias.detach().clone().to(scales.dtype)
+    layer.qzero_format(format=2)  # true zero points in memory, as prepare_gptq_model leaves every layer
+    layer.post_init()
+    layer.eval()
+    return layer
+
+
+def make_quantization_config(bits: int, group_size: int, sym: bool) -> dict:
+    """The `config.quantization_config` of a GPTQ model made by peft_lota (what every GPTQ loader reads)."""
+    from transformers import GPTQConfig
+
+    qc = GPTQConfig(bits=bits, group_size=group_size, sym=sym, desc_act=False, checkpoint_format="gptq").to_dict()
+    qc.update(quant_method="gptq", format="gptq", checkpoint_format="gptq", dataset=None, tokenizer=None,
+              meta={"quantizer": [f"peft_lota:{__version__}"]})
+    return qc
+
+
 # ---- reading and writing one layer ---------------------------------------------------------------------
 
 class GPTQWeights(QuantWeights):

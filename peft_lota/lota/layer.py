@@ -23,6 +23,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
+from ..numerics import scale_multiplier
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         self.quant = quant  # how this layer's codes are read and written (formats/)
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
-        self.lota_scales = nn.ParameterDict({})  # multipliers of the base scales, when they are trained
+        self.lota_scales = nn.ParameterDict({})  # u of the trained scales s0 * (1 + SCALE_UNIT * u), if trained
         self.settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -142,7 +143,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         self.lota_B[adapter_name] = nn.Parameter(torch.zeros(settings.r, self.out_features, device=device))
         if settings.train_scales:
             groups = self.quant.read().scales.shape[0]
-            self.lota_scales[adapter_name] = nn.Parameter(torch.ones(groups, self.out_features, device=device))
+            self.lota_scales[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
         self.settings[adapter_name] = settings
         self.set_adapter(self.active_adapters)
 
@@ -183,7 +184,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             return None
         s = base_scales.float()
         for a in trained:
-            s = RoundToStoredSTE.apply(s * self.lota_scales[a], base_scales.dtype)
+            s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a]), base_scales.dtype)
         return s
 
     def _unmerged_active(self) -> list[str]:
@@ -297,15 +298,20 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
         current = self.quant.snapshot()
         self.quant.restore(buffers)
-        try:
+        try:  # compared before restoring: the state aliases the layer's buffers
             written = self.quant.read()
+            same = (torch.equal(written.codes, expected.codes)
+                    and torch.equal(written.zeros.to(torch.int32), expected.zeros.to(torch.int32))
+                    and torch.equal(written.scales, expected.scales))
         finally:
             self.quant.restore(current)
-        if not (torch.equal(written.codes, expected.codes)
-                and torch.equal(written.zeros.to(torch.int32), expected.zeros.to(torch.int32))
-                and torch.equal(written.scales, expected.scales)):
+        if not same:
             raise ValueError(f"safe_merge: the packed merge of {self._current_key or 'a layer'} does not decode to "
                              "the adapted codes; nothing was written.")
+
+    def release_unmerged(self) -> None:
+        """Forget the pre-merge buffers (merge_and_unload: no unmerge follows, so they are freed now)."""
+        self._unmerged_snapshot = None
 
     def unmerge(self) -> None:
         if not self.merged:

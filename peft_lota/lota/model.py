@@ -7,10 +7,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-from peft.tuners.tuners_utils import BaseTuner, onload_layer
 
 from .. import formats
+from ..tuner import QuantTuner
 from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
@@ -41,36 +40,16 @@ def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor, key: str) -> torch
     return (v[: like.numel()].to(torch.float32) - 1).view(like.shape).to(like.dtype)
 
 
-class LotaModel(BaseTuner):
+class LotaModel(QuantTuner):
     """Creates a LoTA-QAF model from a GPTQ-quantized transformers model (use `peft.get_peft_model`)."""
 
     prefix: str = "lota_"
     tuner_layer_cls = LotaLayer
-    target_module_mapping: dict = {}
+    method_name = "LoTA"
 
-    # ---- injection ---------------------------------------------------------------------------
-    def _prepare_adapter_config(self, peft_config: LotaConfig, model_config: dict) -> LotaConfig:
-        # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a GPTQ model.
-        if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
-            output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-            names = {n for n, m in self.model.named_modules()
-                     if formats.is_quantized_layer(m) and m is not output_head and not isinstance(m, LotaLayer)}
-            names |= {n for n, m in self.model.named_modules() if isinstance(m, LotaLayer)}
-            if not names:
-                raise ValueError(
-                    "LotaConfig(target_modules='all-linear') found no GPTQ-quantized linear layer in this model. "
-                    "LoTA adapts GPTQ models: load a GPTQ checkpoint (quantization_config with quant_method 'gptq')."
-                )
-            # Suffixes ("q_proj") rather than full names, so PEFT still applies layers_to_transform;
-            # full names only where a suffix would also match some non-GPTQ module.
-            suffixes = {n.rpartition(".")[2] for n in names}
-            clash = any(n.rpartition(".")[2] in suffixes and n not in names and not isinstance(m, LotaLayer)
-                        and n for n, m in self.model.named_modules())
-            peft_config.target_modules = names if clash else suffixes
-        return peft_config
-
-    def _prepare_model(self, peft_config: LotaConfig, model: nn.Module) -> None:
-        formats.prepare_model(model)
+    def _all_linear_error(self) -> str:
+        return ("LotaConfig(target_modules='all-linear') found no GPTQ-quantized linear layer in this model. "
+                "LoTA adapts GPTQ models: load a GPTQ checkpoint (quantization_config with quant_method 'gptq').")
 
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -90,26 +69,14 @@ class LotaModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _replace_module(self, parent, child_name, new_module, child) -> None:
-        # BaseTuner's version copies `.weight`, which GPTQ layers do not have (and crashes on unload).
-        setattr(parent, child_name, new_module)
-
     # ---- merge / unload ----------------------------------------------------------------------
     def _lota_layers(self):
-        return [m for m in self.model.modules() if isinstance(m, LotaLayer)]
-
-    def _check_float_offsets(self, adapter_names: Optional[list[str]], round_float_offset: bool) -> None:
-        """Refuse a float-offset merge up front, before any layer is written."""
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        for name in names:
-            config = self.peft_config.get(name)
-            if config is not None and config.offset == "float" and not round_float_offset:
-                raise FloatOffsetMergeError(float_offset_merge_message(name))
+        return self._tuner_layers()
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
                       round_float_offset: bool = False) -> None:
         """Merge adapters into the integer codes (Q + D), keeping them in memory so unmerge_adapter can restore."""
-        self._merge_layers(adapter_names, safe_merge, round_float_offset)
+        super().merge_adapter(adapter_names, safe_merge, round_float_offset=round_float_offset)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, round_float_offset: bool = False) -> nn.Module:
@@ -117,56 +84,30 @@ class LotaModel(BaseTuner):
 
         Its `save_pretrained` / `push_to_hub` write a standard GPTQ checkpoint (see export.py).
         """
-        info = self._merge_info(adapter_names)
-        self._merge_layers(adapter_names, safe_merge, round_float_offset, unloading=True, progressbar=progressbar)
-        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-        from ..export import attach_export
+        return super().merge_and_unload(progressbar, safe_merge, adapter_names, round_float_offset=round_float_offset)
 
-        attach_export(model, info)
-        return model
-
-    def _merge_layers(self, adapter_names: Optional[list[str]], safe_merge: bool, round_float_offset: bool, *,
-                      unloading: bool = False, progressbar: bool = False) -> None:
-        """Merge every LoTA layer in turn, after the checks that refuse a merge before anything is written.
-
-        unloading (merge_and_unload): no unmerge follows, so each layer's pre-merge buffers are freed as soon
-        as it is merged (peak memory ~1x the packed weights, not 2x), and a failure names its layer.
-        """
-        self._check_float_offsets(adapter_names, round_float_offset)
-        self._check_merge_allowed()
-        layers = self._lota_layers()
-        for module in layers:  # a ternary-mode adapter another optimizer trained is refused before anything is written
+    def _check_before_merge(self, adapter_names: Optional[list[str]], round_float_offset: bool = False) -> None:
+        """Refuse a float-offset merge, or a ternary adapter another optimizer trained, before anything is written."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            config = self.peft_config.get(name)
+            if config is not None and config.offset == "float" and not round_float_offset:
+                raise FloatOffsetMergeError(float_offset_merge_message(name))
+        super()._check_before_merge(adapter_names)
+        for module in self._tuner_layers():
             for name in adapter_names if adapter_names is not None else module.active_adapters:
                 if name in module.lota_A and name not in module.merged_adapters:
                     module.factors(name, "merge")
-        for i, module in enumerate(tqdm(layers, desc="merging LoTA", disable=not progressbar)):
-            try:
-                with onload_layer(module):
-                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names,
-                                 round_float_offset=round_float_offset)
-            except Exception as err:
-                if not unloading:
-                    raise
-                raise RuntimeError(f"merge_and_unload failed at LoTA layer {i} of {len(layers)} "
-                                   f"({module._current_key}); the layers before it are merged already.") from err
-            if unloading:
-                module._unmerged_snapshot = None
 
-    def _merge_info(self, adapter_names: Optional[list[str]]) -> dict:
-        """What the model card of a merged checkpoint says about the adapter(s) (export.model_card)."""
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        configs = [self.peft_config[n] for n in names if n in self.peft_config]
-        first = configs[0] if configs else None
+    def _method_card(self, config) -> dict:
         return {
-            "base_model": (first.base_model_name_or_path if first else None)
-            or getattr(getattr(self.model, "config", None), "_name_or_path", None),
             "method": "LoTA-QAF", "method_url": "https://arxiv.org/abs/2505.18724", "method_tag": "lota-qaf",
             "summary": "The ternary adapters were merged losslessly on the integer grid: their thresholded product "
-                       "moved each integer code by -1, 0 or +1, and the result was written back into the packed "
-                       "integer weights.",
-            "settings": {"LoTA rank r": first.r if first else None, "LoTA threshold omega": first.omega if first else None,
-                         "LoTA offset mode": first.offset if first else None},
-            "adapters": list(names),
+                       "moved each integer code by a whole number of quantization steps, and the result was written "
+                       "back into the packed integer weights" + (" together with the trained scales." if config is not None
+                                                                 and config.train_scales else "."),
+            "settings": {"LoTA rank r": getattr(config, "r", None), "LoTA threshold omega": getattr(config, "omega", None),
+                         "LoTA offset mode": getattr(config, "offset", None)},
         }
 
     # ---- compact adapter files: ternary tensors at 2 bits per value ------------------------------

@@ -22,7 +22,7 @@ import torch
 
 from .. import numerics
 from ..formats.base import QuantState, dequantize
-from ..numerics import Scratch, adapted_weight, compute_dtype, input_grad, row_chunks
+from ..numerics import Scratch, adapted_weight, add_group_sums_, compute_dtype, input_grad, row_chunks
 
 OFFSET_MODES = ("none", "float", "integer")
 
@@ -279,11 +279,7 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors,
             steps.sub_(state.group_blocks(zeros32, k0, k1))
             if mu is not None:
                 steps.add_(state.group_blocks(mu, k0, k1))
-            part = steps.mul_(blocks).sum(1)
-            if gs is None:
-                d_scales.index_add_(0, state.g_idx[k0:k1], part)
-            else:
-                d_scales[k0 // gs: k0 // gs + part.shape[0]] += part
+            add_group_sums_(d_scales, state, steps.mul_(blocks).sum(1), k0, k1)
         blocks.mul_(s)
         for (A, B), (dA, dB) in zip(factors, grads):
             torch.mm(G, B.t(), out=dA[k0:k1])

@@ -1,0 +1,117 @@
+"""L4QConfig: the PEFT configuration of an L4Q adapter (LoRA trained through a learnable quantizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class L4QConfig(PeftConfig):
+    """Configuration of an L4Q adapter (arXiv 2402.04902): a LoRA inside the quantizer, trained quantization-aware.
+
+    Each targeted layer computes `W_q = s * (clamp(round((W0 + (lora_alpha / r) B A) / s) + z, 0, maxq) - z)`:
+    the model that trains is already the quantized model, so `merge_and_unload()` writes exactly it as a
+    standard GPTQ checkpoint (codes, the trained scales, the zero points). W0 is the frozen weight of a
+    full-precision model, or the dequantized weight of a GPTQ model (recomputed from its codes).
+    """
+
+    r: int = field(default=16, metadata={"help": "LoRA rank of A [r, in] and B [out, r]."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is (lora_alpha / r) B A."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Must be 0: L4Q's LoRA update is quantized together with the base weight, so there is no "
+                          "separate LoRA branch for dropout to act on (accepted for LoraConfig compatibility)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Layers to adapt: a list of name suffixes (e.g. ['q_proj', 'v_proj']), a regex matched "
+                          "against the full module name, or 'all-linear' (the default): every GPTQ layer of a GPTQ "
+                          "model, every nn.Linear but the output head of a full-precision model."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names (list of suffixes) or a regex of modules to leave alone."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the decoder layers to adapt; others are left alone."})
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the decoder-layer list (e.g. 'layers'), used with layers_to_transform."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules other than L4Q layers to train in full precision and save with the adapter "
+                          "(e.g. an unquantized classification head). They are not quantized by the merge."},
+    )
+    bits: Optional[int] = field(
+        default=None,
+        metadata={"help": "Code width, one of 2, 3, 4, 8. From a GPTQ model: the checkpoint's (None, or the same "
+                          "value). From full precision: the width of the GPTQ checkpoint the merge writes (default 4)."},
+    )
+    group_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Input rows per quantization group (-1: one group per output column). From a GPTQ model: "
+                          "the checkpoint's. From full precision: default 128; it must divide every adapted layer's "
+                          "in_features."},
+    )
+    sym: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Symmetric grid (zero point 2^(bits-1), L4Q's initialisation: s = max(|min| / 2^(bits-1), "
+                          "max / (2^(bits-1) - 1)) per group) or asymmetric (min-max). From a GPTQ model: the "
+                          "checkpoint's. From full precision: default True."},
+    )
+    learn_scales: bool = field(
+        default=True,
+        metadata={"help": "Train the quantization scales (one multiplier per group and output column, LSQ-style "
+                          "gradient). The forward uses them rounded to fp16, the dtype the checkpoint stores."},
+    )
+    init_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed for the Kaiming-uniform initialisation of A (None: torch's global one)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from ..registry import L4Q_PEFT_TYPE
+
+        self.peft_type = L4Q_PEFT_TYPE
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        if self.target_modules is None:
+            self.target_modules = "all-linear"
+        if isinstance(self.target_modules, list):
+            if not self.target_modules:
+                raise ValueError("L4QConfig: target_modules is empty; give layer names, a regex or 'all-linear'.")
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"L4QConfig: r must be a positive integer, got r={self.r!r}.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"L4QConfig: lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if self.lora_dropout:
+            raise ValueError(
+                f"L4QConfig: lora_dropout={self.lora_dropout} is not supported: L4Q quantizes the LoRA update together "
+                "with the base weight, so there is no separate LoRA branch to apply dropout to. Set lora_dropout=0.")
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"L4QConfig: bits must be one of {SUPPORTED_BITS}, got {self.bits!r}.")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or (self.group_size < 1 and self.group_size != -1)):
+            raise ValueError(f"L4QConfig: group_size must be a positive integer or -1 (one group per column), "
+                             f"got {self.group_size!r}.")
+        if self.sym is not None and not isinstance(self.sym, bool):
+            raise ValueError(f"L4QConfig: sym must be True, False or None, got {self.sym!r}.")
+        if not isinstance(self.learn_scales, bool):
+            raise ValueError(f"L4QConfig: learn_scales must be True or False, got {self.learn_scales!r}.")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise ValueError(f"L4QConfig: init_seed must be an integer or None, got {self.init_seed!r}.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("L4QConfig: layers_pattern only makes sense together with layers_to_transform.")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def quantizer(self) -> tuple[int, int, bool]:
+        """(bits, group_size, sym) for a full-precision start, with the defaults filled in."""
+        return (4 if self.bits is None else self.bits, 128 if self.group_size is None else self.group_size,
+                True if self.sym is None else self.sym)

@@ -1,0 +1,234 @@
+"""The L4Q tuner layer: a LoRA inside a learnable quantizer, on a GPTQ layer or on a full-precision nn.Linear.
+
+On a GPTQ layer, W0 is recomputed from the layer's codes (formats/ reads them) and the grid (zero
+points, base scales, g_idx) is the checkpoint's; a merge writes the new codes and scales back into
+the layer's buffers. On an nn.Linear, W0 is its weight and the grid comes from L4Q's initialisation
+(quantizer.init_grid); a merge builds the GPTQ layer (formats/gptq.py) that replaces it on unload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..formats import gptq
+from ..formats.base import QuantWeights
+from ..numerics import scale_multiplier
+from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class L4QSettings:
+    """One adapter's settings in a layer (from its L4QConfig)."""
+
+    r: int
+    scaling: float
+    learn_scales: bool = True
+
+
+class RoundToStoredSTE(torch.autograd.Function):
+    """float32 values rounded to the dtype a checkpoint stores (fp16 scales), kept in float32; STE gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class L4QLayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("l4q_A", "l4q_B", "l4q_scales")
+    other_param_names = ("settings",)
+
+    def __init__(self, base_layer: nn.Module, quant: Optional[QuantWeights], adapter_name: str,
+                 settings: L4QSettings, *, quantizer: Optional[tuple[int, int, bool]] = None,
+                 init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
+        """quant: how to read the codes of a quantized base layer; None for an nn.Linear, which then needs
+        quantizer = (bits, group_size, sym) to initialise its grid."""
+        super().__init__()
+        self.base_layer = base_layer
+        self.quant = quant
+        self.l4q_A = nn.ParameterDict({})
+        self.l4q_B = nn.ParameterDict({})
+        self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + SCALE_UNIT * u)
+        self.settings: dict[str, L4QSettings] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged_snapshot: Optional[dict[str, torch.Tensor]] = None  # GPTQ base: raw buffers before the merge
+        self.merged_layer: Optional[nn.Module] = None  # nn.Linear base: the GPTQ layer a merge made
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self._current_key = current_key
+        self._active_adapter = adapter_name
+        if quant is None:
+            self._init_dense_grid(*quantizer)
+        self.update_layer(adapter_name, settings, init_seed=init_seed)
+
+    # ---- the grid ----------------------------------------------------------------------------
+    def _init_dense_grid(self, bits: int, group_size: int, sym: bool) -> None:
+        K = self.in_features
+        gs = K if group_size == -1 else group_size
+        if K % gs or K % row_align(bits):
+            raise ValueError(
+                f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}) with group_size={group_size} "
+                f"and {bits} bits: groups must divide in_features"
+                + (f" and GPTQ packs {bits}-bit codes in runs of {row_align(bits)} rows" if K % row_align(bits) else "")
+                + ". Choose a group_size that divides every adapted layer's in_features (or -1), or exclude the layer.")
+        weight = self.base_layer.weight.detach()
+        with torch.no_grad():
+            scales, zeros = init_grid(weight.t(), bits, group_size, sym)
+        # Not persistent: the grid is a function of the frozen weight, recomputed identically when an adapter loads.
+        self.register_buffer("l4q_grid_scales", scales, persistent=False)
+        self.register_buffer("l4q_grid_zeros", zeros, persistent=False)
+        self.register_buffer("l4q_grid_g_idx", default_g_idx(K, group_size, weight.device), persistent=False)
+        self.quantizer = (bits, group_size, sym)
+
+    def grid(self) -> Grid:
+        """W0 and its grid as they are now (a GPTQ base's codes are read anew: cheap, metadata is cached)."""
+        if self.quant is not None:
+            return Grid.from_quantized(self.quant.read())
+        base = self.base_layer
+        bits = self.quantizer[0]
+        # The bias as the checkpoint will store it (the grid's dtype, fp16), so that the merge changes nothing.
+        bias = None if base.bias is None else base.bias.detach().to(self.l4q_grid_scales.dtype)
+        return Grid.from_dense(base.weight.detach(), bias,
+                               self.l4q_grid_scales, self.l4q_grid_zeros, self.l4q_grid_g_idx, (1 << bits) - 1,
+                               row_align(bits))
+
+    @property
+    def bits(self) -> int:
+        return self.quant.bits if self.quant is not None else self.quantizer[0]
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, settings: L4QSettings, init_seed=None, **kwargs) -> None:
+        generator = None
+        if init_seed is not None:  # one reproducible stream per layer, independent of creation order
+            generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
+        device = self._device()
+        A = torch.empty(settings.r, self.in_features)
+        bound = 1 / math.sqrt(self.in_features)  # nn.init.kaiming_uniform_(a=sqrt(5)), as PEFT's LoRA
+        A.uniform_(-bound, bound, generator=generator)
+        self.l4q_A[adapter_name] = nn.Parameter(A.to(device))
+        self.l4q_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, settings.r, device=device))
+        if settings.learn_scales:
+            groups = self.grid().state.scales.shape[0]
+            self.l4q_scales[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
+        self.settings[adapter_name] = settings
+        self.set_adapter(self.active_adapters)
+
+    def _device(self) -> torch.device:
+        return self.quant.device if self.quant is not None else self.base_layer.weight.device
+
+    def scales(self, adapter_name: str, grid: Grid) -> Optional[torch.Tensor]:
+        """The trained scales (float32, rounded to the stored dtype), or None if this adapter does not learn them."""
+        if adapter_name not in self.l4q_scales:
+            return None
+        s0 = grid.state.scales
+        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name]), s0.dtype)
+
+    def _unmerged_active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.l4q_A and a not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged_layer is not None:  # merged on an nn.Linear base: the GPTQ layer computes
+            return self.merged_layer(x)
+        active = self._unmerged_active()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise ValueError(f"L4Q quantizes the base weight plus one adapter's LoRA; {self._current_key} has "
+                             f"{len(active)} active adapters ({', '.join(active)}). Activate one (set_adapter).")
+        name = active[0]
+        grid = self.grid()
+        out = l4q_linear(x.reshape(-1, x.shape[-1]), grid, self.l4q_A[name], self.l4q_B[name],
+                         self.settings[name].scaling, self.scales(name, grid))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    # ---- merge -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantized(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Grid]:
+        """(codes uint8 [K, N], zeros, scales in the stored dtype, grid) of W_q for this adapter."""
+        grid = self.grid()
+        scales = self.scales(adapter_name, grid)
+        s32 = grid.state.scales.float() if scales is None else scales
+        codes = quantized_codes(grid, self.l4q_A[adapter_name], self.l4q_B[adapter_name],
+                                self.settings[adapter_name].scaling, s32)
+        return codes, grid.state.zeros, s32.to(grid.state.scales.dtype), grid
+
+    @torch.no_grad()
+    def get_delta_codes(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The integer code change (int16, [out, in]) this adapter makes to a GPTQ base; None on an nn.Linear."""
+        if self.quant is None:
+            return None
+        codes, _, _, grid = self.quantized(adapter_name)
+        before = grid.state.codes.to(torch.int16)
+        return (codes.to(torch.int16) - before).t().contiguous()
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged_adapters:
+            raise ValueError("L4Q merges one adapter into a layer (the quantized result of W0 plus its LoRA); "
+                             f"asked for {adapter_names} with {self.merged_adapters or 'none'} merged already.")
+        name = adapter_names[0]
+        codes, zeros, scales, grid = self.quantized(name)
+        if self.quant is not None:
+            buffers = self.quant.encode(codes, zeros, scales)
+            if safe_merge:
+                self._check_merge(buffers, codes, scales)
+            self._unmerged_snapshot = self.quant.snapshot()  # aliases: the merge swaps new buffers in
+            self.quant.restore(buffers)
+        else:
+            bits, group_size, sym = self.quantizer
+            layer = gptq.make_gptq_linear(codes, zeros, scales, grid.state.g_idx, grid.state.bias, bits,
+                                          group_size, sym)
+            if safe_merge and not torch.equal(gptq.unpack_qweight(layer.qweight, bits), codes):
+                raise ValueError(f"safe_merge: the packed merge of {self._current_key} does not decode to the codes.")
+            self.merged_layer = layer.to(self.base_layer.weight.device)
+        self.merged_adapters.append(name)
+
+    def _check_merge(self, buffers, codes, scales) -> None:
+        current = self.quant.snapshot()
+        self.quant.restore(buffers)
+        try:  # compared before restoring: the state aliases the layer's buffers
+            written = self.quant.read()
+            same = torch.equal(written.codes, codes) and torch.equal(written.scales, scales)
+        finally:
+            self.quant.restore(current)
+        if not same:
+            raise ValueError(f"safe_merge: the packed merge of {self._current_key} does not decode to the "
+                             "quantized codes and scales; nothing was written.")
+
+    def release_unmerged(self) -> None:
+        """merge_and_unload: no unmerge follows, so what an unmerge would restore is freed now."""
+        self._unmerged_snapshot = None
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            logger.warning("Already unmerged. Nothing to do.")
+            return
+        if self.quant is not None:
+            self.quant.restore(self._unmerged_snapshot)
+            self._unmerged_snapshot = None
+        self.merged_layer = None
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "l4q." + super().__repr__()

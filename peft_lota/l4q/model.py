@@ -1,0 +1,106 @@
+"""L4QModel: the PEFT tuner that injects L4Q layers, merges them into GPTQ layers and unloads."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .. import formats
+from ..formats import gptq
+from ..tuner import QuantTuner
+from .config import L4QConfig
+from .layer import L4QLayer, L4QSettings
+
+
+class L4QModel(QuantTuner):
+    """Creates an L4Q model from a full-precision or a GPTQ transformers model (use `peft.get_peft_model`).
+
+    From a GPTQ model, W0 is each layer's dequantized weight and the grid is the checkpoint's; from a
+    full-precision model, W0 is each nn.Linear's weight and the grid comes from L4Q's initialisation with the
+    config's bits, group_size and sym. Either way `merge_and_unload()` returns a GPTQ model.
+    """
+
+    prefix: str = "l4q_"
+    tuner_layer_cls = L4QLayer
+    method_name = "L4Q"
+
+    def _quantized_base(self) -> bool:
+        return formats.model_format(self.model) is not None or any(
+            formats.is_quantized_layer(m) for m in self.model.modules())
+
+    def _adaptable(self, module: nn.Module) -> bool:
+        if self._quantized_base():
+            return formats.is_quantized_layer(module)
+        return isinstance(module, nn.Linear)
+
+    def _all_linear_error(self) -> str:
+        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a GPTQ model needs GPTQ "
+                "layers, a full-precision model nn.Linear layers (other than the output head).")
+
+    @staticmethod
+    def _settings(config: L4QConfig) -> L4QSettings:
+        return L4QSettings(r=config.r, scaling=config.scaling, learn_scales=config.learn_scales)
+
+    def _create_and_replace(self, config: L4QConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        if isinstance(target, L4QLayer):
+            if target.quant is None and target.quantizer != config.quantizer():
+                raise ValueError(f"L4Q adapter {adapter_name!r} asks for a (bits, group_size, sym) = "
+                                 f"{config.quantizer()} grid on {current_key}, which already has {target.quantizer}: "
+                                 "adapters on one layer share its grid.")
+            target.update_layer(adapter_name, self._settings(config), init_seed=config.init_seed)
+            return
+        quant = formats.dispatch(target, current_key)
+        if quant is not None:
+            self._check_grid(config, quant, current_key)
+            new = L4QLayer(target, quant, adapter_name, self._settings(config), init_seed=config.init_seed,
+                           current_key=current_key)
+        elif isinstance(target, nn.Linear) and not self._quantized_base():
+            new = L4QLayer(target, None, adapter_name, self._settings(config), quantizer=config.quantizer(),
+                           init_seed=config.init_seed, current_key=current_key)
+        else:
+            kind = "a GPTQ model" if self._quantized_base() else "a full-precision model"
+            raise TypeError(
+                f"L4Q cannot adapt module {current_key!r} of type {type(target).__name__} in {kind}: it adapts the "
+                "GPTQ layers of a GPTQ model, or the nn.Linear layers of a full-precision model. Remove it from "
+                "target_modules, or use target_modules='all-linear'.")
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        self._replace_module(parent, target_name, new, target)
+
+    @staticmethod
+    def _check_grid(config: L4QConfig, quant, key: str) -> None:
+        """From a GPTQ model the grid is the checkpoint's: a config that asks for another one is refused."""
+        layer = quant.layer
+        have = {"bits": layer.bits, "group_size": layer.group_size, "sym": bool(layer.sym)}
+        for name, value in have.items():
+            asked = getattr(config, name)
+            if asked is not None and asked != value:
+                raise ValueError(f"L4QConfig({name}={asked!r}) but the GPTQ layer {key} has {name}={value!r}: from a "
+                                 f"GPTQ model L4Q keeps the checkpoint's grid. Leave {name} unset (None).")
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Unloading a layer merged on an nn.Linear base: the GPTQ layer the merge made replaces it.
+        if isinstance(child, L4QLayer) and child.merged_layer is not None and new_module is child.base_layer:
+            new_module = child.merged_layer
+        setattr(parent, child_name, new_module)
+
+    def _after_unload(self, model: nn.Module) -> None:
+        """From full precision, the unloaded model now holds GPTQ layers: give it the config every loader reads."""
+        if formats.model_format(model) is not None:
+            return
+        if not gptq.gptq_layers(model):
+            return
+        config = self.peft_config[self.active_adapters[0]]
+        model.config.quantization_config = gptq.make_quantization_config(*config.quantizer())
+
+    def _method_card(self, config: Optional[L4QConfig]) -> dict:
+        return {
+            "method": "L4Q", "method_url": "https://arxiv.org/abs/2402.04902", "method_tag": "l4q",
+            "summary": "A LoRA was trained through the quantizer (quantization-aware training with learnable scales); "
+                       "the merge wrote the quantized result, the codes and the trained scales, exactly as training "
+                       "computed them.",
+            "settings": {"L4Q rank r": getattr(config, "r", None), "L4Q lora_alpha": getattr(config, "lora_alpha", None),
+                         "L4Q learned scales": getattr(config, "learn_scales", None)},
+        }

@@ -1,0 +1,220 @@
+"""L4Q's quantizer and its fused linear, as plain tensor functions (no PEFT, no nn.Module).
+
+Notation of ../shared/SEEDS_L4Q_APIQ.md, in the formats' orientation `[K, N]` = `[in, out]`, on GPTQ's
+unsigned grid (codes in [0, maxq], integer zero points z):
+
+    W_comb = W0 + scaling * A^T B^T          A [r, K], B [N, r]: PEFT LoRA's lora_A / lora_B weights
+    v      = round(W_comb / s) + z           s [G, N] trained scales, z [G, N] integer zero points
+    Q      = clamp(v, 0, maxq)               the codes a GPTQ checkpoint stores
+    W_q    = s * (Q - z)                     computed exactly as the stock kernel does (fp16 product)
+    y      = x @ W_q (+ bias)
+
+L4Q's signed grid with offset b = 0 is GPTQ's symmetric grid (z = 2^(b-1)); from a GPTQ checkpoint,
+W0 = s0 * (Q0 - z) is recomputed from its codes, so W_comb / s0 = Q0 - z exactly and a fresh adapter
+(B = 0) reproduces the checkpoint bit for bit.
+
+Backward (straight-through, LSQ-style), recomputing W_comb instead of keeping it:
+    dL/dW_comb = G * m             G = x^T g, m = 1[0 <= v <= maxq] (clipped weights pass no gradient)
+    dL/dA = scaling * (G m B)^T    dL/dB = scaling * (G m)^T A^T
+    dL/ds = sum over the group's rows of G * (round(W_comb/s) - W_comb/s) where in range, G * (Q - z)
+            where clipped; times LSQ's gradient scale 1 / sqrt(rows per group * Q_P)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ..formats.base import QuantState, group_layout
+from ..numerics import Scratch, add_group_sums_, compute_dtype, input_grad, row_chunks, weight_rows
+
+SMALLEST_SCALE = 2.0 ** -14  # fp16's smallest normal number: a scale must stay a normal fp16 value
+
+
+def init_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, dtype=torch.float16):
+    """L4Q's quantizer initialisation of a full-precision weight W [K, N]: (scales [G, N] in `dtype`, zeros int32).
+
+    sym (L4Q_init): per group, s = max(|min| / 2^(b-1), max / (2^(b-1) - 1)) and z = 2^(b-1), so that no weight
+    is clipped. Asymmetric: min-max over the group and 0, s = (max - min) / maxq, z = round(-min / s) kept in
+    [1, maxq] so that the classic GPTQ format can store it, then s widened if the rounded z would clip an end.
+    Scales are rounded up to `dtype`, so the stored scale clips nothing either.
+    """
+    K, N = W.shape
+    gs = K if group_size == -1 else group_size
+    groups = W.float().reshape(K // gs, gs, N)
+    lo, hi = groups.amin(1), groups.amax(1)
+    maxq = (1 << bits) - 1
+    if sym:
+        half = 1 << (bits - 1)
+        s = torch.maximum(lo.clamp_max(0).abs() / half, hi.clamp_min(0) / max(half - 1, 1))
+        zeros = torch.full(s.shape, half, dtype=torch.int32)
+    else:
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+        s = ((hi - lo) / maxq).clamp_min(SMALLEST_SCALE)
+        zeros = torch.round(-lo / s).clamp(1, maxq)
+        # Codes round(w / s) + z stay in [0, maxq] when -min / s <= z + 1/2 and max / s <= maxq - z + 1/2.
+        s = torch.maximum(s, torch.maximum(-lo / (zeros + 0.49), hi / (maxq - zeros + 0.49)))
+        zeros = zeros.to(torch.int32)
+    s = s.clamp_min(SMALLEST_SCALE)
+    stored = s.to(dtype)
+    stored = torch.where(stored.float() < s, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored, zeros.to(W.device)
+
+
+def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    gs = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, device=device, dtype=torch.int32) // gs
+
+
+class Grid:
+    """What L4Q quantizes in one layer: W0 (one row chunk at a time) and its grid (zeros, base scales, g_idx).
+
+    `state` is a QuantState holding the zeros, the base scales (the checkpoint's dtype), g_idx, bias and layout;
+    `w0_rows(k0, k1)` returns rows k0..k1-1 of W0 in float32.
+    """
+
+    def __init__(self, state: QuantState, w0_rows: Callable[[int, int], torch.Tensor]):
+        self.state, self.w0_rows = state, w0_rows
+
+    @classmethod
+    def from_quantized(cls, state: QuantState) -> "Grid":
+        """W0 = s0 * (Q0 - z), recomputed from the codes (exact in float32): no full-precision copy is kept."""
+        zeros32, scales32 = state.zeros.float(), state.scales.float()
+
+        def w0_rows(k0: int, k1: int) -> torch.Tensor:
+            codes = state.codes_rows(k0, k1)
+            s = state.group_blocks(scales32, k0, k1)
+            w = codes.float().view(s.shape[0], -1, codes.shape[-1]).sub_(state.group_blocks(zeros32, k0, k1)).mul_(s)
+            return w.view(codes.shape)
+
+        return cls(state, w0_rows)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias, scales, zeros, g_idx, maxq: int, row_align: int) -> "Grid":
+        """W0 = a full-precision weight [N, K] (nn.Linear's), read transposed."""
+        K = weight.shape[1]
+        state = QuantState(None, zeros, scales, g_idx.long(), maxq, bias, codes_rows=lambda k0, k1: None,
+                           in_features=K, row_align=row_align, layout=group_layout(g_idx.long(), scales.shape[0]))
+        # a copy: W_comb is built in place on these rows
+        return cls(state, lambda k0, k1: weight[:, k0:k1].t().to(torch.float32, copy=True))
+
+
+def lsq_gradient_scale(state: QuantState, maxq: int) -> torch.Tensor:
+    """LSQ's 1 / sqrt(rows per group * Q_P), per group [G, 1] (Q_P: the grid's positive range, maxq here)."""
+    return (state.counts.clamp_min(1) * maxq).rsqrt()[:, None]
+
+
+def _combined_rows(grid: Grid, A32, B32, scaling: float, k0: int, k1: int) -> torch.Tensor:
+    """W_comb rows k0..k1-1 in float32: W0 + scaling * A^T B^T."""
+    w = grid.w0_rows(k0, k1)
+    return w.addmm_(A32[:, k0:k1].t(), B32.t(), alpha=scaling)
+
+
+def quantize_rows(grid: Grid, wc: torch.Tensor, scales32, zeros32, k0: int, k1: int):
+    """(v = round(W_comb / s) + z unclipped, as float [blocks, rows/blocks, N], and W_comb / s) for rows k0..k1-1."""
+    st = grid.state
+    s = st.group_blocks(scales32, k0, k1)
+    ws = wc.view(s.shape[0], -1, wc.shape[-1]).div(s)
+    return torch.round(ws).add_(st.group_blocks(zeros32, k0, k1)), ws
+
+
+def quantized_codes(grid: Grid, A, B, scaling: float, scales32: torch.Tensor) -> torch.Tensor:
+    """Q = clamp(round(W_comb / s) + z, 0, maxq) as uint8 [K, N], one row chunk at a time."""
+    st = grid.state
+    K, N = st.in_features, st.scales.shape[1]
+    device = st.scales.device
+    codes = torch.empty(K, N, dtype=torch.uint8, device=device)
+    zeros32 = st.zeros.float()
+    A32, B32 = A.detach().float(), B.detach().float()
+    with torch.autocast(device_type=device.type, enabled=False):
+        for k0, k1 in row_chunks(st, N, device):
+            v, _ = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), scales32, zeros32, k0, k1)
+            codes[k0:k1] = v.clamp_(0, st.maxq).view(k1 - k0, N)
+    return codes
+
+
+def quantized_weight(grid: Grid, codes: torch.Tensor, scales32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_q = s * (Q - z) in `dtype`, bit for bit as the stock kernel computes it from these codes and scales."""
+    st = grid.state.replace(scales=scales32.to(grid.state.scales.dtype))
+    K, N = codes.shape
+    out = torch.empty(K, N, dtype=dtype, device=codes.device)
+    zeros32, scratch = st.zeros.float(), Scratch(codes.device)
+    for k0, k1 in row_chunks(st, N, codes.device):
+        weight_rows(st, codes[k0:k1], zeros32, scales32, None, k0, k1, out[k0:k1], scratch)
+    return out
+
+
+class L4QLinearFunction(torch.autograd.Function):
+    """y = x @ W_q(W0 + scaling A^T B^T; s) + bias, with L4Q's straight-through gradients to A, B (and s).
+
+    Forward keeps x, the codes (one byte per weight) and the small parameters; backward rebuilds W_q from
+    the codes and recomputes W_comb (the paper's memory-optimised design): no weight-sized float tensor
+    lives from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, grid: Grid, scaling: float, scales32, A, B):
+        base_scales = grid.state.scales.float() if scales32 is None else scales32.detach()
+        codes = quantized_codes(grid, A, B, scaling, base_scales)
+        dtype = compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(dtype)
+            out = torch.matmul(x, quantized_weight(grid, codes, base_scales, dtype))
+            if grid.state.bias is not None:
+                out = out + grid.state.bias.to(out.dtype)
+        ctx.grid, ctx.scaling, ctx.learn_scales = grid, scaling, scales32 is not None
+        ctx.save_for_backward(x, codes, base_scales, A, B)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, codes, scales32, A, B = ctx.saved_tensors
+        grid, scaling = ctx.grid, ctx.scaling
+        st = grid.state.replace(scales=scales32.to(grid.state.scales.dtype))
+        (K, N), device = codes.shape, x.device
+        x2, g2 = x.reshape(-1, K), grad_out.to(x.dtype).reshape(-1, N)
+        needs = ctx.needs_input_grad
+        A32, B32 = A.float(), B.float()
+        dA, dB = torch.zeros_like(A32), torch.zeros_like(B32)
+        d_scales = torch.zeros_like(scales32) if ctx.learn_scales else None
+        zeros32, scratch = st.zeros.float(), Scratch(device)
+        with torch.autocast(device_type=device.type, enabled=False):
+            grad_x = input_grad(st, codes, st.zeros, None, g2).view(x.shape) if needs[0] else None
+            for k0, k1 in row_chunks(st, N, device):
+                G = torch.mm(x2[:, k0:k1].t(), g2, out=scratch("G", (k1 - k0, N), x2.dtype))  # dL/dW_q rows
+                if G.dtype != torch.float32:
+                    G = scratch("G32", G.shape, torch.float32).copy_(G)
+                v, ws = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), scales32, zeros32, k0, k1)
+                blocks = G.view(v.shape)
+                in_range = (v >= 0) & (v <= st.maxq)
+                if d_scales is not None:  # dW_q/ds: round(w~) - w~ in range, (Q - z) where clipped
+                    q = codes[k0:k1].view(v.shape).float().sub_(st.group_blocks(zeros32, k0, k1))
+                    step = torch.where(in_range, v.sub(st.group_blocks(zeros32, k0, k1)).sub_(ws), q)
+                    add_group_sums_(d_scales, st, step.mul_(blocks).sum(1), k0, k1)
+                dwc = blocks.mul_(in_range).view(k1 - k0, N)  # dL/dW_comb: clipped weights pass nothing
+                dA[:, k0:k1] = (dwc @ B32).t().mul_(scaling)
+                dB.addmm_(dwc.t(), A32[:, k0:k1].t(), alpha=scaling)
+        if d_scales is not None:
+            d_scales.mul_(lsq_gradient_scale(st, st.maxq))
+        return (grad_x, None, None, d_scales, dA.to(A.dtype) if needs[4] else None,
+                dB.to(B.dtype) if needs[5] else None)
+
+
+def l4q_linear(x: torch.Tensor, grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling: float,
+               scales32: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W_q + bias; no autograd graph when nothing needs a gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, scales32)):
+        return L4QLinearFunction.apply(x, grid, scaling, scales32, A, B)
+    s = grid.state.scales.float() if scales32 is None else scales32
+    codes = quantized_codes(grid, A, B, scaling, s)
+    out = torch.matmul(x, quantized_weight(grid, codes, s, x.dtype))
+    if grid.state.bias is not None:
+        out.add_(grid.state.bias.to(out.dtype))
+    return out
+
+
+def row_align(bits: int) -> int:
+    """Rows per whole run of packed words: codes are packed along K in int32 words."""
+    return 32 // math.gcd(bits, 32)

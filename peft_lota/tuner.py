@@ -1,0 +1,122 @@
+"""What every peft_lota method's PEFT tuner shares: target selection on quantized models, merge, unload, export.
+
+A method's model subclasses `QuantTuner` and says which modules it can adapt (`_adaptable`), how to
+build its layer (`_create_and_replace`), what to check before a merge writes anything
+(`_check_before_merge`) and what the model card says (`_card_info`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from tqdm.auto import tqdm
+from peft.tuners.tuners_utils import BaseTuner, onload_layer
+
+from . import formats
+
+
+class QuantTuner(BaseTuner):
+    method_name: str = "?"  # e.g. "LoTA" in messages
+    target_module_mapping: dict = {}
+
+    # ---- injection ---------------------------------------------------------------------------
+    def _adaptable(self, module: nn.Module) -> bool:
+        """Whether 'all-linear' takes this module (the output head is left out by the caller)."""
+        return formats.is_quantized_layer(module)
+
+    def _all_linear_error(self) -> str:
+        return (f"{type(self.peft_config.get(self.active_adapter, None)).__name__}(target_modules='all-linear') found no "
+                "quantized linear layer in this model: load a quantized (GPTQ) checkpoint.")
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a GPTQ model.
+        if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
+            output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            ours = {n for n, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)}
+            inside = {n for name in ours for n, _ in self.model.get_submodule(name).named_modules(prefix=name)} - ours
+            names = {n for n, m in self.model.named_modules()
+                     if self._adaptable(m) and m is not output_head and n not in inside} | ours
+            if not names:
+                raise ValueError(self._all_linear_error())
+            # Suffixes ("q_proj") rather than full names, so PEFT still applies layers_to_transform;
+            # full names only where a suffix would also match some module we would not adapt.
+            suffixes = {n.rpartition(".")[2] for n in names}
+            clash = any(n and n.rpartition(".")[2] in suffixes and n not in names and n not in inside
+                        for n, _ in self.model.named_modules())
+            peft_config.target_modules = names if clash else suffixes
+        return peft_config
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        formats.prepare_model(model)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # BaseTuner's version copies `.weight`, which GPTQ layers do not have (and crashes on unload).
+        setattr(parent, child_name, new_module)
+
+    # ---- merge / unload ----------------------------------------------------------------------
+    def _tuner_layers(self) -> list:
+        return [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
+
+    def _check_before_merge(self, adapter_names: Optional[list[str]], **merge_kwargs) -> None:
+        """Refuse a merge up front, before any layer is written (a method adds its own checks)."""
+        self._check_merge_allowed()
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, **merge_kwargs) -> None:
+        """Merge adapters into the quantized weights, keeping what unmerge_adapter needs to restore them."""
+        self._merge_layers(adapter_names, safe_merge, merge_kwargs)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None, **merge_kwargs) -> nn.Module:
+        """Merge into the quantized weights and return the plain transformers model.
+
+        Its `save_pretrained` / `push_to_hub` write a standard quantized checkpoint (see export.py).
+        """
+        info = self._card_info(adapter_names)
+        self._merge_layers(adapter_names, safe_merge, merge_kwargs, unloading=True, progressbar=progressbar)
+        model = self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        self._after_unload(model)
+        from .export import attach_export
+
+        attach_export(model, info)
+        return model
+
+    def _after_unload(self, model: nn.Module) -> None:
+        """Hook: what the unloaded model needs to be a standard quantized model (e.g. its quantization config)."""
+
+    def _merge_layers(self, adapter_names: Optional[list[str]], safe_merge: bool, merge_kwargs: dict, *,
+                      unloading: bool = False, progressbar: bool = False) -> None:
+        """Merge every tuner layer in turn, after the checks that refuse a merge before anything is written.
+
+        unloading (merge_and_unload): no unmerge follows, so each layer's pre-merge buffers are freed as soon
+        as it is merged (peak memory ~1x the packed weights, not 2x), and a failure names its layer.
+        """
+        self._check_before_merge(adapter_names, **merge_kwargs)
+        layers = self._tuner_layers()
+        for i, module in enumerate(tqdm(layers, desc=f"merging {self.method_name}", disable=not progressbar)):
+            try:
+                with onload_layer(module):
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names, **merge_kwargs)
+            except Exception as err:
+                if not unloading:
+                    raise
+                raise RuntimeError(f"merge_and_unload failed at {self.method_name} layer {i} of {len(layers)} "
+                                   f"({module._current_key}); the layers before it are merged already.") from err
+            if unloading:
+                module.release_unmerged()
+
+    def _card_info(self, adapter_names: Optional[list[str]]) -> dict:
+        """What the model card of a merged checkpoint says (export.model_card)."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        configs = [self.peft_config[n] for n in names if n in self.peft_config]
+        first = configs[0] if configs else None
+        return {
+            "base_model": (first.base_model_name_or_path if first else None)
+            or getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            **self._method_card(first),
+            "adapters": list(names),
+        }
+
+    def _method_card(self, config) -> dict:
+        """method, method_url, method_tag, summary and settings for the model card."""
+        return {"method": self.method_name}

@@ -1,0 +1,250 @@
+"""L4Q: its quantizer maths against an autograd reference, and the method on real (tiny) GPTQ and full-precision
+models: fresh-adapter identity, merge exactness, export round trips, errors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_lota import L4QConfig, L4QLayer
+from peft_lota.formats import gptq
+from peft_lota.formats.base import QuantState
+from peft_lota.l4q import quantizer as q
+from tiny_models import SPECS_MATRIX, Spec, load_gptq
+
+IDS = [s.slug() for s in SPECS_MATRIX]
+X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def l4q_layers(model):
+    return [m for m in model.modules() if isinstance(m, L4QLayer)]
+
+
+def randomize(model, seed=0, strength=0.05):
+    """A trained-looking adapter: random B (so W_comb moves across rounding boundaries) and scale multipliers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in l4q_layers(model):
+            B = layer.l4q_B["default"]
+            B.copy_(torch.randn(B.shape, generator=g) * strength)
+            if "default" in layer.l4q_scales:
+                m = layer.l4q_scales["default"]
+                m.copy_(0.001 * (torch.rand(m.shape, generator=g) - 0.5))  # multipliers 0.95..1.05
+
+
+# ---- the maths -----------------------------------------------------------------------------------
+
+def _problem(layout: str, seed=0, K=64, N=24, G=4, bits=3, r=4, scales_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    g_idx = torch.randperm(K, generator=g) % G if layout == "act-order" else torch.arange(K) // (K // G)
+    codes = torch.randint(0, maxq + 1, (K, N), generator=g, dtype=torch.uint8)
+    state = QuantState(codes, torch.randint(1, maxq + 1, (G, N), generator=g),
+                       (torch.rand(G, N, generator=g) * 0.1 + 0.01).to(scales_dtype), g_idx, maxq,
+                       torch.randn(N, generator=g))
+    A = (torch.randn(r, K, generator=g) * 0.3).requires_grad_()
+    B = (torch.randn(N, r, generator=g) * 0.3).requires_grad_()
+    s = (state.scales.float() * (1 + 0.2 * torch.rand(G, N, generator=g))).requires_grad_()
+    x = torch.randn(9, K, generator=g).requires_grad_()
+    return state, A, B, s, x
+
+
+def _reference(state, A, B, scaling, s, x):
+    """The L4Q layer written directly with autograd: round and clamp with straight-through gradients."""
+    g = state.g_idx
+    gs = q.lsq_gradient_scale(state, state.maxq)
+    s_lsq = s * gs + (s - s * gs).detach()  # LSQ's gradient scale on s, value unchanged
+    s_r = (s_lsq + (s.detach().to(state.scales.dtype).float() - s.detach()))[g]
+    W0 = state.scales.float()[g] * (state.codes.float() - state.zeros.float()[g])
+    w = (W0 + scaling * A.t() @ B.t()) / s_r
+    v = torch.round(w).detach() + (w - w.detach()) + state.zeros.float()[g]  # exact integers, gradient 1
+    # the paper's mask is inclusive (codes on the grid's edge pass gradient); torch.clamp's is not
+    c = torch.where((v >= 0) & (v <= state.maxq), v, torch.clamp(v, 0, state.maxq).detach())
+    return x @ (s_r * (c - state.zeros.float()[g])) + state.bias
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "act-order"])
+def test_gradients_match_an_autograd_reference(layout):
+    state, A, B, s, x = _problem(layout)
+    grid = q.Grid.from_quantized(state)
+    y = q.l4q_linear(x, grid, A, B, 0.5, s)
+    y_ref = _reference(state, A, B, 0.5, s, x)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B, s), grad)
+    ref = torch.autograd.grad(y_ref, (x, A, B, s), grad)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # clipping happened (some codes hit the grid's edges) and scales got gradient
+    codes = q.quantized_codes(grid, A, B, 0.5, s.detach())
+    assert bool((codes == 0).any()) and bool((codes == state.maxq).any()) and got[3].abs().sum() > 0
+
+
+def test_a_fresh_adapter_reproduces_the_codes_and_the_stock_weights():
+    state, A, B, s, x = _problem("act-order", scales_dtype=torch.float16)
+    grid = q.Grid.from_quantized(state)
+    codes = q.quantized_codes(grid, A, torch.zeros_like(B), 0.5, state.scales.float())
+    assert torch.equal(codes, state.codes)
+    w = q.quantized_weight(grid, codes, state.scales.float(), torch.float32)
+    assert torch.equal(w, state.weight().float())  # fp16 products, as the stock kernel computes them
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_initial_grid_covers_every_weight(sym, bits):
+    W = torch.randn(64, 16, generator=torch.Generator().manual_seed(bits)) * 0.05
+    scales, zeros = q.init_grid(W, bits, 16, sym)
+    maxq = 2**bits - 1
+    v = torch.round(W.view(4, 16, 16) / scales.float()[:, None]) + zeros[:, None]
+    assert int(v.min()) >= 0 and int(v.max()) <= maxq  # nothing clipped at the start
+    assert int(zeros.min()) >= 1 and scales.dtype == torch.float16
+    if sym:
+        assert bool((zeros == 2 ** (bits - 1)).all())
+
+
+# ---- on GPTQ models --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=SPECS_MATRIX, ids=IDS)
+def spec_dir(request, gptq_dir):
+    return request.param, gptq_dir(request.param)
+
+
+def test_gptq_start_fresh_identity_merge_and_reload(spec_dir, tmp_path):
+    spec, path = spec_dir
+    base = logits(load_gptq(path))
+    model = get_peft_model(load_gptq(path), L4QConfig(r=4, init_seed=0))
+    assert len(l4q_layers(model)) == 14 and torch.equal(logits(model), base)
+    model.train()
+    model(input_ids=X, labels=X).loss.backward()
+    layer = l4q_layers(model)[0]
+    assert layer.l4q_B["default"].grad.abs().sum() > 0
+    # W0 sits on the grid, so LSQ's scale gradient (round(w) - w where in range) is 0 until the LoRA moves it off
+    assert layer.l4q_scales["default"].grad.abs().sum() == 0
+    model.zero_grad()
+    randomize(model)
+    model(input_ids=X, labels=X).loss.backward()
+    assert layer.l4q_scales["default"].grad.abs().sum() > 0
+    model.eval()
+    expected = logits(model)
+    moved = sum(int((layer.get_delta_codes("default") != 0).sum()) for layer in l4q_layers(model))
+    assert moved > 0
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not l4q_layers(merged) and torch.equal(logits(merged), expected)
+    out = merged.save_pretrained(tmp_path / "merged") or tmp_path / "merged"
+    reloaded = load_gptq(out)
+    assert torch.equal(logits(reloaded), expected)
+    for (_, a), (_, b) in zip(gptq.gptq_layers(merged), gptq.gptq_layers(reloaded)):
+        assert torch.equal(a.scales, b.scales) and torch.equal(a.qweight, b.qweight)
+
+
+def test_merge_unmerge_and_adapter_round_trip(gptq_dir, tmp_path):
+    path = gptq_dir(Spec("qwen2", 3, False, True, "gptq_v2"))
+    model = get_peft_model(load_gptq(path), L4QConfig(r=4, init_seed=0))
+    randomize(model)
+    expected = logits(model)
+    before = [(layer.base_layer.qweight.clone(), layer.base_layer.scales.clone()) for layer in l4q_layers(model)]
+    model.merge_adapter()
+    assert torch.equal(logits(model), expected)
+    model.unmerge_adapter()
+    for layer, (qweight, scales) in zip(l4q_layers(model), before):
+        assert torch.equal(layer.base_layer.qweight, qweight) and torch.equal(layer.base_layer.scales, scales)
+    assert torch.equal(logits(model), expected)
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "L4Q"
+    reloaded = PeftModel.from_pretrained(load_gptq(path), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded), expected)
+
+
+# ---- from full precision ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,bits,group_size,sym", [("llama", 4, 32, True), ("qwen2", 3, 64, False),
+                                                      ("llama", 2, -1, False), ("qwen2", 8, 128, True)])
+def test_full_precision_start_becomes_an_exact_gptq_checkpoint(fp_dir, tmp_path, arch, bits, group_size, sym):
+    path = fp_dir(arch)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                           L4QConfig(r=4, bits=bits, group_size=group_size, sym=sym, init_seed=0))
+    assert len(l4q_layers(model)) == 14  # every projection, not the output head
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    expected = logits(model)
+    merged = model.merge_and_unload()
+    assert len(gptq.gptq_layers(merged)) == 14 and torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (
+        "gptq", bits, group_size, sym, False)
+    assert json.loads((tmp_path / "merged" / "quantize_config.json").read_text())["bits"] == bits
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)  # default kernel
+    assert len(gptq.gptq_layers(stock)) == 14
+    assert torch.equal(logits(load_gptq(tmp_path / "merged")), expected)  # the trainable kernel: bit-identical
+    assert torch.allclose(logits(stock), expected, atol=1e-3)
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+def test_bad_configs_and_misuse_say_what_to_do(gptq_dir, fp_dir):
+    with pytest.raises(ValueError, match="lora_dropout=0"):
+        L4QConfig(lora_dropout=0.1)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        L4QConfig(bits=5)
+    with pytest.raises(ValueError, match="group_size must be"):
+        L4QConfig(group_size=0)
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        L4QConfig(target_modules=[])
+    with pytest.raises(ValueError, match="keeps the checkpoint's grid"):
+        get_peft_model(load_gptq(gptq_dir(Spec("llama", 2, False, False, "gptq_v2"))), L4QConfig(bits=4))
+    with pytest.raises(ValueError, match="divide"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
+                       L4QConfig(group_size=100))
+
+
+# ---- from a LoRA you already trained ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_l4q_from_lora_starts_from_the_lora_and_merges_exactly(gptq_dir, tmp_path, as_folder):
+    from peft import LoraConfig
+
+    from peft_lota import l4q_from_lora
+
+    path = gptq_dir(Spec("llama", 4, False, True, "gptq"))
+    lora = get_peft_model(load_gptq(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      lora_dropout=0.05, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    lora.eval()
+    lora_logits = logits(lora)
+    factors = {n: p.detach().clone() for n, p in lora.named_parameters() if "lora_" in n}
+    if as_folder:
+        lora.save_pretrained(tmp_path / "lora")
+        model = l4q_from_lora(load_gptq(path), tmp_path / "lora")
+    else:
+        model = l4q_from_lora(lora)
+    layers = l4q_layers(model)
+    assert len(layers) == 6 and all(layer.settings["default"].scaling == 2.0 for layer in layers)
+    for n, A in factors.items():  # the LoRA's own A and B, in the L4Q layers
+        target = n.replace("lora_A.default.weight", "l4q_A.default").replace("lora_B.default.weight", "l4q_B.default")
+        assert torch.equal(dict(model.named_parameters())[target], A)
+    # The fresh model is the LoRA model quantized onto the base's grid: close to it, and exactly mergeable.
+    quantized = logits(model)
+    assert not torch.equal(quantized, lora_logits) and torch.allclose(quantized, lora_logits, atol=0.5)
+    merged = model.merge_and_unload()
+    assert torch.equal(logits(merged), quantized)
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(load_gptq(tmp_path / "merged")), quantized)
