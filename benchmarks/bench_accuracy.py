@@ -1,4 +1,4 @@
-"""Accuracy benchmark: LoTA-QAF against LoRA-family baselines on small GPTQ models built offline.
+"""Accuracy benchmark: exact-merge fine-tuning (LoTA, L4Q) against LoRA-family baselines on small GPTQ models.
 
     python benchmarks/bench_accuracy.py --preset cpu --root demo_out
 
@@ -9,18 +9,19 @@ Two settings, each at every bit width of the preset (GPTQ, asymmetric, the model
 - task: learn a downstream task derived from the standard library (benchmarks/tasks.py), report
   exact match of greedy decodes on a test split whose items share no source file with training.
 
-Methods (same data, same batches in the same order, same number of optimizer steps, same rank):
-GPTQ with no fine-tuning; PEFT LoRA on the GPTQ model (16-bit adapter, unmerged); PEFT QA-LoRA
-(unmerged: PEFT cannot merge it into GPTQ); LoRA merged the only way users can today (dequantize,
-add the LoRA delta, re-quantize with GPTQ: same bits, group size and calibration as the base);
-LoTA with offset 'none' and 'integer' (merged with merge_and_unload, evaluated as the plain GPTQ
-model) and 'float' (unmerged; its rounded merge is evaluated too); full precision as the ceiling
-and full precision + LoRA (same data and steps) as the ceiling of what the fine-tuning can reach.
+Methods (same data, same batches in the same order, same number of optimizer steps, same rank and
+layers; every AdamW-trained method at its own learning rate from the pilot): GPTQ with no fine-tuning;
+PEFT LoRA on the GPTQ model (unmerged); PEFT QA-LoRA (unmerged: PEFT cannot merge it into GPTQ); LoRA
+merged the only way users can today (dequantize, add the LoRA delta, re-quantize with GPTQ); the same LoRA
+turned into L4Q (`l4q_from_lora`) and trained for a fifth of the steps, merged; LoTA with its defaults
+(latent A, B under AdamW, trained scales), merged; LoTA as the paper trains it (t-SignSGD), merged; L4Q
+from the GPTQ model and from the full-precision model, merged; full precision and full precision + LoRA
+as the ceilings. Candidates for LoTA's defaults are further method keys (``--methods``).
 
-``--tune`` runs the pilot instead, at one bit width: LoTA at each candidate omega and each
-AdamW-trained method at each candidate learning rate, trained on 90% of the training data and
-scored on the other 10% (never on the test split). Results go to
-benchmarks/results/accuracy-<preset>.{md,json,png} (pilot: accuracy-<preset>-tune.{md,json}).
+``--tune`` runs the pilot instead, at one bit width: each AdamW-trained method at each candidate
+learning rate (LoTA's paper variant at each omega), trained on 90% of the training data and scored on
+the other 10% (never on the test split). Results go to benchmarks/results/accuracy-<preset>.{md,json,png}
+(pilot: accuracy-<preset>-tune.{md,json}).
 """
 from __future__ import annotations
 
@@ -53,49 +54,76 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 # ----------------------------------------------------------------------------- presets
 # Every method sees the same batches for the same number of optimizer steps, at the same rank (64).
-# lrs: each AdamW-trained method's peak learning rate per setting, chosen with --tune on the cpu preset
-# (grid 1e-4..1e-2, 2 bits, scored on held-out files of the training data; benchmarks/results/
-# accuracy-cpu-tune.md). LoTA has no learning rate: t-SignSGD with the paper's quantile schedule;
-# omega = 16 (0.25 r) instead of the paper's 48 (0.75 r): in the pilot omega = 48 moved 0.001% (recovery)
-# and 0% (task) of the codes in 100 steps and learned nothing; 16 was best in both settings, 8 worse.
+# lrs: each AdamW-trained method's peak learning rate per setting, from --tune on the cpu preset (grid
+# 1e-4..1e-2, 2 bits, scored on held-out files of the training data: results/accuracy-cpu-tune.md).
+# The paper's LoTA has no learning rate (t-SignSGD); its omega (16 at r = 64) is the pilot's too: the paper's
+# 0.75 r moves almost no code in 100 steps under t-SignSGD.
 # qalora_group: PEFT's default pooling size (16). 128 (= the GPTQ group, the size that would make the
 # delta foldable into zero points) leaves one pooled feature for 128-wide layers (a task pilot: 33% vs 90%).
 # The gpu preset reuses the cpu preset's choices (untested; re-run --tune there).
-# Where the pilot's best rate and the next lower one were within noise (recovery: LoRA 3e-3 20.87 vs 1e-3
-# 20.96, QA-LoRA 1e-3 21.29 vs 3e-4 21.32) we take the lower: the pilot runs at 2 bits, and the higher
-# rates overshoot at 3 and 4 bits, where the model is close to full precision (LoRA at 3e-3 ended worse
-# than no fine-tuning at 4 bits: results/accuracy-cpu-lr-argmax.md). The lower rates favour the baselines.
-_LRS = {"recovery": {"lora": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4},
-        "task": {"lora": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3}}
-_COMMON = dict(rank=64, omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
-               tune_lrs=(3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8))
+_LRS = {"recovery": {"lora": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4, "l4q": 3e-4, "l4q_fp": 3e-4,
+                     "lora_l4q": 3e-4},
+        "task": {"lora": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
+                 "lora_l4q": 1e-3}}
+_COMMON = dict(rank=64, paper_omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
+               tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
+               methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp"),
+               tune_methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp", "lora_l4q"))
 BENCH_PRESETS: dict[str, dict] = {
     # CI: a tiny model built on the spot (~1-2 min); checks the pipeline, not the numbers.
     "smoke": dict(_COMMON, model=dm.get_preset("demo", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                num_attention_heads=2, seq_len=64, batch_size=8, steps=30, warmup=5,
                                                group_size=64, eval_blocks=16, calib_samples=16, calib_len=128),
-                  model_name="smoke", bits=(2,), rank=8, omega=2, recovery_steps=3, recovery_batch=4,
-                  task_steps=3, task_batch=8, max_test=24, tune_lrs=(1e-3,), tune_omegas=(2,)),
-    # 2 CPU cores, ~30 min: the demo model (the cached build shared with the demo; ~5 min to build).
+                  model_name="smoke", bits=(2,), rank=8, paper_omega=2, recovery_steps=5, recovery_batch=4,
+                  task_steps=5, task_batch=8, max_test=24, tune_lrs=(1e-3,), tune_omegas=(2,)),
+    # 2 CPU cores: the demo model (the cached build shared with the demo; ~5 min to build).
     "cpu": dict(_COMMON, model="demo", model_name="demo", bits=(4, 3, 2), recovery_steps=100, recovery_batch=16,
                 task_steps=100, task_batch=32, max_test=None),
+    # The second base model (examples/demo_model.py "alt": wider, shallower, 64-wide groups): do the choices carry over?
+    "cpu-alt": dict(_COMMON, model="alt", model_name="alt", bits=(4, 3, 2), recovery_steps=100, recovery_batch=16,
+                    task_steps=100, task_batch=32, max_test=None),
     # One GPU (UNTESTED): demo_model's "gpu" model (~10M layer parameters), 5x the steps and 2x the batch.
     "gpu": dict(_COMMON, model="gpu", model_name="gpu", bits=(4, 3, 2), recovery_steps=500, recovery_batch=32,
                 task_steps=500, task_batch=64, max_test=None),
 }
 
-TRAINED = ("fp_lora", "lora", "qalora", "lota_none", "lota_integer", "lota_float")
-METHODS = {  # key: (label, description)
-    "fp": ("full precision, no fine-tuning", "the unquantized model"),
-    "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of what this fine-tuning can reach"),
-    "gptq": ("GPTQ, no fine-tuning", "the quantized base"),
-    "lora": ("GPTQ + LoRA (unmerged)", "PEFT LoRA, 16-bit adapter kept beside the GPTQ layers"),
-    "qalora": ("GPTQ + QA-LoRA (unmerged)", "PEFT use_qalora; PEFT cannot merge it into GPTQ"),
-    "lora_requant": ("LoRA merged by re-quantizing", "dequantize, add the LoRA delta, GPTQ again"),
-    "lota_none": ("LoTA offset=none (merged)", "t-SignSGD, integer merge, plain GPTQ checkpoint"),
-    "lota_integer": ("LoTA offset=integer (merged)", "t-SignSGD, integer merge with zero-point shift"),
-    "lota_float": ("LoTA offset=float (unmerged)", "t-SignSGD, fractional offset, adapter model"),
-    "lota_float_rounded": ("LoTA offset=float, merged with rounding", "merge_and_unload(round_float_offset=True)"),
+# LoTA's variants: LotaConfig fields over the package's defaults, and how they train ("adamw": the optimizer any
+# trainer builds; "tsign": the paper's t-SignSGD through create_lota_optimizer). "omega": "paper" takes the preset's
+# paper_omega. lota is the package's default configuration, whatever it is; the rest are candidates and references.
+LOTA_VARIANTS = {
+    "lota": ({}, "adamw"),
+    "lota_noscales": ({"train_scales": False}, "adamw"),
+    "lota_step2": ({"max_step": 2}, "adamw"),
+    "lota_w16": ({"omega": "paper"}, "adamw"),
+    "lota_paper": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign"),
+    "lota_paper_w48": ({"train_mode": "ternary", "omega": None, "train_scales": False}, "tsign"),
+    "lota_paper_momentum": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign-momentum"),
+    "lota_integer": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "integer"}, "tsign"),
+    "lota_float": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "float"}, "tsign"),
+}
+TRAINED = ("fp_lora", "lora", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS)
+METHODS = {  # key: (label, description, ships as)
+    "fp": ("full precision, no fine-tuning", "the unquantized model", "fp model"),
+    "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of this fine-tuning", "fp model"),
+    "gptq": ("GPTQ, no fine-tuning", "the quantized base", "GPTQ"),
+    "lora": ("GPTQ + LoRA (unmerged)", "PEFT LoRA, 16-bit adapter kept beside the GPTQ layers", "GPTQ + adapter"),
+    "qalora": ("GPTQ + QA-LoRA (unmerged)", "PEFT use_qalora; PEFT cannot merge it into GPTQ", "GPTQ + adapter"),
+    "lora_requant": ("LoRA merged by re-quantizing", "dequantize, add the LoRA delta, GPTQ again", "GPTQ"),
+    "lora_l4q": ("LoRA -> l4q_from_lora (+1/5 of the steps), merged", "the same LoRA inside L4Q's quantizer, a short "
+                 "quantization-aware run, merged exactly", "GPTQ, exact"),
+    "l4q": ("L4Q from the GPTQ model, merged", "LoRA through a learnable quantizer on the GPTQ grid", "GPTQ, exact"),
+    "l4q_fp": ("L4Q from full precision, merged", "LoRA through a learnable quantizer from the fp weights, the grid "
+               "initialised by L4Q (same bits, group size, asymmetric)", "GPTQ, exact"),
+    "lota": ("LoTA, defaults (latent A, B + scales, AdamW), merged", "LotaConfig() defaults under AdamW", "GPTQ, exact"),
+    "lota_noscales": ("LoTA latent, no trained scales, merged", "candidate", "GPTQ, exact"),
+    "lota_step2": ("LoTA latent, steps of up to 2, merged", "candidate: max_step=2", "GPTQ, exact"),
+    "lota_w16": ("LoTA latent, omega 16, merged", "candidate: the paper variant's omega under AdamW", "GPTQ, exact"),
+    "lota_paper": ("LoTA, paper's t-SignSGD (omega from the pilot), merged", "train_mode='ternary', t-SignSGD", "GPTQ, exact"),
+    "lota_paper_w48": ("LoTA, paper's t-SignSGD (omega 0.75 r), merged", "the paper's own defaults", "GPTQ, exact"),
+    "lota_paper_momentum": ("LoTA, t-SignSGD with momentum 0.9, merged", "candidate", "GPTQ, exact"),
+    "lota_integer": ("LoTA paper, offset=integer, merged", "t-SignSGD, zero-point shift", "GPTQ, exact"),
+    "lota_float": ("LoTA paper, offset=float (unmerged)", "t-SignSGD, fractional offset", "GPTQ + adapter"),
+    "lota_float_rounded": ("LoTA paper, offset=float, merged with rounding", "round_float_offset=True", "GPTQ"),
 }
 
 
@@ -140,22 +168,43 @@ def lora_config(rank: int, qalora_group: int | None = None):
                       task_type="CAUSAL_LM", **kw)
 
 
+def lota_config(method: str, cfg: dict):
+    import peft_lota
+
+    fields, _ = LOTA_VARIANTS[method]
+    fields = {k: (cfg["paper_omega"] if v == "paper" else v) for k, v in fields.items()}
+    return peft_lota.LotaConfig(r=cfg["rank"], target_modules=LORA_TARGETS, init_seed=cfg.get("seed", 0), **fields)
+
+
+def l4q_config(cfg: dict, quant_dir=None):
+    """L4Q at the benchmark's rank (lora_alpha = r, like LoRA here); from full precision with the GPTQ base's grid."""
+    import peft_lota
+
+    grid = {}
+    if quant_dir is not None:
+        qc = json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]
+        grid = dict(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"])
+    return peft_lota.L4QConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=LORA_TARGETS,
+                               init_seed=cfg.get("seed", 0), **grid)
+
+
 def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
     """A fresh model for `method`, with its adapter injected (same seed for every method)."""
-    import peft_lota
     from peft import get_peft_model
 
     torch.manual_seed(cfg.get("seed", 0))
     if method == "fp_lora":
         return get_peft_model(load_fp(dirs["fp"]), lora_config(cfg["rank"]))
+    if method == "l4q_fp":
+        return get_peft_model(load_fp(dirs["fp"]), l4q_config(cfg, dirs[bits]))
     base = load_quant(dirs[bits])
-    if method in ("lora", "lora_requant"):
+    if method == "lora":
         return get_peft_model(base, lora_config(cfg["rank"]))
     if method == "qalora":
         return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
-    offset = method.split("_")[1]
-    return get_peft_model(base, peft_lota.LotaConfig(r=cfg["rank"], omega=cfg.get("omega"), offset=offset,
-                                                     init_seed=cfg.get("seed", 0)))
+    if method == "l4q":
+        return get_peft_model(base, l4q_config(cfg))
+    return get_peft_model(base, lota_config(method, cfg))
 
 
 # ----------------------------------------------------------------------------- training
@@ -173,13 +222,16 @@ def task_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: str) -> dict:
-    """One run: AdamW (warmup + cosine, clip 1.0) for LoRA-family adapters, t-SignSGD for LoTA."""
+    """One run: AdamW (5% warm-up + cosine, clip 1.0), what any trainer builds, for every method but the
+    paper's LoTA, which trains with t-SignSGD (its quantile schedule, no clipping)."""
     import peft_lota
 
     steps = len(batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    if method.startswith("lota"):
-        opt, sched, clip = peft_lota.create_lota_optimizer(model, total_steps=steps), None, None
+    rule = LOTA_VARIANTS.get(method, (None, "adamw"))[1]
+    if rule.startswith("tsign"):
+        kwargs = {"momentum": 0.9} if rule == "tsign-momentum" else {}
+        opt, sched, clip = peft_lota.create_lota_optimizer(model, ternary_kwargs=kwargs, total_steps=steps), None, None
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 20)
@@ -354,15 +406,33 @@ def max_logit_diff(a, b, probe: torch.Tensor) -> float:
 
 
 def codes_moved_pct(model) -> float:
-    """Share of the adapted layers' integer codes that the LoTA adapter moves (by +-1), in %."""
-    codes = [layer.get_delta_codes(layer.active_adapters[0]) for layer in model.base_model._lota_layers()]
+    """Share of the adapted layers' integer codes that the adapter moves, in %."""
+    import peft_lota
+
+    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
+    codes = [layer.get_delta_codes(layer.active_adapters[0]) for layer in layers]
+    codes = [c for c in codes if c is not None]
+    if not codes:
+        return None
     return round(100 * sum(int((c != 0).sum()) for c in codes) / sum(c.numel() for c in codes), 3)
+
+
+def merged_exactly(model, probe: torch.Tensor) -> tuple[object, dict]:
+    """merge_and_unload, and the largest logit difference of the merged model against the adapter model."""
+    with torch.no_grad():
+        before = model(input_ids=probe).logits
+    merged = model.merge_and_unload()
+    with torch.no_grad():  # the point of exact merging: the merged quantized model IS the adapter model
+        diff = float((merged(input_ids=probe).logits - before).abs().max())
+    return merged, {"max_logit_diff_merged_vs_adapter": diff}
 
 
 def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known: dict | None = None) -> None:
     """Every method at every bit width for one setting; fills results[setting][method][bits].
     `known`: scores already measured for the un-fine-tuned models ({"fp": {...}, "4": {...}})."""
     from transformers import AutoTokenizer
+
+    import peft_lota
 
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
     if setting == "recovery":
@@ -376,7 +446,9 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
     probe = (batches[0] if setting == "recovery" else batches[0][0])[:2].to(device())
     res = results.setdefault(setting, {})
     lrs = cfg["lrs"][setting]
+    lr_of = lambda method: lrs.get(method, lrs["lota"] if method.startswith("lota") else None)  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix="bench_acc_"))
+    short = batches[: max(1, round(cfg["l4q_from_lora_fraction"] * len(batches)))]
 
     def record(method, bits, out):
         res.setdefault(method, {})[str(bits)] = out
@@ -390,8 +462,8 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
 
     try:
         known = known or {}
+        run = lambda method: method in cfg["methods"]  # noqa: E731
         record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
-        run = lambda method: cfg.get("methods") is None or method in cfg["methods"]  # noqa: E731
         if run("fp_lora"):  # the ceiling of what this fine-tuning can reach without quantization
             m = make_adapter_model("fp_lora", dirs, None, cfg)
             log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
@@ -403,20 +475,26 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
                 record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
-                if method == "lora":  # the same trained adapter, merged the way users can today
+                if method == "lora":  # the same trained adapter, merged the way users can today ...
                     q, info, tmp = lora_requantize(m, dirs, bits, cfg["model"], work, probe)
                     record("lora_requant", bits, dict(**evaluate(q), **info))
                     for d in tmp:
                         shutil.rmtree(d, ignore_errors=True)
+                    # ... and through L4Q: the same A, B inside the quantizer, a short quantization-aware run
+                    l4q = peft_lota.l4q_from_lora(m)
+                    fresh = evaluate(l4q)
+                    log = train(l4q, "lora_l4q", short, loss_fn, lrs["lora_l4q"], f"{tag} lora->l4q")
+                    merged, info = merged_exactly(l4q, probe)
+                    record("lora_l4q", bits, dict(**evaluate(merged), **log, **info, lr=lrs["lora_l4q"],
+                                                  steps=len(short), before_qat=fresh, codes_moved_pct=None))
+                    del l4q, merged
                 del m
-            for offset in ("none", "integer", "float"):
-                method = f"lota_{offset}"
-                if not run(method):
-                    continue
+            for method in [m for m in cfg["methods"] if m.startswith(("lota", "l4q"))]:
                 m = make_adapter_model(method, dirs, bits, cfg)
-                log = train(m, method, batches, loss_fn, None, f"{tag} {method}")
-                log["codes_moved_pct"] = codes_moved_pct(m)
-                if offset == "float":
+                lr = lr_of(method)
+                log = train(m, method, batches, loss_fn, lr, f"{tag} {method}")
+                log.update(lr=lr, codes_moved_pct=codes_moved_pct(m))
+                if method == "lota_float":  # not exactly mergeable: scored unmerged, then merged with rounding
                     record(method, bits, dict(**evaluate(m), **log))
                     with torch.no_grad():
                         before = m(input_ids=probe).logits
@@ -427,25 +505,22 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                     with torch.no_grad():
                         out["max_logit_change_vs_unmerged"] = float((merged(input_ids=probe).logits - before).abs().max())
                     out["max_abs_weight_change"] = max(r["max_abs_weight_change"] for r in reports)
-                    out["mean_abs_weight_change"] = sum(r["mean_abs_weight_change"] for r in reports) / len(reports)
                     record("lota_float_rounded", bits, out)
                 else:
-                    with torch.no_grad():
-                        before = m(input_ids=probe).logits
-                    merged = m.merge_and_unload()
-                    out = evaluate(merged)
-                    with torch.no_grad():  # the point of LoTA: the merged GPTQ model IS the adapter model
-                        log["max_logit_diff_merged_vs_adapter"] = float((merged(input_ids=probe).logits - before).abs().max())
-                    record(method, bits, dict(**out, **log))
+                    merged, info = merged_exactly(m, probe)
+                    record(method, bits, dict(**evaluate(merged), **log, **info))
                 del m, merged
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
-    """The pilot, at `tune_bits`, scored on held-out training data (never the test split): LoTA
-    (offset 'none') at each candidate omega, and each AdamW-trained method at each candidate lr."""
+    """The pilot, at `tune_bits`, scored on held-out training data (never the test split): each AdamW-trained
+    method at each candidate learning rate, the paper's LoTA at each candidate omega. Scored unmerged (a
+    merged exact method scores the same)."""
     from transformers import AutoTokenizer
+
+    import peft_lota
 
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
     bits = cfg["tune_bits"]
@@ -454,25 +529,33 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
             batches, blocks = recovery_data(dirs["fp"], cfg["model"], cfg["recovery_steps"], cfg["recovery_batch"],
                                             validation=True)
             score, loss_fn = (lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))), recovery_loss
-            methods = ("fp_lora", "lora", "qalora")
         else:
             batches, items = task_data(dirs["fp"], cfg, validation=True)
             score, loss_fn = (lambda m: exact_match(m, tok, items)), task_loss
-            methods = ("fp_lora", "lora", "qalora")
+        short = batches[: max(1, round(cfg["l4q_from_lora_fraction"] * len(batches)))]
         res = results.setdefault(setting, {})
         res.setdefault("fp", {})["-"] = score(load_fp(dirs["fp"]))
         res.setdefault("gptq", {})["-"] = score(load_quant(dirs[bits]))
-        runs = [("lota_none", dict(omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
-        runs += [(m, dict(lr=lr), f"lr={lr:g}") for m in methods for lr in cfg["tune_lrs"]]
-        runs = [r for r in runs if r[0] in cfg.get("tune_methods", [r[0]])]
+        runs = []
+        for method in cfg["tune_methods"]:
+            if LOTA_VARIANTS.get(method, (None, "adamw"))[1].startswith("tsign"):
+                runs += [(method, dict(paper_omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
+            else:
+                runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in cfg["tune_lrs"]]
         for method, knob, key in runs:
-            model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
-            log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
-            if method.startswith("lota"):
-                log["codes_moved_pct"] = codes_moved_pct(model)
+            if method == "lora_l4q":  # a LoRA at its chosen rate, then the short L4Q run at each rate
+                lora = make_adapter_model("lora", dirs, bits, cfg)
+                train(lora, "lora", batches, loss_fn, cfg["lrs"][setting]["lora"], f"tune {setting} lora for l4q")
+                model = peft_lota.l4q_from_lora(lora)
+                log = train(model, method, short, loss_fn, knob["lr"], f"tune {setting} {method} {key}")
+            else:
+                model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
+                log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
+            log["codes_moved_pct"] = codes_moved_pct(model)
             res.setdefault(method, {})[key] = dict(**score(model), **log)
+            res[method][key].pop("samples", None)
             save()
-            print(f"  {setting:8s} {method:9s} {key:12s} {score_str(res[method][key])}  {log}", flush=True)
+            print(f"  {setting:8s} {method:14s} {key:12s} {score_str(res[method][key])}  {log}", flush=True)
             del model
 
 
@@ -492,7 +575,7 @@ def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
         res = results[setting]
         head = ["method"] + [f"{b}-bit" for b in bits]
         lines += [f"**{setting}**: {unit}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method, (label, _) in METHODS.items():
+        for method, (label, *_) in METHODS.items():
             if method not in res:
                 continue
             r = res[method]
@@ -507,19 +590,16 @@ def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
 
 def format_details(results: dict, bits: tuple) -> str:
     """What the merges did, per setting and bit width, and the training time of each method."""
-    lines = ["| setting | bits | LoTA codes moved % (none / integer / float) | merged vs adapter, max logit diff "
-             "(none / integer) | float: unmerged -> rounded merge (largest weight change) | LoRA: unmerged -> "
-             "re-quantized |", "|---|---|---|---|---|---|"]
+    exact = [m for m in METHODS if m.startswith(("lota", "l4q", "lora_l4q")) and m not in ("lota_float",
+                                                                                            "lota_float_rounded")]
+    lines = ["| setting | bits | method | codes moved % | merged vs adapter, max logit diff |", "|---|---|---|---|---|"]
     for setting, res in results.items():
         for b in map(str, bits):
-            get = lambda m, k=None: res.get(m, {}).get(b, {}) if k is None else res.get(m, {}).get(b, {}).get(k)  # noqa: E731
-            moved = " / ".join(str(get(f"lota_{o}", "codes_moved_pct")) for o in ("none", "integer", "float"))
-            diff = " / ".join(f"{get(f'lota_{o}', 'max_logit_diff_merged_vs_adapter')}" for o in ("none", "integer"))
-            fr = get("lota_float_rounded")
-            flt = (f"{score_str(get('lota_float') or None)} -> {score_str(fr or None)} "
-                   f"({fr.get('max_abs_weight_change', float('nan')):.3g})") if fr else "-"
-            lq = f"{score_str(get('lora') or None)} -> {score_str(get('lora_requant') or None)}"
-            lines.append(f"| {setting} | {b} | {moved} | {diff} | {flt} | {lq} |")
+            for method in exact:
+                r = res.get(method, {}).get(b)
+                if r:
+                    lines.append(f"| {setting} | {b} | {METHODS[method][0]} | {r.get('codes_moved_pct', '-')} | "
+                                 f"{r.get('max_logit_diff_merged_vs_adapter', '-')} |")
     times: dict = {}
     for setting, res in results.items():
         for method, by_bits in res.items():
@@ -558,7 +638,7 @@ def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         res = results[setting]
-        for method, (label, _) in METHODS.items():
+        for method, (label, *_) in METHODS.items():
             if method not in res:
                 continue
             r = res[method]
@@ -566,7 +646,7 @@ def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
                 ax.axhline(float(score_str(r["fp"])), ls="--", color="k" if method == "fp" else "grey", label=label)
                 continue
             xs = [b for b in bits if str(b) in r]
-            ls = "-" if method.startswith("lota") else ":" if method == "gptq" else "-."
+            ls = "-" if method.startswith(("lota", "l4q", "lora_l4q")) else ":" if method == "gptq" else "-."
             ax.plot(xs, [float(score_str(r[str(b)])) for b in xs], marker="o", ls=ls, label=label)
         ax.set_xticks(list(bits))
         ax.set_xlabel("GPTQ bits")
@@ -588,19 +668,22 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(RESULTS), help="where accuracy-<preset>.{md,json,png} go")
     ap.add_argument("--settings", nargs="+", default=["recovery", "task"], choices=["recovery", "task"])
     ap.add_argument("--bits", type=int, nargs="+", default=None, help="default: the preset's")
-    ap.add_argument("--omega", type=int, default=None, help="LoTA threshold (default: the preset's)")
+    ap.add_argument("--paper-omega", type=int, default=None, help="the paper LoTA variants' omega (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
                          "others also use ran 5-10x slower than 1)")
     ap.add_argument("--methods", nargs="+", default=None, choices=TRAINED,
-                    help="only these fine-tuned methods (default: all; lora_requant comes with lora)")
+                    help="fine-tuned methods to run (default: the preset's; lora_requant and lora_l4q come with lora)")
     ap.add_argument("--seed", type=int, default=0, help="adapter initialisation seed (the data order stays fixed)")
     ap.add_argument("--tag", default="", help="suffix of the result files: accuracy-<preset>-<tag>.*")
     ap.add_argument("--tune", action="store_true", help="run the pilot (lr and omega) instead")
     ap.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="pilot: learning rates to try")
     ap.add_argument("--tune-omegas", type=int, nargs="+", default=None, help="pilot: LoTA omegas to try")
-    ap.add_argument("--tune-methods", nargs="+", default=None, help="pilot: only these methods")
+    ap.add_argument("--tune-methods", nargs="+", default=None, choices=(*TRAINED, "lora_l4q"),
+                    help="pilot: only these methods")
+    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                    help="override a method's learning rate in both settings (repeatable), e.g. lota=3e-4")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
     args = ap.parse_args(argv)
 
@@ -609,11 +692,19 @@ def main(argv=None) -> None:
     cfg = dict(BENCH_PRESETS[args.preset])
     if args.bits:
         cfg["bits"] = tuple(args.bits)
-    if args.omega is not None:
-        cfg["omega"] = args.omega
+    if args.paper_omega is not None:
+        cfg["paper_omega"] = args.paper_omega
+    if args.lr:
+        cfg["lrs"] = {k: dict(v) for k, v in cfg["lrs"].items()}
+        for item in args.lr:
+            method, _, value = item.partition("=")
+            for setting in cfg["lrs"].values():
+                setting[method] = float(value)
     if args.steps is not None:
         cfg["recovery_steps"] = cfg["task_steps"] = args.steps
-    cfg["settings"], cfg["seed"], cfg["methods"] = args.settings, args.seed, args.methods
+    cfg["settings"], cfg["seed"] = args.settings, args.seed
+    if args.methods:
+        cfg["methods"] = tuple(args.methods)
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))

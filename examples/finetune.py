@@ -101,9 +101,10 @@ class LotaArguments:
     init_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the ternary initialisation of A."})
     train_mode: str = field(default="latent", metadata={
         "help": "latent: real-valued A, B under the Trainer's own optimizer (AdamW); ternary: the paper's t-SignSGD."})
-    latent_threshold: float = field(default=1e-3, metadata={"help": "latent mode: latent value where A/B entries turn +-1."})
+    latent_threshold: float = field(default=1e-4, metadata={"help": "latent mode: latent value where A/B entries turn +-1."})
     max_step: int = field(default=1, metadata={"help": "Largest code change in quantization steps (1: the paper)."})
-    train_scales: bool = field(default=False, metadata={"help": "Also train the adapted layers' scales (exactly mergeable)."})
+    train_scales: Optional[bool] = field(default=None, metadata={
+        "help": "Also train the adapted layers' scales (exactly mergeable); default: yes in latent mode."})
     q_start: float = field(default=0.95, metadata={"help": "t-SignSGD: quantile of |grad| left alone at the start."})
     q_mid: float = field(default=0.999, metadata={"help": "t-SignSGD: quantile at the end of the first phase."})
     q_end: float = field(default=0.9999, metadata={"help": "t-SignSGD: quantile at the last step."})

@@ -59,26 +59,28 @@ def _problem(layout: str, seed=0, K=64, N=24, G=4, bits=3, r=4, scales_dtype=tor
     return state, A, B, s, x
 
 
-def _reference(state, A, B, scaling, s, x):
+def _reference(state, A, B, scaling, s, x, scale_gradient="lsq"):
     """The L4Q layer written directly with autograd: round and clamp with straight-through gradients."""
     g = state.g_idx
-    gs = q.lsq_gradient_scale(state, state.maxq)
+    gs = q.lsq_gradient_scale(state, state.maxq) if scale_gradient == "lsq" else 1.0
     s_lsq = s * gs + (s - s * gs).detach()  # LSQ's gradient scale on s, value unchanged
     s_r = (s_lsq + (s.detach().to(state.scales.dtype).float() - s.detach()))[g]
     W0 = state.scales.float()[g] * (state.codes.float() - state.zeros.float()[g])
-    w = (W0 + scaling * A.t() @ B.t()) / s_r
+    # "codes": the codes do not move with s (only W_q = s * (Q - z) sees it)
+    w = (W0 + scaling * A.t() @ B.t()) / (s_r if scale_gradient == "lsq" else s_r.detach())
     v = torch.round(w).detach() + (w - w.detach()) + state.zeros.float()[g]  # exact integers, gradient 1
     # the paper's mask is inclusive (codes on the grid's edge pass gradient); torch.clamp's is not
     c = torch.where((v >= 0) & (v <= state.maxq), v, torch.clamp(v, 0, state.maxq).detach())
     return x @ (s_r * (c - state.zeros.float()[g])) + state.bias
 
 
+@pytest.mark.parametrize("scale_gradient", ["lsq", "codes"])
 @pytest.mark.parametrize("layout", ["contiguous", "act-order"])
-def test_gradients_match_an_autograd_reference(layout):
+def test_gradients_match_an_autograd_reference(layout, scale_gradient):
     state, A, B, s, x = _problem(layout)
     grid = q.Grid.from_quantized(state)
-    y = q.l4q_linear(x, grid, A, B, 0.5, s)
-    y_ref = _reference(state, A, B, 0.5, s, x)
+    y = q.l4q_linear(x, grid, A, B, 0.5, s, scale_gradient)
+    y_ref = _reference(state, A, B, 0.5, s, x, scale_gradient)
     assert torch.allclose(y, y_ref, atol=1e-5)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, A, B, s), grad)

@@ -74,7 +74,7 @@ def test_fresh_adapter_is_bit_identical_and_trains(spec_dir):
     grads_B = [layer.lota_B["default"].grad for layer in layers]
     assert all(g is not None and g.abs().sum() > 0 for g in grads_B)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lota_A." in n or ".lota_B." in n for n in trainable)
+    assert trainable and all(".lota_A." in n or ".lota_B." in n or ".lota_scales." in n for n in trainable)
 
 
 def test_delta_codes_and_delta_weight(spec_dir):
@@ -208,9 +208,10 @@ def test_adapter_round_trip_is_exact_and_compact(gptq_dir, tmp_path, train_mode)
     assert torch.equal(logits(auto), expected)
 
     # 2 bits per ternary value: an fp16 LoRA of the same rank stores 8x more bytes
-    n_values = sum(p.numel() for n, p in model.named_parameters() if ".lota_" in n)
+    n_values = sum(p.numel() for n, p in model.named_parameters() if ".lota_A." in n or ".lota_B." in n)
     assert sum(t.numel() for t in packed.values()) == pytest.approx(n_values / 4, abs=4 * len(saved))
-    if train_mode == "ternary":
+    if train_mode == "ternary":  # (the paper trains no scales)
+        assert not any("lota_scales" in k for k in saved)
         assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") < 2 * n_values / 4 + 20_000
     else:  # without the latent values (e.g. stripped for shipping), the same ternary adapter loads
         from safetensors.torch import save_file

@@ -103,9 +103,9 @@ def test_default_trainer_trains_latent_lota_with_its_own_optimizer(gptq_dir, tok
     model = get_peft_model(load_gptq(path), LotaConfig(init_seed=0))
     data = blocks(tokenizer)
     before = logits(model)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=20,
-                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=20,  # default lr
+                             report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert codes_moved(model) > 0 and not torch.equal(logits(model), before)

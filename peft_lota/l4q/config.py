@@ -66,6 +66,12 @@ class L4QConfig(PeftConfig):
         metadata={"help": "Train the quantization scales (one multiplier per group and output column, LSQ-style "
                           "gradient). The forward uses them rounded to fp16, the dtype the checkpoint stores."},
     )
+    scale_gradient: str = field(
+        default="lsq",
+        metadata={"help": "How the scales' gradient treats the codes. 'lsq' (the paper, LSQ): as moving with the "
+                          "scale (round(w/s) - w/s inside the grid, the code where clipped). 'codes': as fixed (Q - z), "
+                          "the weights' own derivative."},
+    )
     init_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed for the Kaiming-uniform initialisation of A (None: torch's global one)."})
 
@@ -100,6 +106,8 @@ class L4QConfig(PeftConfig):
                              f"got {self.group_size!r}.")
         if self.sym is not None and not isinstance(self.sym, bool):
             raise ValueError(f"L4QConfig: sym must be True, False or None, got {self.sym!r}.")
+        if self.scale_gradient not in ("lsq", "codes"):
+            raise ValueError(f"L4QConfig: scale_gradient must be 'lsq' or 'codes', got {self.scale_gradient!r}.")
         if not isinstance(self.learn_scales, bool):
             raise ValueError(f"L4QConfig: learn_scales must be True or False, got {self.learn_scales!r}.")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):

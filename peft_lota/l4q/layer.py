@@ -33,6 +33,7 @@ class L4QSettings:
     r: int
     scaling: float
     learn_scales: bool = True
+    scale_gradient: str = "lsq"
 
 
 class RoundToStoredSTE(torch.autograd.Function):
@@ -155,8 +156,9 @@ class L4QLayer(nn.Module, BaseTunerLayer):
                              f"{len(active)} active adapters ({', '.join(active)}). Activate one (set_adapter).")
         name = active[0]
         grid = self.grid()
-        out = l4q_linear(x.reshape(-1, x.shape[-1]), grid, self.l4q_A[name], self.l4q_B[name],
-                         self.settings[name].scaling, self.scales(name, grid))
+        settings = self.settings[name]
+        out = l4q_linear(x.reshape(-1, x.shape[-1]), grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
+                         self.scales(name, grid), settings.scale_gradient)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- merge -------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ Backward (straight-through, LSQ-style), recomputing W_comb instead of keeping it
     dL/dW_comb = G * m             G = x^T g, m = 1[0 <= v <= maxq] (clipped weights pass no gradient)
     dL/dA = scaling * (G m B)^T    dL/dB = scaling * (G m)^T A^T
     dL/ds = sum over the group's rows of G * (round(W_comb/s) - W_comb/s) where in range, G * (Q - z)
-            where clipped; times LSQ's gradient scale 1 / sqrt(rows per group * Q_P)
+            where clipped; times LSQ's gradient scale 1 / sqrt(rows per group * Q_P)     (scale_gradient "lsq")
+    or, holding the codes: sum of G * (Q - z), the weights' own derivative            (scale_gradient "codes")
+
+LSQ's gradient treats the codes as moving with s; on a GPTQ start W0 sits on the grid, where it is 0 until
+the LoRA moves W_comb off it, and then mostly rounding noise.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ class L4QLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, grid: Grid, scaling: float, scales32, A, B):
+    def forward(ctx, x, grid: Grid, scaling: float, scale_gradient: str, scales32, A, B):
         base_scales = grid.state.scales.float() if scales32 is None else scales32.detach()
         codes = quantized_codes(grid, A, B, scaling, base_scales)
         dtype = compute_dtype(x)
@@ -164,7 +168,7 @@ class L4QLinearFunction(torch.autograd.Function):
             out = torch.matmul(x, quantized_weight(grid, codes, base_scales, dtype))
             if grid.state.bias is not None:
                 out = out + grid.state.bias.to(out.dtype)
-        ctx.grid, ctx.scaling, ctx.learn_scales = grid, scaling, scales32 is not None
+        ctx.grid, ctx.scaling, ctx.learn_scales, ctx.scale_gradient = grid, scaling, scales32 is not None, scale_gradient
         ctx.save_for_backward(x, codes, base_scales, A, B)
         return out
 
@@ -189,24 +193,25 @@ class L4QLinearFunction(torch.autograd.Function):
                 v, ws = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), scales32, zeros32, k0, k1)
                 blocks = G.view(v.shape)
                 in_range = (v >= 0) & (v <= st.maxq)
-                if d_scales is not None:  # dW_q/ds: round(w~) - w~ in range, (Q - z) where clipped
-                    q = codes[k0:k1].view(v.shape).float().sub_(st.group_blocks(zeros32, k0, k1))
-                    step = torch.where(in_range, v.sub(st.group_blocks(zeros32, k0, k1)).sub_(ws), q)
+                if d_scales is not None:  # dW_q/ds: (Q - z), or LSQ's round(w~) - w~ where in range
+                    step = codes[k0:k1].view(v.shape).float().sub_(st.group_blocks(zeros32, k0, k1))
+                    if ctx.scale_gradient == "lsq":
+                        step = torch.where(in_range, v.sub(st.group_blocks(zeros32, k0, k1)).sub_(ws), step)
                     add_group_sums_(d_scales, st, step.mul_(blocks).sum(1), k0, k1)
                 dwc = blocks.mul_(in_range).view(k1 - k0, N)  # dL/dW_comb: clipped weights pass nothing
                 dA[:, k0:k1] = (dwc @ B32).t().mul_(scaling)
                 dB.addmm_(dwc.t(), A32[:, k0:k1].t(), alpha=scaling)
-        if d_scales is not None:
+        if d_scales is not None and ctx.scale_gradient == "lsq":
             d_scales.mul_(lsq_gradient_scale(st, st.maxq))
-        return (grad_x, None, None, d_scales, dA.to(A.dtype) if needs[4] else None,
-                dB.to(B.dtype) if needs[5] else None)
+        return (grad_x, None, None, None, d_scales, dA.to(A.dtype) if needs[5] else None,
+                dB.to(B.dtype) if needs[6] else None)
 
 
 def l4q_linear(x: torch.Tensor, grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               scales32: Optional[torch.Tensor] = None) -> torch.Tensor:
+               scales32: Optional[torch.Tensor] = None, scale_gradient: str = "lsq") -> torch.Tensor:
     """y = x @ W_q + bias; no autograd graph when nothing needs a gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, scales32)):
-        return L4QLinearFunction.apply(x, grid, scaling, scales32, A, B)
+        return L4QLinearFunction.apply(x, grid, scaling, scale_gradient, scales32, A, B)
     s = grid.state.scales.float() if scales32 is None else scales32
     codes = quantized_codes(grid, A, B, scaling, s)
     out = torch.matmul(x, quantized_weight(grid, codes, s, x.dtype))

@@ -77,11 +77,12 @@ class LotaConfig(PeftConfig):
         },
     )
     latent_threshold: float = field(
-        default=1e-3,
+        default=1e-4,
         metadata={
             "help": "train_mode='latent': the latent value at which an entry of A or B becomes +-1. A fresh B is 0 "
             "and A's entries sit at +-2 latent_threshold, so with AdamW an entry flips after about "
-            "latent_threshold / learning_rate steps of a consistently signed gradient."
+            "latent_threshold / learning_rate steps of a consistently signed gradient: at the default, a "
+            "learning rate of 1e-4 (what the accuracy pilot found best) flips an entry in a step or two."
         },
     )
     max_step: int = field(
@@ -91,12 +92,13 @@ class LotaConfig(PeftConfig):
             "move by up to k steps: by i where |A @ B| passes i * omega (stopping at the grid's edge)."
         },
     )
-    train_scales: bool = field(
-        default=False,
+    train_scales: Optional[bool] = field(
+        default=None,
         metadata={
             "help": "Also train the adapted layers' quantization scales (one multiplier per group and output "
             "column). The forward uses them rounded to the checkpoint's dtype (fp16), so the merge writes "
-            "exactly the scales that were trained."
+            "exactly the scales that were trained. Default: True with train_mode='latent', False with 'ternary' "
+            "(the paper trains A and B only; if set, create_lota_optimizer's AdamW trains them)."
         },
     )
     init_seed: Optional[int] = field(
@@ -147,6 +149,8 @@ class LotaConfig(PeftConfig):
         if self.max_step * self.omega >= self.r and self.max_step > 1:
             raise ValueError(f"LotaConfig: with max_step={self.max_step} and omega={self.omega}, |A @ B| <= r={self.r} "
                              f"can never pass {self.max_step} * omega; lower max_step or omega.")
+        if self.train_scales is None:
+            self.train_scales = self.train_mode == "latent"
         if not isinstance(self.train_scales, bool):
             raise ValueError(f"LotaConfig: train_scales must be True or False, got {self.train_scales!r}.")
         if self.layers_pattern and not self.layers_to_transform:
