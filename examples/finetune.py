@@ -1,15 +1,19 @@
-"""Fine-tune a GPTQ model with LoTA-QAF through a stock `transformers.Trainer`, merge, save, verify.
+r"""Fine-tune a quantized model with LoTA or L4Q through a stock `transformers.Trainer`, merge, save, verify.
 
     python examples/finetune.py \
         --model_name_or_path path/to/gptq-model --train_file train.jsonl --validation_file val.jsonl \
-        --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --r 64
+        --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --learning_rate 1e-4
 
-Every `transformers.TrainingArguments` flag works (bf16, gradient_accumulation_steps,
-gradient_checkpointing, save_steps, resume_from_checkpoint, ...), and so does
-`accelerate launch --num_processes N examples/finetune.py ...`. After training the adapter is merged
-on the integer grid and the merged model is written to `--merged_dir` (default `<output_dir>/merged`)
-as a standard GPTQ checkpoint; it is then reloaded with stock transformers and compared with the
-merged model (codes and logits). `--merged_hub_model_id me/model-lota-gptq` also pushes it.
+Methods (`--method`): `lota` (the default: ternary adapters that move the GPTQ codes by whole steps, here trained
+by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q` (a LoRA trained
+through a learnable quantizer, from a GPTQ model or from a full-precision model, which the merge then turns into
+a GPTQ checkpoint with `--bits/--group_size/--sym`).
+
+Every `transformers.TrainingArguments` flag works (bf16, gradient_accumulation_steps, gradient_checkpointing,
+save_steps, resume_from_checkpoint, ...), and so does `accelerate launch --num_processes N examples/finetune.py ...`.
+After training the adapter is merged exactly and the merged model is written to `--merged_dir` (default
+`<output_dir>/merged`) as a standard GPTQ checkpoint; it is then reloaded with stock transformers and compared
+with the merged model (codes and logits). `--merged_hub_model_id me/model-gptq` also pushes it.
 (`--push_to_hub` is Trainer's own flag: it uploads the adapter checkpoints during training.)
 
 Data (`datasets`): local JSON/JSONL/CSV/text files (`--train_file`, `--validation_file`) or a Hub
@@ -22,6 +26,7 @@ dataset (`--dataset_name`, needs network). Two shapes:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -59,7 +64,8 @@ logger = logging.getLogger("finetune")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A GPTQ checkpoint: local folder or Hub id."})
+    model_name_or_path: str = field(metadata={"help": "A GPTQ checkpoint (lota, l4q) or a full-precision model (l4q): "
+                                                      "local folder or Hub id."})
     backend: str = field(
         default="gptq_torch",
         metadata={"help": "gptqmodel kernel to load with. LoTA needs the standard GPTQ layout: 'gptq_torch' "
@@ -92,27 +98,67 @@ class DataArguments:
 
 
 @dataclass
-class LotaArguments:
-    r: int = field(default=64, metadata={"help": "Rank of the ternary factors."})
-    omega: Optional[int] = field(default=None, metadata={"help": "Threshold (default round(0.75 r))."})
-    offset: str = field(default="none", metadata={"help": "Offset mode: none, integer (both merge exactly) or float."})
+class MethodArguments:
+    method: str = field(default="lota", metadata={
+        "help": "lota: ternary adapters on a GPTQ model (merge moves its codes); l4q: LoRA through a learnable "
+                "quantizer, from a GPTQ or a full-precision model (merge writes a GPTQ checkpoint).",
+        "choices": ["lota", "l4q"]})
+    r: Optional[int] = field(default=None, metadata={"help": "Adapter rank (default: 64 for lota, 16 for l4q)."})
     target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated layer names, a regex, or all-linear."})
-    init_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the ternary initialisation of A."})
+    init_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the adapter's initialisation."})
+    # LoTA
+    omega: Optional[int] = field(default=None, metadata={"help": "lota: threshold on A @ B (default round(0.75 r))."})
+    offset: str = field(default="none", metadata={
+        "help": "lota: offset mode; none and integer merge exactly, float does not.", "choices": ["none", "integer", "float"]})
     train_mode: str = field(default="latent", metadata={
-        "help": "latent: real-valued A, B under the Trainer's own optimizer (AdamW); ternary: the paper's t-SignSGD."})
-    latent_threshold: float = field(default=1e-4, metadata={"help": "latent mode: latent value where A/B entries turn +-1."})
-    max_step: int = field(default=1, metadata={"help": "Largest code change in quantization steps (1: the paper)."})
+        "help": "lota: latent (real-valued A, B under the Trainer's AdamW) or ternary (the paper's t-SignSGD).",
+        "choices": ["latent", "ternary"]})
+    latent_threshold: Optional[float] = field(default=None, metadata={
+        "help": "lota, latent: the latent value where A/B entries turn +-1 (LotaConfig's default)."})
+    max_step: int = field(default=1, metadata={"help": "lota: largest code change in quantization steps (1: the paper)."})
     train_scales: Optional[bool] = field(default=None, metadata={
-        "help": "Also train the adapted layers' scales (exactly mergeable); default: yes in latent mode."})
-    q_start: float = field(default=0.95, metadata={"help": "t-SignSGD: quantile of |grad| left alone at the start."})
-    q_mid: float = field(default=0.999, metadata={"help": "t-SignSGD: quantile at the end of the first phase."})
-    q_end: float = field(default=0.9999, metadata={"help": "t-SignSGD: quantile at the last step."})
-    merge: bool = field(default=True, metadata={"help": "Merge into the GPTQ codes and save the merged checkpoint."})
+        "help": "lota: also train the adapted layers' scales (exactly mergeable); default: yes in latent mode."})
+    q_start: float = field(default=0.95, metadata={"help": "lota, ternary: t-SignSGD's quantile of |grad| at the start."})
+    q_mid: float = field(default=0.999, metadata={"help": "lota, ternary: the quantile at the end of the first phase."})
+    q_end: float = field(default=0.9999, metadata={"help": "lota, ternary: the quantile at the last step."})
+    # L4Q
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "l4q: LoRA alpha (default: r)."})
+    bits: Optional[int] = field(default=None, metadata={
+        "help": "l4q from full precision: bits of the GPTQ checkpoint to make (default 4).", "choices": [2, 3, 4, 8]})
+    group_size: Optional[int] = field(default=None, metadata={"help": "l4q from full precision: group size (default 128)."})
+    sym: Optional[bool] = field(default=None, metadata={"help": "l4q from full precision: symmetric grid (default yes)."})
+    learn_scales: bool = field(default=True, metadata={"help": "l4q: train the quantization scales."})
+    scale_gradient: Optional[str] = field(default=None, metadata={
+        "help": "l4q: the scales' gradient, lsq (the paper) or codes (L4QConfig's default).", "choices": ["lsq", "codes"]})
+    # after training
+    merge: bool = field(default=True, metadata={
+        "help": "Merge into the quantized weights and save the merged checkpoint (--no_merge: keep the adapter only)."})
     merged_dir: Optional[str] = field(default=None, metadata={"help": "Where to save it (default output_dir/merged)."})
     merged_hub_model_id: Optional[str] = field(default=None, metadata={"help": "Also push it to this Hub repo."})
-    verify: bool = field(default=True, metadata={"help": "Reload the saved checkpoint and compare it exactly."})
-    eval_base: bool = field(default=True, metadata={"help": "Also evaluate the model before fine-tuning."})
+    verify: bool = field(default=True, metadata={
+        "help": "Reload the saved checkpoint and compare codes and logits (--no_verify: skip)."})
+    eval_base: bool = field(default=True, metadata={
+        "help": "Also evaluate the model before fine-tuning (--no_eval_base: skip)."})
+
+    def peft_config(self, base_model: str, quantized: bool):
+        targets = self.target_modules
+        targets = [t.strip() for t in targets.split(",")] if "," in targets else targets
+        if self.method == "lota":
+            if not quantized:
+                raise ValueError(f"{base_model} is not a GPTQ checkpoint: LoTA moves the integer codes of a GPTQ model. "
+                                 "Quantize it first, or use --method l4q, which starts from full precision too.")
+            kw = {k: v for k, v in dict(omega=self.omega, latent_threshold=self.latent_threshold,
+                                        train_scales=self.train_scales).items() if v is not None}
+            return peft_lota.LotaConfig(r=self.r or 64, offset=self.offset, target_modules=targets,
+                                        init_seed=self.init_seed, train_mode=self.train_mode, max_step=self.max_step,
+                                        base_model_name_or_path=base_model, **kw)
+        r = self.r or 16
+        kw = {k: v for k, v in dict(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                                    scale_gradient=self.scale_gradient).items() if v is not None}
+        return peft_lota.L4QConfig(r=r, lora_alpha=self.lora_alpha or r, target_modules=targets,
+                                   init_seed=self.init_seed, learn_scales=self.learn_scales,
+                                   base_model_name_or_path=base_model, **kw)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -197,17 +243,21 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_gptq_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype = torch.float32, device_map=None):
-    """A GPTQ checkpoint with a kernel that keeps the standard layout (what LoTA reads and merges into)."""
-    config = AutoConfig.from_pretrained(path)
-    qcfg = getattr(config, "quantization_config", None)
+def is_gptq_checkpoint(path: str) -> bool:
+    qcfg = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
     qcfg = qcfg if isinstance(qcfg, dict) or qcfg is None else qcfg.to_dict()
-    if not qcfg or qcfg.get("quant_method") != "gptq":
-        raise ValueError(f"{path} is not a GPTQ checkpoint (config.json has no GPTQ quantization_config). LoTA "
-                         "fine-tunes GPTQ models; quantize the model with GPTQ first.")
+    return bool(qcfg) and qcfg.get("quant_method") == "gptq"
+
+
+def load_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype = torch.float32, device_map=None):
+    """A GPTQ checkpoint with a kernel that keeps the standard layout (what LoTA and L4Q read and merge into),
+    or a full-precision model (L4Q from full precision)."""
+    if not is_gptq_checkpoint(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    bits = AutoConfig.from_pretrained(path).quantization_config["bits"]
     with warnings.catch_warnings():  # transformers warns that only `backend` of our GPTQConfig is used: intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=qcfg["bits"], backend=backend),
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend=backend),
                                                     dtype=dtype, device_map=device_map)
 
 
@@ -239,9 +289,9 @@ def perplexity(model, dataset, collator, batch_size: int = 8) -> tuple[float, to
 
 
 def adapter_digest(model) -> str:
-    """sha256 of every LoTA tensor (ternary or latent values), in name order: equal digests mean identical adapters."""
+    """sha256 of every adapter tensor, in name order: equal digests mean identical adapters."""
     h = hashlib.sha256()
-    for name, p in sorted((n, p) for n, p in model.named_parameters() if ".lota_" in n):
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if ".lota_" in n or ".l4q_" in n):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -271,11 +321,11 @@ def setup_logging(training_args: TrainingArguments) -> None:
         pass
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArguments,
+def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         training_args: TrainingArguments) -> dict:
     """Train, merge, save and verify; returns a summary (on the main process; {} elsewhere)."""
     setup_logging(training_args)
-    if training_args.ddp_find_unused_parameters is None:  # every LoTA tensor is used in every step
+    if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step
         training_args.ddp_find_unused_parameters = False
     transformers.set_seed(training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
@@ -286,24 +336,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArg
 
     dtype = resolve_dtype(model_args.dtype)
     device_map = {"": training_args.device} if training_args.device.type != "cpu" else None
-    model = load_gptq_model(model_args.model_name_or_path, model_args.backend, dtype, device_map)
-    targets = lota_args.target_modules
-    targets = [t.strip() for t in targets.split(",")] if "," in targets else targets
-    config = peft_lota.LotaConfig(r=lota_args.r, omega=lota_args.omega, offset=lota_args.offset,
-                                  target_modules=targets, init_seed=lota_args.init_seed,
-                                  train_mode=lota_args.train_mode, latent_threshold=lota_args.latent_threshold,
-                                  max_step=lota_args.max_step, train_scales=lota_args.train_scales,
-                                  base_model_name_or_path=model_args.model_name_or_path)
-    model = get_peft_model(model, config)
+    quantized = is_gptq_checkpoint(model_args.model_name_or_path)
+    config = method_args.peft_config(model_args.model_name_or_path, quantized)
+    model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
     if training_args.should_log:
         model.print_trainable_parameters()
 
     extra = {}
-    if lota_args.train_mode == "ternary":  # the paper's t-SignSGD; latent adapters train under the Trainer's optimizer
+    if method_args.method == "lota" and method_args.train_mode == "ternary":
+        # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
         optimizer = peft_lota.create_lota_optimizer(
-            model, ternary_kwargs=dict(q_start=lota_args.q_start, q_mid=lota_args.q_mid, q_end=lota_args.q_end),
+            model, ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
             other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
         extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -312,7 +357,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArg
     summary: dict = {"train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}
     main = training_args.process_index == 0
     batch = training_args.per_device_eval_batch_size
-    if lota_args.eval_base and main:
+    if method_args.eval_base and main:
         with model.disable_adapter():
             summary["ppl_base"], _ = perplexity(model, eval_ds, collator, batch)
         logger.info("perplexity before fine-tuning: %.3f", summary["ppl_base"])
@@ -338,47 +383,51 @@ def run(model_args: ModelArguments, data_args: DataArguments, lota_args: LotaArg
         return {}
 
     summary["ppl_adapter"], adapter_logits = perplexity(model, eval_ds, collator, batch)
-    summary["codes_moved"] = sum(int((layer.get_delta_codes(name) != 0).sum())
-                                 for layer in model.modules() if isinstance(layer, peft_lota.LotaLayer)
-                                 for name in layer.lota_A)
-    summary["weights"] = sum(layer.in_features * layer.out_features
-                             for layer in model.modules() if isinstance(layer, peft_lota.LotaLayer))
-    logger.info("perplexity with the adapter: %.3f (%d of %d codes moved)", summary["ppl_adapter"],
-                summary["codes_moved"], summary["weights"])
-    if not lota_args.merge:
+    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
+    deltas = [d for layer in layers for d in [layer.get_delta_codes(layer.active_adapters[0])] if d is not None]
+    summary["weights"] = sum(layer.in_features * layer.out_features for layer in layers)
+    if deltas:  # from a GPTQ model: how many of its integer codes the adapter changes
+        summary["codes_moved"] = sum(int((d != 0).sum()) for d in deltas)
+        logger.info("perplexity with the adapter: %.3f (%d of %d codes moved)", summary["ppl_adapter"],
+                    summary["codes_moved"], summary["weights"])
+    else:
+        logger.info("perplexity with the adapter: %.3f", summary["ppl_adapter"])
+    if not method_args.merge:
         return summary
-    if lota_args.offset == "float":
+    rounded = method_args.method == "lota" and method_args.offset == "float"
+    if rounded:
         logger.warning("offset='float' cannot be merged exactly; merging with round_float_offset=True.")
 
     t0 = time.time()
-    merged = model.merge_and_unload(round_float_offset=lota_args.offset == "float")
+    merged = model.merge_and_unload(**({"round_float_offset": True} if rounded else {}))
     summary["merge_seconds"] = round(time.time() - t0, 2)
     summary["ppl_merged"], merged_logits = perplexity(merged, eval_ds, collator, batch)
     summary["merged_equals_adapter"] = bool(torch.equal(merged_logits, adapter_logits))
-    merged_dir = Path(lota_args.merged_dir or Path(training_args.output_dir) / "merged")
+    merged_dir = Path(method_args.merged_dir or Path(training_args.output_dir) / "merged")
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     summary["merged_dir"] = str(merged_dir)
     logger.info("merged model: perplexity %.3f, saved to %s", summary["ppl_merged"], merged_dir)
 
-    if lota_args.verify:
-        reloaded = load_gptq_model(str(merged_dir), model_args.backend, dtype, device_map)
+    if method_args.verify:
+        reloaded = load_model(str(merged_dir), model_args.backend, dtype, device_map)
         mine, theirs = gptq_buffers(merged), gptq_buffers(reloaded)
         summary["reloaded_buffers_equal"] = mine.keys() == theirs.keys() and all(
             torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
         _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch, max_batches=1)
         summary["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
         del reloaded
-    if lota_args.merged_hub_model_id:
-        merged.push_to_hub(lota_args.merged_hub_model_id)
-        summary["pushed_to"] = lota_args.merged_hub_model_id
+    if method_args.merged_hub_model_id:
+        merged.push_to_hub(method_args.merged_hub_model_id)
+        summary["pushed_to"] = method_args.merged_hub_model_id
+    summary["method"] = method_args.method
     (Path(training_args.output_dir) / "lota_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def format_summary(s: dict) -> str:
-    rows = [("perplexity, GPTQ base", s.get("ppl_base")), ("perplexity, LoTA adapter", s.get("ppl_adapter")),
-            ("perplexity, LoTA merged", s.get("ppl_merged")), ("optimizer steps", s.get("steps")),
+    rows = [("perplexity, base model", s.get("ppl_base")), ("perplexity, adapter model", s.get("ppl_adapter")),
+            ("perplexity, merged", s.get("ppl_merged")), ("optimizer steps", s.get("steps")),
             ("training time (s)", s.get("train_seconds")), ("merge time (s)", s.get("merge_seconds")),
             ("codes moved", f"{s['codes_moved']} of {s['weights']}" if "codes_moved" in s else None),
             ("merged logits == adapter logits", s.get("merged_equals_adapter")),
@@ -388,9 +437,42 @@ def format_summary(s: dict) -> str:
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {show(v)} |" for k, v in rows if v is not None])
 
 
+COMMON_TRAINING_FLAGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                         "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16",
+                         "activation_checkpointing", "save_steps", "resume_from_checkpoint", "logging_steps", "use_cpu",
+                         "seed")
+
+
+def short_help() -> str:
+    """--help: this script's own flags by group, then the few Trainer flags most runs set (--help-all: all ~600)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments),
+                              description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1].split(
+                                  "Every `transformers")[0].strip(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.usage = ("finetune.py --model_name_or_path PATH (--train_file FILE | --dataset_name NAME) --output_dir DIR "
+                    "[--method lota|l4q] [options]")
+    for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
+        negated = [o for o in action.option_strings if o.startswith("--no_")]
+        if negated:
+            action.help = f"turn {negated[0].replace('--no_', '--')} off"
+    text = parser.format_help()
+    fields = TrainingArguments.__dataclass_fields__
+    common = "\n".join(f"  --{name:<30} {fields[name].metadata.get('help', '').split('.')[0][:70]}"
+                        for name in COMMON_TRAINING_FLAGS if name in fields)
+    return (text + "\ntransformers.TrainingArguments (every one is accepted; these are the usual ones, "
+            "--help-all lists all of them):\n" + common + "\n")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, LotaArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments),
+                              description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(short_help())
+        sys.exit(0)
+    if "--help-all" in argv:
+        parser.print_help()
+        sys.exit(0)
     if len(argv) == 1 and argv[0].endswith(".json"):
         args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:

@@ -1,7 +1,8 @@
-"""Fine-tuning a real (tiny) GPTQ model with LoTA through a stock transformers.Trainer.
+"""Fine-tuning a real (tiny) GPTQ model with LoTA (the paper's t-SignSGD) and L4Q through a stock Trainer.
 
 bf16 autocast, gradient accumulation, gradient checkpointing, resume_from_checkpoint, and
-`accelerate launch` with two CPU processes running examples/finetune.py.
+`accelerate launch` with two CPU processes running examples/finetune.py. (LoTA's default latent mode
+under a Trainer: tests/test_lota_training.py.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_lota
-from peft_lota import LotaCallback, LotaConfig, LotaLayer, create_lota_optimizer
+from peft_lota import L4QConfig, L4QLayer, LotaCallback, LotaConfig, LotaLayer, create_lota_optimizer
 from tiny_models import Spec, calibration_texts, load_gptq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def blocks(tokenizer, n=24):
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lota_" in n}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lota_" in n or ".l4q_" in n}
 
 
 def make_trainer(path, data, out_dir, **kw):
@@ -116,7 +117,44 @@ def test_resume_from_checkpoint_ends_with_the_same_adapter(setup, tmp_path):
     assert not all(torch.equal(full[k], fresh[k]) for k in full)  # the run did train
 
 
-def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer):
+def make_l4q_trainer(path, data, out_dir, **kw):
+    model = get_peft_model(load_gptq(path), L4QConfig(r=4, init_seed=0))
+    args = dict(output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                max_steps=6, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                logging_strategy="no", disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
+    args.update(kw)
+    return model, Trainer(model=model, args=TrainingArguments(**args), train_dataset=data)  # the Trainer's AdamW
+
+
+def test_l4q_trains_under_a_stock_trainer_bf16_accumulation_checkpointing_and_resume(setup, tmp_path):
+    path, data = setup
+    results = []
+    for checkpointing in (False, True):
+        model, trainer = make_l4q_trainer(path, data, tmp_path / str(checkpointing), bf16=True,
+                                          activation_checkpointing=checkpointing)
+        trainer.train()
+        results.append(adapter_state(model))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    moved = sum(int((m.get_delta_codes("default") != 0).sum()) for m in model.modules() if isinstance(m, L4QLayer))
+    assert moved > 0
+    x = data[0]["input_ids"][None]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = model(input_ids=x).logits
+        assert torch.equal(model.merge_and_unload()(input_ids=x).logits, adapted)
+
+    model, trainer = make_l4q_trainer(path, data, tmp_path / "full")
+    trainer.train()
+    full = adapter_state(model)
+    model, trainer = make_l4q_trainer(path, data, tmp_path / "halves", save_strategy="steps", save_steps=3)
+    trainer.train()
+    model, trainer = make_l4q_trainer(path, data, tmp_path / "halves")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "halves" / "checkpoint-3"))
+    assert all(torch.equal(full[k], v) for k, v in adapter_state(model).items())
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer, method):
     """examples/finetune.py under `accelerate launch` with 2 processes (gloo): DDP keeps the ranks' ternary
     adapters identical, the main process merges, and the saved checkpoint reloads exactly."""
     path, _ = setup
@@ -129,7 +167,9 @@ def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer):
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "finetune.py"),
            "--model_name_or_path", str(path), "--train_file", str(train), "--validation_split_percentage", "20",
            "--block_size", str(SEQ), "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
-           "--r", "4", "--omega", "1", "--init_seed", "0", "--train_mode", "ternary", "--q_start", "0.5", "--q_mid", "0.6", "--q_end", "0.7",
+           "--r", "4", "--init_seed", "0", "--method", method,
+           *(["--omega", "1", "--train_mode", "ternary", "--q_start", "0.5", "--q_mid", "0.6", "--q_end", "0.7"]
+             if method == "lota" else ["--learning_rate", "1e-2"]),
            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -138,4 +178,5 @@ def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer):
     assert summary["steps"] == 4 and summary["codes_moved"] > 0
     assert summary["merged_equals_adapter"] and summary["reloaded_buffers_equal"] and summary["reloaded_logits_equal"]
     assert (out / "adapter_model.safetensors").exists() and (Path(summary["merged_dir"]) / "config.json").exists()
-    assert peft_lota.LOTA_PEFT_TYPE.value == json.loads((out / "adapter_config.json").read_text())["peft_type"]
+    peft_type = peft_lota.LOTA_PEFT_TYPE if method == "lota" else peft_lota.L4Q_PEFT_TYPE
+    assert peft_type.value == json.loads((out / "adapter_config.json").read_text())["peft_type"]
