@@ -66,7 +66,7 @@ _LRS = {"recovery": {"lora": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4
         "task": {"lora": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
                  "lora_l4q": 1e-3}}
 _COMMON = dict(rank=64, paper_omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
-               tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
+               tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
                methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp"),
                tune_methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp", "lora_l4q"))
 BENCH_PRESETS: dict[str, dict] = {
@@ -260,15 +260,14 @@ def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: st
 # ----------------------------------------------------------------------------- data
 def recovery_data(fp_dir, model_preset, steps: int, batch: int, validation: bool = False):
     """(train batches, eval blocks): the finetune split's blocks in a fixed random order, and the eval
-    split's blocks (demo_model.eval_blocks). validation=True (the pilot): the last 10% of the finetune
-    stream (whole files: the stream is the split's files in path order) is held out for scoring."""
-    blocks = dm.finetune_blocks(fp_dir, model_preset)
+    split's blocks (demo_model.eval_blocks). validation=True (the pilot): one finetune file in ten, chosen by
+    a hash of its path (demo_model.pilot_blocks), is held out for scoring."""
     if validation:
-        n_val = len(blocks) // 10
-        held, blocks = blocks[-n_val:], blocks[:-n_val]
+        blocks, held = dm.pilot_blocks(fp_dir, model_preset)
         n_eval = dm.get_preset(model_preset)["eval_blocks"]
-        evaluation = held[torch.linspace(0, n_val - 1, min(n_eval, n_val)).long()]
+        evaluation = held[torch.linspace(0, len(held) - 1, min(n_eval, len(held))).long()]
     else:
+        blocks = dm.finetune_blocks(fp_dir, model_preset)
         evaluation = dm.eval_blocks(fp_dir, model_preset)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
     idx = torch.arange(steps * batch) % len(order)  # wraps around if the split is small (smoke)

@@ -188,6 +188,36 @@ def finetune_blocks(model_dir: str | os.PathLike, preset: str | dict = "demo") -
     return token_blocks(tok, "finetune", get_preset(preset)["seq_len"], cache_dir=model_dir)
 
 
+def pilot_blocks(model_dir: str | os.PathLike, preset: str | dict = "demo") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``finetune`` split cut for a hyper-parameter pilot: (training blocks, validation blocks).
+
+    One file in ten, chosen by a second hash of its path (so from every part of the library, not the
+    alphabetical tail), is held out for validation; each part is tokenized and packed on its own.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seq_len = get_preset(preset)["seq_len"]
+    root, out = stdlib_root(), []
+    for part in ("train", "val"):
+        cache = Path(model_dir) / f"finetune-pilot-{part}_tokens.pt"
+        if cache.exists():
+            stream = torch.load(cache).long()
+        else:
+            files = [f for f in corpus_files("finetune")
+                     if (int(hashlib.sha1(b"pilot/" + f.relative_to(root).as_posix().encode()).hexdigest(), 16) % 10 == 0)
+                     == (part == "val")]
+            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+            ids: list[int] = []
+            for doc in tok(texts, add_special_tokens=False)["input_ids"]:
+                ids += doc + [tok.eos_token_id]
+            stream = torch.tensor(ids, dtype=torch.long)
+            torch.save(stream.to(torch.int16 if len(tok) < 2**15 else torch.int32), cache)
+        n = len(stream) // seq_len
+        out.append(stream[: n * seq_len].view(n, seq_len))
+    return out[0], out[1]
+
+
 # ----------------------------------------------------------------------------- model
 def build_config(preset: str | dict, tokenizer=None):
     from transformers import LlamaConfig

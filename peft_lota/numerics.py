@@ -120,10 +120,12 @@ def add_group_sums_(total: torch.Tensor, state: QuantState, part: torch.Tensor, 
         total[k0 // gs: k0 // gs + part.shape[0]] += part
 
 
-# Trained scales are parametrised as s0 * (1 + SCALE_UNIT * u), u starting at 0: with an optimizer at LoRA-like
-# learning rates (1e-4) a step moves a scale by up to ~1%, the pace the accuracy pilot found best.
-SCALE_UNIT = 100.0
+# Trained scales are parametrised as s0 * (1 + unit * u), u starting at 0, so that one optimizer step at the
+# method's usual learning rate moves a scale by a sensible fraction: LoTA (lr ~1e-4) by up to ~1%, L4Q (lr ~1e-3,
+# its LoRA's) by up to ~0.1%. The accuracy pilot chose both (benchmarks/README.md).
+LOTA_SCALE_UNIT = 100.0
+L4Q_SCALE_UNIT = 1.0
 
 
-def scale_multiplier(u: torch.Tensor) -> torch.Tensor:
-    return 1.0 + SCALE_UNIT * u
+def scale_multiplier(u: torch.Tensor, unit: float) -> torch.Tensor:
+    return 1.0 + unit * u if unit != 1.0 else 1.0 + u

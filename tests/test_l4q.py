@@ -39,7 +39,7 @@ def randomize(model, seed=0, strength=0.05):
             B.copy_(torch.randn(B.shape, generator=g) * strength)
             if "default" in layer.l4q_scales:
                 m = layer.l4q_scales["default"]
-                m.copy_(0.001 * (torch.rand(m.shape, generator=g) - 0.5))  # multipliers 0.95..1.05
+                m.copy_(0.1 * (torch.rand(m.shape, generator=g) - 0.5))  # multipliers 0.95..1.05
 
 
 # ---- the maths -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats import gptq
 from ..formats.base import QuantWeights
-from ..numerics import scale_multiplier
+from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         self.quant = quant
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
-        self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + SCALE_UNIT * u)
+        self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)
         self.settings: dict[str, L4QSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -136,7 +136,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         if adapter_name not in self.l4q_scales:
             return None
         s0 = grid.state.scales
-        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name]), s0.dtype)
+        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name], L4Q_SCALE_UNIT), s0.dtype)
 
     def _unmerged_active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.l4q_A and a not in self.merged_adapters]

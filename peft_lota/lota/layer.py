@@ -23,7 +23,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
-from ..numerics import scale_multiplier
+from ..numerics import LOTA_SCALE_UNIT, scale_multiplier
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         self.quant = quant  # how this layer's codes are read and written (formats/)
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
-        self.lota_scales = nn.ParameterDict({})  # u of the trained scales s0 * (1 + SCALE_UNIT * u), if trained
+        self.lota_scales = nn.ParameterDict({})  # u of the trained scales s0 * (1 + LOTA_SCALE_UNIT * u)
         self.settings: dict[str, AdapterSettings] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -184,7 +184,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             return None
         s = base_scales.float()
         for a in trained:
-            s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a]), base_scales.dtype)
+            s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT), base_scales.dtype)
         return s
 
     def _unmerged_active(self) -> list[str]:
