@@ -4,7 +4,9 @@
 injects adapters and `merge_and_unload()` merges them into the integer codes with no loss.
 
 - LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1;
-- L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a GPTQ or a full-precision model.
+- L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a GPTQ or a full-precision model;
+- `calibrate`: block-wise activation-preserving calibration (ApiQ, optional saliency regulariser) of a
+  full-precision model into a GPTQ model.
 
 Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`, `l4q/`), and
 `export.py` (a merged model as a standard checkpoint) on top.
@@ -22,6 +24,7 @@ from .l4q.config import L4QConfig  # noqa: E402
 from .l4q.from_lora import l4q_from_lora  # noqa: E402
 from .l4q.layer import L4QLayer  # noqa: E402
 from .l4q.model import L4QModel  # noqa: E402
+from .calibrate import calibrate  # noqa: E402
 from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
 
 register()
@@ -40,6 +43,7 @@ __all__ = [
     "LotaOptimizer",
     "TSignSGD",
     "attach_export",
+    "calibrate",
     "create_lota_optimizer",
     "l4q_from_lora",
     "prepare_gptq_model",

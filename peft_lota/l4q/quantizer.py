@@ -220,6 +220,26 @@ def l4q_linear(x: torch.Tensor, grid: Grid, A: torch.Tensor, B: torch.Tensor, sc
     return out
 
 
+def fake_quantized_weight(grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                          scales32: Optional[torch.Tensor] = None, scale_gradient: str = "lsq") -> torch.Tensor:
+    """W_q [K, N] in float32 as a differentiable function of A, B (and the scales), with L4Q's straight-through
+    gradients, for losses on the weights themselves (calibration's saliency regulariser). Whole layer at once;
+    the products are not rounded to the stored dtype (the forward's are)."""
+    st = grid.state
+    g = st.g_idx
+    s = st.scales.float() if scales32 is None else scales32
+    if scales32 is not None and scale_gradient == "lsq":
+        gs = lsq_gradient_scale(st, st.maxq)
+        s = s * gs + (s - s * gs).detach()  # LSQ's gradient scale; the value is unchanged
+    s_rows, z = s[g], st.zeros.float()[g]
+    wc = grid.w0_rows(0, st.in_features) + scaling * (A.float().t() @ B.float().t())
+    w = wc / (s_rows if scale_gradient == "lsq" else s_rows.detach())
+    v = torch.round(w).detach() + (w - w.detach()) + z  # exact integers, gradient 1
+    inside = (v >= 0) & (v <= st.maxq)  # the paper's mask is inclusive; torch.clamp's gradient is not
+    q = torch.where(inside, v, torch.clamp(v, 0, st.maxq).detach())
+    return s_rows * (q - z)
+
+
 def row_align(bits: int) -> int:
     """Rows per whole run of packed words: codes are packed along K in int32 words."""
     return 32 // math.gcd(bits, 32)
