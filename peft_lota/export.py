@@ -10,14 +10,13 @@ in-memory zero points, which gptqmodel keeps as true zero points ("gptq_v2"), un
 checkpoint was loaded with, and it records the load-time kernel (e.g. backend "gptq_torch") for
 everyone who loads it. `attach_export` replaces the merged model's `save_pretrained` / `push_to_hub`.
 
-Saving is atomic: everything is written into a temporary sibling folder, which then replaces the
-target; files of the target that are not ours (tokenizer, notes, ...) are carried over.
+Saving never touches what it did not write: the checkpoint is staged inside the target folder and
+moved in file by file (see the comment above `MANIFEST`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import logging
 import os
@@ -33,11 +32,9 @@ from . import formats
 
 logger = logging.getLogger(__name__)
 
-# Files a save writes or makes stale. Every weight file is ours: a stale single-file checkpoint
-# next to a new sharded one would be loaded instead of it.
+# Weight files of an earlier upload that a push removes from the repo (so that no stale shard shadows the new one).
 WEIGHT_PATTERNS = ("model*.safetensors", "model*.safetensors.index.json", "pytorch_model*.bin",
                    "pytorch_model*.bin.index.json")
-CONFIG_FILES = ("config.json", "generation_config.json", "quantize_config.json")
 CARD_NAME = "README.md"
 CARD_MARKER = "<!-- written by peft_lota: safe to regenerate -->"
 
@@ -109,42 +106,169 @@ def _write(model, folder: Path, *, card_info: Optional[dict], write_card: bool, 
     return facts
 
 
-def _is_ours(filename: str) -> bool:
-    return filename in CONFIG_FILES or any(fnmatch.fnmatch(filename, p) for p in WEIGHT_PATTERNS)
+# ---- committing a staged checkpoint into the target folder, file by file ----------------------------
+#
+# A save stages the complete checkpoint in a hidden folder inside the target (same filesystem, so renames
+# are atomic; nothing outside the target is touched: mount points, read-only parents and '.' all work),
+# fsyncs it, records the plan in a journal, then moves the files in one by one: new shards under names of
+# their own first (invisible until an index points at them), the other files, then the switch (the single
+# weight file, or the index), config.json and quantize_config.json last. Until the switch, the folder loads
+# as the old checkpoint; after the configs, as the new one. A config that changes is moved aside just before
+# the switch, so that no step can load old weights under a new config (or the reverse): a crash between
+# those few renames leaves a folder that refuses to load (no config) plus the journal, and the next save
+# into the folder (or `recover(folder)`) completes it. Only files this save writes, and files the previous
+# peft_lota save wrote (its manifest), are replaced or removed; the folder's mode is left alone.
+
+MANIFEST = ".peft_lota-checkpoint.json"  # the files our last save wrote here
+JOURNAL = ".peft_lota-commit.json"  # a commit in progress: replayed by recover()
+STAGING = ".peft_lota-staging-"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
-def _link_or_copy(src, dst):
+def _commit_step(label: str) -> None:
+    """Called before every change a commit makes to the target folder (tests inject crashes here)."""
+
+
+def _fsync_dir(path: Path) -> None:
     try:
-        os.link(src, dst)  # same filesystem (sibling folder): no data copied
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        shutil.copy2(src, dst)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _unique_shards(staged: Path, tag: str) -> None:
+    """Give a sharded checkpoint's shards names no earlier save used, and point the index at them."""
+    index = _read_json(staged / INDEX)
+    if index is None:
+        return
+    names = sorted(set(index["weight_map"].values()))
+    renamed = {n: n.replace(".safetensors", f".{tag}.safetensors") for n in names}
+    for old, new in renamed.items():
+        os.rename(staged / old, staged / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (staged / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+CONFIGS = ("config.json", "quantize_config.json")  # what loaders read first: they switch with the weights
+
+
+def _plan(staged: Path, target: Path) -> dict:
+    """What the commit will do, in order; refuses, before anything changes, a user's file that would shadow it."""
+    new = sorted(f.name for f in staged.iterdir())
+    previous = set((_read_json(target / MANIFEST) or {}).get("files", []))
+    sharded = INDEX in new
+    if sharded and (target / SINGLE).exists() and SINGLE not in previous:
+        raise FileExistsError(
+            f"{target / SINGLE} was not written by peft_lota and would be loaded instead of the new sharded "
+            f"checkpoint (transformers prefers a single {SINGLE}). Remove or rename it, save elsewhere, or raise "
+            "max_shard_size so that the checkpoint fits in one file.")
+    switch = INDEX if sharded else SINGLE
+    configs = [n for n in CONFIGS if n in new]
+    aside = [n for n in configs if (target / n).exists() and (target / n).read_bytes() != (staged / n).read_bytes()]
+    first = [n for n in new if n not in (switch, *configs)]
+    stale = sorted(n for n in previous if n not in new and n not in (SINGLE, CARD_NAME))
+    return {"staged": staged.name, "moves": first, "switch": switch, "configs": configs, "aside": aside,
+            "drop_single": sharded and SINGLE in previous, "stale": stale, "files": new}
+
+
+def _apply(plan: dict, target: Path) -> None:
+    """Carry out (or, after a crash, finish) a commit plan. Every step checks what is already done."""
+    staged = target / plan["staged"]
+
+    def move(name: str) -> None:
+        if (staged / name).exists():
+            _commit_step(f"move {name}")
+            os.replace(staged / name, target / name)
+
+    def aside(name: str) -> Path:
+        return target / f".peft_lota-{name}.old"
+
+    for name in plan["moves"]:
+        move(name)
+    _fsync_dir(target)
+    for name in plan["aside"]:  # a changed config leaves before the weights switch: never old weights, new config
+        if (staged / name).exists() and (target / name).exists():
+            _commit_step(f"aside {name}")
+            os.replace(target / name, aside(name))
+    move(plan["switch"])
+    if plan["drop_single"] and (target / SINGLE).exists() and not (staged / plan["switch"]).exists():
+        _commit_step(f"remove {SINGLE}")
+        os.unlink(target / SINGLE)
+    for name in plan["configs"]:
+        move(name)
+    _fsync_dir(target)
+    for name in plan["stale"]:
+        if (target / name).exists():
+            _commit_step(f"remove {name}")
+            os.unlink(target / name)
+    _commit_step("manifest")
+    (target / MANIFEST).write_text(json.dumps({"files": plan["files"], "writer": "peft_lota"}, indent=1) + "\n")
+    for name in plan["aside"]:
+        if aside(name).exists():
+            os.unlink(aside(name))
+    _commit_step("cleanup")
+    shutil.rmtree(staged, ignore_errors=True)
+    if (target / JOURNAL).exists():
+        os.unlink(target / JOURNAL)
+    _fsync_dir(target)
 
 
 def _commit(staged: Path, target: Path) -> None:
-    """Make `staged` the new `target`, keeping the target's files that are not ours."""
-    if not target.exists():
-        os.rename(staged, target)
-        return
-    for entry in target.iterdir():
-        if (staged / entry.name).exists() or _is_ours(entry.name):
-            continue  # replaced by the new checkpoint, or stale weights of an old one
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), staged / entry.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, staged / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, staged / entry.name)
-    # Two renames: at every moment `target` is the complete old or the complete new folder, except
-    # for the instant between them (POSIX has no portable atomic directory exchange).
-    graveyard = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, graveyard / target.name)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        os.rename(graveyard / target.name, target)  # put the old folder back (if this fails, it stays there)
-        os.rmdir(graveyard)
-        raise
-    shutil.rmtree(graveyard, ignore_errors=True)
+    _unique_shards(staged, staged.name.removeprefix(STAGING)[:8])
+    _fsync_tree(staged)
+    plan = _plan(staged, target)
+    _commit_step("journal")
+    (target / JOURNAL).write_text(json.dumps(plan, indent=1) + "\n")
+    _fsync_dir(target)
+    _apply(plan, target)
+
+
+def recover(save_directory) -> bool:
+    """Finish a save into `save_directory` that was interrupted while moving files in (its journal says how),
+    and remove what interrupted saves left behind (staging folders, and the sibling folders of older
+    peft_lota versions). Every save into a folder does this first. Returns whether a commit was finished."""
+    target = Path(save_directory).absolute()
+    finished = False
+    plan = _read_json(target / JOURNAL)
+    if plan is not None and (target / plan.get("staged", "")).is_dir():
+        _apply(plan, target)
+        finished = True
+    elif (target / JOURNAL).exists():
+        os.unlink(target / JOURNAL)
+    if target.is_dir():
+        for leftover in target.glob(STAGING + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    # peft_lota <= 0.1 staged beside the target and swapped folders with two renames.
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists() and (old / target.name).is_dir():
+            os.rename(old / target.name, target)
+            finished = True
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return finished
 
 
 def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dict] = None,
@@ -163,30 +287,37 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
         save_kwargs: passed to transformers' save_pretrained (e.g. `variant`, `is_main_process`).
             `safe_serialization=False`, `state_dict` and `push_to_hub` are refused.
 
-    The write is atomic: on any error the target folder is untouched. Files in an existing target that are
-    not part of a checkpoint (tokenizer files, notes, ...) are kept.
-    Returns the path of the checkpoint folder.
+    Nothing this save does not write is deleted or changed (other weight files, tokenizer, notes, the
+    folder's mode), except the stale shards of an earlier peft_lota save into the same folder. An error
+    while writing leaves the folder as it was; see the comment above `MANIFEST` for what a crash while
+    moving the files in can leave, and `recover`. Returns the path of the checkpoint folder.
     """
     _check_save_kwargs(save_kwargs)
     if not save_kwargs.pop("is_main_process", True):
         return Path(save_directory)  # like transformers: only the main process writes
-    target = Path(save_directory).resolve()
+    target = Path(save_directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)  # a new folder gets the process's usual mode (umask)
     existing_card = target / CARD_NAME
     write_card = (overwrite_readme or not existing_card.exists()
                   or CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace"))
     if card_info is not None and not write_card:
         logger.warning("peft_lota: %s already has a README.md that peft_lota did not write; keeping it "
                        "(pass overwrite_readme=True to replace it with the model card).", target)
-    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=target))
     try:
         _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
                save_kwargs=save_kwargs)
         _commit(staged, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone already after a successful commit
+    except BaseException:
+        if not (target / JOURNAL).exists():  # a journal means: moving in; recover() finishes it
+            shutil.rmtree(staged, ignore_errors=True)
+            if created:  # the folder this save made holds nothing else
+                shutil.rmtree(target, ignore_errors=True)
+        raise
     if (target / "adapter_config.json").exists():
         logger.warning("peft_lota: %s also holds adapter_config.json; transformers will load the folder as a PEFT "
                        "adapter, not as this merged checkpoint. Remove it or save elsewhere.", target)
@@ -264,8 +395,8 @@ def attach_export(model: nn.Module, card_info: Optional[dict] = None) -> nn.Modu
         if push_to_hub and is_main_process:  # as transformers does: upload what this save wrote
             from huggingface_hub import HfApi
 
-            written = [p.name for p in folder.iterdir() if _is_ours(p.name) or p.name == CARD_NAME
-                       and CARD_MARKER in p.read_text(encoding="utf-8", errors="replace")]
+            written = [n for n in (_read_json(folder / MANIFEST) or {}).get("files", [])
+                       if n != CARD_NAME or CARD_MARKER in (folder / n).read_text(encoding="utf-8", errors="replace")]
             _upload(HfApi(token=token), folder, hub_kwargs.pop("repo_id", Path(save_directory).name),
                     private=hub_kwargs.get("private"),
                     commit_message=hub_kwargs.get("commit_message") or _default_commit_message(card_info),

@@ -233,23 +233,31 @@ def test_gptqmodel_load_reads_the_checkpoint(gptq_dir, tmp_path):
     assert torch.equal(logits(load_gptq(out, dtype=torch.float16)), logits(loaded.model))
 
 
-# ---- (e) atomic writes, other files in the target ------------------------------------------------------
+# ---- (e) what a save touches, and crashes -----------------------------------------------------------
+
+USER_FILES = {"notes.txt": b"mine", "README.md": b"# my own card\n", "runs/log.txt": b"log",
+              "model_backup.safetensors": b"user weights", "model-fp16-original.safetensors": b"more user weights",
+              "pytorch_model.bin": b"an old torch checkpoint"}
+
 
 def _fill_target(target: Path, src: Path):
     copy_tokenizer(src, target)
-    (target / "notes.txt").write_text("mine")
-    (target / "README.md").write_text("# my own card\n")
-    (target / "runs").mkdir()
-    (target / "runs" / "log.txt").write_text("log")
-    (target / "model-00001-of-00009.safetensors").write_bytes(b"stale shard")
-    (target / "model.safetensors.index.json").write_text("{}")
+    for name, data in USER_FILES.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(data)
 
 
-def _leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != export.MANIFEST]
 
 
-def test_failure_mid_save_leaves_target_untouched(gptq_dir, tmp_path, monkeypatch):
+def _user_tree(target: Path) -> dict:
+    return {k: v for k, v in tree(target).items() if not k.startswith((".", "model.safetensors", "config.json",
+                                                                        "generation_config", "quantize_config"))
+            and not (k.startswith("model-0") and ".safetensors" in k) and k != "README.md"}
+
+
+def test_failure_mid_write_leaves_target_untouched(gptq_dir, tmp_path, monkeypatch):
     import transformers.modeling_utils as modeling_utils
 
     src = gptq_dir(V1_ASYM)
@@ -266,30 +274,16 @@ def test_failure_mid_save_leaves_target_untouched(gptq_dir, tmp_path, monkeypatc
         m.setattr(modeling_utils, "safe_save_file", half_write)
         with pytest.raises(OSError, match="disk full"):
             save_checkpoint(model, target, card_info=LOTA_INFO)
-    assert tree(target) == snapshot and _leftovers(tmp_path) == []
-
-    # The last step (moving the new folder into place) fails: the old folder is put back.
-    real_rename, calls = os.rename, []
-
-    def rename(a, b):
-        calls.append((a, b))
-        if Path(b) == target and len(calls) == 2:
-            raise OSError("rename failed")
-        return real_rename(a, b)
-
-    with monkeypatch.context() as m:
-        m.setattr(export.os, "rename", rename)
-        with pytest.raises(OSError, match="rename failed"):
-            save_checkpoint(model, target)
-    assert len(calls) == 3  # away, (failed) into place, back
-    assert tree(target) == snapshot and _leftovers(tmp_path) == []
+    assert tree(target) == snapshot and _leftovers(target) == []
 
 
-def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_path, caplog):
+def test_existing_folder_keeps_every_file_it_did_not_write_and_its_mode(gptq_dir, tmp_path, caplog):
     src = gptq_dir(V1_ASYM)
     target = tmp_path / "out"
     _fill_target(target, src)
-    user_files = {k: v for k, v in tree(target).items() if not k.startswith("model")}
+    target.chmod(0o750)
+    user = tree(target)
+    parent_mtime = tmp_path.stat().st_mtime_ns
     model = load_gptq(src)
     expected = logits(model)
 
@@ -297,19 +291,120 @@ def test_existing_folder_keeps_user_files_and_drops_stale_weights(gptq_dir, tmp_
         save_checkpoint(model, target, card_info=LOTA_INFO, max_shard_size="100KB")
     assert "overwrite_readme=True" in caplog.text  # the user's README.md was kept
     after = tree(target)
-    assert {k: after[k] for k in user_files} == user_files
-    shards = sorted(p.name for p in target.glob("model*.safetensors"))
-    assert len(shards) > 1 and "model-00001-of-00009.safetensors" not in shards  # new sharding, stale one gone
-    assert json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k: after[k] for k in user} == user  # every user file byte for byte, the user's weights included
+    assert (target.stat().st_mode & 0o777) == 0o750
+    assert tmp_path.stat().st_mtime_ns == parent_mtime  # nothing created or renamed beside the target
+    shards = sorted(p.name for p in target.glob("model-0*.safetensors"))
+    assert len(shards) > 1 and json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
     assert torch.equal(expected, logits(load_gptq(target)))
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(target) == []
 
-    # Asked to, the card replaces the user's README; a card we wrote is refreshed without asking.
+    # Saved again unsharded: the shards of our previous save (and only they) are removed.
     save_checkpoint(model, target, card_info=LOTA_INFO, overwrite_readme=True)
     assert export.CARD_MARKER in (target / "README.md").read_text()
+    assert not list(target.glob("model-0*.safetensors")) and not (target / "model.safetensors.index.json").exists()
+    after = tree(target)
+    assert {k: after[k] for k in user if k != "README.md"} == {k: v for k, v in user.items() if k != "README.md"}
     save_checkpoint(model, target, card_info={**LOTA_INFO, "settings": {"LoTA rank r": 32}})
     assert "| LoTA rank r | 32 |" in (target / "README.md").read_text()
-    assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]  # shards of the last save gone
+    assert torch.equal(expected, logits(load_gptq(target)))
+
+
+def test_a_fresh_folder_gets_the_usual_mode_and_dot_saves_in_place(gptq_dir, tmp_path, monkeypatch):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    out = save_checkpoint(model, tmp_path / "fresh")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+    target = tmp_path / "cwd"
+    target.mkdir()
+    monkeypatch.chdir(target)
+    model.save_pretrained = None  # (plain save_checkpoint below)
+    save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), ".")
+    assert Path.cwd() == target and (target / "config.json").exists()  # the working directory survives
+    assert torch.equal(logits(load_gptq(target)), logits(load_gptq(gptq_dir(V1_ASYM))))
+
+
+def test_a_users_single_weight_file_that_would_shadow_a_sharded_save_is_refused(gptq_dir, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"the user's own")
+    snapshot = tree(target)
+    with pytest.raises(FileExistsError, match="would be loaded instead"):
+        save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), target, max_shard_size="100KB")
+    assert tree(target) == snapshot and _leftovers(target) == []
+
+
+def test_leftovers_of_crashed_saves_are_cleaned_up(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / (export.STAGING + "abc")).mkdir()  # a save killed while writing
+    (target / (export.STAGING + "abc") / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / ".out.tmp-123").mkdir()  # older peft_lota versions staged beside the target
+    (tmp_path / ".out.old-456").mkdir()
+    save_checkpoint(model, target)
+    assert _leftovers(target) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _models_A_and_B(path: Path):
+    """Two checkpoints of one model that differ in their codes (B) and in their config too (C: sym -> asym)."""
+    a = load_gptq(path)
+    b = load_gptq(path)
+    layer = gptq_layers(b)[0][1]
+    codes = gptq.unpack_qweight(layer.qweight, layer.bits)
+    codes[:4] = (codes[:4].to(torch.int16) + 1).clamp(max=15).to(torch.uint8)
+    layer.qweight.data = gptq.pack_qweight(codes, layer.bits)
+    c = load_gptq(path)
+    set_zero(gptq_layers(c)[1][1], 0, 0, 3)  # a symmetric checkpoint becomes asymmetric: config.json changes
+    return a, b, c
+
+
+@pytest.mark.parametrize("old_shard,new_shard,new_model", [
+    ("50GB", "50GB", "B"), ("50GB", "100KB", "B"), ("100KB", "50GB", "C"), ("100KB", "100KB", "C"), ("50GB", "50GB", "C")])
+def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_checkpoint(gptq_dir, tmp_path, monkeypatch,
+                                                                               old_shard, new_shard, new_model):
+    """Kill the save before each change it makes to the folder in turn (>= 20 trials over the parameters): the
+    folder then loads as the old checkpoint, or as the new one, or refuses to load and recover() completes it;
+    it never loads old weights under a new config or the reverse."""
+    path = gptq_dir(V2_SYM_BIAS)
+    models = dict(zip("ABC", _models_A_and_B(path)))
+    want = {k: logits(m) for k, m in models.items()}
+    assert not torch.equal(want["A"], want[new_model])
+    trial = 0
+    while True:
+        target = tmp_path / f"t{trial}"
+        _fill_target(target, path)
+        save_checkpoint(models["A"], target, max_shard_size=old_shard)
+        user = _user_tree(target)
+        calls = []
+
+        def crash(label, k=trial):
+            calls.append(label)
+            if len(calls) > k:
+                raise KeyboardInterrupt(f"killed before {label}")
+
+        with monkeypatch.context() as m:
+            m.setattr(export, "_commit_step", crash)
+            try:
+                save_checkpoint(models[new_model], target, max_shard_size=new_shard)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+        try:
+            got = logits(load_gptq(target))
+            state = "old" if torch.equal(got, want["A"]) else "new" if torch.equal(got, want[new_model]) else "WRONG"
+        except Exception:  # noqa: BLE001 - a folder without its config refuses to load
+            state = "unloadable"
+        assert state in ("old", "new") or (state == "unloadable" and (target / export.JOURNAL).exists()), (trial, calls)
+        export.recover(target)  # what the next save into the folder does first
+        journaled = finished or len(calls) > 1  # the journal is the commit's first step
+        assert torch.equal(logits(load_gptq(target)), want[new_model] if journaled else want["A"]), (trial, calls)
+        assert _user_tree(target) == user and _leftovers(target) == []
+        if finished:
+            break
+        trial += 1
+    assert trial >= 4  # every change the commit makes was interrupted once
 
 
 # ---- model card --------------------------------------------------------------------------------------
