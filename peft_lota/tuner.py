@@ -16,6 +16,40 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from . import formats
 
 
+def merged_training_error(method: str, key: str) -> RuntimeError:
+    return RuntimeError(f"{key or 'a layer'}: the {method} adapter is merged into the quantized weights, so nothing can "
+                        "learn through it. Call unmerge_adapter() before training (or train a fresh adapter).")
+
+
+def base_signature(target: nn.Module, quant) -> list:
+    """[format, in_features, out_features, bits, groups, fingerprint] of a layer an adapter is made for.
+
+    The fingerprint hashes a strided sample of the layer's scales (quantized) or weight (full precision): it
+    tells another checkpoint of the same shapes apart, at no cost worth measuring.
+    """
+    import hashlib
+
+    if quant is not None:
+        state = quant.read()
+        head = [quant.format_name, quant.in_features, quant.out_features, quant.bits, int(state.scales.shape[0])]
+        sample = state.scales
+    else:
+        head = ["dense", target.in_features, target.out_features, None, None]
+        sample = target.weight
+    flat = sample.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    digest = hashlib.sha1(flat[::step].float().cpu().numpy().tobytes()).hexdigest()[:16]
+    return head + [digest]
+
+
+def _describe(signature) -> str:
+    fmt, k, n, bits, groups, digest = signature
+    shape = f"[in {k}, out {n}]"
+    if fmt == "dense":
+        return f"a full-precision layer {shape} (fingerprint {digest})"
+    return f"{fmt.upper()} {bits}-bit {shape} with {groups} groups (fingerprint {digest})"
+
+
 class QuantTuner(BaseTuner):
     method_name: str = "?"  # e.g. "LoTA" in messages
     target_module_mapping: dict = {}
@@ -47,8 +81,38 @@ class QuantTuner(BaseTuner):
             peft_config.target_modules = names if clash else suffixes
         return peft_config
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, undone if it fails half-way: the user's model is never left half-wrapped."""
+        before = {name for name, m in model.named_modules() if isinstance(m, self.tuner_layer_cls)}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, self.tuner_layer_cls) and name not in before:
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            raise
+
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         formats.prepare_model(model)
+        # A fresh config records the base it adapts; a loaded one (base_layers filled) is checked against it.
+        self._recording_base = peft_config.base_layers is None
+        if self._recording_base:
+            peft_config.base_layers = {}
+
+    def _check_base(self, config, key: str, target: nn.Module, quant) -> None:
+        """Record (fresh adapter) or check (loaded adapter) what the adapted layer of the base looks like."""
+        signature = base_signature(target, quant)
+        if getattr(self, "_recording_base", False) or config.base_layers is None:
+            if config.base_layers is not None:
+                config.base_layers[key] = signature
+            return
+        made_for = config.base_layers.get(key)
+        if made_for is not None and list(made_for) != signature:
+            raise ValueError(
+                f"This {self.method_name} adapter was made for a base whose layer {key} is {_describe(made_for)}; "
+                f"this model's is {_describe(signature)}. Load it onto the model it was trained on (adapter_config.json "
+                "names it in base_model_name_or_path); to skip this check, set base_layers to null there.")
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # BaseTuner's version copies `.weight`, which GPTQ layers do not have (and crashes on unload).
@@ -104,6 +168,15 @@ class QuantTuner(BaseTuner):
                                    f"({module._current_key}); the layers before it are merged already.") from err
             if unloading:
                 module.release_unmerged()
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if not any(isinstance(m, cls.tuner_layer_cls) for m in model.modules()):
+            raise ValueError(
+                f"This PeftModel holds no {cls.method_name} layer any more: merge_and_unload() (or unload()) took them "
+                "out. Save the model that merge_and_unload() returned (a standard quantized checkpoint), or save the "
+                "adapter before merging.")
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def _card_info(self, adapter_names: Optional[list[str]]) -> dict:
         """What the model card of a merged checkpoint says (export.model_card)."""

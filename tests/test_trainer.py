@@ -169,7 +169,7 @@ def test_accelerate_launch_two_cpu_processes(setup, tmp_path, tokenizer, method)
            "--block_size", str(SEQ), "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
            "--r", "4", "--init_seed", "0", "--method", method,
            *(["--omega", "1", "--train_mode", "ternary", "--q_start", "0.5", "--q_mid", "0.6", "--q_end", "0.7"]
-             if method == "lota" else ["--learning_rate", "1e-2"]),
+             if method == "lota" else ["--learning_rate", "5e-2"]),
            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

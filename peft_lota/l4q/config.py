@@ -72,6 +72,13 @@ class L4QConfig(PeftConfig):
                           "scale (round(w/s) - w/s inside the grid, the code where clipped). 'codes': as fixed (Q - z), "
                           "the weights' own derivative."},
     )
+    base_layers: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled in by get_peft_model: what each adapted layer of the base looked like (format, "
+                          "shape, bits, groups, a fingerprint of its scales or weight). Loading the adapter onto a "
+                          "base that differs is refused with a message naming both; set it to None in "
+                          "adapter_config.json to skip the check."},
+    )
     init_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed for the Kaiming-uniform initialisation of A (None: torch's global one)."})
 

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats import gptq
 from ..formats.base import QuantWeights
+from ..tuner import merged_training_error
 from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
 
@@ -146,6 +147,8 @@ class L4QLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.merged and self.training and torch.is_grad_enabled():
+            raise merged_training_error("L4Q", self._current_key)
         if self.merged_layer is not None:  # merged on an nn.Linear base: the GPTQ layer computes
             return self.merged_layer(x)
         active = self._unmerged_active()

@@ -53,6 +53,8 @@ class L4QModel(QuantTuner):
             target.update_layer(adapter_name, self._settings(config), init_seed=config.init_seed)
             return
         quant = formats.dispatch(target, current_key)
+        if quant is not None or isinstance(target, nn.Linear):
+            self._check_base(config, current_key, target, quant)
         if quant is not None:
             self._check_grid(config, quant, current_key)
             new = L4QLayer(target, quant, adapter_name, self._settings(config), init_seed=config.init_seed,

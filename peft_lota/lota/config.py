@@ -101,6 +101,13 @@ class LotaConfig(PeftConfig):
             "(the paper trains A and B only; if set, create_lota_optimizer's AdamW trains them)."
         },
     )
+    base_layers: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled in by get_peft_model: what each adapted layer of the base looked like (format, "
+                          "shape, bits, groups, a fingerprint of its scales or weight). Loading the adapter onto a "
+                          "base that differs is refused with a message naming both; set it to None in "
+                          "adapter_config.json to skip the check."},
+    )
     init_seed: Optional[int] = field(
         default=None,
         metadata={"help": "Seed for the ternary initialisation of A (None: use torch's global generator)."},
@@ -115,7 +122,9 @@ class LotaConfig(PeftConfig):
             self.task_type = "CAUSAL_LM"
         if self.target_modules is None:
             self.target_modules = "all-linear"
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, set, tuple)):
+            if not self.target_modules:
+                raise ValueError("LotaConfig: target_modules is empty; give layer names, a regex or 'all-linear'.")
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
@@ -153,6 +162,8 @@ class LotaConfig(PeftConfig):
             self.train_scales = self.train_mode == "latent"
         if not isinstance(self.train_scales, bool):
             raise ValueError(f"LotaConfig: train_scales must be True or False, got {self.train_scales!r}.")
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
+            raise ValueError(f"LotaConfig: init_seed must be an integer or None, got {self.init_seed!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("LotaConfig: layers_pattern only makes sense together with layers_to_transform.")
 

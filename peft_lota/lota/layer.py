@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
 from ..numerics import LOTA_SCALE_UNIT, scale_multiplier
+from ..tuner import merged_training_error
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.merged and self.training and torch.is_grad_enabled():
+            raise merged_training_error("LoTA", self._current_key)
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)

@@ -63,6 +63,7 @@ class LotaModel(QuantTuner):
                 "linear layers only (their integer codes are what LoTA moves). Remove it from target_modules, or use "
                 "target_modules='all-linear' to pick every GPTQ layer."
             )
+        self._check_base(lota_config, current_key, target, quant)
         new_module = LotaLayer(target, quant, adapter_name, lota_config.layer_settings(),
                                init_seed=lota_config.init_seed, current_key=current_key)
         if adapter_name not in self.active_adapters:

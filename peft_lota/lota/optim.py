@@ -325,6 +325,21 @@ class LotaCallback(TrainerCallback):
                 "LotaConfig(train_mode='latent'), the default, need neither: drop the callback.)"
             )
         opt.set_total_steps(state.max_steps)
+        ternary = opt.ternary if isinstance(opt, LotaOptimizer) else opt
+        done = ternary.param_groups[0]["step"]
+        if state.global_step > 0 and done == 0:
+            # Resuming, but the checkpoint's optimizer.pt (t-SignSGD's step count) was not loaded. Without momentum
+            # the schedule position is t-SignSGD's whole state, and the trainer state has it: resume exactly.
+            # (Not for fp16 runs that skipped overflowing steps: those need optimizer.pt.)
+            if any(g.get("momentum", 0.0) for g in ternary.param_groups):
+                raise ValueError(
+                    f"Resuming at step {state.global_step}, but the checkpoint holds no optimizer state (optimizer.pt) "
+                    "and t-SignSGD's momentum cannot be recovered without it. Resume from a checkpoint that holds "
+                    "optimizer.pt, or start the run over.")
+            for group in ternary.param_groups:
+                group["step"] = state.global_step
+            logger.warning("LotaCallback: the checkpoint holds no optimizer state; t-SignSGD's schedule resumes at step "
+                           "%d from the trainer state (its only state, so the run continues exactly).", state.global_step)
 
         clip = args.max_grad_norm
         if clip is not None and clip > 0:
@@ -335,7 +350,7 @@ class LotaCallback(TrainerCallback):
                 )
             args.max_grad_norm = 0.0
             others = isinstance(opt, LotaOptimizer) and opt.other is not None
-            (logger.warning if others else logger.info)(
+            logger.warning(
                 "LotaCallback: gradient clipping turned off (max_grad_norm 1.0 -> 0.0) so that t-SignSGD sees "
                 "unclipped gradients" + ("; the non-LoTA parameters are not clipped either." if others else ".")
             )
