@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_lota import LotaConfig, LotaLayer

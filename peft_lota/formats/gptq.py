@@ -409,7 +409,8 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
         z = true_zeros[name]
         state_dict[f"{name}.qzeros" if name else "qzeros"] = zeros_v2_to_v1(z, bits) if fmt == "gptq" else z
 
-    qc.update(format=fmt, checkpoint_format=fmt, sym=bool(qc.get("sym", True)) and still_sym,
+    was_sym = bool(qc.get("sym", True))
+    qc.update(format=fmt, checkpoint_format=fmt, sym=was_sym and still_sym,
               backend="auto",  # what stock loading picks anyway; never pin a training kernel
               dataset=None, tokenizer=None)  # calibration inputs, not part of a checkpoint
     meta = dict(qc.get("meta") or {})
@@ -423,8 +424,14 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                "This checkpoint is in the `gptq_v2` format (some zero points are 0, which the classic format cannot "
                "store): it loads with transformers/optimum + gptqmodel and with GPTQModel, not with vLLM, TGI, "
                "ExLlama or AutoGPTQ.")
+    note = fast_path_note(qc)
+    if was_sym and not qc["sym"]:
+        logger.warning("peft_lota: the merge moved zero points of a symmetric checkpoint, so it is written asymmetric "
+                       "(sym=false) and leaves the fast symmetric kernels: %s", note or "")
+    serving = [name for name, _, ok in kernels(qc) if ok]
+    loaders += " Kernels that can serve it: " + (", ".join(serving) or "none known") + "." + (f" {note}" if note else "")
     facts = {"format": "GPTQ", "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc.get("desc_act"),
-             "sym": qc["sym"], "checkpoint_format": fmt, "loaders": loaders}
+             "sym": qc["sym"], "checkpoint_format": fmt, "loaders": loaders, "kernels": serving, "fast_path_note": note}
     return state_dict, qc, extra, facts
 
 
@@ -437,6 +444,60 @@ def _quantize_config_json(qc: dict) -> dict:
     return {"bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc["desc_act"], "sym": qc["sym"],
             "lm_head": False, "method": "gptq", "quant_method": "gptq", "format": qc["format"],
             "checkpoint_format": qc["format"], "pack_dtype": "int32", "meta": meta}
+
+
+# ---- which kernels can serve a checkpoint ---------------------------------------------------------------
+
+GPTQMODEL_KERNELS = ("MarlinLinear", "MacheteLinear", "ExllamaV2Linear", "TritonV2Linear", "TorchFusedLinear",
+                     "TorchAtenLinear", "TorchLinear")
+# vLLM (0.x, checked against its gptq / gptq_marlin quantization configs): the Marlin kernels take symmetric
+# 4/8-bit GPTQ; anything else falls back to the slower exllama-based gptq kernel. Both read the classic format.
+VLLM_KERNELS = (("vLLM gptq_marlin (fast)", lambda qc: qc["sym"] and qc["bits"] in (4, 8)
+                 and qc["group_size"] in (-1, 32, 64, 128)),
+                ("vLLM gptq (exllama, slower)", lambda qc: qc["bits"] in (2, 3, 4, 8)))
+
+
+def kernels(qc: dict) -> list[tuple[str, str, bool]]:
+    """(kernel, devices, can serve) for a GPTQ quantization config: gptqmodel's (from the installed kernels' own
+    declarations) and vLLM's (a table). gptq_v2 checkpoints load only through gptqmodel."""
+    out = []
+    try:
+        import importlib
+
+        from gptqmodel.nn_modules import qlinear
+        classes = {c.__name__: c for c in vars(qlinear).values() if isinstance(c, type)}
+        for module in ("marlin", "machete", "exllamav2", "tritonv2", "torch_fused", "torch_aten_kernel", "torch"):
+            try:
+                mod = importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}")
+            except Exception:  # noqa: BLE001 - a kernel whose extras are missing is just not listed
+                continue
+            classes.update({c.__name__: c for c in vars(mod).values() if isinstance(c, type)})
+    except ImportError:
+        classes = {}
+    for name in GPTQMODEL_KERNELS:
+        cls = classes.get(name)
+        if cls is None:
+            continue
+        ok = (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
+              and bool(qc["sym"]) in getattr(cls, "SUPPORTS_SYM", [True, False])
+              and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]])
+              and bool(qc.get("desc_act")) in getattr(cls, "SUPPORTS_DESC_ACT", [True, False]))
+        devices = ", ".join(str(getattr(d, "value", d)) for d in getattr(cls, "SUPPORTS_DEVICES", []))
+        out.append((f"gptqmodel {name}", devices, ok))
+    v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
+    out += [(name, "cuda", v1 and bool(rule(qc))) for name, rule in VLLM_KERNELS]
+    return out
+
+
+def fast_path_note(qc: dict) -> Optional[str]:
+    """Why this checkpoint misses the fast GPU kernels (Marlin), or None if it does not."""
+    if qc["bits"] not in (4, 8):
+        return f"{qc['bits']}-bit GPTQ has no Marlin kernel: on GPUs it runs on slower kernels (Triton, vLLM's gptq)."
+    if not qc["sym"]:
+        return ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: vLLM and gptqmodel run it "
+                "on slower kernels. LoTA's offset='integer' makes a symmetric base asymmetric; offset='none' (the "
+                "default) and L4Q keep it symmetric.")
+    return None
 
 
 FORMAT = Format(name=NAME, is_layer=is_gptq_layer, dispatch=dispatch_gptq, prepare_model=prepare_gptq_model,

@@ -1,0 +1,1 @@
+"""The programs behind `peft-lota finetune` and `peft-lota calibrate` (also runnable as examples/*.py)."""

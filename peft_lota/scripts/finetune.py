@@ -1,0 +1,487 @@
+r"""Fine-tune a quantized model with LoTA or L4Q through a stock `transformers.Trainer`, merge, save, verify.
+
+    python examples/finetune.py \
+        --model_name_or_path path/to/gptq-model --train_file train.jsonl --validation_file val.jsonl \
+        --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --learning_rate 1e-4
+
+Methods (`--method`): `lota` (the default: ternary adapters that move the GPTQ codes by whole steps, here trained
+by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q` (a LoRA trained
+through a learnable quantizer, from a GPTQ model or from a full-precision model, which the merge then turns into
+a GPTQ checkpoint with `--bits/--group_size/--sym`).
+
+Every `transformers.TrainingArguments` flag works (bf16, gradient_accumulation_steps, gradient_checkpointing,
+save_steps, resume_from_checkpoint, ...), and so does `accelerate launch --num_processes N examples/finetune.py ...`.
+After training the adapter is merged exactly and the merged model is written to `--merged_dir` (default
+`<output_dir>/merged`) as a standard GPTQ checkpoint; it is then reloaded with stock transformers and compared
+with the merged model (codes and logits). `--merged_hub_model_id me/model-gptq` also pushes it.
+(`--push_to_hub` is Trainer's own flag: it uploads the adapter checkpoints during training.)
+
+Data (`datasets`): local JSON/JSONL/CSV/text files (`--train_file`, `--validation_file`) or a Hub
+dataset (`--dataset_name`, needs network). Two shapes:
+- plain text (`--text_column`, default "text"): tokenized, concatenated and cut into blocks of
+  `--block_size` tokens, loss on every token;
+- instruction pairs (`--prompt_column` and `--response_column`, e.g. "instruction" and "output"):
+  one example per sequence, `--prompt_template` around the prompt, loss on the response only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool from the core count; fails on 2 cores
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    GPTQConfig,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+import peft_lota  # noqa: E402  (registers LOTA with PEFT)
+from peft import get_peft_model  # noqa: E402
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "A GPTQ checkpoint (lota, l4q) or a full-precision model (l4q): "
+                                                      "local folder or Hub id."})
+    backend: str = field(
+        default="gptq_torch",
+        metadata={"help": "gptqmodel kernel to load with. LoTA needs the standard GPTQ layout: 'gptq_torch' "
+                          "(TorchLinear) trains on every device."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Activation dtype: float32, float16, bfloat16, or auto (float16 on CUDA, float32 on CPU). "
+                          "GPTQ scales stay float16 whatever this is."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: Optional[str] = field(default=None, metadata={"help": "JSON/JSONL/CSV/text file of training data."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Same format, for evaluation."})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A `datasets` Hub dataset (needs network)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Its configuration name."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Share of the training data held out when there is no validation split."})
+    text_column: str = field(default="text", metadata={"help": "Column of plain text (causal-LM data)."})
+    prompt_column: Optional[str] = field(default=None, metadata={"help": "Column of prompts (instruction data)."})
+    response_column: Optional[str] = field(default=None, metadata={"help": "Column of responses (instruction data)."})
+    prompt_template: str = field(
+        default="{prompt}\n", metadata={"help": "Format of the prompt part; the response follows it directly."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training sequence (longer ones are cut)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class MethodArguments:
+    method: str = field(default="lota", metadata={
+        "help": "lota: ternary adapters on a GPTQ model (merge moves its codes); l4q: LoRA through a learnable "
+                "quantizer, from a GPTQ or a full-precision model (merge writes a GPTQ checkpoint).",
+        "choices": ["lota", "l4q"]})
+    r: Optional[int] = field(default=None, metadata={"help": "Adapter rank (default: 64 for lota, 16 for l4q)."})
+    target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma-separated layer names, a regex, or all-linear."})
+    init_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the adapter's initialisation."})
+    # LoTA
+    omega: Optional[int] = field(default=None, metadata={"help": "lota: threshold on A @ B (default round(0.75 r))."})
+    offset: str = field(default="none", metadata={
+        "help": "lota: offset mode; none and integer merge exactly, float does not.", "choices": ["none", "integer", "float"]})
+    train_mode: str = field(default="latent", metadata={
+        "help": "lota: latent (real-valued A, B under the Trainer's AdamW) or ternary (the paper's t-SignSGD).",
+        "choices": ["latent", "ternary"]})
+    latent_threshold: Optional[float] = field(default=None, metadata={
+        "help": "lota, latent: the latent value where A/B entries turn +-1 (LotaConfig's default)."})
+    max_step: int = field(default=1, metadata={"help": "lota: largest code change in quantization steps (1: the paper)."})
+    train_scales: Optional[bool] = field(default=None, metadata={
+        "help": "lota: also train the adapted layers' scales (exactly mergeable); default: yes in latent mode."})
+    q_start: float = field(default=0.95, metadata={"help": "lota, ternary: t-SignSGD's quantile of |grad| at the start."})
+    q_mid: float = field(default=0.999, metadata={"help": "lota, ternary: the quantile at the end of the first phase."})
+    q_end: float = field(default=0.9999, metadata={"help": "lota, ternary: the quantile at the last step."})
+    # L4Q
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "l4q: LoRA alpha (default: r)."})
+    bits: Optional[int] = field(default=None, metadata={
+        "help": "l4q from full precision: bits of the GPTQ checkpoint to make (default 4).", "choices": [2, 3, 4, 8]})
+    group_size: Optional[int] = field(default=None, metadata={"help": "l4q from full precision: group size (default 128)."})
+    sym: Optional[bool] = field(default=None, metadata={"help": "l4q from full precision: symmetric grid (default yes)."})
+    learn_scales: bool = field(default=True, metadata={"help": "l4q: train the quantization scales."})
+    scale_gradient: Optional[str] = field(default=None, metadata={
+        "help": "l4q: the scales' gradient, lsq (the paper) or codes (L4QConfig's default).", "choices": ["lsq", "codes"]})
+    # after training
+    merge: bool = field(default=True, metadata={
+        "help": "Merge into the quantized weights and save the merged checkpoint (--no_merge: keep the adapter only)."})
+    merged_dir: Optional[str] = field(default=None, metadata={"help": "Where to save it (default output_dir/merged)."})
+    merged_hub_model_id: Optional[str] = field(default=None, metadata={"help": "Also push it to this Hub repo."})
+    verify: bool = field(default=True, metadata={
+        "help": "Reload the saved checkpoint and compare codes and logits (--no_verify: skip)."})
+    eval_base: bool = field(default=True, metadata={
+        "help": "Also evaluate the model before fine-tuning (--no_eval_base: skip)."})
+
+    def peft_config(self, base_model: str, quantized: bool):
+        targets = self.target_modules
+        targets = [t.strip() for t in targets.split(",")] if "," in targets else targets
+        if self.method == "lota":
+            if not quantized:
+                raise ValueError(f"{base_model} is not a GPTQ checkpoint: LoTA moves the integer codes of a GPTQ model. "
+                                 "Quantize it first, or use --method l4q, which starts from full precision too.")
+            kw = {k: v for k, v in dict(omega=self.omega, latent_threshold=self.latent_threshold,
+                                        train_scales=self.train_scales).items() if v is not None}
+            return peft_lota.LotaConfig(r=self.r or 64, offset=self.offset, target_modules=targets,
+                                        init_seed=self.init_seed, train_mode=self.train_mode, max_step=self.max_step,
+                                        base_model_name_or_path=base_model, **kw)
+        r = self.r or 16
+        kw = {k: v for k, v in dict(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                                    scale_gradient=self.scale_gradient).items() if v is not None}
+        return peft_lota.L4QConfig(r=r, lora_alpha=self.lora_alpha or r, target_modules=targets,
+                                   init_seed=self.init_seed, learn_scales=self.learn_scales,
+                                   base_model_name_or_path=base_model, **kw)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def load_raw_datasets(data_args: DataArguments):
+    from datasets import load_dataset
+
+    if data_args.dataset_name:
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    else:
+        if not data_args.train_file:
+            raise ValueError("Give --train_file (local JSON/JSONL/CSV/text) or --dataset_name.")
+        files = {"train": data_args.train_file}
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        ext = Path(data_args.train_file).suffix.lstrip(".").lower()
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text"}.get(ext)
+        if builder is None:
+            raise ValueError(f"--train_file {data_args.train_file}: use a .json, .jsonl, .csv or .txt file.")
+        raw = load_dataset(builder, data_files=files)
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        raw["train"], raw["validation"] = split["train"], split["test"]
+    return raw
+
+
+def tokenize_datasets(raw, tokenizer, data_args: DataArguments, training_args: TrainingArguments):
+    """Causal-LM blocks from a text column, or prompt/response pairs with the loss on the response."""
+    columns = raw["train"].column_names
+    block = data_args.block_size
+    instruction = data_args.prompt_column is not None or data_args.response_column is not None
+    if instruction:
+        for col in (data_args.prompt_column, data_args.response_column):
+            if col not in columns:
+                raise ValueError(f"Column {col!r} not found; the data has {columns}. Set --prompt_column and "
+                                 "--response_column.")
+        eos = tokenizer.eos_token or ""
+
+        def encode(batch):
+            out = {"input_ids": [], "attention_mask": [], "labels": []}
+            for prompt, response in zip(batch[data_args.prompt_column], batch[data_args.response_column]):
+                p = tokenizer(data_args.prompt_template.format(prompt=prompt), add_special_tokens=False)["input_ids"]
+                r = tokenizer(str(response) + eos, add_special_tokens=False)["input_ids"]
+                ids = (p + r)[:block]
+                out["input_ids"].append(ids)
+                out["attention_mask"].append([1] * len(ids))
+                out["labels"].append(([-100] * len(p) + r)[:block])
+            return out
+
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    else:
+        if data_args.text_column not in columns:
+            raise ValueError(f"Column {data_args.text_column!r} not found; the data has {columns}. Set --text_column, "
+                             "or --prompt_column/--response_column for instruction data.")
+        eos_id = tokenizer.eos_token_id
+
+        def encode(batch):  # documents joined with EOS, cut into full blocks (run_clm's group_texts)
+            ids = tokenizer([str(t) for t in batch[data_args.text_column]], add_special_tokens=False)["input_ids"]
+            stream = list(chain.from_iterable(d + ([eos_id] if eos_id is not None else []) for d in ids))
+            n = len(stream) // block * block
+            blocks = [stream[i:i + block] for i in range(0, n, block)]
+            return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [list(b) for b in blocks]}
+
+        collator = default_data_collator
+
+    with training_args.main_process_first(desc="tokenizing"):
+        data = raw.map(encode, batched=True, remove_columns=columns, num_proc=data_args.preprocessing_num_workers,
+                       desc="tokenizing")
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None and len(data[split]) > limit:
+            data[split] = data[split].select(range(limit))
+    if len(data["train"]) == 0:
+        raise ValueError(f"No training sequence: the training text is shorter than --block_size {block}.")
+    return data["train"], data["validation"], collator
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def is_gptq_checkpoint(path: str) -> bool:
+    qcfg = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    qcfg = qcfg if isinstance(qcfg, dict) or qcfg is None else qcfg.to_dict()
+    return bool(qcfg) and qcfg.get("quant_method") == "gptq"
+
+
+def load_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype = torch.float32, device_map=None):
+    """A GPTQ checkpoint with a kernel that keeps the standard layout (what LoTA and L4Q read and merge into),
+    or a full-precision model (L4Q from full precision)."""
+    if not is_gptq_checkpoint(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    bits = AutoConfig.from_pretrained(path).quantization_config["bits"]
+    with warnings.catch_warnings():  # transformers warns that only `backend` of our GPTQConfig is used: intended
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend=backend),
+                                                    dtype=dtype, device_map=device_map)
+
+
+@torch.no_grad()
+def token_nll(model, dataset, collator, batch_size: int = 8, max_batches: Optional[int] = None):
+    """Summed next-token NLL and token count over `dataset`, in fixed order; also the first batch's logits."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    nll, count, first_logits = 0.0, 0, None
+    with torch.compiler.set_stance("force_eager"):  # TorchLinear's compile warm-up costs more than it saves here
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if first_logits is None:
+                first_logits = logits.detach().cpu()
+            labels = batch["labels"][:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    return nll, count, first_logits
+
+
+def perplexity(model, dataset, collator, batch_size: int = 8) -> tuple[float, torch.Tensor]:
+    nll, count, first_logits = token_nll(model, dataset, collator, batch_size)
+    return math.exp(nll / max(count, 1)), first_logits
+
+
+def adapter_digest(model) -> str:
+    """sha256 of every adapter tensor, in name order: equal digests mean identical adapters."""
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if ".lota_" in n or ".l4q_" in n):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gptq_buffers(model) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    for name in ("finetune", "peft_lota"):
+        logging.getLogger(name).setLevel(min(level, logging.INFO) if training_args.should_log else level)
+    transformers.utils.logging.set_verbosity(level)
+    logging.getLogger("optimum").setLevel(logging.WARNING)
+    # PeftModel reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21): not ours to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:  # gptqmodel's banner and per-layer chatter
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
+        training_args: TrainingArguments) -> dict:
+    """Train, merge, save and verify; returns a summary (on the main process; {} elsewhere)."""
+    setup_logging(training_args)
+    if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step
+        training_args.ddp_find_unused_parameters = False
+    transformers.set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds, eval_ds, collator = tokenize_datasets(load_raw_datasets(data_args), tokenizer, data_args, training_args)
+    logger.info("data: %d training and %d evaluation sequences", len(train_ds), len(eval_ds))
+
+    dtype = resolve_dtype(model_args.dtype)
+    device_map = {"": training_args.device} if training_args.device.type != "cpu" else None
+    quantized = is_gptq_checkpoint(model_args.model_name_or_path)
+    config = method_args.peft_config(model_args.model_name_or_path, quantized)
+    model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
+    if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
+        model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
+    if training_args.should_log:
+        model.print_trainable_parameters()
+
+    extra = {}
+    if method_args.method == "lota" and method_args.train_mode == "ternary":
+        # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
+        optimizer = peft_lota.create_lota_optimizer(
+            model, ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
+            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
+        extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator, processing_class=tokenizer, **extra)
+
+    summary: dict = {"train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}
+    main = training_args.process_index == 0
+    batch = training_args.per_device_eval_batch_size
+    if method_args.eval_base and main:
+        with model.disable_adapter():
+            summary["ppl_base"], _ = perplexity(model, eval_ds, collator, batch)
+        logger.info("perplexity before fine-tuning: %.3f", summary["ppl_base"])
+
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    summary["train_seconds"] = round(time.time() - t0, 1)
+    summary["train_loss"] = result.training_loss
+    summary["steps"] = trainer.state.global_step
+    trainer.save_model()  # the adapter (ternary tensors at 2 bits per value) in output_dir
+    trainer.log_metrics("train", result.metrics)
+    summary["world_size"] = training_args.world_size
+    if torch.distributed.is_initialized():
+        summary["distributed_backend"] = torch.distributed.get_backend()
+    if training_args.world_size > 1:  # DDP averages gradients, so t-SignSGD must have made the same moves everywhere
+        from accelerate.utils import gather_object
+
+        digests = gather_object([adapter_digest(model)])
+        summary["ranks_agree"] = len(set(digests)) == 1
+        if not summary["ranks_agree"]:
+            raise RuntimeError(f"the processes ended with different adapters ({digests}); not merging.")
+    if not main:  # every rank holds the same adapter; the main process merges and writes
+        return {}
+
+    summary["ppl_adapter"], adapter_logits = perplexity(model, eval_ds, collator, batch)
+    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
+    deltas = [d for layer in layers for d in [layer.get_delta_codes(layer.active_adapters[0])] if d is not None]
+    summary["weights"] = sum(layer.in_features * layer.out_features for layer in layers)
+    if deltas:  # from a GPTQ model: how many of its integer codes the adapter changes
+        summary["codes_moved"] = sum(int((d != 0).sum()) for d in deltas)
+        logger.info("perplexity with the adapter: %.3f (%d of %d codes moved)", summary["ppl_adapter"],
+                    summary["codes_moved"], summary["weights"])
+    else:
+        logger.info("perplexity with the adapter: %.3f", summary["ppl_adapter"])
+    if not method_args.merge:
+        return summary
+    rounded = method_args.method == "lota" and method_args.offset == "float"
+    if rounded:
+        logger.warning("offset='float' cannot be merged exactly; merging with round_float_offset=True.")
+
+    t0 = time.time()
+    merged = model.merge_and_unload(**({"round_float_offset": True} if rounded else {}))
+    summary["merge_seconds"] = round(time.time() - t0, 2)
+    summary["ppl_merged"], merged_logits = perplexity(merged, eval_ds, collator, batch)
+    summary["merged_equals_adapter"] = bool(torch.equal(merged_logits, adapter_logits))
+    merged_dir = Path(method_args.merged_dir or Path(training_args.output_dir) / "merged")
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    summary["merged_dir"] = str(merged_dir)
+    logger.info("merged model: perplexity %.3f, saved to %s", summary["ppl_merged"], merged_dir)
+
+    if method_args.verify:
+        reloaded = load_model(str(merged_dir), model_args.backend, dtype, device_map)
+        mine, theirs = gptq_buffers(merged), gptq_buffers(reloaded)
+        summary["reloaded_buffers_equal"] = mine.keys() == theirs.keys() and all(
+            torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
+        _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch, max_batches=1)
+        summary["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
+        del reloaded
+    if method_args.merged_hub_model_id:
+        merged.push_to_hub(method_args.merged_hub_model_id)
+        summary["pushed_to"] = method_args.merged_hub_model_id
+    summary["method"] = method_args.method
+    (Path(training_args.output_dir) / "lota_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    rows = [("perplexity, base model", s.get("ppl_base")), ("perplexity, adapter model", s.get("ppl_adapter")),
+            ("perplexity, merged", s.get("ppl_merged")), ("optimizer steps", s.get("steps")),
+            ("training time (s)", s.get("train_seconds")), ("merge time (s)", s.get("merge_seconds")),
+            ("codes moved", f"{s['codes_moved']} of {s['weights']}" if "codes_moved" in s else None),
+            ("merged logits == adapter logits", s.get("merged_equals_adapter")),
+            ("reloaded codes/scales == merged", s.get("reloaded_buffers_equal")),
+            ("reloaded logits == merged", s.get("reloaded_logits_equal")), ("merged checkpoint", s.get("merged_dir"))]
+    show = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {show(v)} |" for k, v in rows if v is not None])
+
+
+COMMON_TRAINING_FLAGS = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                         "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "bf16",
+                         "activation_checkpointing", "save_steps", "resume_from_checkpoint", "logging_steps", "use_cpu",
+                         "seed")
+
+
+def short_help() -> str:
+    """--help: this script's own flags by group, then the few Trainer flags most runs set (--help-all: all ~600)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments),
+                              description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1].split(
+                                  "Every `transformers")[0].strip(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.usage = ("finetune.py --model_name_or_path PATH (--train_file FILE | --dataset_name NAME) --output_dir DIR "
+                    "[--method lota|l4q] [options]")
+    for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
+        negated = [o for o in action.option_strings if o.startswith("--no_")]
+        if negated:
+            action.help = f"turn {negated[0].replace('--no_', '--')} off"
+    text = parser.format_help()
+    fields = TrainingArguments.__dataclass_fields__
+    common = "\n".join(f"  --{name:<30} {fields[name].metadata.get('help', '').split('.')[0][:70]}"
+                        for name in COMMON_TRAINING_FLAGS if name in fields)
+    return (text + "\ntransformers.TrainingArguments (every one is accepted; these are the usual ones, "
+            "--help-all lists all of them):\n" + common + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments),
+                              description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(short_help())
+        sys.exit(0)
+    if "--help-all" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        args = parser.parse_args_into_dataclasses(args=argv)
+    summary = run(*args)
+    if summary:
+        print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

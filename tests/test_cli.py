@@ -1,0 +1,84 @@
+"""The peft-lota command line: merge, inspect, verify; exit codes; one-line errors for usage mistakes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_lota import L4QConfig, LotaConfig, LotaLayer, cli
+from tiny_models import Spec, load_gptq
+
+SPEC = Spec("llama", 4, True, False, "gptq")  # symmetric 4-bit: the fast kernels can serve it
+
+
+@pytest.fixture(scope="module")
+def base(gptq_dir):
+    return gptq_dir(SPEC)
+
+
+def saved_adapter(base: Path, out: Path, method: str) -> Path:
+    config = LotaConfig(r=4, omega=1, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
+    model = get_peft_model(load_gptq(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lota_B.default", "l4q_B.default")):
+                p.copy_(torch.randint(-1, 2, p.shape).float() if method == "lota" else torch.randn(p.shape) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_merge_writes_a_verified_checkpoint_and_inspect_and_verify_agree(base, tmp_path, capsys, method):
+    adapter = saved_adapter(base, tmp_path / "adapter", method)
+    assert cli.main(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"merged logits == adapter logits\s+True", out) and re.search(r"reloaded logits == merged\s+True", out)
+    assert "codes moved" in out and "gptq_marlin (fast)" in out  # a symmetric 4-bit checkpoint stays on Marlin
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["sym"] is True
+
+    assert cli.main(["inspect", str(adapter), "--base", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert f"{method.upper()} adapter" in out and "per layer (codes moved):" in out
+    assert cli.main(["inspect", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "GPTQ checkpoint" in out and "yes  vLLM gptq_marlin (fast)" in out
+
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(adapter), "--base", str(base)]) == 0
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(tmp_path / "merged")]) == 0
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(base)]) == 1  # the codes moved: differs
+    capsys.readouterr()
+
+
+def test_usage_mistakes_are_one_line_and_exit_2(base, gptq_dir, tmp_path, capsys):
+    assert cli.main(["merge", str(base), str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no adapter_config.json" in err
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert "it is not a model folder" in capsys.readouterr().err
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert cli.main(["merge", str(base), str(lora_dir), str(tmp_path / "out")]) == 2
+    assert "l4q_from_lora" in capsys.readouterr().err
+    # another base than the adapter was made for: refused with the reason, in one line
+    adapter = saved_adapter(base, tmp_path / "adapter", "lota")
+    other = gptq_dir(Spec("qwen2", 4, True, False, "gptq_v2"))
+    assert cli.main(["merge", str(other), str(adapter), str(tmp_path / "out")]) == 2
+    assert "made for a base" in capsys.readouterr().err
+
+
+def test_the_console_script_is_installed():
+    exe = Path(sys.executable).with_name("peft-lota")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "merge" in proc.stdout and "inspect" in proc.stdout and "verify" in proc.stdout
+    for command in ("merge", "inspect", "verify"):
+        assert subprocess.run([str(exe), command, "--help"], capture_output=True, text=True,
+                              timeout=120).returncode == 0
+    assert LotaLayer  # (the package imported for registration)
