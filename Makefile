@@ -3,26 +3,50 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LATEST ?= .venv-latest
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install test demo bench-smoke clean
+.PHONY: install test demo bench-smoke install-latest test-latest clean
 
 $(PY):
+	@echo "[install] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 
-# torch first: gptqmodel is an sdist whose build imports torch, so it is built against the installed one.
-# The stamp makes `make demo` on an installed checkout skip straight to the job.
-$(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install -q "torch==2.14.1"
-	$(PY) -m pip install -q --no-build-isolation "gptqmodel==7.7.0"
-	$(PY) -m pip install -q -e ".[test,examples,bench]"
+# The lower bounds of setup.cfg (constraints/lower.txt), the set CI tests. torch first: gptqmodel is an sdist whose
+# build imports torch, so it is built against the installed one. The stamp makes `make demo` skip straight to the job.
+$(STAMP): $(PY) setup.cfg pyproject.toml constraints/lower.txt
+	@echo "[install] torch (a large wheel; ~1 min)"
+	$(PY) -m pip install -q -c constraints/lower.txt torch
+	@echo "[install] gptqmodel, compiled against that torch (~2-3 min on 2 cores)"
+	$(PY) -m pip install -q -c constraints/lower.txt --no-build-isolation gptqmodel
+	@echo "[install] peft_lota and its test, example, benchmark and TRL extras"
+	$(PY) -m pip install -q -c constraints/lower.txt -e ".[test,examples,bench,trl]"
 	touch $(STAMP)
+	@echo "[install] done"
 
 install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The newest releases setup.cfg allows, in a venv of their own (this machine's pip config caps torch at the release
+# on its disk: PIP_CONFIG_FILE=/dev/null lifts it for these installs only). `PEFT_LOTA_CI=latest bash .ci/run` too.
+$(LATEST)/.installed: setup.cfg pyproject.toml
+	@echo "[install-latest] creating $(LATEST) with the newest allowed releases"
+	$(PYTHON) -m venv $(LATEST)
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade pip wheel setuptools
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade torch
+	@echo "[install-latest] gptqmodel, compiled against that torch"
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade --no-build-isolation gptqmodel
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,examples,bench,trl]"
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|gptqmodel|optimum|accelerate|trl) "
+	touch $(LATEST)/.installed
+
+install-latest: $(LATEST)/.installed
+
+test-latest: install-latest
+	$(LATEST)/bin/python -m pytest -q tests
 
 # Pretrain a small Llama on the stdlib, GPTQ it to 2 bits, fine-tune with LoTA (stock Trainer), merge,
 # save, reload and check; prints the result table. Cached in demo_out/ (delete it to start over).

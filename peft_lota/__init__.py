@@ -14,6 +14,10 @@ Layout: `formats/` (how each quantized format stores codes), one folder per meth
 
 __version__ = "0.1.0"
 
+from .loading import load_model, quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before torch, peft and gptqmodel are imported: their start-up notices are dropped
+
 from .registry import L4Q_PEFT_TYPE, LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before any config is made)
 from .formats.gptq import prepare_gptq_model  # noqa: E402
 from .lota.config import LotaConfig  # noqa: E402
@@ -46,6 +50,7 @@ __all__ = [
     "calibrate",
     "create_lota_optimizer",
     "l4q_from_lora",
+    "load_model",
     "prepare_gptq_model",
     "push_checkpoint_to_hub",
     "save_checkpoint",

@@ -60,8 +60,32 @@ def _l4q_classes():
 METHODS: tuple[Method, ...] = (Method("LOTA", "lota_", _lota_classes), Method("L4Q", "l4q_", _l4q_classes))
 
 
+def _count_quantized_weights() -> None:
+    """PeftModel.get_nb_trainable_parameters counts parameters only, and a quantized model's weights are buffers
+    (GPTQ's packed qweight): print_trainable_parameters then reports most of the model as trainable. For models
+    of peft_lota's methods, count each quantized layer's weights too (in_features x out_features)."""
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_peft_lota", False):
+        return
+
+    def get_nb_trainable_parameters(self):
+        trainable, total = original(self)
+        if str(getattr(self, "peft_type", "")) in {m.name for m in METHODS} or getattr(self, "peft_type", None) in {
+                peft_type(m.name) for m in METHODS}:
+            from . import formats
+
+            total += sum(m.in_features * m.out_features for m in self.modules() if formats.is_quantized_layer(m))
+        return trainable, total
+
+    get_nb_trainable_parameters._peft_lota = True
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+
+
 def register() -> None:
     """Register every method of METHODS with PEFT (idempotent; a reload replaces stale classes)."""
+    _count_quantized_weights()
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 

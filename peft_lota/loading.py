@@ -1,0 +1,85 @@
+"""Loading models the way peft_lota's methods need them, and quieting third-party messages nobody can act on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+# Messages printed on every run by the stack underneath, that nobody can act on: gptqmodel's start-up banner, its
+# notes that the GIL is enabled, that it set two environment variables and ran gc, and that it compiles a kernel;
+# torch's notices about Enum pytree registrations made by torchao's imports and about a missing CUDA runtime (on
+# CPU machines, when gptqmodel loads its extensions); transformers' deprecation notice for an
+# attribute PEFT and gptqmodel read. Only these are dropped: every other message of theirs still shows.
+_NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now natively supported",
+          "ENV: Auto setting", "gc.collect() reclaimed", "compilation triggered", "No CUDA runtime is found")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+        return not any(n in text for n in _NOISE)
+
+
+def quiet_third_party() -> None:
+    """Drop those messages (only those). Idempotent; runs before peft_lota imports torch, peft or gptqmodel."""
+    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:
+        from logbar import LogBar  # gptqmodel's logger; it prints directly, so its entry point is wrapped
+    except ImportError:
+        return
+    shared = LogBar.shared()
+    if getattr(shared, "_peft_lota_quiet", False):
+        return
+    process = shared._process
+
+    def _process(level, msg, *args, **kwargs):
+        text = " ".join(map(str, (msg, *args)))
+        if any(n in text for n in _NOISE):
+            return None
+        return process(level, msg, *args, **kwargs)
+
+    shared._process = _process
+    shared._peft_lota_quiet = True
+
+
+def quantization_config(path) -> dict | None:
+    """The GPTQ quantization_config of a local checkpoint folder or Hub repo, or None for a full-precision model."""
+    local = Path(path) / "config.json"
+    if local.exists():
+        qc = json.loads(local.read_text()).get("quantization_config")
+    else:
+        from transformers import AutoConfig
+
+        qc = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+        qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    return qc if qc and qc.get("quant_method") == "gptq" else None
+
+
+def load_model(path, dtype=None, **kwargs):
+    """A model ready for LoTA or L4Q: a GPTQ checkpoint loaded with gptqmodel's trainable, layout-keeping kernel
+    (TorchLinear, backend 'gptq_torch'), or a full-precision model (L4Q from full precision).
+
+    The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
+    "gptq_torch"))`, without transformers' notice that only the backend of that GPTQConfig is used (it is meant).
+    dtype: the activation dtype (default float32 on CPU, float16 on CUDA, as for any GPTQ model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    if dtype is None:
+        dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    qc = quantization_config(path)
+    if qc is not None:
+        kwargs.setdefault("quantization_config", GPTQConfig(bits=qc["bits"], backend="gptq_torch"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
