@@ -59,6 +59,7 @@ SMOKE := build/bench-smoke
 bench-smoke: install
 	$(PY) benchmarks/bench_accuracy.py --preset smoke --root $(SMOKE)/models --out $(SMOKE)
 	$(PY) benchmarks/bench_speed.py --preset smoke --work-dir $(SMOKE)/models --out $(SMOKE)
+	$(PY) benchmarks/bench_calibrate.py --preset smoke --root $(SMOKE)/models --out $(SMOKE)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache logs

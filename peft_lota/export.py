@@ -441,7 +441,9 @@ def model_card(card_info: dict, facts: dict) -> str:
     tags = [t for t in (fmt.lower(), "peft-lota", info.get("method_tag")) if t]
     tags += [t for t in info.get("tags") or [] if t not in tags]
     # The Hub rejects a base_model that is not a repo id (e.g. a local path): that one goes in the text only.
-    is_hub_id = bool(base) and re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)) is not None
+    # A local folder (it exists here, or is written as a path) is not a repo id even when it looks like one.
+    is_hub_id = (bool(base) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(base)) is not None
+                 and not Path(str(base)).exists())
     base_ref = f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
     front = [f"base_model: {json.dumps(str(base))}"] if is_hub_id else []
     front.append("library_name: transformers")
