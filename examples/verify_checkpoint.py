@@ -1,6 +1,8 @@
-"""Check the whole LoTA path on any GPTQ checkpoint: inject, train a few t-SignSGD steps, merge, save, reload.
+"""Check the whole LoTA path on any GPTQ checkpoint: inject, train a few AdamW steps, merge, save, reload.
 
     python examples/verify_checkpoint.py path/to/gptq-model [--steps 5] [--r 8] [--offset integer]
+
+(For a checkpoint you merged already: `peft-lota verify CHECKPOINT --against ADAPTER`.)
 
 Prints whether (1) a fresh adapter is bit-identical to the base model, (2) merged logits equal the
 adapter model's, (3) the saved checkpoint reloads with stock transformers with identical codes and
@@ -17,17 +19,12 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, GPTQConfig  # noqa: E402
 
 import peft_lota  # noqa: E402
 
 
 def load(path):
-    import json
-
-    bits = json.load(open(os.path.join(path, "config.json")))["quantization_config"]["bits"]
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"),
-                                                dtype=torch.float32)
+    return peft_lota.load_model(path, dtype=torch.float32)  # the trainable, layout-keeping kernel
 
 
 def main():
@@ -43,11 +40,12 @@ def main():
     x = torch.randint(0, model.config.vocab_size, (2, 32))
     with torch.no_grad():
         base = model(input_ids=x).logits
-    model = get_peft_model(model, peft_lota.LotaConfig(r=args.r, offset=args.offset, init_seed=0))
+    model = get_peft_model(model, peft_lota.LotaConfig(r=args.r, omega=max(1, args.r // 4), offset=args.offset,
+                                                       init_seed=0))
     with torch.no_grad():
         fresh = torch.equal(model(input_ids=x).logits, base)
-    opt = peft_lota.create_lota_optimizer(model, total_steps=args.steps,
-                                          ternary_kwargs={"q_start": 0.5, "q_mid": 0.6, "q_end": 0.7})
+    # LoTA's default latent A, B train under any optimizer; a high rate so that a few steps move codes
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for _ in range(args.steps):
         model(input_ids=x, labels=x).loss.backward()
