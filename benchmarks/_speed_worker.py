@@ -121,7 +121,8 @@ def randomize_lota(model, seed: int, dense: bool) -> None:
 
 
 def attach(model, method: str, job: dict):
-    """The adapter model and its optimizer, as a user of each method would set them up."""
+    """The adapter model and its optimizer, as a user of each method would set them up (the trainer's AdamW,
+    except for the paper's LoTA: t-SignSGD)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -129,14 +130,19 @@ def attach(model, method: str, job: dict):
 
     r = job["rank"]
     if method.startswith("lota"):
-        model = get_peft_model(model, peft_lota.LotaConfig(r=r, target_modules=LORA_TARGETS, init_seed=0))
+        mode = {"train_mode": "ternary"} if method == "lota-paper" else {}
+        model = get_peft_model(model, peft_lota.LotaConfig(r=r, target_modules=LORA_TARGETS, init_seed=0, **mode))
         if method == "lota-dense":
             randomize_lota(model, seed=0, dense=True)
-        opt = peft_lota.create_lota_optimizer(model, total_steps=job["warmup"] + job["steps"])
-        return model, opt
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                        use_qalora=method == "qalora", qalora_group_size=job["group_size"])
-    model = get_peft_model(model, config)
+        if method == "lota-paper":
+            return model, peft_lota.create_lota_optimizer(model, total_steps=job["warmup"] + job["steps"])
+    elif method == "l4q":
+        model = get_peft_model(model, peft_lota.L4QConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS,
+                                                          init_seed=0))
+    else:
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                            use_qalora=method == "qalora", qalora_group_size=job["group_size"])
+        model = get_peft_model(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
@@ -279,6 +285,19 @@ def run_merge(job: dict) -> dict:
     t0 = time.perf_counter()
     model = load_model(job["model_dir"], job, backend="gptq_torch")
     load_s = time.perf_counter() - t0
+    if job.get("method") == "l4q":  # L4Q from the GPTQ model, a trained-looking LoRA: W0 + BA re-quantized
+        model = get_peft_model(model, peft_lota.L4QConfig(r=job["rank"], lora_alpha=job["rank"],
+                                                          target_modules=LORA_TARGETS, init_seed=0))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("l4q_B.default"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+        sync(torch.device(job["device"]))
+        t0 = time.perf_counter()
+        model.merge_and_unload()
+        sync(torch.device(job["device"]))
+        return dict(merge_s=time.perf_counter() - t0)
     model = get_peft_model(model, peft_lota.LotaConfig(r=job["rank"], target_modules=LORA_TARGETS, init_seed=0))
     randomize_lota(model, seed=2, dense=job["dense"])
     if job["dense"]:  # the worst case, +-1 everywhere (no row or column can be skipped): the merge time only

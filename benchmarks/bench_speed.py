@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: LoTA-QAF against PEFT LoRA and QA-LoRA on the same GPTQ models.
+"""Speed and memory benchmark: LoTA-QAF and L4Q against PEFT LoRA and QA-LoRA on the same GPTQ models.
 
     python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | gpu
     python benchmarks/bench_speed.py --preset cpu --only train merge
@@ -7,16 +7,17 @@ Three parts, each method measured in a process of its own (benchmarks/_speed_wor
 
 - train: time per optimizer step (forward + backward + optimizer step; warm-up steps excluded;
   median and spread over the timed steps) and peak memory, on a tiny model and on a model with
-  TinyLlama-1.1B's layer widths. Methods: LoTA (LotaConfig, t-SignSGD via create_lota_optimizer)
-  from its fresh initialisation and with dense random +-1 A, B (its worst case: no row chunk can be
-  skipped), PEFT LoRA and PEFT QA-LoRA (AdamW), all with the same rank, the same targets and the
-  same trainable kernel (gptqmodel TorchLinear, backend "gptq_torch").
+  TinyLlama-1.1B's layer widths. Methods: LoTA with its defaults under AdamW (from its fresh
+  initialisation, and with dense random +-1 A, B: its worst case, no row chunk can be skipped), LoTA as
+  the paper trains it (t-SignSGD), L4Q from the GPTQ model (AdamW), PEFT LoRA and PEFT QA-LoRA (AdamW),
+  all with the same rank, the same targets and the same trainable kernel (gptqmodel TorchLinear,
+  backend "gptq_torch").
 - infer: prefill throughput and one-token decode latency (KV cache) under the default kernel of a
   stock `from_pretrained(dir)`: the base GPTQ checkpoint, the merged LoTA checkpoint
   (merge_and_unload + save_pretrained) and PEFT LoRA unmerged on the base.
-- merge: merge_and_unload() of an r=64 adapter with random ternary A, B on a model with
-  Llama-3-8B's linear shapes (random GPTQ codes), the save of the merged checkpoint, and the size of
-  the LoTA adapter file against an fp16 LoRA adapter of the same rank.
+- merge: merge_and_unload() of an r=64 LoTA adapter with random ternary A, B on a model with
+  Llama-3-8B's linear shapes (random GPTQ codes), the same for an L4Q adapter, the save of the merged
+  checkpoint, and the size of the LoTA adapter file against an fp16 LoRA adapter of the same rank.
 
 GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
 values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
@@ -80,8 +81,10 @@ PRESETS: dict[str, dict] = {
 }
 
 TRAIN_METHODS = {
-    "lota": "LoTA (fresh init)",
-    "lota-dense": "LoTA (dense random A, B)",
+    "lota": "LoTA, defaults (latent, AdamW; fresh init)",
+    "lota-dense": "LoTA, defaults (dense random A, B)",
+    "lota-paper": "LoTA, paper's t-SignSGD (fresh init)",
+    "l4q": "L4Q from the GPTQ model",
     "lora": "LoRA",
     "qalora": "QA-LoRA",
 }
@@ -91,6 +94,8 @@ INFER_MODELS = {"base": "GPTQ base", "merged": "LoTA merged", "lora": "LoRA unme
 TARGETS = {
     "train_time": ("training step time <= 1.10x LoRA", 1.10, "1.14-1.25x"),
     "train_mem": ("peak training memory <= LoRA's", 1.00, "+3-6%"),
+    "l4q_time": ("L4Q training step time <= 1.3x LoRA", 1.30, "-"),
+    "l4q_mem": ("L4Q peak training memory <= 1.1x LoRA", 1.10, "(L4Q, 16-bit W0: 1.01x LoRA)"),
     "infer_base": ("merged inference within 1% of the base model", 0.01, "-"),
     "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
     "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
@@ -173,6 +178,7 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
     result = dict(model=shape.name, describe=shape.describe(), full_8b=shape.layers == 32, **run_worker(job, env, log))
     if spec.get("dense"):  # in a process of its own: two 8B-shaped models need not fit in memory together
         result["merge_dense_s"] = run_worker(dict(job, dense=True, save=False), env, log)["merge_s"]
+    result["merge_l4q_s"] = run_worker(dict(job, method="l4q", save=False), env, log)["merge_s"]
     return result
 
 
@@ -204,9 +210,10 @@ def train_tables(rows: list[dict], targets: list) -> str:
         first = next(iter(group.values()))
         where = f"{model}, r = {rank}"
         out += [f"### {first['describe']}; r = {rank}", "",
-                f"{first['tokens']} tokens per step, kernel {first['kernel']}, LoTA omega = round(0.75 r).", "",
-                "| method | step time, median (s) | spread min-max (s) | x LoRA | target <= 1.10x | "
-                "peak memory (MiB) | x LoRA | target <= 1.00x | growth during steps (MiB) | trainable params |",
+                f"{first['tokens']} tokens per step, kernel {first['kernel']}, LoTA omega = round(0.75 r), L4Q "
+                "lora_alpha = 2 r like LoRA's.", "",
+                "| method | step time, median (s) | spread min-max (s) | x LoRA | target | "
+                "peak memory (MiB) | x LoRA | target | growth during steps (MiB) | trainable params |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for method, label in TRAIN_METHODS.items():
             r = group.get(method)
@@ -215,13 +222,13 @@ def train_tables(rows: list[dict], targets: list) -> str:
             t, m = r["step_s"], r["peak_mib"]
             rt = t["median"] / lora["step_s"]["median"] if lora else None
             rm = m / lora["peak_mib"] if lora else None
-            is_lota = method.startswith("lota")
-            ok_t = (rt <= TARGETS["train_time"][1]) if (is_lota and rt is not None) else None
-            ok_m = (rm <= TARGETS["train_mem"][1]) if (is_lota and rm is not None) else None
+            is_lota = method.startswith("lota") or method == "l4q"
+            kt, km = ("l4q_time", "l4q_mem") if method == "l4q" else ("train_time", "train_mem")
+            ok_t = (rt <= TARGETS[kt][1]) if (is_lota and rt is not None) else None
+            ok_m = (rm <= TARGETS[km][1]) if (is_lota and rm is not None) else None
             if is_lota:
-                targets.append((f"{TARGETS['train_time'][0]} ({where}, {label})", TARGETS["train_time"][2],
-                                f"{rt:.2f}x", status(ok_t)))
-                targets.append((f"{TARGETS['train_mem'][0]} ({where}, {label})", TARGETS["train_mem"][2],
+                targets.append((f"{TARGETS[kt][0]} ({where}, {label})", TARGETS[kt][2], f"{rt:.2f}x", status(ok_t)))
+                targets.append((f"{TARGETS[km][0]} ({where}, {label})", TARGETS[km][2],
                                 f"{rm:.2f}x ({(rm - 1) * 100:+.0f}%)", status(ok_m)))
             out.append(f"| {label} | {t['median']:.4f} | {t['min']:.4f}-{t['max']:.4f} | "
                        f"{'-' if rt is None else f'{rt:.2f}'} | {status(ok_t) if is_lota else ''} | {m:.0f} | "
@@ -277,6 +284,12 @@ def merge_table(r: dict, targets: list) -> str:
                      f"{r['merge_dense_s']:.1f} s ({r['merge_dense_s'] / r['codes'] * 1e9:.2f} ns per code)"))
         targets.append((TARGETS["merge"][0] + " (worst case: dense +-1 A, B)", TARGETS["merge"][2],
                         f"{r['merge_dense_s']:.1f} s", status(r["merge_dense_s"] < TARGETS["merge"][1])))
+    if "merge_l4q_s" in r:
+        rows.append(("L4Q merge_and_unload() (W0 + BA quantized into new codes, r = 64, every layer)",
+                     f"{r['merge_l4q_s']:.1f} s ({r['merge_l4q_s'] / r['codes'] * 1e9:.2f} ns per code)"))
+        ok_l4q = (r["merge_l4q_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
+        targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s"
+                        + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok_l4q)))
     rows += [("memory held during the merge (RSS over the runtime)",
               f"{r['rss_before_merge_mib']:,.0f} MiB before, peak {r['merge_peak_rss_mib']:,.0f} MiB"),
              ("model load (gptq_torch, not part of the merge)", f"{r['load_s']:.1f} s")]
