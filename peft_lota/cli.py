@@ -66,20 +66,31 @@ def _config(path: str) -> dict:
 
 
 def _quantization(path: str) -> Optional[dict]:
-    qc = _config(path).get("quantization_config")
-    return qc if qc and qc.get("quant_method") == "gptq" else None
+    """The checkpoint's quantization_config in a format peft_lota reads, None for full precision."""
+    from peft_lota.loading import quantization_config
+
+    _config(path)  # a clear error for a path that is no model
+    try:
+        return quantization_config(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _format(qc: dict):
+    from peft_lota.formats import config_format
+
+    return config_format(qc)
 
 
 def load_model(path: str, dtype: str = "float32"):
-    """A GPTQ checkpoint with the layout-keeping kernel (what adapters read and merge into), or a full-precision model."""
+    """A quantized checkpoint with its layout-keeping kernel (what adapters read and merge into), or a
+    full-precision model."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
 
-    qc = _quantization(path)
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if qc is not None:
-        kwargs["quantization_config"] = GPTQConfig(bits=qc["bits"], backend="gptq_torch")
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from peft_lota.loading import load_model as load
+
+    _quantization(path)
+    return load(path, dtype=getattr(torch, dtype))
 
 
 def _adapter_config(path: str) -> dict:
@@ -107,14 +118,14 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _gptq_buffers(model) -> dict:
+def _quant_buffers(model) -> dict:
     return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
 
 
 def _same_buffers(a, b) -> bool:
     import torch
 
-    x, y = _gptq_buffers(a), _gptq_buffers(b)
+    x, y = _quant_buffers(a), _quant_buffers(b)
     return x.keys() == y.keys() and all(torch.equal(x[k].cpu(), y[k].cpu()) for k in x)
 
 
@@ -141,7 +152,6 @@ def cmd_merge(args) -> int:
     from peft import PeftModel
 
     import peft_lota  # noqa: F401  (registers LOTA and L4Q)
-    from peft_lota.formats import gptq
 
     adapter_cfg = _adapter_config(args.adapter)
     base = load_model(args.base, args.dtype)
@@ -166,14 +176,16 @@ def cmd_merge(args) -> int:
     same_codes = _same_buffers(merged, reloaded)
     same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = _format(qc)
+    layout = qc.get("checkpoint_format") or qc.get("format")
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
             ("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "(from full precision: every code is new)"),
-            ("written", f"{out} ({qc['checkpoint_format']}, {qc['bits']}-bit, group {qc['group_size']}, "
+            ("written", f"{out} ({fmt.name.upper()} {layout}, {qc['bits']}-bit, group {qc['group_size']}, "
                         f"sym={qc['sym']}, desc_act={qc.get('desc_act')})"),
-            ("kernels that can serve it", ", ".join(n for n, _, ok in gptq.kernels(qc) if ok) or "none known"),
+            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
             ("merged logits == adapter logits", exact), ("reloaded codes, zeros, scales == merged", same_codes),
             ("reloaded logits == merged", same_logits)]
-    note = gptq.fast_path_note(qc)
+    note = fmt.fast_path_note(qc)
     if note:
         rows.append(("note", note))
     if args.push:
@@ -229,20 +241,16 @@ def cmd_inspect(args) -> int:
         return EXIT_OK
     qc = _quantization(args.path)
     if qc is None:
-        raise UsageError(f"{args.path} is neither a saved adapter nor a GPTQ checkpoint.")
-    from peft_lota.formats import gptq
-
-    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized (GPTQ, AWQ) checkpoint.")
+    fmt = _format(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
-    rows = [("kind", "GPTQ checkpoint"), ("format", f"{fmt} ({'classic, every loader' if fmt == 'gptq' else 'true zero points: gptqmodel-based loaders only'})"),
-            ("bits", qc["bits"]), ("group size", qc["group_size"]), ("symmetric", qc.get("sym")),
-            ("act-order (desc_act)", qc.get("desc_act")), ("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
-            ("weights", _human(weights) if weights else "-")]
+    rows = fmt.describe(qc) + [("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
+                               ("weights", _human(weights) if weights else "-")]
     _print_table(rows)
     print("\nkernels:")
-    for name, devices, ok in gptq.kernels(qc):
+    for name, devices, ok in fmt.kernels(qc):
         print(f"  {'yes' if ok else 'no ':3s}  {name} ({devices})")
-    note = gptq.fast_path_note(qc)
+    note = fmt.fast_path_note(qc)
     if note:
         print(f"\nnote: {note}")
     return EXIT_OK
@@ -298,17 +306,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="peft-lota", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    m = sub.add_parser("merge", help="merge a LoTA or L4Q adapter into its base and write a standard GPTQ checkpoint",
+    m = sub.add_parser("merge", help="merge a LoTA or L4Q adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
                        description="Load the base the right way, apply the adapter, merge exactly, save (or push) the "
                                    "checkpoint, reload it and compare codes and logits.")
-    m.add_argument("base", help="the base model the adapter was trained on (GPTQ checkpoint, or full precision for L4Q)")
+    m.add_argument("base", help="the base model the adapter was trained on (GPTQ or AWQ checkpoint, or full precision for L4Q)")
     m.add_argument("adapter", help="the saved adapter folder")
     m.add_argument("out", nargs="?", help="where to write the merged checkpoint (optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.set_defaults(func=cmd_merge)
-    i = sub.add_parser("inspect", help="describe an adapter or a GPTQ checkpoint (and which kernels can serve it)",
+    i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ) checkpoint (and which kernels can serve it)",
                        description="An adapter: method, settings, the base it was made for, files; with --base, the "
                                    "codes it moves per layer. A checkpoint: format, bits, group size, sym, act-order "
                                    "and which kernels can run it.")

@@ -13,7 +13,8 @@ from pathlib import Path
 # CPU machines, when gptqmodel loads its extensions); transformers' deprecation notice for an
 # attribute PEFT and gptqmodel read. Only these are dropped: every other message of theirs still shows.
 _NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now natively supported",
-          "ENV: Auto setting", "gc.collect() reclaimed", "compilation triggered", "No CUDA runtime is found")
+          "ENV: Auto setting", "gc.collect() reclaimed", "compilation triggered", "No CUDA runtime is found",
+          "CPU AVX512-BF16 kernel requires")
 
 
 class _DropNoise(logging.Filter):
@@ -52,7 +53,8 @@ def quiet_third_party() -> None:
 
 
 def quantization_config(path) -> dict | None:
-    """The GPTQ quantization_config of a local checkpoint folder or Hub repo, or None for a full-precision model."""
+    """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (GPTQ, AWQ),
+    or None for a full-precision model. Another quantization (bitsandbytes, ...) is refused with the reason."""
     local = Path(path) / "config.json"
     if local.exists():
         qc = json.loads(local.read_text()).get("quantization_config")
@@ -61,25 +63,34 @@ def quantization_config(path) -> dict | None:
 
         qc = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
         qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    return qc if qc and qc.get("quant_method") == "gptq" else None
+    if not qc:
+        return None
+    from .formats import config_format, unsupported_reason
+
+    if config_format(qc) is None:
+        raise ValueError(f"{path}: {unsupported_reason(qc)}")
+    return qc
 
 
 def load_model(path, dtype=None, **kwargs):
-    """A model ready for LoTA or L4Q: a GPTQ checkpoint loaded with gptqmodel's trainable, layout-keeping kernel
-    (TorchLinear, backend 'gptq_torch'), or a full-precision model (L4Q from full precision).
+    """A model ready for LoTA or L4Q: a quantized checkpoint (GPTQ, AWQ) loaded with gptqmodel's trainable,
+    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), or a full-precision
+    model (L4Q from full precision).
 
     The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
-    "gptq_torch"))`, without transformers' notice that only the backend of that GPTQConfig is used (it is meant).
-    dtype: the activation dtype (default float32 on CPU, float16 on CUDA, as for any GPTQ model).
+    "gptq_torch"))` (AwqConfig for AWQ), without transformers' notice that only the backend of that config is used
+    (it is meant). dtype: the activation dtype (default float32 on CPU, float16 on CUDA).
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
+
+    from .formats import config_format
 
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     qc = quantization_config(path)
     if qc is not None:
-        kwargs.setdefault("quantization_config", GPTQConfig(bits=qc["bits"], backend="gptq_torch"))
+        kwargs.setdefault("quantization_config", config_format(qc).load_config(qc))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)

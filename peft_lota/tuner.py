@@ -61,9 +61,13 @@ class QuantTuner(BaseTuner):
 
     def _all_linear_error(self) -> str:
         return (f"{type(self.peft_config.get(self.active_adapter, None)).__name__}(target_modules='all-linear') found no "
-                "quantized linear layer in this model: load a quantized (GPTQ) checkpoint.")
+                "quantized linear layer in this model: load a quantized (GPTQ or AWQ) checkpoint.")
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
+        # PEFT calls this first: a quantization we cannot merge into is refused before anything else happens.
+        qc = formats.model_quantization_config(self.model)
+        if qc is not None and formats.config_format(qc) is None:
+            raise ValueError(f"{self.method_name} cannot adapt this model: {formats.unsupported_reason(qc)}")
         # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a GPTQ model.
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None

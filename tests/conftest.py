@@ -40,7 +40,8 @@ except ImportError:
     pass
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_models` from any rootdir
-from tiny_models import SPECS_MATRIX, Spec, build_float_checkpoint, build_gptq_checkpoint, build_tokenizer  # noqa: E402
+from tiny_models import (SPECS_MATRIX, Spec, build_awq_checkpoint, build_float_checkpoint,  # noqa: E402
+                         build_gptq_checkpoint, build_tokenizer)
 
 # torch (imported just above) sets its compile-trace logger to DEBUG; pytest would show it on failures.
 logging.getLogger("torch.__trace").setLevel(logging.INFO)
@@ -63,21 +64,20 @@ def _cache_key() -> str:
     return f"torch{torch.__version__}-tf{transformers.__version__}-gptqmodel{gptqmodel.__version__}-py{py}-{src}"
 
 
-@pytest.fixture(scope="session")
-def gptq_dir(tmp_path_factory):
-    """Factory: gptq_dir(Spec(...)) -> Path of a saved tiny GPTQ checkpoint (with tokenizer)."""
-    root = tmp_path_factory.mktemp("gptq")
+def _checkpoint_factory(tmp_path_factory, kind: str, build):
+    """get(spec) -> Path of a checkpoint built by build(spec, root), cached under PEFT_LOTA_TEST_CACHE if set."""
+    root = tmp_path_factory.mktemp(kind)
     persistent = os.environ.get("PEFT_LOTA_TEST_CACHE")
     cache = Path(persistent).expanduser() / _cache_key() if persistent else None
-    built: dict[Spec, Path] = {}
+    built: dict = {}
 
-    def get(spec: Spec) -> Path:
+    def get(spec) -> Path:
         if spec in built:
             return built[spec]
         if cache is not None and (cache / spec.slug() / "BUILD_COMPLETE").exists():
             built[spec] = cache / spec.slug()
             return built[spec]
-        path = build_gptq_checkpoint(spec, root)
+        path = build(spec, root)
         if cache is not None:
             # Copy under a unique name, then rename: concurrent runs never see a half-written entry.
             cache.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,18 @@ def gptq_dir(tmp_path_factory):
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gptq_dir(tmp_path_factory):
+    """Factory: gptq_dir(Spec(...)) -> Path of a saved tiny GPTQ checkpoint (with tokenizer)."""
+    return _checkpoint_factory(tmp_path_factory, "gptq", build_gptq_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def awq_dir(tmp_path_factory):
+    """Factory: awq_dir(AwqSpec(...)) -> Path of a saved tiny AWQ (GEMM) checkpoint (with tokenizer)."""
+    return _checkpoint_factory(tmp_path_factory, "awq", build_awq_checkpoint)
 
 
 @pytest.fixture(scope="session")

@@ -191,6 +191,60 @@ def build_gptq_checkpoint(spec: Spec, root) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class AwqSpec:
+    arch: str = "llama"
+    bits: int = 4
+    sym: bool = False
+    group_size: int = 32
+
+    def slug(self) -> str:
+        return f"awq-{self.arch}-{self.bits}b-{'sym' if self.sym else 'asym'}-g{self.group_size}"
+
+
+def build_awq_checkpoint(spec: AwqSpec, root) -> Path:
+    """An AWQ (GEMM) checkpoint quantized by gptqmodel's own AWQ on CPU from the same float model as the GPTQ
+    fixtures of its architecture (a few seconds)."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    out = Path(root) / spec.slug()
+    if (out / _MARKER).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    fp_dir = Path(root) / f"_float-{spec.slug()}"
+    shutil.rmtree(fp_dir, ignore_errors=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = build_tokenizer(fp_dir)
+        _build_float(Spec(spec.arch), fp_dir)
+        qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, method=METHOD.AWQ,
+                              format=FORMAT.GEMM, offload_to_disk=False)
+        model = GPTQModel.load(str(fp_dir), qcfg, device="cpu", dtype=torch.float16)
+        model.quantize(calibration_texts(), batch_size=1)
+        model.save(str(out))
+        tok.save_pretrained(str(out))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(fp_dir, ignore_errors=True)
+    (out / _MARKER).write_text(json.dumps(spec.__dict__))
+    return out
+
+
+def load_awq(path, dtype=torch.float32, backend: str | None = "torch_awq"):
+    """Load an AWQ checkpoint on CPU; backend=None is the stock default load (no quantization_config)."""
+    from transformers import AutoModelForCausalLM, AwqConfig
+
+    kwargs = {}
+    if backend is not None:
+        bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
+        kwargs["quantization_config"] = AwqConfig(bits=bits, backend=backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **kwargs)
+
+
 def build_float_checkpoint(arch: str, root) -> Path:
     """The full-precision model the GPTQ fixtures of `arch` are quantized from, saved with its tokenizer."""
     out = Path(root) / f"float-{arch}"

@@ -10,10 +10,10 @@ from typing import Optional
 
 from torch import nn
 
-from . import gptq
+from . import awq, gptq
 from .base import Format, QuantState, QuantWeights, dequantize, group_layout
 
-FORMATS: tuple[Format, ...] = (gptq.FORMAT,)
+FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT)
 
 
 def dispatch(module: nn.Module, name: str = "") -> Optional[QuantWeights]:
@@ -34,6 +34,39 @@ def prepare_model(model: nn.Module) -> int:
     return sum(fmt.prepare_model(model) for fmt in FORMATS)
 
 
+def config_format(qc: Optional[dict]) -> Optional[Format]:
+    """The format of a quantization_config (dict), or None if it is none we read (or there is none)."""
+    method = (qc or {}).get("quant_method")
+    return next((fmt for fmt in FORMATS if fmt.quant_method == method), None)
+
+
+def model_quantization_config(model: nn.Module) -> Optional[dict]:
+    """A transformers model's quantization_config as a dict, or None."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    return dict(qc) if isinstance(qc, dict) else qc.to_dict()
+
+
+def unsupported_reason(qc: Optional[dict]) -> str:
+    """Why a quantization_config is not one peft_lota can adapt, and what to use instead."""
+    qc = qc or {}
+    method = qc.get("quant_method")
+    readable = ", ".join(fmt.name.upper() for fmt in FORMATS)
+    if method == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        kind = str(qc.get("bnb_4bit_quant_type", "nf4")).upper()
+        return (f"this model is quantized with bitsandbytes {kind}, a non-uniform grid (a table of values, not "
+                "integer steps of one scale): moving a code by one does not change a weight by a fixed amount, so "
+                "LoTA's +-1 steps and L4Q's rounding cannot merge into it exactly. Start from the full-precision "
+                f"model instead (L4Q quantizes it while training and writes a GPTQ model), or from a {readable} "
+                "checkpoint.")
+    if method == "bitsandbytes":
+        return ("bitsandbytes LLM.int8 models are not supported yet: peft_lota reads " + readable + " checkpoints. "
+                "Start from the full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
+    return (f"quantization method {method!r} is not a format peft_lota reads ({readable}). Start from the "
+            "full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
+
+
 def model_format(model: nn.Module) -> Optional[Format]:
     """The format a transformers model was loaded in (from its config), or None for an unquantized model."""
     for fmt in FORMATS:
@@ -42,5 +75,6 @@ def model_format(model: nn.Module) -> Optional[Format]:
     return None
 
 
-__all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "dequantize", "dispatch", "group_layout",
-           "is_quantized_layer", "model_format", "prepare_model"]
+__all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "config_format", "dequantize", "dispatch", "group_layout",
+           "is_quantized_layer", "model_format", "model_quantization_config", "prepare_model",
+           "unsupported_reason"]

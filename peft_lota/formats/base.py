@@ -57,6 +57,11 @@ def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
     return scales[g_idx] * (codes.to(dtype) - zeros.to(dtype)[g_idx])
 
 
+def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """gptqmodel TorchLinear's bias: cast to the output's dtype, then added."""
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 class QuantState:
     """One quantized layer's codes, zeros, scales, g_idx and bias, read once per call from its buffers.
 
@@ -149,6 +154,23 @@ class QuantWeights:
     def read(self) -> QuantState:
         raise NotImplementedError
 
+    def grid_settings(self) -> dict:
+        """{"bits", "group_size", "sym"} of the layer's grid, as a quantizer config names them."""
+        layer = self.layer
+        return {"bits": self.bits, "group_size": layer.group_size, "sym": bool(layer.sym)}
+
+    # How the format's stock kernel treats activations around its matmul, so that an adapted layer computes
+    # exactly what the merged layer will. The defaults are gptqmodel's TorchLinear: the matmul runs in the
+    # activations' dtype (or autocast's) and the bias is cast to the output's dtype.
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations as the kernel's matmul takes them (before autocast); may convert the layer's buffers
+        in place exactly as the kernel itself would on this input."""
+        return x
+
+    def kernel_output(self, out: torch.Tensor, bias: Optional[torch.Tensor], input_dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output from the matmul's `out`: bias added as the kernel adds it."""
+        return add_bias(out, bias)
+
     def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
                ) -> dict[str, torch.Tensor]:
         """New raw buffers holding these codes [K, N], true zeros [G, N] (and scales [G, N], if given)."""
@@ -167,6 +189,7 @@ class QuantWeights:
 class Format:
     """One quantized format, as the rest of the package sees it.
 
+    quant_method: the `quant_method` of its transformers quantization_config ("gptq", "awq").
     is_layer(module): whether a module is a layer of this format (in any kernel).
     dispatch(module, name): its QuantWeights, or None if `module` is not of this format; raises with
         instructions if it is, but in a layout that cannot be read.
@@ -175,12 +198,21 @@ class Format:
     model_is(model): whether `model` (a transformers model) holds this format, from its config.
     checkpoint(model): (state_dict, quantization_config, extra files {name: text}, facts for the
         model card) of a standard checkpoint of `model` in this format.
+    load_config(qc): the transformers quantization config that loads a checkpoint of this format with
+        its layout-keeping, trainable kernel.
+    kernels(qc): (kernel, devices, can serve) for a checkpoint's quantization_config.
+    describe(qc): (key, value) rows that say what a checkpoint is (the command line's inspect).
+    fast_path_note(qc): why the checkpoint misses the fast GPU kernels, or None.
     """
 
     name: str
+    quant_method: str
     is_layer: Callable[[nn.Module], bool]
     dispatch: Callable[[nn.Module, str], Optional[QuantWeights]]
     prepare_model: Callable[[nn.Module], int]
     model_is: Callable[[nn.Module], bool]
     checkpoint: Callable[[nn.Module], tuple[dict, dict, dict, dict]]
-    describe: Callable[[dict], Any] = lambda qc: None
+    load_config: Callable[[dict], Any]
+    kernels: Callable[[dict], list]
+    describe: Callable[[dict], list]
+    fast_path_note: Callable[[dict], Optional[str]] = lambda qc: None

@@ -500,5 +500,20 @@ def fast_path_note(qc: dict) -> Optional[str]:
     return None
 
 
-FORMAT = Format(name=NAME, is_layer=is_gptq_layer, dispatch=dispatch_gptq, prepare_model=prepare_gptq_model,
-                model_is=model_is_gptq, checkpoint=gptq_checkpoint)
+def load_config(qc: dict):
+    """GPTQConfig that loads a checkpoint with TorchLinear ("gptq_torch"); the rest comes from its config.json."""
+    from transformers import GPTQConfig
+
+    return GPTQConfig(bits=qc["bits"], backend="gptq_torch")
+
+
+def describe(qc: dict) -> list[tuple[str, object]]:
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    what = "classic, every loader" if fmt == "gptq" else "true zero points: gptqmodel-based loaders only"
+    return [("kind", "GPTQ checkpoint"), ("format", f"{fmt} ({what})"), ("bits", qc["bits"]),
+            ("group size", qc["group_size"]), ("symmetric", qc.get("sym")), ("act-order (desc_act)", qc.get("desc_act"))]
+
+
+FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch=dispatch_gptq,
+                prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
+                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note)

@@ -19,7 +19,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats import gptq
-from ..formats.base import QuantWeights
+from ..formats.base import QuantWeights, add_bias
 from ..tuner import merged_training_error
 from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
@@ -158,10 +158,16 @@ class L4QLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"L4Q quantizes the base weight plus one adapter's LoRA; {self._current_key} has "
                              f"{len(active)} active adapters ({', '.join(active)}). Activate one (set_adapter).")
         name = active[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.quant is not None:  # the format's kernel's dtypes (it may convert its scales, as the kernel does)
+            x2 = self.quant.kernel_input(x2)
         grid = self.grid()
         settings = self.settings[name]
-        out = l4q_linear(x.reshape(-1, x.shape[-1]), grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
+        bias, grid.state = grid.state.bias, grid.state.replace(bias=None)
+        out = l4q_linear(x2, grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
                          self.scales(name, grid), settings.scale_gradient)
+        # the bias as the stock kernel adds it (nn.Linear base: as the GPTQ layer of the merge will)
+        out = self.quant.kernel_output(out, bias, x.dtype) if self.quant is not None else add_bias(out, bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- merge -------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ class L4QModel(QuantTuner):
         return isinstance(module, nn.Linear)
 
     def _all_linear_error(self) -> str:
-        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a GPTQ model needs GPTQ "
-                "layers, a full-precision model nn.Linear layers (other than the output head).")
+        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a quantized (GPTQ, AWQ) model "
+                "needs quantized layers, a full-precision model nn.Linear layers (other than the output head).")
 
     @staticmethod
     def _settings(config: L4QConfig) -> L4QSettings:
@@ -63,25 +63,24 @@ class L4QModel(QuantTuner):
             new = L4QLayer(target, None, adapter_name, self._settings(config), quantizer=config.quantizer(),
                            init_seed=config.init_seed, current_key=current_key)
         else:
-            kind = "a GPTQ model" if self._quantized_base() else "a full-precision model"
+            kind = "a quantized model" if self._quantized_base() else "a full-precision model"
             raise TypeError(
                 f"L4Q cannot adapt module {current_key!r} of type {type(target).__name__} in {kind}: it adapts the "
-                "GPTQ layers of a GPTQ model, or the nn.Linear layers of a full-precision model. Remove it from "
-                "target_modules, or use target_modules='all-linear'.")
+                "quantized (GPTQ, AWQ) layers of a quantized model, or the nn.Linear layers of a full-precision model. "
+                "Remove it from target_modules, or use target_modules='all-linear'.")
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
     @staticmethod
     def _check_grid(config: L4QConfig, quant, key: str) -> None:
-        """From a GPTQ model the grid is the checkpoint's: a config that asks for another one is refused."""
-        layer = quant.layer
-        have = {"bits": layer.bits, "group_size": layer.group_size, "sym": bool(layer.sym)}
-        for name, value in have.items():
+        """From a quantized model the grid is the checkpoint's: a config that asks for another one is refused."""
+        for name, value in quant.grid_settings().items():
             asked = getattr(config, name)
             if asked is not None and asked != value:
-                raise ValueError(f"L4QConfig({name}={asked!r}) but the GPTQ layer {key} has {name}={value!r}: from a "
-                                 f"GPTQ model L4Q keeps the checkpoint's grid. Leave {name} unset (None).")
+                fmt = quant.format_name.upper()
+                raise ValueError(f"L4QConfig({name}={asked!r}) but the {fmt} layer {key} has {name}={value!r}: from a "
+                                 f"quantized model L4Q keeps the checkpoint's grid. Leave {name} unset (None).")
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading a layer merged on an nn.Linear base: the GPTQ layer the merge made replaces it.

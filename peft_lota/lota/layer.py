@@ -201,13 +201,14 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         active = self._unmerged_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        state = self.quant.read()
+        # Same shapes, dtypes and op order as the format's stock kernel (2-D matmul, then bias), so a fresh
+        # adapter, or the merged model, gives bit-identical outputs to it.
+        x2 = self.quant.kernel_input(x.reshape(-1, x.shape[-1]))
+        state = self.quant.read()  # after kernel_input, which may convert the scales as the kernel does
         factors = [self.factors(a) for a in active]
         scales = self.scales_after(state.scales, active)
-        # Same shapes and op order as gptqmodel's TorchLinear (2-D matmul, then bias), so a fresh
-        # adapter, or the merged model, gives bit-identical outputs to the stock kernel.
-        out = lota_linear(x.reshape(-1, x.shape[-1]), state, factors, [self.settings[a].step for a in active],
-                          scales)
+        out = lota_linear(x2, state.replace(bias=None), factors, [self.settings[a].step for a in active], scales)
+        out = self.quant.kernel_output(out, state.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- deltas ------------------------------------------------------------------------------

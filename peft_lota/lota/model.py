@@ -41,15 +41,16 @@ def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor, key: str) -> torch
 
 
 class LotaModel(QuantTuner):
-    """Creates a LoTA-QAF model from a GPTQ-quantized transformers model (use `peft.get_peft_model`)."""
+    """Creates a LoTA-QAF model from a GPTQ- or AWQ-quantized transformers model (use `peft.get_peft_model`)."""
 
     prefix: str = "lota_"
     tuner_layer_cls = LotaLayer
     method_name = "LoTA"
 
     def _all_linear_error(self) -> str:
-        return ("LotaConfig(target_modules='all-linear') found no GPTQ-quantized linear layer in this model. "
-                "LoTA adapts GPTQ models: load a GPTQ checkpoint (quantization_config with quant_method 'gptq').")
+        return ("LotaConfig(target_modules='all-linear') found no quantized linear layer in this model. LoTA adapts "
+                "integer-quantized models: load a GPTQ or AWQ checkpoint (peft_lota.load_model), or train L4Q on the "
+                "full-precision model.")
 
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -59,9 +60,9 @@ class LotaModel(QuantTuner):
         quant = formats.dispatch(target, current_key)  # one dispatch per format (formats/)
         if quant is None:
             raise TypeError(
-                f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts GPTQ-quantized "
-                "linear layers only (their integer codes are what LoTA moves). Remove it from target_modules, or use "
-                "target_modules='all-linear' to pick every GPTQ layer."
+                f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts quantized "
+                "(GPTQ, AWQ) linear layers only (their integer codes are what LoTA moves). Remove it from "
+                "target_modules, or use target_modules='all-linear' to pick every quantized layer."
             )
         self._check_base(lota_config, current_key, target, quant)
         new_module = LotaLayer(target, quant, adapter_name, lota_config.layer_settings(),
@@ -81,9 +82,9 @@ class LotaModel(QuantTuner):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None, round_float_offset: bool = False) -> nn.Module:
-        """Merge on the integer grid and return the plain transformers GPTQ model.
+        """Merge on the integer grid and return the plain transformers model, quantized as it was loaded.
 
-        Its `save_pretrained` / `push_to_hub` write a standard GPTQ checkpoint (see export.py).
+        Its `save_pretrained` / `push_to_hub` write a standard checkpoint of its format (see export.py).
         """
         return super().merge_and_unload(progressbar, safe_merge, adapter_names, round_float_offset=round_float_offset)
 

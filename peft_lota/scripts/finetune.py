@@ -45,11 +45,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool fr
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
-    GPTQConfig,
     HfArgumentParser,
     Trainer,
     TrainingArguments,
@@ -58,18 +55,20 @@ from transformers import (  # noqa: E402
 
 import peft_lota  # noqa: E402  (registers LOTA with PEFT)
 from peft import get_peft_model  # noqa: E402
+from peft_lota.formats import config_format  # noqa: E402
+from peft_lota.loading import quantization_config  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A GPTQ checkpoint (lota, l4q) or a full-precision model (l4q): "
-                                                      "local folder or Hub id."})
-    backend: str = field(
-        default="gptq_torch",
-        metadata={"help": "gptqmodel kernel to load with. LoTA needs the standard GPTQ layout: 'gptq_torch' "
-                          "(TorchLinear) trains on every device."},
+    model_name_or_path: str = field(metadata={"help": "A GPTQ or AWQ checkpoint (lota, l4q) or a full-precision "
+                                                      "model (l4q): local folder or Hub id."})
+    backend: Optional[str] = field(
+        default=None,
+        metadata={"help": "gptqmodel kernel to load with; the default is the format's layout-keeping, trainable "
+                          "kernel that runs on every device ('gptq_torch' for GPTQ, 'torch_awq' for AWQ)."},
     )
     dtype: str = field(
         default="auto",
@@ -243,22 +242,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def is_gptq_checkpoint(path: str) -> bool:
-    qcfg = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-    qcfg = qcfg if isinstance(qcfg, dict) or qcfg is None else qcfg.to_dict()
-    return bool(qcfg) and qcfg.get("quant_method") == "gptq"
-
-
-def load_model(path: str, backend: str = "gptq_torch", dtype: torch.dtype = torch.float32, device_map=None):
-    """A GPTQ checkpoint with a kernel that keeps the standard layout (what LoTA and L4Q read and merge into),
-    or a full-precision model (L4Q from full precision)."""
-    if not is_gptq_checkpoint(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
-    bits = AutoConfig.from_pretrained(path).quantization_config["bits"]
-    with warnings.catch_warnings():  # transformers warns that only `backend` of our GPTQConfig is used: intended
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend=backend),
-                                                    dtype=dtype, device_map=device_map)
+def load_model(path: str, backend: Optional[str] = None, dtype: torch.dtype = torch.float32, device_map=None):
+    """A quantized checkpoint with a kernel that keeps its layout (what LoTA and L4Q read and merge into), or a
+    full-precision model (L4Q from full precision)."""
+    kwargs = {"device_map": device_map}
+    qc = quantization_config(path)
+    if qc is not None and backend is not None:
+        config = config_format(qc).load_config(qc)
+        config.backend = backend
+        kwargs["quantization_config"] = config
+    return peft_lota.load_model(path, dtype=dtype, **kwargs)
 
 
 @torch.no_grad()
@@ -297,7 +290,7 @@ def adapter_digest(model) -> str:
     return h.hexdigest()
 
 
-def gptq_buffers(model) -> dict[str, torch.Tensor]:
+def quant_buffers(model) -> dict[str, torch.Tensor]:
     return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
 
 
@@ -336,7 +329,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
 
     dtype = resolve_dtype(model_args.dtype)
     device_map = {"": training_args.device} if training_args.device.type != "cpu" else None
-    quantized = is_gptq_checkpoint(model_args.model_name_or_path)
+    quantized = quantization_config(model_args.model_name_or_path) is not None
     config = method_args.peft_config(model_args.model_name_or_path, quantized)
     model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
@@ -411,7 +404,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
 
     if method_args.verify:
         reloaded = load_model(str(merged_dir), model_args.backend, dtype, device_map)
-        mine, theirs = gptq_buffers(merged), gptq_buffers(reloaded)
+        mine, theirs = quant_buffers(merged), quant_buffers(reloaded)
         summary["reloaded_buffers_equal"] = mine.keys() == theirs.keys() and all(
             torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
         _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch, max_batches=1)

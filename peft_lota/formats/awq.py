@@ -1,0 +1,366 @@
+"""AWQ (the GEMM layout) as gptqmodel holds it: codec, layout check, reading and writing codes, dispatch, checkpoints.
+
+Buffers of an AWQ GEMM layer: `qweight` int32 [K, N*b/32] (codes packed along the output dimension),
+`qzeros` int32 [G, N*b/32] (raw zero points, packed the same way), `scales` fp16 [G, N], optional
+`bias`; groups are contiguous runs of input rows (no act-order, no g_idx). 4-bit words interleave
+their eight columns: nibble i of word j holds column 8j + AWQ_ORDER[i]. Other widths are a plain
+little-endian bit stream along the row (formats/packing.py's convention, along dim 1).
+
+transformers loads AWQ checkpoints through gptqmodel (>= 5). Its kernels:
+
+- `AwqTorchLinear` ("torch_awq") keeps the layout, trains and runs on every device and every width:
+  the kernel adapted layers run on. It computes in the activations' dtype when that is fp16 or bf16
+  and in fp16 otherwise (casting the output back), and first converts its scales and bias to that
+  dtype, in place: `AWQWeights.kernel_input` / `kernel_output` mirror exactly that, so an adapter
+  computes what the merged layer will.
+- `TorchAtenAwqLinear` / `TorchFusedAwqLinear` / `TorchCpuAvx512AwqLinear` (the CPU defaults, 4-bit)
+  keep the layout until their first inference call, then repack privately: while untouched,
+  `prepare_awq_model` moves them to AwqTorchLinear, losslessly (the buffers are shared).
+- Marlin, Machete, ExLlama, GEMV, ... repack at load (or use another layout): refused with the way
+  to load the model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .base import Format, QuantState, QuantWeights, group_layout
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+logger = logging.getLogger(__name__)
+
+NAME = "awq"
+RELOAD_HINT = (
+    "Load the model with gptqmodel's layout-keeping AWQ kernel, e.g. AutoModelForCausalLM.from_pretrained(path, "
+    "quantization_config=AwqConfig(bits={bits}, backend='torch_awq')) (peft_lota.load_model does this), and call "
+    "get_peft_model (or merge) before running inference with it."
+)
+# Kernels that keep the GEMM layout in qweight/qzeros/scales (the CPU ones until their first inference call).
+LAYOUT_KEEPING_KERNELS = ("AwqTorchLinear", "TorchAtenAwqLinear", "TorchFusedAwqLinear", "TorchCpuAvx512AwqLinear")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # 4-bit: the column of nibble i within each run of eight
+AWQ_UNORDER = tuple(AWQ_ORDER.index(c) for c in range(8))  # the nibble that holds column c
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_WARNED: set = set()  # (scales dtype, activation dtype) pairs already warned about, once per process
+
+
+# ---- codec ---------------------------------------------------------------------------------------------
+
+def unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """AWQ-packed int32 [R, N*b/32] -> codes uint8 [R, N] in column order."""
+    codes = unpack_codes(packed, bits, dim=1)
+    if bits == 4:
+        rows = codes.shape[0]
+        codes = codes.view(rows, -1, 8)[:, :, list(AWQ_UNORDER)].reshape(rows, -1)
+    return codes
+
+
+def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [R, N] in column order -> AWQ-packed int32 [R, N*b/32]."""
+    if bits == 4:
+        rows = codes.shape[0]
+        codes = codes.reshape(rows, -1, 8)[:, :, list(AWQ_ORDER)].reshape(rows, -1)
+    return pack_codes(codes, bits, dim=1)
+
+
+def kernel_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype AwqTorchLinear computes in for activations of `x_dtype`."""
+    return x_dtype if x_dtype in KERNEL_DTYPES else torch.float16
+
+
+# ---- which layers, in which layout ---------------------------------------------------------------------
+
+def _classes():
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    return AWQuantLinear, AwqTorchLinear
+
+
+def is_awq_layer(module: nn.Module) -> bool:
+    try:
+        AWQuantLinear, _ = _classes()
+    except ImportError:  # gptqmodel not installed (or too old to load AWQ): no AWQ layers can exist
+        return False
+    return isinstance(module, AWQuantLinear) and hasattr(module, "qweight")
+
+
+def awq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_awq_layer(m)]
+
+
+def layout_problem(name: str, module: nn.Module) -> Optional[str]:
+    """Why this AWQ layer's buffers are not in the GEMM layout we read and write, or None if they are."""
+    cls = type(module).__name__
+    bits = getattr(module, "bits", None)
+    if bits not in SUPPORTED_BITS:
+        return f"layer {name} ({cls}) holds {bits}-bit codes; peft_lota supports {SUPPORTED_BITS}-bit AWQ."
+    if getattr(module, "_cpu_transformed", False) or str(getattr(module, "linear_mode", None)).lower().endswith(
+            "inference"):
+        return (f"layer {name} ({cls}) has already repacked its weights into a private layout for fast CPU "
+                "inference (it does so on its first call under torch.inference_mode / no_grad).")
+    if cls not in LAYOUT_KEEPING_KERNELS:
+        return f"layer {name} uses the {cls} kernel, which does not hold AWQ's GEMM layout."
+    if getattr(module, "pack_dtype", torch.int32) != torch.int32:
+        return f"layer {name} ({cls}) packs its codes in {module.pack_dtype}, not int32."
+    K, N = module.in_features, module.out_features
+    if (N * bits) % 32:
+        return f"layer {name} ({cls}): {N} output columns of {bits}-bit codes do not fill whole int32 words."
+    gs = K if module.group_size in (-1, 0) else module.group_size
+    if K % gs:
+        return f"layer {name} ({cls}): {K} input rows are not whole groups of {gs}."
+    if (tuple(module.qweight.shape) != (K, N * bits // 32) or tuple(module.qzeros.shape) != (K // gs, N * bits // 32)
+            or tuple(module.scales.shape) != (K // gs, N)):
+        return f"layer {name} ({cls}) has buffers of non-standard shapes."
+    return None
+
+
+def quantization_config(model: nn.Module) -> Optional[dict]:
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qcfg is None:
+        return None
+    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
+def model_is_awq(model: nn.Module) -> bool:
+    qc = quantization_config(model)
+    return qc is not None and qc.get("quant_method") == "awq"
+
+
+def _problems_error(what: str, problems: list[str], bits) -> ValueError:
+    more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + RELOAD_HINT.format(bits=bits))
+
+
+def _to_torch_awq(module: nn.Module) -> nn.Module:
+    """An AwqTorchLinear holding exactly the same buffers (shared, not copied)."""
+    _, AwqTorchLinear = _classes()
+    new = AwqTorchLinear(bits=module.bits, group_size=module.group_size, sym=module.sym, desc_act=False,
+                         in_features=module.in_features, out_features=module.out_features,
+                         bias=module.bias is not None, pack_dtype=module.pack_dtype, register_buffers=True)
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        src = getattr(module, name)
+        if src is not None:
+            setattr(new, name, src)
+    new.train(module.training)
+    new.post_init()
+    return new
+
+
+def prepare_awq_model(model: nn.Module) -> int:
+    """Move every AWQ layer of `model` to AwqTorchLinear (layout-keeping, trainable). Returns how many moved."""
+    layers = awq_layers(model)
+    if not layers:
+        return 0
+    _, AwqTorchLinear = _classes()
+    problems, moved = [], 0
+    for name, module in layers:
+        problem = layout_problem(name, module)
+        if problem:
+            problems.append(problem)
+            continue
+        if type(module) is not AwqTorchLinear:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _to_torch_awq(module))
+            moved += 1
+    if problems:
+        raise _problems_error("peft_lota cannot use this model's AWQ layers as loaded", problems,
+                              (quantization_config(model) or {}).get("bits", "<bits>"))
+    if moved:
+        logger.info("peft_lota: moved %d AWQ layers to the trainable, layout-keeping AwqTorchLinear kernel.", moved)
+    return moved
+
+
+# ---- reading and writing one layer ---------------------------------------------------------------------
+
+class AWQWeights(QuantWeights):
+    """Codes, zeros and scales of a gptqmodel AWQ GEMM layer (AwqTorchLinear, after prepare_awq_model)."""
+
+    format_name = NAME
+
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        gs = layer.group_size
+        self.group_size = self.in_features if gs in (-1, 0) else gs
+
+    def read(self) -> QuantState:
+        base, bits = self.layer, self.layer.bits
+        qweight = base.qweight.detach()  # this storage, even if a merge swaps in another
+
+        def codes_rows(k0: int, k1: int) -> torch.Tensor:  # rows are packed independently: any k0, k1
+            return unpack_columns(qweight[k0:k1], bits)
+
+        zeros, g_idx, layout = self._decoded_metadata()
+        return QuantState(None, zeros, base.scales, g_idx, self.maxq, base.bias, codes_rows=codes_rows,
+                          in_features=self.in_features, row_align=1, layout=layout)
+
+    def _decoded_metadata(self):
+        """Zero points, g_idx and its layout, decoded once and reused while qzeros is the same tensor, unchanged."""
+        qzeros = self.layer.qzeros
+        cached = self.__dict__.get("_metadata")
+        if cached is None or cached[0][0].data_ptr() != qzeros.data_ptr() or cached[0][1] != qzeros._version:
+            zeros = unpack_columns(qzeros, self.bits)
+            g_idx = torch.arange(self.in_features, device=qzeros.device) // self.group_size
+            layout = group_layout(g_idx, zeros.shape[0])
+            cached = self.__dict__["_metadata"] = ((qzeros.detach(), qzeros._version), zeros, g_idx, layout)
+        return cached[1:]
+
+    def grid_settings(self) -> dict:
+        # the layer's `sym` comes from transformers' AwqConfig, whose default says True even for asymmetric models
+        zeros = self._decoded_metadata()[0]
+        sym = bool((zeros == 1 << (self.bits - 1)).all())
+        return {"bits": self.bits, "group_size": self.layer.group_size, "sym": sym}
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as AwqTorchLinear computes with it, after the same in-place conversion of its scales and bias."""
+        dtype = kernel_dtype(x.dtype)
+        base = self.layer
+        for name in ("scales", "bias"):
+            t = getattr(base, name)
+            if t is not None and t.dtype != dtype:
+                if name == "scales" and (t.dtype, dtype) not in _WARNED:
+                    _WARNED.add((t.dtype, dtype))
+                    logger.warning("peft_lota: %s-activations make gptqmodel's AWQ kernel round this model's %s "
+                                   "scales to %s (it would for the stock model too), and the merged checkpoint stores "
+                                   "them so. Load the model in float16 to keep the checkpoint's scales.",
+                                   x.dtype, t.dtype, dtype)
+                setattr(base, name, t.to(dtype))
+        return x.to(dtype)
+
+    def kernel_output(self, out: torch.Tensor, bias: Optional[torch.Tensor], input_dtype: torch.dtype) -> torch.Tensor:
+        if bias is not None:
+            out = out + bias  # the kernel's op: type promotion, not a cast of the bias
+        return out.to(input_dtype)
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        base = self.layer
+        out = {"qweight": pack_columns(codes, base.bits).to(base.qweight.device),
+               "qzeros": pack_columns(zeros.to(torch.int32), base.bits).to(base.qzeros.device)}
+        if scales is not None:
+            out["scales"] = scales.detach().to(base.scales.dtype).to(base.scales.device).contiguous()
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        base = self.layer
+        return {"qweight": base.qweight.data, "qzeros": base.qzeros.data, "scales": base.scales.data}
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        base = self.layer
+        for name, value in buffers.items():
+            getattr(base, name).data = value  # swaps the buffer's storage: no copy, the snapshot stays intact
+        if callable(getattr(base, "clear_weight_cache", None)):
+            base.clear_weight_cache()
+
+
+def dispatch_awq(module: nn.Module, name: str = "") -> Optional[AWQWeights]:
+    """The AWQWeights of a gptqmodel AWQ layer, or None if `module` is not one."""
+    if not is_awq_layer(module):
+        return None
+    problem = layout_problem(name or type(module).__name__, module)
+    if problem:
+        raise ValueError(problem + " " + RELOAD_HINT.format(bits=module.bits))
+    return AWQWeights(module)
+
+
+# ---- a standard checkpoint of a whole model --------------------------------------------------------------
+
+def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
+    """(state_dict, quantization_config, extra files, facts) of a standard AWQ GEMM checkpoint of `model`.
+
+    Every tensor is written as it is in memory (AWQ stores raw zero points: nothing to convert).
+    `zero_point`: false (symmetric, every zero point 2**(bits-1)) stays false unless a merge moved a zero point.
+    """
+    qc = quantization_config(model)
+    if qc is None or qc.get("quant_method") != "awq":
+        raise ValueError("An AWQ checkpoint needs a transformers model with an AWQ quantization_config "
+                         "(quant_method 'awq').")
+    bits = int(qc["bits"])
+    layers = awq_layers(model)
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        raise _problems_error("Cannot write a standard AWQ checkpoint from this model", problems, bits)
+    if not layers:
+        raise ValueError("This model has no gptqmodel AWQ layers; nothing to write as an AWQ checkpoint.")
+    if any(m.bits != bits for _, m in layers):
+        raise ValueError(f"Layers of several bit widths (config says {bits}); per-layer bits are not supported.")
+    fmt = str(qc.get("format") or qc.get("version") or "gemm").lower()
+    if fmt != "gemm":
+        raise ValueError(f"This model's AWQ config says format {fmt!r}; peft_lota writes the GEMM layout only.")
+
+    still_sym = all(bool((unpack_columns(m.qzeros, bits) == 1 << (bits - 1)).all()) for _, m in layers)
+    was_sym = not bool(qc.get("zero_point", True))  # `sym` in transformers' AwqConfig is GPTQConfig's default
+    sym = was_sym and still_sym
+    if was_sym and not sym:
+        logger.warning("peft_lota: the merge moved zero points of a symmetric AWQ checkpoint; it is written with "
+                       "zero_point=true (asymmetric).")
+    qc.update(format="gemm", version="gemm", zero_point=not sym, sym=sym, backend="auto")
+    meta = dict(qc.get("meta") or {})
+    meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]
+    meta["quantizer"].append(f"peft_lota:{__version__}")
+    qc["meta"] = meta
+    qc.pop("checkpoint_format", None)  # transformers' AwqConfig.to_dict drops it too
+    extra = {"quantize_config.json": json.dumps(
+        {"bits": bits, "group_size": qc["group_size"], "desc_act": False, "lm_head": False, "method": "awq",
+         "quant_method": "awq", "format": "gemm", "checkpoint_format": "gemm", "pack_dtype": "int32",
+         "meta": meta, "zero_point": not sym, "version": "gemm"}, indent=2) + "\n"}
+    serving = [name for name, _, ok in kernels(qc) if ok]
+    loaders = ("Needs `gptqmodel` installed (transformers loads AWQ through it). Kernels that can serve it: "
+               + (", ".join(serving) or "none known") + ".")
+    facts = {"format": "AWQ", "bits": bits, "group_size": qc["group_size"], "desc_act": False, "sym": sym,
+             "checkpoint_format": "gemm", "loaders": loaders, "kernels": serving, "fast_path_note": None}
+    return model.state_dict(), qc, extra, facts
+
+
+# vLLM (checked against its awq / awq_marlin quantization configs): 4-bit GEMM checkpoints, Marlin when the
+# GPU supports it; it reads `zero_point` and runs both.
+VLLM_KERNELS = (("vLLM awq_marlin (fast)", lambda qc: qc["bits"] == 4 and qc["group_size"] in (-1, 32, 64, 128)),
+                ("vLLM awq", lambda qc: qc["bits"] == 4))
+GPTQMODEL_KERNELS = ("AwqMarlinLinear", "AwqGEMMLinear", "TorchFusedAwqLinear", "TorchAtenAwqLinear", "AwqTorchLinear")
+
+
+def kernels(qc: dict) -> list[tuple[str, str, bool]]:
+    """(kernel, devices, can serve) for an AWQ quantization config, from the installed kernels' own declarations
+    (gptqmodel) and a table (vLLM)."""
+    import importlib
+
+    out = []
+    for module in ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq"):
+        try:
+            mod = importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}")
+        except Exception:  # noqa: BLE001 - a kernel whose extras are missing is just not listed
+            continue
+        for name in GPTQMODEL_KERNELS:
+            cls = getattr(mod, name, None)
+            if isinstance(cls, type):
+                ok = (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
+                      and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]]))
+                devices = ", ".join(str(getattr(d, "value", d)) for d in getattr(cls, "SUPPORTS_DEVICES", []))
+                out.append((f"gptqmodel {name}", devices, ok))
+    out += [(name, "cuda", bool(rule(qc))) for name, rule in VLLM_KERNELS]
+    return out
+
+
+def load_config(qc: dict):
+    """AwqConfig that loads a checkpoint with AwqTorchLinear ("torch_awq"); the rest comes from its config.json."""
+    from transformers import AwqConfig
+
+    return AwqConfig(bits=qc["bits"], backend="torch_awq")
+
+
+def describe(qc: dict) -> list[tuple[str, object]]:
+    fmt = str(qc.get("format") or qc.get("version") or "gemm").lower()
+    return [("kind", "AWQ checkpoint"), ("format", fmt + ("" if fmt == "gemm" else " (peft_lota reads GEMM only)")),
+            ("bits", qc["bits"]), ("group size", qc["group_size"]), ("symmetric", not qc.get("zero_point", True))]
+
+
+FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=dispatch_awq,
+                prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
+                load_config=load_config, kernels=kernels, describe=describe)

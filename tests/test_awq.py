@@ -1,0 +1,171 @@
+"""LoTA and L4Q on AWQ (GEMM) checkpoints that gptqmodel's own AWQ quantized on CPU, and formats we refuse.
+
+Matrix: 2/3/4/8 bits, symmetric and asymmetric, group 32 and 64, with and without bias (qwen2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import peft_lota
+from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer
+from peft_lota.formats import awq, dispatch
+from tiny_models import AwqSpec, load_awq
+
+AWQ_SPECS = [AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
+             AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32)]
+X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def buffers(model):
+    return {n: b.clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")}
+
+
+def adapter_layers(model):
+    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
+
+
+@pytest.fixture(scope="module", params=AWQ_SPECS, ids=[s.slug() for s in AWQ_SPECS])
+def awq_spec(request, awq_dir):
+    return request.param, awq_dir(request.param)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codec_is_gptqmodels_packing(bits):
+    from gptqmodel.quantization.awq.utils.packing_utils import pack_awq, reverse_awq_order, unpack_awq
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (48, 64), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 1 << bits, (3, 64), generator=g, dtype=torch.int32)
+    ref_q, ref_z = pack_awq(codes, zeros, bits)
+    assert torch.equal(awq.pack_columns(codes.to(torch.uint8), bits), ref_q)
+    assert torch.equal(awq.pack_columns(zeros.to(torch.uint8), bits), ref_z)
+    assert torch.equal(awq.unpack_columns(ref_q, bits).to(torch.int32), codes)
+    iw, iz = reverse_awq_order(*unpack_awq(ref_q, ref_z, bits, 64), bits)
+    assert torch.equal(iw & ((1 << bits) - 1), codes) and torch.equal(iz & ((1 << bits) - 1), zeros)
+
+
+def test_read_reproduces_the_kernels_weight(awq_spec):
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    spec, path = awq_spec
+    model = load_awq(path)
+    layers = awq.awq_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers:
+        state = dispatch(layer, name).read()
+        kernel = dequantize_gemm(layer.qweight, layer.qzeros, layer.scales, layer.bits, layer.group_size)
+        assert torch.equal(state.weight(), kernel), name
+        assert ((state.zeros == 1 << (spec.bits - 1)).all()) == spec.sym
+
+
+def _train(model, steps=3, lr=5e-2):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for _ in range(steps):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
+    spec, path = awq_spec
+    base_model = load_awq(path)
+    base, before = logits(base_model), buffers(base_model)
+    config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
+    model = get_peft_model(load_awq(path), config)
+    assert torch.equal(logits(model), base)  # a fresh adapter is the base model, bit for bit
+    _train(model)
+    expected = logits(model)
+    assert not torch.equal(expected, base)
+    moved = sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model))
+    assert moved > 0
+
+    model.merge_adapter()
+    assert torch.equal(logits(model), expected)
+    model.unmerge_adapter()
+    assert all(torch.equal(b, before[n.replace("base_model.model.", "").replace(".base_layer", "")])
+               for n, b in buffers(model).items())
+    merged = model.merge_and_unload()
+    assert torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc.get("backend") in (None, "auto")
+    assert (tmp_path / "merged" / "quantize_config.json").exists()
+    if spec.sym and method == "l4q":  # L4Q keeps zero points: a symmetric checkpoint stays symmetric
+        assert qc["zero_point"] is False
+    reloaded = load_awq(tmp_path / "merged")
+    mine, theirs = buffers(merged), buffers(reloaded)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(logits(reloaded), expected)
+    # Whatever kernel a user gets by default: on CPU in float32 it computes in float32, AwqTorchLinear in float16.
+    stock = load_awq(tmp_path / "merged", backend=None)
+    assert (logits(stock) - expected).abs().max() < 1e-2
+
+
+def test_bf16_activations_compute_what_the_kernel_computes(awq_dir, caplog):
+    path = awq_dir(AWQ_SPECS[0])
+    model = get_peft_model(load_awq(path, dtype=torch.bfloat16), LotaConfig(r=4, init_seed=0))
+    with caplog.at_level(logging.WARNING, logger="peft_lota"):
+        base = logits(model)
+    assert "round this model's torch.float16 scales to torch.bfloat16" in caplog.text
+    with torch.no_grad():
+        for layer in adapter_layers(model):
+            layer.lota_A["default"].copy_(torch.randn_like(layer.lota_A["default"]))
+            layer.lota_B["default"].copy_(torch.randn_like(layer.lota_B["default"]))
+    expected = logits(model)
+    assert not torch.equal(expected, base)
+    merged = model.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj.scales.dtype == torch.bfloat16
+    assert torch.equal(logits(merged), expected)
+
+
+def test_default_cpu_kernel_trains_until_it_repacks(awq_dir):
+    path = awq_dir(AWQ_SPECS[0])
+    model = load_awq(path, backend=None)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ != "AwqTorchLinear"
+    peft_model = get_peft_model(model, LotaConfig(r=4, init_seed=0))  # moved to the layout-keeping kernel
+    assert {type(m.base_layer).__name__ for m in adapter_layers(peft_model)} == {"AwqTorchLinear"}
+    assert torch.equal(logits(peft_model), logits(load_awq(path)))
+
+    used = load_awq(path, dtype=torch.float16, backend=None)
+    logits(used)  # the stock CPU kernel's first inference call repacks it privately (when the CPU can)
+    if not getattr(used.model.layers[0].mlp.up_proj, "_cpu_transformed", False):
+        pytest.skip("this CPU's kernel did not repack (no int4pack ops)")
+    with pytest.raises(ValueError, match="torch_awq"):
+        get_peft_model(used, LotaConfig(r=4))
+
+
+def test_non_uniform_and_unknown_quantization_is_refused(fp_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(fp_dir("llama")))
+    model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    for config in (LotaConfig(r=4), L4QConfig(r=4)):
+        with pytest.raises(ValueError, match="non-uniform grid"):
+            get_peft_model(model, config)
+    assert not adapter_layers(model)  # nothing was injected
+    folder = tmp_path / "nf4"
+    folder.mkdir()
+    cfg = json.loads((fp_dir("llama") / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="FP4, a non-uniform grid"):
+        peft_lota.load_model(folder)
+    cfg["quantization_config"] = {"quant_method": "hqq"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'hqq' is not a format peft_lota reads"):
+        peft_lota.load_model(folder)
