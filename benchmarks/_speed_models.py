@@ -1,4 +1,4 @@
-"""Random but valid GPTQ checkpoints for the speed benchmark (bench_speed.py), written without calibration.
+"""Random but valid GPTQ and AWQ checkpoints for the speed benchmark (bench_speed.py), written without calibration.
 
 Speed and memory do not depend on the values of the codes, so these checkpoints skip GPTQ
 calibration (slow at realistic widths on CPU): codes are uniform random, zero points symmetric
@@ -6,7 +6,8 @@ calibration (slow at realistic widths on CPU): codes are uniform random, zero po
 dequantized weight matrix has a standard deviation of about 1/sqrt(in_features), g_idx without
 act-order. The result is a standard GPTQ checkpoint that stock `AutoModelForCausalLM.from_pretrained`
 loads with any kernel, and whose logits are finite. Embeddings, norms and the output head are
-ordinary float tensors.
+ordinary float tensors. AWQ (GEMM layout, `fmt="awq"`): the same codes and scales in AWQ's buffers,
+symmetric (zero_point false).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peft_lota.formats import gptq
+from peft_lota.formats import awq, gptq
 
 MARKER = "BUILD_COMPLETE"  # written last: a folder without it is a crashed build and is redone
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -38,6 +39,7 @@ class ModelShape:
     bits: int = 4
     group_size: int = 128
     dtype: str = "float32"  # the float dtype of the checkpoint (config.json "dtype"): what a stock load uses
+    fmt: str = "gptq"  # "gptq" | "awq"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of a decoder layer."""
@@ -51,7 +53,7 @@ class ModelShape:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
-                f"{self.heads} heads / {self.kv_heads} KV heads, vocab {self.vocab}, {self.bits}-bit "
+                f"{self.heads} heads / {self.kv_heads} KV heads, vocab {self.vocab}, {self.fmt.upper()} {self.bits}-bit "
                 f"g{self.group_size}, {self.dtype} ({self.quantized_weights() / 1e6:.1f}M quantized weights)")
 
 
@@ -64,9 +66,13 @@ def _config(shape: ModelShape) -> dict:
                       bos_token_id=0, eos_token_id=0, pad_token_id=0).to_dict()
     cfg["dtype"] = shape.dtype
     cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["quantization_config"] = dict(quant_method="gptq", bits=shape.bits, group_size=shape.group_size,
-                                      desc_act=False, sym=True, checkpoint_format="gptq", format="gptq",
-                                      pack_dtype="int32", lm_head=False)
+    if shape.fmt == "awq":
+        cfg["quantization_config"] = dict(quant_method="awq", bits=shape.bits, group_size=shape.group_size,
+                                          version="gemm", zero_point=False, desc_act=False)
+    else:
+        cfg["quantization_config"] = dict(quant_method="gptq", bits=shape.bits, group_size=shape.group_size,
+                                          desc_act=False, sym=True, checkpoint_format="gptq", format="gptq",
+                                          pack_dtype="int32", lm_head=False)
     return cfg
 
 
@@ -78,11 +84,19 @@ def _layer_tensors(shape: ModelShape, i: int, g: torch.Generator) -> dict[str, t
         p = f"model.layers.{i}.{name}."
         groups = K // shape.group_size
         # Every int32 pattern is a valid packing of 32/bits codes: uniform random words = uniform codes.
+        step = K**-0.5 / (maxq / 12**0.5)  # uniform codes have a std of maxq/sqrt(12) steps
+        scales = (step * (0.75 + 0.5 * torch.rand(groups, N, generator=g))).half()
+        if shape.fmt == "awq":  # packed along the output dimension, raw zero points
+            out[p + "qweight"] = torch.randint(-2**31, 2**31 - 1, (K, N * shape.bits // 32), generator=g,
+                                               dtype=torch.int32)
+            out[p + "qzeros"] = awq.pack_columns(torch.full((groups, N), 2**(shape.bits - 1), dtype=torch.uint8),
+                                                 shape.bits)
+            out[p + "scales"] = scales
+            continue
         out[p + "qweight"] = torch.randint(-2**31, 2**31 - 1, (K * shape.bits // 32, N), generator=g, dtype=torch.int32)
         out[p + "qzeros"] = gptq.pack_qzeros(torch.full((groups, N), 2**(shape.bits - 1) - 1, dtype=torch.uint8),
                                               shape.bits)  # v1 stores z - 1
-        step = K**-0.5 / (maxq / 12**0.5)  # uniform codes have a std of maxq/sqrt(12) steps
-        out[p + "scales"] = (step * (0.75 + 0.5 * torch.rand(groups, N, generator=g))).half()
+        out[p + "scales"] = scales
         out[p + "g_idx"] = torch.arange(K, dtype=torch.int32) // shape.group_size
     return out
 

@@ -86,14 +86,20 @@ def summary(times: list[float]) -> dict:
 
 
 def load_model(path: str, job: dict, backend: str | None):
-    """A stock transformers load: backend None is the default kernel (what users get)."""
+    """A stock transformers load: backend None is the default kernel (what users get), "trainable" the format's
+    layout-keeping, trainable kernel (what peft_lota.load_model picks: gptq_torch, torch_awq)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM
+
+    from peft_lota.formats import config_format
 
     kwargs = dict(device_map=job["device"])
     if backend is not None:
-        bits = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"]
-        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=backend)
+        qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+        config = config_format(qc).load_config(qc)
+        if backend != "trainable":
+            config.backend = backend
+        kwargs["quantization_config"] = config
     if job.get("dtype"):
         kwargs["dtype"] = getattr(torch, job["dtype"])
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -155,7 +161,7 @@ def run_train(job: dict) -> dict:
 
     device = torch.device(job["device"])
     rss_start = rss_mib()  # after imports: the runtime, not the model
-    model = load_model(job["model_dir"], job, backend="gptq_torch")  # the trainable kernel, for every method
+    model = load_model(job["model_dir"], job, backend="trainable")  # the trainable kernel, for every method
     model, opt = attach(model, job["method"], job)
     model.train()
     g = torch.Generator().manual_seed(0)
@@ -191,7 +197,7 @@ def run_train(job: dict) -> dict:
 
 
 def make_merged_checkpoint(job: dict) -> dict:
-    """LoTA with random dense ternary A, B on the base, merged and saved as GPTQ.
+    """LoTA with random dense ternary A, B on the base, merged and saved in the base's format.
 
     omega is set low (r / 8) so that many codes really move: with omega = 0.75 r, random A, B move none.
     """
@@ -199,7 +205,7 @@ def make_merged_checkpoint(job: dict) -> dict:
 
     import peft_lota
 
-    model = load_model(job["model_dir"], job, backend="gptq_torch")
+    model = load_model(job["model_dir"], job, backend="trainable")
     model = get_peft_model(model, peft_lota.LotaConfig(r=job["rank"], omega=job["omega"], target_modules=LORA_TARGETS,
                                                        init_seed=0))
     randomize_lota(model, seed=1, dense=True)
@@ -223,8 +229,10 @@ def run_infer(job: dict) -> dict:
     device = torch.device(job["device"])
     models = {"base": load_model(job["base_dir"], job, backend=None),
               "merged": load_model(job["merged_dir"], job, backend=None)}
-    lora = LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], target_modules=LORA_TARGETS, init_lora_weights=False)
-    models["lora"] = get_peft_model(load_model(job["base_dir"], job, backend=None), lora)  # LoRA B random, not 0
+    if "lora" in job.get("models", ("lora",)):
+        lora = LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], target_modules=LORA_TARGETS,
+                          init_lora_weights=False)
+        models["lora"] = get_peft_model(load_model(job["base_dir"], job, backend=None), lora)  # LoRA B random, not 0
     for model in models.values():
         model.eval()
     g = torch.Generator().manual_seed(0)
@@ -283,7 +291,7 @@ def run_merge(job: dict) -> dict:
 
     rss_start = rss_mib()
     t0 = time.perf_counter()
-    model = load_model(job["model_dir"], job, backend="gptq_torch")
+    model = load_model(job["model_dir"], job, backend="trainable")
     load_s = time.perf_counter() - t0
     if job.get("method") == "l4q":  # L4Q from the GPTQ model, a trained-looking LoRA: W0 + BA re-quantized
         model = get_peft_model(model, peft_lota.L4QConfig(r=job["rank"], lora_alpha=job["rank"],

@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: LoTA-QAF and L4Q against PEFT LoRA and QA-LoRA on the same GPTQ models.
+"""Speed and memory benchmark: LoTA-QAF and L4Q against PEFT LoRA and QA-LoRA on the same GPTQ (and AWQ) models.
 
     python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | gpu
     python benchmarks/bench_speed.py --preset cpu --only train merge
@@ -18,6 +18,8 @@ Three parts, each method measured in a process of its own (benchmarks/_speed_wor
 - merge: merge_and_unload() of an r=64 LoTA adapter with random ternary A, B on a model with
   Llama-3-8B's linear shapes (random GPTQ codes), the same for an L4Q adapter, the save of the merged
   checkpoint, and the size of the LoTA adapter file against an fp16 LoRA adapter of the same rank.
+- AWQ: the same merges on the 8B-shaped model in AWQ's GEMM layout, and inference of the base and the
+  merged LoTA checkpoint under AWQ's default kernel.
 
 GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
 values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
@@ -39,6 +41,8 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails to size its pool on 2-core machines
 
 from _machine import machine_info  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
 from _speed_models import ModelShape, write_random_gptq  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -88,7 +92,7 @@ TRAIN_METHODS = {
     "lora": "LoRA",
     "qalora": "QA-LoRA",
 }
-INFER_MODELS = {"base": "GPTQ base", "merged": "LoTA merged", "lora": "LoRA unmerged"}
+INFER_MODELS = {"base": "base", "merged": "LoTA merged", "lora": "LoRA unmerged"}
 
 # Targets of issue 4, with the paper's figures (LoTA-QAF, arXiv 2505.18724) for reference.
 TARGETS = {
@@ -100,6 +104,7 @@ TARGETS = {
     "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
     "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
 }
+FORMATS = ("gptq", "awq")
 
 
 # ---- running workers --------------------------------------------------------------------------------
@@ -152,19 +157,23 @@ def bench_train(cfg: dict, work: Path, env: dict, log) -> list[dict]:
 
 def bench_infer(cfg: dict, work: Path, env: dict, log) -> list[dict]:
     spec = cfg["infer"]
-    shape = spec["shape"]
-    base = write_random_gptq(shape, work / slug(shape))
-    merged = work / (slug(shape) + "-lota-merged")
-    log(f"infer: {shape.describe()}, prompt {spec['prompt']} tokens")
-    made = run_worker(dict(kind="merged_checkpoint", model_dir=str(base), out_dir=str(merged), device=cfg["device"],
-                           dtype=None, rank=cfg["rank"], omega=max(1, cfg["rank"] // 8),
-                           threads=cfg.get("threads")), env, log)
-    job = dict(kind="infer", base_dir=str(base), merged_dir=str(merged), device=cfg["device"], dtype=None,
-               rank=cfg["rank"], prompt=spec["prompt"], warmup=spec["warmup"], repeats=spec["repeats"],
-               decode_steps=spec["decode_steps"], threads=cfg.get("threads"))
-    measured = run_worker(job, env, log)
-    return [dict(model=shape.name, describe=shape.describe(), method=method, prompt=spec["prompt"],
-                 **measured[method], **(made if method == "merged" else {})) for method in INFER_MODELS]
+    rows = []
+    for fmt in FORMATS:
+        shape = replace(spec["shape"], fmt=fmt)
+        base = write_random_gptq(shape, work / slug(shape))
+        merged = work / (slug(shape) + "-lota-merged")
+        log(f"infer: {shape.describe()}, prompt {spec['prompt']} tokens")
+        made = run_worker(dict(kind="merged_checkpoint", model_dir=str(base), out_dir=str(merged),
+                               device=cfg["device"], dtype=None, rank=cfg["rank"], omega=max(1, cfg["rank"] // 8),
+                               threads=cfg.get("threads")), env, log)
+        models = list(INFER_MODELS) if fmt == "gptq" else ["base", "merged"]  # PEFT's LoRA on AWQ: not measured
+        job = dict(kind="infer", base_dir=str(base), merged_dir=str(merged), device=cfg["device"], dtype=None,
+                   rank=cfg["rank"], prompt=spec["prompt"], warmup=spec["warmup"], repeats=spec["repeats"],
+                   decode_steps=spec["decode_steps"], threads=cfg.get("threads"), models=models)
+        measured = run_worker(job, env, log)
+        rows += [dict(model=shape.name, fmt=fmt, describe=shape.describe(), method=method, prompt=spec["prompt"],
+                      **measured[method], **(made if method == "merged" else {})) for method in models]
+    return rows
 
 
 def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
@@ -179,6 +188,12 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
     if spec.get("dense"):  # in a process of its own: two 8B-shaped models need not fit in memory together
         result["merge_dense_s"] = run_worker(dict(job, dense=True, save=False), env, log)["merge_s"]
     result["merge_l4q_s"] = run_worker(dict(job, method="l4q", save=False), env, log)["merge_s"]
+    awq_shape = replace(shape, fmt="awq")
+    awq_path = write_random_gptq(awq_shape, work / slug(awq_shape))
+    log(f"merge: {awq_shape.describe()}")
+    awq_job = dict(job, model_dir=str(awq_path), save=False)
+    result["awq_merge_s"] = run_worker(awq_job, env, log)["merge_s"]
+    result["awq_merge_l4q_s"] = run_worker(dict(awq_job, method="l4q"), env, log)["merge_s"]
     return result
 
 
@@ -193,7 +208,8 @@ def jsonable(x):
 
 
 def slug(shape: ModelShape) -> str:
-    return "".join(c if c.isalnum() else "-" for c in f"{shape.name}-{shape.layers}l-{shape.vocab}v-{shape.dtype}")[:80]
+    name = f"{shape.name}-{shape.layers}l-{shape.vocab}v-{shape.dtype}" + ("" if shape.fmt == "gptq" else f"-{shape.fmt}")
+    return "".join(c if c.isalnum() else "-" for c in name)[:80]
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -240,8 +256,15 @@ def train_tables(rows: list[dict], targets: list) -> str:
 
 
 def infer_table(rows: list[dict], targets: list) -> str:
+    out = []
+    for fmt in dict.fromkeys(r.get("fmt", "gptq") for r in rows):
+        out += _infer_table([r for r in rows if r.get("fmt", "gptq") == fmt], fmt, targets)
+    return "\n".join(out)
+
+
+def _infer_table(rows: list[dict], fmt: str, targets: list) -> list[str]:
     by = {r["method"]: r for r in rows}
-    base, merged, lora = by["base"], by["merged"], by["lora"]
+    base, merged, lora = by["base"], by["merged"], by.get("lora")
     out = [f"### {base['describe']}", "",
            f"Default kernel: {base['kernel']}. The merged checkpoint moved {merged['codes_moved']:,} of "
            f"{merged['codes_total']:,} codes (random dense ternary A, B, omega = r / 8). Batch 1; prefill of "
@@ -249,25 +272,30 @@ def infer_table(rows: list[dict], targets: list) -> str:
            "| model | prefill (tokens/s) | x base | decode latency, median (ms) | spread min-max (ms) | x base |",
            "|---|---|---|---|---|---|"]
     for method, label in INFER_MODELS.items():
-        r = by[method]
+        r = by.get(method)
+        if r is None:
+            continue
         d = r["decode_s"]
+        label = f"{fmt.upper()} {label}" if method == "base" else label
         out.append(f"| {label} | {r['prefill_tok_s']:.1f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.3f} | "
                    f"{d['median'] * 1e3:.2f} | {d['min'] * 1e3:.2f}-{d['max'] * 1e3:.2f} | "
                    f"{d['median'] / base['decode_s']['median']:.3f} |")
+    out.append("")
     pre_vs_base = merged["prefill_tok_s"] / base["prefill_tok_s"] - 1
     dec_vs_base = merged["decode_s"]["median"] / base["decode_s"]["median"] - 1
-    pre_vs_lora = merged["prefill_tok_s"] / lora["prefill_tok_s"]
-    dec_vs_lora = lora["decode_s"]["median"] / merged["decode_s"]["median"]
     tol = TARGETS["infer_base"][1]
-    targets += [(f"{TARGETS['infer_base'][0]}: prefill throughput", "-", f"{pre_vs_base * 100:+.1f}%",
+    targets += [(f"{TARGETS['infer_base'][0]} ({fmt.upper()}): prefill throughput", "-", f"{pre_vs_base * 100:+.1f}%",
                  status(abs(pre_vs_base) <= tol)),
-                (f"{TARGETS['infer_base'][0]}: decode latency", "-", f"{dec_vs_base * 100:+.1f}%",
-                 status(abs(dec_vs_base) <= tol)),
-                (f"{TARGETS['infer_lora'][0]}: prefill", TARGETS["infer_lora"][2], f"{pre_vs_lora:.2f}x",
-                 status(pre_vs_lora >= TARGETS["infer_lora"][1])),
-                (f"{TARGETS['infer_lora'][0]}: decode", TARGETS["infer_lora"][2], f"{dec_vs_lora:.2f}x",
-                 status(dec_vs_lora >= TARGETS["infer_lora"][1]))]
-    return "\n".join(out)
+                (f"{TARGETS['infer_base'][0]} ({fmt.upper()}): decode latency", "-", f"{dec_vs_base * 100:+.1f}%",
+                 status(abs(dec_vs_base) <= tol))]
+    if lora is not None:
+        pre_vs_lora = merged["prefill_tok_s"] / lora["prefill_tok_s"]
+        dec_vs_lora = lora["decode_s"]["median"] / merged["decode_s"]["median"]
+        targets += [(f"{TARGETS['infer_lora'][0]}: prefill", TARGETS["infer_lora"][2], f"{pre_vs_lora:.2f}x",
+                     status(pre_vs_lora >= TARGETS["infer_lora"][1])),
+                    (f"{TARGETS['infer_lora'][0]}: decode", TARGETS["infer_lora"][2], f"{dec_vs_lora:.2f}x",
+                     status(dec_vs_lora >= TARGETS["infer_lora"][1]))]
+    return out
 
 
 def merge_table(r: dict, targets: list) -> str:
@@ -290,6 +318,14 @@ def merge_table(r: dict, targets: list) -> str:
         ok_l4q = (r["merge_l4q_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
         targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s"
                         + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok_l4q)))
+    for key, label in (("awq_merge_s", "AWQ: LoTA merge_and_unload(), random ternary A, B"),
+                       ("awq_merge_l4q_s", "AWQ: L4Q merge_and_unload()")):
+        if key in r:
+            ok_awq = (r[key] < TARGETS["merge"][1]) if r["full_8b"] else None
+            rows.append((label, f"{r[key]:.1f} s ({r[key] / r['codes'] * 1e9:.2f} ns per code)"))
+            targets.append((label.split(":")[0] + " " + ("L4Q " if "l4q" in key else "LoTA ") + TARGETS["merge"][0],
+                            "-", f"{r[key]:.1f} s" + ("" if r["full_8b"] else f" ({r['layers']} layers only)"),
+                            status(ok_awq)))
     rows += [("memory held during the merge (RSS over the runtime)",
               f"{r['rss_before_merge_mib']:,.0f} MiB before, peak {r['merge_peak_rss_mib']:,.0f} MiB"),
              ("model load (gptq_torch, not part of the merge)", f"{r['load_s']:.1f} s")]

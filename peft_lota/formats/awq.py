@@ -51,21 +51,57 @@ _WARNED: set = set()  # (scales dtype, activation dtype) pairs already warned ab
 
 # ---- codec ---------------------------------------------------------------------------------------------
 
+_ROW_BLOCK_ELEMENTS = 1 << 20  # int32 words per block in pack_columns (4 MiB)
+
+
+def _slots(bits: int) -> list[int]:
+    """The column (within a word's run) that holds field i of each word."""
+    return list(AWQ_ORDER) if bits == 4 else list(range(32 // bits))
+
+
 def unpack_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """AWQ-packed int32 [R, N*b/32] -> codes uint8 [R, N] in column order."""
-    codes = unpack_codes(packed, bits, dim=1)
-    if bits == 4:
-        rows = codes.shape[0]
-        codes = codes.view(rows, -1, 8)[:, :, list(AWQ_UNORDER)].reshape(rows, -1)
+    """AWQ-packed int32 [R, N*b/32] -> codes uint8 [R, N] in column order.
+
+    2/4/8 bits: each field is shifted straight into its column (a strided write of the low byte), so the
+    interleave costs nothing extra; 3 bits (codes spill across words) take packing.py's stream decoder.
+    """
+    if bits == 3:
+        return unpack_codes(packed, bits, dim=1)
+    rows, words = packed.shape
+    per_word = 32 // bits
+    codes = torch.empty(rows, words, per_word, dtype=torch.uint8, device=packed.device)
+    src = packed.to(torch.int32)
+    for i, col in enumerate(_slots(bits)):
+        torch.bitwise_right_shift(src, i * bits, out=codes[:, :, col])  # int32 result, low byte stored
+    codes = codes.view(rows, words * per_word)
+    if bits < 8:
+        codes.bitwise_and_((1 << bits) - 1)
     return codes
 
 
 def pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [R, N] in column order -> AWQ-packed int32 [R, N*b/32]."""
-    if bits == 4:
-        rows = codes.shape[0]
-        codes = codes.reshape(rows, -1, 8)[:, :, list(AWQ_ORDER)].reshape(rows, -1)
-    return pack_codes(codes, bits, dim=1)
+    """codes [R, N] in column order -> AWQ-packed int32 [R, N*b/32] (inverse of unpack_columns)."""
+    if codes.numel():
+        lo, hi = torch.aminmax(codes)
+        if int(lo) < 0 or int(hi) > (1 << bits) - 1:
+            raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to be packed in {bits} bits.")
+    if bits == 3:
+        return pack_codes(codes, bits, dim=1)
+    rows, n = codes.shape
+    per_word = 32 // bits
+    if n % per_word:
+        raise ValueError(f"{n} columns of {bits}-bit codes do not fill whole int32 words.")
+    grouped = codes.reshape(rows, n // per_word, per_word)
+    out = torch.empty(rows, n // per_word, dtype=torch.int32, device=codes.device)
+    slots = _slots(bits)
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, n // per_word))
+    tmp = torch.empty(min(step, rows), n // per_word, dtype=torch.int32, device=codes.device)
+    for r0 in range(0, rows, step):  # Horner's scheme from the last field down, one block of rows at a time
+        block, words, t = grouped[r0:r0 + step], out[r0:r0 + step], tmp[: min(step, rows - r0)]
+        words.copy_(block[:, :, slots[-1]])
+        for i in range(per_word - 2, -1, -1):
+            words.bitwise_left_shift_(bits).bitwise_or_(t.copy_(block[:, :, slots[i]]))
+    return out
 
 
 def kernel_dtype(x_dtype: torch.dtype) -> torch.dtype:

@@ -76,7 +76,8 @@ class Grid:
     """What L4Q quantizes in one layer: W0 (one row chunk at a time) and its grid (zeros, base scales, g_idx).
 
     `state` is a QuantState holding the zeros, the base scales (the checkpoint's dtype), g_idx, bias and layout;
-    `w0_rows(k0, k1)` returns rows k0..k1-1 of W0 in float32.
+    `w0_rows(k0, k1, out=None)` returns rows k0..k1-1 of W0 in float32 (written into `out` if given: a scratch
+    buffer the caller then works in, in place).
     """
 
     def __init__(self, state: QuantState, w0_rows: Callable[[int, int], torch.Tensor]):
@@ -87,11 +88,12 @@ class Grid:
         """W0 = s0 * (Q0 - z), recomputed from the codes (exact in float32): no full-precision copy is kept."""
         zeros32, scales32 = state.zeros.float(), state.scales.float()
 
-        def w0_rows(k0: int, k1: int) -> torch.Tensor:
+        def w0_rows(k0: int, k1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
             codes = state.codes_rows(k0, k1)
             s = state.group_blocks(scales32, k0, k1)
-            w = codes.float().view(s.shape[0], -1, codes.shape[-1]).sub_(state.group_blocks(zeros32, k0, k1)).mul_(s)
-            return w.view(codes.shape)
+            w = codes.float() if out is None else out.copy_(codes)
+            w.view(s.shape[0], -1, codes.shape[-1]).sub_(state.group_blocks(zeros32, k0, k1)).mul_(s)
+            return w
 
         return cls(state, w0_rows)
 
@@ -101,8 +103,11 @@ class Grid:
         K = weight.shape[1]
         state = QuantState(None, zeros, scales, g_idx.long(), maxq, bias, codes_rows=lambda k0, k1: None,
                            in_features=K, row_align=row_align, layout=group_layout(g_idx.long(), scales.shape[0]))
-        # a copy: W_comb is built in place on these rows
-        return cls(state, lambda k0, k1: weight[:, k0:k1].t().to(torch.float32, copy=True))
+        def w0_rows(k0: int, k1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            rows = weight[:, k0:k1].t()  # a copy either way: W_comb is built in place on these rows
+            return rows.to(torch.float32, copy=True) if out is None else out.copy_(rows)
+
+        return cls(state, w0_rows)
 
 
 def lsq_gradient_scale(state: QuantState, maxq: int) -> torch.Tensor:
@@ -125,17 +130,25 @@ def quantize_rows(grid: Grid, wc: torch.Tensor, scales32, zeros32, k0: int, k1: 
 
 
 def quantized_codes(grid: Grid, A, B, scaling: float, scales32: torch.Tensor) -> torch.Tensor:
-    """Q = clamp(round(W_comb / s) + z, 0, maxq) as uint8 [K, N], one row chunk at a time."""
+    """Q = clamp(round(W_comb / s) + z, 0, maxq) as uint8 [K, N], one row chunk at a time.
+
+    The same float32 operations as quantize_rows, done in place in one reused buffer per chunk (the forward
+    and every merge run this; fresh chunk-sized tensors cost more than the arithmetic on CPU).
+    """
     st = grid.state
     K, N = st.in_features, st.scales.shape[1]
     device = st.scales.device
     codes = torch.empty(K, N, dtype=torch.uint8, device=device)
     zeros32 = st.zeros.float()
     A32, B32 = A.detach().float(), B.detach().float()
+    scratch = Scratch(device)
     with torch.autocast(device_type=device.type, enabled=False):
         for k0, k1 in row_chunks(st, N, device):
-            v, _ = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), scales32, zeros32, k0, k1)
-            codes[k0:k1] = v.clamp_(0, st.maxq).view(k1 - k0, N)
+            w = grid.w0_rows(k0, k1, out=scratch("w", (k1 - k0, N), torch.float32))
+            w.addmm_(A32[:, k0:k1].t(), B32.t(), alpha=scaling)  # W_comb
+            s = st.group_blocks(scales32, k0, k1)
+            w.view(s.shape[0], -1, N).div_(s).round_().add_(st.group_blocks(zeros32, k0, k1)).clamp_(0, st.maxq)
+            codes[k0:k1].copy_(w)
     return codes
 
 
