@@ -95,7 +95,7 @@ BENCH_PRESETS: dict[str, dict] = {
 LOTA_VARIANTS = {
     "lota": ({}, "adamw"),
     "lota_noscales": ({"train_scales": False}, "adamw"),
-    "lota_step2": ({"max_step": 2}, "adamw"),
+    "lota_step2": ({"max_step": 2, "omega": 24}, "adamw"),  # two thresholds need 2 omega <= r
     "lota_w16": ({"omega": "paper"}, "adamw"),
     "lota_paper": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign"),
     "lota_paper_w48": ({"train_mode": "ternary", "omega": None, "train_scales": False}, "tsign"),
@@ -118,7 +118,8 @@ METHODS = {  # key: (label, description, ships as)
                "initialised by L4Q (same bits, group size, asymmetric)", "GPTQ, exact"),
     "lota": ("LoTA, defaults (latent A, B + scales, AdamW), merged", "LotaConfig() defaults under AdamW", "GPTQ, exact"),
     "lota_noscales": ("LoTA latent, no trained scales, merged", "candidate", "GPTQ, exact"),
-    "lota_step2": ("LoTA latent, steps of up to 2, merged", "candidate: max_step=2", "GPTQ, exact"),
+    "lota_step2": ("LoTA latent, omega 24, steps of up to 2, merged", "candidate: max_step=2 (omega 0.375 r, so that "
+                   "2 omega <= r)", "GPTQ, exact"),
     "lota_w16": ("LoTA latent, omega 16, merged", "candidate: the paper variant's omega under AdamW", "GPTQ, exact"),
     "lota_paper": ("LoTA, paper's t-SignSGD (omega from the pilot), merged", "train_mode='ternary', t-SignSGD", "GPTQ, exact"),
     "lota_paper_w48": ("LoTA, paper's t-SignSGD (omega 0.75 r), merged", "the paper's own defaults", "GPTQ, exact"),
