@@ -318,6 +318,9 @@ def run_merge(job: dict) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     model.save_pretrained(str(work / "lota-adapter"))
     lota_bytes = (work / "lota-adapter" / "adapter_model.safetensors").stat().st_size
+    model.peft_config["default"].save_latents = False  # the file one ships: ternary values only
+    model.save_pretrained(str(work / "lota-ship"))
+    ship_bytes = (work / "lota-ship" / "adapter_model.safetensors").stat().st_size
     layers = sum(1 for m in model.modules() if isinstance(m, peft_lota.LotaLayer))
     codes = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, peft_lota.LotaLayer))
 
@@ -330,7 +333,8 @@ def run_merge(job: dict) -> dict:
     merge_s = time.perf_counter() - t0
     merge_peak = peak_rss_mib()
     result = dict(merge_s=merge_s, ns_per_code=merge_s / codes * 1e9, codes=codes, layers=layers, load_s=load_s,
-                  lota_adapter_bytes=lota_bytes, rss_before_merge_mib=rss_before - rss_start,
+                  lota_adapter_bytes=lota_bytes, lota_ship_adapter_bytes=ship_bytes,
+                  rss_before_merge_mib=rss_before - rss_start,
                   merge_peak_rss_mib=merge_peak - rss_start, kernel=kernel_name(merged))
     if job["save"]:
         t0 = time.perf_counter()

@@ -332,9 +332,13 @@ def merge_table(r: dict, targets: list) -> str:
     if "save_s" in r:
         rows.append(("save_pretrained of the merged model", f"{r['save_s']:.1f} s "
                                                             f"({mib(r['merged_checkpoint_bytes'])} written)"))
-    rows += [("LoTA adapter file (ternary A, B at 2 bits per value)", mib(r["lota_adapter_bytes"])),
-             ("fp16 LoRA adapter file, same rank and layers", mib(r["lora_fp16_adapter_bytes"])),
-             ("LoTA / LoRA fp16 size", f"{r['lota_adapter_bytes'] / r['lora_fp16_adapter_bytes']:.3f}")]
+    lora_b = r["lora_fp16_adapter_bytes"]
+    rows += [("fp16 LoRA adapter file, same rank and layers", mib(lora_b))]
+    if "lota_ship_adapter_bytes" in r:
+        rows += [("LoTA adapter file, save_latents=False (ternary A, B at 2 bits per value, fp32 scale multipliers)",
+                  f"{mib(r['lota_ship_adapter_bytes'])} ({r['lota_ship_adapter_bytes'] / lora_b:.3f}x LoRA fp16)")]
+    rows += [("LoTA adapter file, defaults (+ fp32 latent A, B to resume training exactly)",
+              f"{mib(r['lota_adapter_bytes'])} ({r['lota_adapter_bytes'] / lora_b:.3f}x LoRA fp16)")]
     return "\n".join([f"### {r['describe']}", "", "| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
 
 

@@ -86,6 +86,29 @@ def test_delta_weight_with_trained_scales_is_the_weight_change(gptq_dir):
     assert torch.allclose((after - before).t(), delta, atol=2e-3)  # the stored weights are fp16-rounded
 
 
+def test_adapter_without_latents_is_small_and_loads_as_the_same_model(gptq_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = get_peft_model(load_gptq(gptq_dir(SPEC)), LotaConfig(r=8, omega=2, train_scales=True, init_seed=0))
+    randomize(model, scales=True)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "full")
+    model.peft_config["default"].save_latents = False
+    model.save_pretrained(tmp_path / "ship")
+    full = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    ship = load_file(tmp_path / "ship" / "adapter_model.safetensors")
+    assert not any(k.endswith("_latent") for k in ship.keys()) and any(k.endswith("_latent") for k in full.keys())
+    assert set(ship) == {k for k in full if "_latent" not in k}
+    assert all(torch.equal(ship[k], full[k]) for k in ship)
+    size = {d: (tmp_path / d / "adapter_model.safetensors").stat().st_size for d in ("full", "ship")}
+    assert size["full"] - size["ship"] >= sum(4 * v.numel() for k, v in full.items() if "_latent" in k)
+    reloaded = PeftModel.from_pretrained(load_gptq(gptq_dir(SPEC)), tmp_path / "ship")
+    assert torch.equal(logits(reloaded), expected)
+    merged = reloaded.merge_and_unload()
+    assert torch.equal(logits(merged), expected)
+
+
 def test_ternary_mode_refuses_values_another_optimizer_wrote(gptq_dir, tmp_path):
     model = get_peft_model(load_gptq(gptq_dir(SPEC)), LotaConfig(r=4, omega=1, train_mode="ternary", init_seed=0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -85,6 +85,16 @@ class LotaConfig(PeftConfig):
             "learning rate of 1e-4 (what the accuracy pilot found best) flips an entry in a step or two."
         },
     )
+    save_latents: bool = field(
+        default=True,
+        metadata={
+            "help": "train_mode='latent': also save the latent values of A and B (fp32, the size of an fp32 LoRA of "
+            "rank r) beside their 2-bit ternary values, so that training resumes exactly from a saved adapter or "
+            "Trainer checkpoint. False: the file holds the ternary values only (2 bits per entry, 1/8 of an fp16 "
+            "LoRA of the same rank), which load as the same model; a run resumed from it restarts every entry at "
+            "its level's middle. Set it for the adapter you ship, not for checkpoints you resume."
+        },
+    )
     max_step: int = field(
         default=1,
         metadata={
@@ -149,6 +159,8 @@ class LotaConfig(PeftConfig):
         if self.train_mode not in TRAIN_MODES:
             raise ValueError(f"LotaConfig: unknown train_mode {self.train_mode!r}; choose one of "
                              f"{', '.join(map(repr, TRAIN_MODES))}.")
+        if not isinstance(self.save_latents, bool):
+            raise ValueError(f"LotaConfig: save_latents must be True or False, got {self.save_latents!r}.")
         if isinstance(self.latent_threshold, bool) or not isinstance(self.latent_threshold, (int, float)) \
                 or not self.latent_threshold > 0:
             raise ValueError(f"LotaConfig: latent_threshold must be a positive number, got {self.latent_threshold!r}.")

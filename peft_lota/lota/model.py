@@ -126,7 +126,8 @@ class LotaModel(QuantTuner):
 
                 out[key] = _pack_ternary(ternarize(value.detach(), config.latent_threshold))
                 base, _, adapter = key.rpartition(".")
-                out[f"{base}{LATENT_SUFFIX}.{adapter}"] = value.detach().float().contiguous()
+                if getattr(config, "save_latents", True):
+                    out[f"{base}{LATENT_SUFFIX}.{adapter}"] = value.detach().float().contiguous()
             else:
                 from .layer import NotTernaryError, is_ternary, not_ternary_message
 
