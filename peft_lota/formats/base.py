@@ -62,6 +62,11 @@ def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ W [K, N], then the bias as gptqmodel's kernels add it: the matmul of the GPTQ and AWQ kernels."""
+    return add_bias(torch.matmul(x, weight), bias)
+
+
 class QuantState:
     """One quantized layer's codes, zeros, scales, g_idx and bias, read once per call from its buffers.
 
@@ -71,11 +76,14 @@ class QuantState:
     """
 
     __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
-                 "row_align", "group_rows")
+                 "row_align", "group_rows", "linear")
 
     def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
-                 row_align: int = 1, layout=None):
+                 row_align: int = 1, layout=None, linear=matmul_add):
         self._codes, self.codes_rows = codes, codes_rows
+        # linear(x, W [K, N], bias): the stock kernel's own product, so that an adapted layer's output is bit for
+        # bit the merged layer's (the same values in another memory layout can round differently)
+        self.linear = linear
         if codes_rows is None:
             self.codes_rows = lambda k0, k1: codes[k0:k1]
         self.zeros, self.scales, self.g_idx = zeros, scales, g_idx
@@ -102,7 +110,7 @@ class QuantState:
         fields.update(changes)
         rows = None if "codes" in changes else self.codes_rows
         return QuantState(fields.pop("codes"), **fields, codes_rows=rows, in_features=self.in_features,
-                          row_align=self.row_align, layout=self.layout)
+                          row_align=self.row_align, layout=self.layout, linear=self.linear)
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight [K, N] in the scales' dtype, as the stock kernel computes it."""
@@ -134,6 +142,9 @@ class QuantWeights:
     """
 
     format_name: str = "?"
+    # True where the stock kernel adds the bias inside its matmul (nn.Linear's addmm): the state's `linear` then
+    # gets the bias, instead of kernel_output
+    fuses_bias: bool = False
 
     def __init__(self, layer: nn.Module):
         self.layer = layer

@@ -163,7 +163,11 @@ class L4QLayer(nn.Module, BaseTunerLayer):
             x2 = self.quant.kernel_input(x2)
         grid = self.grid()
         settings = self.settings[name]
-        bias, grid.state = grid.state.bias, grid.state.replace(bias=None)
+        bias = grid.state.bias
+        if self.quant is not None and self.quant.fuses_bias:  # the bias inside the kernel's matmul
+            bias = None
+        else:
+            grid.state = grid.state.replace(bias=None)
         out = l4q_linear(x2, grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
                          self.scales(name, grid), settings.scale_gradient)
         # the bias as the stock kernel adds it (nn.Linear base: as the GPTQ layer of the merge will)

@@ -207,8 +207,10 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         state = self.quant.read()  # after kernel_input, which may convert the scales as the kernel does
         factors = [self.factors(a) for a in active]
         scales = self.scales_after(state.scales, active)
-        out = lota_linear(x2, state.replace(bias=None), factors, [self.settings[a].step for a in active], scales)
-        out = self.quant.kernel_output(out, state.bias, x.dtype)
+        fused = self.quant.fuses_bias  # the bias inside the kernel's matmul, or added after it
+        out = lota_linear(x2, state if fused else state.replace(bias=None), factors,
+                          [self.settings[a].step for a in active], scales)
+        out = self.quant.kernel_output(out, None if fused else state.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- deltas ------------------------------------------------------------------------------
