@@ -53,7 +53,8 @@ def quiet_third_party() -> None:
 
 
 def quantization_config(path) -> dict | None:
-    """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (GPTQ, AWQ),
+    """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (GPTQ, AWQ,
+    compressed-tensors),
     or None for a full-precision model. Another quantization (bitsandbytes, ...) is refused with the reason."""
     local = Path(path) / "config.json"
     if local.exists():
@@ -74,8 +75,8 @@ def quantization_config(path) -> dict | None:
 
 def load_model(path, dtype=None, **kwargs):
     """A model ready for LoTA or L4Q: a quantized checkpoint (GPTQ, AWQ) loaded with gptqmodel's trainable,
-    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), or a full-precision
-    model (L4Q from full precision).
+    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), a compressed-tensors
+    checkpoint as transformers loads it, or a full-precision model (L4Q from full precision).
 
     The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
     "gptq_torch"))` (AwqConfig for AWQ), without transformers' notice that only the backend of that config is used
@@ -89,8 +90,9 @@ def load_model(path, dtype=None, **kwargs):
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     qc = quantization_config(path)
-    if qc is not None:
-        kwargs.setdefault("quantization_config", config_format(qc).load_config(qc))
+    load_config = config_format(qc).load_config(qc) if qc is not None else None
+    if load_config is not None:  # None: the format loads as it is (compressed-tensors)
+        kwargs.setdefault("quantization_config", load_config)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)

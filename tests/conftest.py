@@ -40,8 +40,8 @@ except ImportError:
     pass
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import tiny_models` from any rootdir
-from tiny_models import (SPECS_MATRIX, Spec, build_awq_checkpoint, build_float_checkpoint,  # noqa: E402
-                         build_gptq_checkpoint, build_tokenizer)
+from tiny_models import (SPECS_MATRIX, Spec, build_awq_checkpoint, build_ct_checkpoint,  # noqa: E402
+                         build_float_checkpoint, build_gptq_checkpoint, build_tokenizer)
 
 # torch (imported just above) sets its compile-trace logger to DEBUG; pytest would show it on failures.
 logging.getLogger("torch.__trace").setLevel(logging.INFO)
@@ -103,6 +103,12 @@ def gptq_dir(tmp_path_factory):
 def awq_dir(tmp_path_factory):
     """Factory: awq_dir(AwqSpec(...)) -> Path of a saved tiny AWQ (GEMM) checkpoint (with tokenizer)."""
     return _checkpoint_factory(tmp_path_factory, "awq", build_awq_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def ct_dir(tmp_path_factory):
+    """Factory: ct_dir(CtSpec(...)) -> Path of a saved tiny compressed-tensors pack-quantized checkpoint."""
+    return _checkpoint_factory(tmp_path_factory, "ct", build_ct_checkpoint)
 
 
 @pytest.fixture(scope="session")

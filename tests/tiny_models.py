@@ -15,6 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's thread pool fails on 2 cores without it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch a hub
@@ -243,6 +244,66 @@ def load_awq(path, dtype=torch.float32, backend: str | None = "torch_awq"):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **kwargs)
+
+
+@dataclass(frozen=True)
+class CtSpec:
+    arch: str = "llama"
+    bits: int = 4
+    group_size: Optional[int] = 32  # None: the channel strategy (one scale per output row)
+
+    def slug(self) -> str:
+        return f"ct-{self.arch}-{self.bits}b-{'ch' if self.group_size is None else f'g{self.group_size}'}"
+
+
+def build_ct_checkpoint(spec: CtSpec, root) -> Path:
+    """A compressed-tensors pack-quantized checkpoint (symmetric, what llm-compressor's W4A16 writes) made with
+    compressed-tensors' own functions from the same float model as the GPTQ fixtures: its quantization config
+    applied, min-max scales (rounded to bf16, the usual storage), its compressor packing the codes."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from transformers import AutoModelForCausalLM
+
+    out = Path(root) / spec.slug()
+    if (out / _MARKER).exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    fp_dir = Path(root) / f"_float-{spec.slug()}"
+    shutil.rmtree(fp_dir, ignore_errors=True)
+    try:
+        tok = build_tokenizer(fp_dir)
+        _build_float(Spec(spec.arch), fp_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(fp_dir), dtype=torch.bfloat16)
+        strategy = dict(strategy="channel") if spec.group_size is None else dict(strategy="group",
+                                                                                 group_size=spec.group_size)
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=spec.bits, type="int", symmetric=True, **strategy))
+        apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+        qmax = (1 << (spec.bits - 1)) - 1
+        for m in model.modules():
+            if getattr(m, "quantization_scheme", None) is not None and hasattr(m, "weight_scale"):
+                W = m.weight.detach().float()
+                gs = W.shape[1] if spec.group_size is None else spec.group_size
+                s = W.view(W.shape[0], -1, gs).abs().amax(-1) / qmax
+                m.weight_scale.data = s.clamp(min=1e-8).to(m.weight_scale.dtype).view_as(m.weight_scale)
+                m.quantization_status = QuantizationStatus.FROZEN
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+        compressor.compress_model(model)
+        model.save_pretrained(str(out))
+        compressor.update_config(str(out))
+        tok.save_pretrained(str(out))
+    finally:
+        shutil.rmtree(fp_dir, ignore_errors=True)
+    (out / _MARKER).write_text(json.dumps(spec.__dict__))
+    return out
+
+
+def load_ct(path, dtype=torch.float32):
+    """Load a compressed-tensors checkpoint the stock way (the layers stay compressed until the first forward)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
 
 
 def build_float_checkpoint(arch: str, root) -> Path:

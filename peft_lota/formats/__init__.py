@@ -10,10 +10,10 @@ from typing import Optional
 
 from torch import nn
 
-from . import awq, gptq
+from . import awq, compressed_tensors, gptq
 from .base import Format, QuantState, QuantWeights, dequantize, group_layout
 
-FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT)
+FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT)
 
 
 def dispatch(module: nn.Module, name: str = "") -> Optional[QuantWeights]:
@@ -52,7 +52,7 @@ def unsupported_reason(qc: Optional[dict]) -> str:
     """Why a quantization_config is not one peft_lota can adapt, and what to use instead."""
     qc = qc or {}
     method = qc.get("quant_method")
-    readable = ", ".join(fmt.name.upper() for fmt in FORMATS)
+    readable = ", ".join(fmt.name.upper() if len(fmt.name) <= 4 else fmt.name for fmt in FORMATS)
     if method == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         kind = str(qc.get("bnb_4bit_quant_type", "nf4")).upper()
         return (f"this model is quantized with bitsandbytes {kind}, a non-uniform grid (a table of values, not "
@@ -67,6 +67,17 @@ def unsupported_reason(qc: Optional[dict]) -> str:
             "full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
 
 
+# The tensors that hold a quantized model's codes and grid, in any format (buffers for GPTQ/AWQ, parameters for
+# compressed-tensors): what a reloaded checkpoint must match exactly.
+QUANT_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_shape")
+
+
+def quantized_tensors(model: nn.Module) -> dict:
+    """{name: tensor} of every codes/zeros/scales/g_idx tensor of `model`'s quantized layers."""
+    named = [*model.named_buffers(), *model.named_parameters()]
+    return {n: t for n, t in named if n.rsplit(".", 1)[-1] in QUANT_TENSOR_NAMES}
+
+
 def model_format(model: nn.Module) -> Optional[Format]:
     """The format a transformers model was loaded in (from its config), or None for an unquantized model."""
     for fmt in FORMATS:
@@ -76,5 +87,5 @@ def model_format(model: nn.Module) -> Optional[Format]:
 
 
 __all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "config_format", "dequantize", "dispatch", "group_layout",
-           "is_quantized_layer", "model_format", "model_quantization_config", "prepare_model",
+           "is_quantized_layer", "model_format", "model_quantization_config", "prepare_model", "quantized_tensors",
            "unsupported_reason"]

@@ -63,8 +63,8 @@ logger = logging.getLogger("finetune")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A GPTQ or AWQ checkpoint (lota, l4q) or a full-precision "
-                                                      "model (l4q): local folder or Hub id."})
+    model_name_or_path: str = field(metadata={"help": "A GPTQ, AWQ or compressed-tensors checkpoint (lota, l4q) or a "
+                                                      "full-precision model (l4q): local folder or Hub id."})
     backend: Optional[str] = field(
         default=None,
         metadata={"help": "gptqmodel kernel to load with; the default is the format's layout-keeping, trainable "
@@ -249,6 +249,9 @@ def load_model(path: str, backend: Optional[str] = None, dtype: torch.dtype = to
     qc = quantization_config(path)
     if qc is not None and backend is not None:
         config = config_format(qc).load_config(qc)
+        if config is None:
+            raise SystemExit(f"finetune: --backend {backend}: {config_format(qc).name} checkpoints load without a "
+                             "kernel choice; drop --backend.")
         config.backend = backend
         kwargs["quantization_config"] = config
     return peft_lota.load_model(path, dtype=dtype, **kwargs)
@@ -291,7 +294,9 @@ def adapter_digest(model) -> str:
 
 
 def quant_buffers(model) -> dict[str, torch.Tensor]:
-    return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")}
+    from peft_lota.formats import quantized_tensors
+
+    return quantized_tensors(model)
 
 
 # ---- the run -------------------------------------------------------------------------------------

@@ -1,0 +1,314 @@
+"""compressed-tensors' `pack-quantized` integer format (llm-compressor's W4A16 / W8A16, what vLLM serves), as
+transformers loads it: codec, layout check, reading and writing codes, dispatch, checkpoints.
+
+A layer stays a plain `nn.Linear` carrying, instead of `weight`: `weight_packed` int32 [N, K*b/32] (codes
+q in [-2^(b-1), 2^(b-1)) stored as u = q + 2^(b-1), one little-endian bit stream along each row, i.e.
+formats/packing.py's convention along dim 1), `weight_scale` [N, G] (G groups of contiguous input columns;
+one for the `channel` strategy) and `weight_shape` [2]; `quantization_scheme` describes the grid. The weight
+is W = (q - zp) * s, computed in the scales' dtype, and the layer's output is `F.linear(x, W, bias)`.
+
+How transformers (5.x) runs such a model: after loading, the layers stay compressed and a forward pre-hook on
+the model (`ct_decompress_hook`) decompresses every layer into a dense `weight` at the first forward. We keep
+the layers compressed instead: `prepare_ct_model` removes that hook and gives each compressed layer a forward
+that computes exactly what the decompressed layer would (the same W, the same `F.linear` call), from its
+codes, on every call; merges then write new codes into `weight_packed`, and the checkpoint is the model's own
+state dict with its compressed-tensors quantization_config.
+
+Supported: integer weights of 2, 3, 4 or 8 bits, symmetric, `group` or `channel` strategy, no activation
+quantization, no act-order (`weight_g_idx`). Asymmetric pack-quantized checkpoints are refused: stock
+transformers cannot load them (their packed zero points do not fit the shapes it allocates).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Format, QuantState, QuantWeights, group_layout
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+logger = logging.getLogger(__name__)
+
+NAME = "compressed-tensors"
+QUANT_METHOD = "compressed-tensors"
+RELOAD_HINT = ("Load the model again with AutoModelForCausalLM.from_pretrained(path) (peft_lota.load_model) and "
+               "call get_peft_model (or merge) before running inference with it: the first forward of a stock "
+               "compressed-tensors model decompresses every layer into a dense weight.")
+_FORWARD_TAG = "_peft_lota_ct_forward"
+
+
+# ---- codec: pure functions ------------------------------------------------------------------------------
+
+def unpack_weight(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`weight_packed` int32 [N, K*b/32] -> unsigned codes uint8 [K, N] (u = q + 2^(b-1)).
+
+    Transposed, the words are GPTQ's `qweight` layout (each column of [K, N] a bit stream along K): transposing
+    the packed words (1/8 of the codes' bytes at 4 bits) lets the fast packed-dimension-first decoder run."""
+    return unpack_codes(packed.t().contiguous(), bits, dim=0)
+
+
+def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [K, N] -> `weight_packed` int32 [N, K*b/32]."""
+    return pack_codes(codes, bits, dim=0).t().contiguous()
+
+
+def nk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The decompressed layer's product: `F.linear` on W [N, K] as a contiguous tensor, the bias inside."""
+    if bias is not None and bias.dtype != x.dtype:  # autocast's cast, which our autograd functions run without
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight.t().contiguous(), bias)
+
+
+# ---- layers --------------------------------------------------------------------------------------------
+
+def is_ct_layer(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and getattr(module, "quantization_scheme", None) is not None
+            and hasattr(module, "weight_packed"))
+
+
+def ct_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_ct_layer(m)]
+
+
+def _value(x):
+    return getattr(x, "value", x)
+
+
+def layout_problem(name: str, module: nn.Module) -> Optional[str]:
+    """Why this layer is not one we read and write exactly, or None if it is."""
+    scheme = module.quantization_scheme
+    w = scheme.weights
+    if w is None or _value(w.type) != "int":
+        return f"layer {name} does not hold integer weights ({getattr(w, 'type', None)})."
+    if w.num_bits not in SUPPORTED_BITS:
+        return f"layer {name} holds {w.num_bits}-bit codes; peft_lota supports {SUPPORTED_BITS}-bit weights."
+    if scheme.input_activations is not None or scheme.output_activations is not None:
+        return (f"layer {name} also quantizes its activations (W{w.num_bits}A{scheme.input_activations.num_bits}): "
+                "peft_lota adapts weight-only schemes (W4A16, W8A16).")
+    strategy = _value(w.strategy)
+    if strategy not in ("group", "channel"):
+        return f"layer {name} uses the {strategy!r} strategy; peft_lota reads 'group' and 'channel'."
+    if not w.symmetric or hasattr(module, "weight_zero_point"):
+        return f"layer {name} is asymmetric; peft_lota reads symmetric pack-quantized layers (what W4A16 makes)."
+    if hasattr(module, "weight_g_idx"):
+        return f"layer {name} uses act-order (weight_g_idx), which peft_lota does not read for compressed-tensors."
+    if hasattr(module, "weight") and isinstance(getattr(module, "weight"), torch.Tensor):
+        return f"layer {name} has been decompressed into a dense weight."
+    K, N, b = module.in_features, module.out_features, w.num_bits
+    if (K * b) % 32:
+        return f"layer {name}: {K} input columns of {b}-bit codes do not fill whole int32 words."
+    G = module.weight_scale.shape[-1] if module.weight_scale.dim() == 2 else 1
+    if tuple(module.weight_packed.shape) != (N, K * b // 32) or tuple(module.weight_scale.shape) != (N, G) or K % G:
+        return f"layer {name} has buffers of non-standard shapes."
+    return None
+
+
+def quantization_config(model: nn.Module) -> Optional[dict]:
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qcfg is None:
+        return None
+    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
+def model_is_ct(model: nn.Module) -> bool:
+    qc = quantization_config(model)
+    return qc is not None and qc.get("quant_method") == QUANT_METHOD
+
+
+def _compressed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the decompressed layer computes, from the codes: F.linear(x, (q - 0) * s, bias) in the scales' dtype."""
+    state = CTWeights(self).read()
+    return F.linear(x, state.weight().t().contiguous(), self.bias)
+
+
+def prepare_ct_model(model: nn.Module) -> int:
+    """Keep `model`'s compressed-tensors layers compressed: remove the decompress-on-first-forward hook and give
+    every such layer an exact forward from its codes. Returns how many layers it changed."""
+    layers = ct_layers(model)
+    if not layers:
+        return 0
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError("peft_lota cannot use this model's compressed-tensors layers:\n- " + "\n- ".join(problems[:3])
+                         + more + "\n" + RELOAD_HINT)
+    for m in model.modules():
+        hook = getattr(m, "ct_decompress_hook", None)
+        if hook is not None:
+            hook.remove()
+            delattr(m, "ct_decompress_hook")
+    changed = 0
+    for _, module in layers:
+        module.weight_scale.requires_grad_(False)  # transformers makes it a trainable Parameter
+        if getattr(module, _FORWARD_TAG, False):
+            continue
+        module.forward = types.MethodType(_compressed_forward, module)
+        setattr(module, _FORWARD_TAG, True)
+        changed += 1
+    if changed:
+        logger.info("peft_lota: %d compressed-tensors layers stay compressed (computed from their codes).", changed)
+    return changed
+
+
+# ---- reading and writing one layer ---------------------------------------------------------------------
+
+class CTWeights(QuantWeights):
+    """Codes and scales of a symmetric pack-quantized compressed-tensors layer."""
+
+    format_name = NAME
+    fuses_bias = True  # nn.Linear adds the bias inside its addmm
+
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits = int(layer.quantization_scheme.weights.num_bits)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.weight_packed.device
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.layer.weight_scale.shape[-1]
+
+    def read(self) -> QuantState:
+        base, bits = self.layer, self.bits
+        packed = base.weight_packed.detach()
+        per_word = 32 // bits if bits != 3 else 32  # whole words per row chunk (3 bits: 32 codes in 3 words)
+
+        def codes_rows(k0: int, k1: int) -> torch.Tensor:
+            return unpack_weight(packed[:, k0 * bits // 32:k1 * bits // 32], bits)
+
+        zeros, g_idx, layout = self._metadata()
+        return QuantState(None, zeros, base.weight_scale.detach().t(), g_idx, self.maxq, base.bias,
+                          codes_rows=codes_rows, in_features=self.in_features, row_align=per_word, layout=layout,
+                          linear=nk_linear)
+
+    def _metadata(self):
+        cached = self.__dict__.get("_meta")
+        G = self.layer.weight_scale.shape[-1]
+        if cached is None or cached[0] != G:
+            zeros = torch.full((G, self.out_features), 1 << (self.bits - 1), dtype=torch.uint8, device=self.device)
+            g_idx = torch.arange(self.in_features, device=self.device) // (self.in_features // G)
+            cached = self.__dict__["_meta"] = (G, zeros, g_idx, group_layout(g_idx, G))
+        return cached[1:]
+
+    def grid_settings(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": True}
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        base = self.layer
+        if not bool((zeros == 1 << (self.bits - 1)).all()):
+            raise ValueError("compressed-tensors' symmetric layers have no zero points to move; use LoTA's "
+                             "offset='none' (the default).")
+        out = {"weight_packed": pack_weight(codes, self.bits).to(base.weight_packed.device)}
+        if scales is not None:
+            out["weight_scale"] = scales.detach().t().to(base.weight_scale.dtype).to(base.weight_scale.device
+                                                                                       ).contiguous()
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        base = self.layer
+        return {"weight_packed": base.weight_packed.data, "weight_scale": base.weight_scale.data}
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        for name, value in buffers.items():
+            getattr(self.layer, name).data = value  # swaps the storage: no copy, the snapshot stays intact
+
+
+def dispatch_compressed_tensors(module: nn.Module, name: str = "") -> Optional[CTWeights]:
+    """The CTWeights of a compressed-tensors pack-quantized layer, or None if `module` is not one."""
+    if not is_ct_layer(module):
+        return None
+    problem = layout_problem(name or type(module).__name__, module)
+    if problem:
+        raise ValueError(problem + " " + RELOAD_HINT)
+    return CTWeights(module)
+
+
+# ---- a standard checkpoint of a whole model --------------------------------------------------------------
+
+def ct_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
+    """(state_dict, quantization_config, extra files, facts) of a compressed-tensors pack-quantized checkpoint:
+    the layers' own tensors (weight_packed, weight_scale, weight_shape) and the model's quantization_config."""
+    qc = quantization_config(model)
+    if qc is None or qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError("A compressed-tensors checkpoint needs a model loaded from one (quant_method "
+                         "'compressed-tensors').")
+    layers = ct_layers(model)
+    if not layers:
+        raise ValueError("This model has no compressed pack-quantized layers (was it decompressed by a forward "
+                         "before peft_lota prepared it?); nothing to write as a compressed-tensors checkpoint.")
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        raise ValueError("Cannot write a compressed-tensors checkpoint from this model:\n- " + "\n- ".join(problems[:3]))
+    qc["quantization_status"] = "compressed"
+    state_dict = model.state_dict()
+    # A model loaded in float32 holds its (bf16 or fp16) scales widened: store them back in the narrowest 16-bit
+    # dtype that holds every one exactly, as a server running in that dtype will use them. Scales trained in
+    # float32 stay float32 (exact), with a warning.
+    scale_dtype = next((d for d in (torch.bfloat16, torch.float16)
+                        if all(torch.equal(m.weight_scale.to(d).to(m.weight_scale.dtype), m.weight_scale)
+                               for _, m in layers)), None)
+    if scale_dtype is not None:
+        for name, _ in layers:
+            key = f"{name}.weight_scale"
+            state_dict[key] = state_dict[key].to(scale_dtype)
+    elif any(m.weight_scale.dtype == torch.float32 for _, m in layers):
+        logger.warning("peft_lota: this model's scales (trained in float32) are written as float32; a server that "
+                       "casts them to bf16/fp16 rounds them. For bit-exact serving in 16 bits, train in that dtype "
+                       "(load the model with dtype=torch.bfloat16) or keep the scales fixed (train_scales=False).")
+    bits = sorted({int(m.quantization_scheme.weights.num_bits) for _, m in layers})
+    groups = sorted({m.in_features // m.weight_scale.shape[-1] for _, m in layers})
+    dtypes = sorted({str(state_dict[f"{n}.weight_scale"].dtype).removeprefix("torch.") for n, _ in layers})
+    serving = [k for k, _, ok in kernels(qc) if ok]
+    facts = {"format": "compressed-tensors", "bits": "/".join(map(str, bits)),
+             "group_size": "/".join(map(str, groups)), "desc_act": False, "sym": True,
+             "checkpoint_format": "pack-quantized",
+             "loaders": "Needs `compressed-tensors` installed (transformers loads the format through it). Scales "
+                        f"stored as {', '.join(dtypes)}. Kernels that can serve it: " + (", ".join(serving) or "none known")
+                        + ".",
+             "kernels": serving, "fast_path_note": fast_path_note(qc)}
+    return state_dict, qc, {}, facts
+
+
+def _weight_args(qc: dict) -> list[dict]:
+    return [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
+
+
+def kernels(qc: dict) -> list[tuple[str, str, bool]]:
+    """(kernel, devices, can serve) for a pack-quantized config: transformers' dense fallback everywhere; vLLM's
+    W4A16 / W8A16 kernels (Marlin, Machete) take symmetric 4- and 8-bit group or channel weights."""
+    ws = _weight_args(qc)
+    fast = bool(ws) and all(w.get("num_bits") in (4, 8) and w.get("symmetric", True) for w in ws)
+    return [("transformers (decompressed to dense on first forward)", "cpu, cuda", True),
+            ("vLLM compressed-tensors WNA16 (Marlin / Machete)", "cuda", fast)]
+
+
+def fast_path_note(qc: dict) -> Optional[str]:
+    if any(w.get("num_bits") not in (4, 8) for w in _weight_args(qc)):
+        return "vLLM's WNA16 kernels take 4- and 8-bit weights only: this checkpoint runs decompressed."
+    return None
+
+
+def load_config(qc: dict):
+    return None  # transformers' own compressed-tensors loading keeps the layers compressed
+
+
+def describe(qc: dict) -> list[tuple[str, object]]:
+    ws = _weight_args(qc)
+    return [("kind", "compressed-tensors checkpoint"), ("format", qc.get("format")),
+            ("bits", ", ".join(str(w.get("num_bits")) for w in ws)),
+            ("strategy", ", ".join(f"{w.get('strategy')} {w.get('group_size') or ''}".strip() for w in ws)),
+            ("symmetric", all(w.get("symmetric", True) for w in ws))]
+
+
+FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, dispatch=dispatch_compressed_tensors,
+                prepare_model=prepare_ct_model, model_is=model_is_ct, checkpoint=ct_checkpoint,
+                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note)

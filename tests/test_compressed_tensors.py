@@ -1,0 +1,156 @@
+"""LoTA and L4Q on compressed-tensors `pack-quantized` checkpoints (what llm-compressor writes for vLLM), made with
+compressed-tensors' own functions and loaded the stock way.
+
+Matrix: 4-bit groups of 32, 8-bit per channel with bias (qwen2), 2- and 3-bit groups of 64.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+pytest.importorskip("compressed_tensors")
+
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
+
+import peft_lota  # noqa: E402
+from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer  # noqa: E402
+from peft_lota.formats import compressed_tensors as ct  # noqa: E402
+from peft_lota.formats import dispatch  # noqa: E402
+from tiny_models import CtSpec, load_ct  # noqa: E402
+
+CT_SPECS = [CtSpec("llama", 4, 32), CtSpec("qwen2", 8, None), CtSpec("llama", 2, 64), CtSpec("llama", 3, 64)]
+X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+X1 = X[:1, :5]  # a short batch: small matmuls are where two memory layouts of one weight round differently
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def tensors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if n.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
+
+
+def adapter_layers(model):
+    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
+
+
+@pytest.fixture(scope="module", params=CT_SPECS, ids=[s.slug() for s in CT_SPECS])
+def ct_spec(request, ct_dir):
+    return request.param, ct_dir(request.param)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codec_is_compressed_tensors_packing(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (48, 64), generator=g, dtype=torch.int8)  # [N, K]
+    ref = pack_to_int32(q, bits)
+    codes = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).t()  # ours: unsigned, [K, N]
+    assert torch.equal(ct.pack_weight(codes, bits), ref)
+    assert torch.equal(ct.unpack_weight(ref, bits), codes)
+    assert torch.equal(unpack_from_int32(ref, bits, q.shape), q)
+
+
+def test_read_reproduces_the_decompressed_weight(ct_spec):
+    spec, path = ct_spec
+    model = load_ct(path)
+    layers = ct.ct_layers(model)
+    assert len(layers) == 14
+    states = {name: dispatch(layer, name).read().weight() for name, layer in layers}
+    logits(model)  # the stock decompress-on-first-forward hook
+    for name, layer in layers:
+        assert torch.equal(states[name].t(), layer.weight), name
+
+
+def _train(model, steps=3, lr=5e-2):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_adapt_merge_save_reload(ct_spec, method, tmp_path):
+    spec, path = ct_spec
+    base_model = load_ct(path)
+    before = tensors(base_model)
+    base, base1 = logits(base_model), logits(base_model, X1)  # stock: decompressed to dense weights
+    config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
+    model = get_peft_model(load_ct(path), config)
+    assert torch.equal(logits(model), base) and torch.equal(logits(model, X1), base1)  # fresh adapter == stock
+    _train(model)
+    expected, expected1 = logits(model), logits(model, X1)
+    assert not torch.equal(expected, base)
+    assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
+
+    model.merge_adapter()
+    assert torch.equal(logits(model), expected)
+    model.unmerge_adapter()
+    assert all(torch.equal(p, before[n.replace("base_model.model.", "").replace(".base_layer", "")])
+               for n, p in tensors(model).items())
+    merged = model.merge_and_unload()
+    assert torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(merged), expected)  # saving leaves the merged model usable, still compressed
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quantization_status"] == "compressed"
+    reloaded = load_ct(tmp_path / "merged")  # stock: compressed on load, decompressed on its first forward
+    mine, theirs = tensors(merged), tensors(reloaded)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(logits(reloaded), expected) and torch.equal(logits(reloaded, X1), expected1)
+
+
+def test_bf16_model_keeps_bf16_scales_and_saved_adapter_reloads(ct_dir, tmp_path):
+    path = ct_dir(CT_SPECS[0])
+    model = get_peft_model(load_ct(path, dtype=torch.bfloat16), LotaConfig(r=4, init_seed=0))
+    _train(model, lr=1e-2)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(load_ct(path, dtype=torch.bfloat16), tmp_path / "adapter")
+    assert torch.equal(logits(again), expected)
+    merged = again.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight_scale").get_dtype() == "BF16"
+    assert torch.equal(logits(load_ct(tmp_path / "merged", dtype=torch.bfloat16)), expected)
+
+
+def test_untouched_scales_are_stored_in_the_checkpoints_dtype(ct_dir, tmp_path):
+    path = ct_dir(CT_SPECS[0])
+    model = get_peft_model(load_ct(path), LotaConfig(r=4, init_seed=0, train_scales=False))
+    _train(model)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight_scale").get_dtype() == "BF16"
+
+
+def test_decompressed_model_is_refused_with_the_way_out(ct_dir):
+    path = ct_dir(CT_SPECS[0])
+    model = load_ct(path)
+    logits(model)  # the stock hook decompresses every layer into a dense weight
+    assert not ct.ct_layers(model) or all(ct.layout_problem(n, m) for n, m in ct.ct_layers(model))
+    with pytest.raises(ValueError):
+        get_peft_model(model, LotaConfig(r=4))
+
+
+def test_load_model_and_inspect_know_the_format(ct_dir):
+    path = ct_dir(CT_SPECS[0])
+    qc = peft_lota.loading.quantization_config(path)
+    assert qc["quant_method"] == "compressed-tensors"
+    model = peft_lota.load_model(path)
+    assert len(ct.ct_layers(model)) == 14
+    assert any(ok for _, _, ok in ct.kernels(qc))
