@@ -7,7 +7,8 @@ dequantized weight matrix has a standard deviation of about 1/sqrt(in_features),
 act-order. The result is a standard GPTQ checkpoint that stock `AutoModelForCausalLM.from_pretrained`
 loads with any kernel, and whose logits are finite. Embeddings, norms and the output head are
 ordinary float tensors. AWQ (GEMM layout, `fmt="awq"`): the same codes and scales in AWQ's buffers,
-symmetric (zero_point false).
+symmetric (zero_point false). compressed-tensors (`fmt="ct"`): the same in `pack-quantized` tensors (codes
+packed along the input dimension, symmetric, scales in the model's dtype), as llm-compressor's W4A16 writes them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from peft_lota.formats import awq, gptq
 
+FORMAT_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "ct": "compressed-tensors"}
 MARKER = "BUILD_COMPLETE"  # written last: a folder without it is a crashed build and is redone
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -39,7 +41,7 @@ class ModelShape:
     bits: int = 4
     group_size: int = 128
     dtype: str = "float32"  # the float dtype of the checkpoint (config.json "dtype"): what a stock load uses
-    fmt: str = "gptq"  # "gptq" | "awq"
+    fmt: str = "gptq"  # "gptq" | "awq" | "ct"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of a decoder layer."""
@@ -53,7 +55,7 @@ class ModelShape:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
-                f"{self.heads} heads / {self.kv_heads} KV heads, vocab {self.vocab}, {self.fmt.upper()} {self.bits}-bit "
+                f"{self.heads} heads / {self.kv_heads} KV heads, vocab {self.vocab}, {FORMAT_NAMES[self.fmt]} {self.bits}-bit "
                 f"g{self.group_size}, {self.dtype} ({self.quantized_weights() / 1e6:.1f}M quantized weights)")
 
 
@@ -66,7 +68,14 @@ def _config(shape: ModelShape) -> dict:
                       bos_token_id=0, eos_token_id=0, pad_token_id=0).to_dict()
     cfg["dtype"] = shape.dtype
     cfg["architectures"] = ["LlamaForCausalLM"]
-    if shape.fmt == "awq":
+    if shape.fmt == "ct":
+        weights = dict(num_bits=shape.bits, type="int", symmetric=True, strategy="group", group_size=shape.group_size,
+                       dynamic=False)
+        cfg["quantization_config"] = dict(
+            quant_method="compressed-tensors", format="pack-quantized", quantization_status="compressed",
+            ignore=["lm_head"], config_groups={"group_0": dict(targets=["Linear"], weights=weights,
+                                                               format="pack-quantized")})
+    elif shape.fmt == "awq":
         cfg["quantization_config"] = dict(quant_method="awq", bits=shape.bits, group_size=shape.group_size,
                                           version="gemm", zero_point=False, desc_act=False)
     else:
@@ -86,6 +95,12 @@ def _layer_tensors(shape: ModelShape, i: int, g: torch.Generator) -> dict[str, t
         # Every int32 pattern is a valid packing of 32/bits codes: uniform random words = uniform codes.
         step = K**-0.5 / (maxq / 12**0.5)  # uniform codes have a std of maxq/sqrt(12) steps
         scales = (step * (0.75 + 0.5 * torch.rand(groups, N, generator=g))).half()
+        if shape.fmt == "ct":  # [N, K*b/32], packed along the input dimension; scales [N, G] in the model's dtype
+            out[p + "weight_packed"] = torch.randint(-2**31, 2**31 - 1, (N, K * shape.bits // 32), generator=g,
+                                                     dtype=torch.int32)
+            out[p + "weight_scale"] = scales.t().contiguous().to(getattr(torch, shape.dtype))
+            out[p + "weight_shape"] = torch.tensor([N, K])
+            continue
         if shape.fmt == "awq":  # packed along the output dimension, raw zero points
             out[p + "qweight"] = torch.randint(-2**31, 2**31 - 1, (K, N * shape.bits // 32), generator=g,
                                                dtype=torch.int32)

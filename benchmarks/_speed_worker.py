@@ -97,9 +97,10 @@ def load_model(path: str, job: dict, backend: str | None):
     if backend is not None:
         qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
         config = config_format(qc).load_config(qc)
-        if backend != "trainable":
-            config.backend = backend
-        kwargs["quantization_config"] = config
+        if config is not None:  # None: the format has no kernel choice (compressed-tensors)
+            if backend != "trainable":
+                config.backend = backend
+            kwargs["quantization_config"] = config
     if job.get("dtype"):
         kwargs["dtype"] = getattr(torch, job["dtype"])
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -108,6 +109,10 @@ def load_model(path: str, job: dict, backend: str | None):
 def kernel_name(model) -> str:
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
+    from peft_lota.formats import compressed_tensors
+
+    if compressed_tensors.model_is_ct(model):
+        return "nn.Linear (compressed-tensors, decompressed by transformers)"
     return next((type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)), "?")
 
 
@@ -213,7 +218,9 @@ def make_merged_checkpoint(job: dict) -> dict:
                 for layer in model.modules() if isinstance(layer, peft_lota.LotaLayer))
     merged = model.merge_and_unload()
     merged.save_pretrained(job["out_dir"])
-    total = sum(layer.in_features * layer.out_features for layer in merged.modules() if hasattr(layer, "qweight"))
+    from peft_lota.formats import is_quantized_layer
+
+    total = sum(layer.in_features * layer.out_features for layer in merged.modules() if is_quantized_layer(layer))
     return dict(codes_moved=moved, codes_total=total)
 
 
@@ -342,6 +349,9 @@ def run_merge(job: dict) -> dict:
         result["save_s"] = time.perf_counter() - t0
         result["merged_checkpoint_bytes"] = _dir_bytes(work / "merged")
         shutil.rmtree(work / "merged", ignore_errors=True)
+    if not job.get("sizes", True):
+        shutil.rmtree(work, ignore_errors=True)
+        return result
     # The fp16 LoRA adapter of the same rank on the same layers, saved by PEFT, for the size comparison.
     lora = get_peft_model(merged, LoraConfig(r=job["rank"], lora_alpha=2 * job["rank"], target_modules=LORA_TARGETS))
     with torch.no_grad():

@@ -18,8 +18,9 @@ Three parts, each method measured in a process of its own (benchmarks/_speed_wor
 - merge: merge_and_unload() of an r=64 LoTA adapter with random ternary A, B on a model with
   Llama-3-8B's linear shapes (random GPTQ codes), the same for an L4Q adapter, the save of the merged
   checkpoint, and the size of the LoTA adapter file against an fp16 LoRA adapter of the same rank.
-- AWQ: the same merges on the 8B-shaped model in AWQ's GEMM layout, and inference of the base and the
-  merged LoTA checkpoint under AWQ's default kernel.
+- AWQ and compressed-tensors: the same merges on the 8B-shaped model in AWQ's GEMM layout and in
+  compressed-tensors' pack-quantized one, and inference of the base and the merged LoTA checkpoint under each
+  format's default (AWQ: gptqmodel's CPU kernel; compressed-tensors: transformers decompresses to dense).
 
 GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
 values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
@@ -43,7 +44,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails to size i
 from _machine import machine_info  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-from _speed_models import ModelShape, write_random_gptq  # noqa: E402
+from _speed_models import FORMAT_NAMES, ModelShape, write_random_gptq  # noqa: E402
 
 RESULTS = HERE / "results"
 WORKER = HERE / "_speed_worker.py"
@@ -104,7 +105,7 @@ TARGETS = {
     "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
     "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
 }
-FORMATS = ("gptq", "awq")
+FORMATS = ("gptq", "awq", "ct")
 
 
 # ---- running workers --------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def bench_infer(cfg: dict, work: Path, env: dict, log) -> list[dict]:
         made = run_worker(dict(kind="merged_checkpoint", model_dir=str(base), out_dir=str(merged),
                                device=cfg["device"], dtype=None, rank=cfg["rank"], omega=max(1, cfg["rank"] // 8),
                                threads=cfg.get("threads")), env, log)
-        models = list(INFER_MODELS) if fmt == "gptq" else ["base", "merged"]  # PEFT's LoRA on AWQ: not measured
+        models = list(INFER_MODELS) if fmt == "gptq" else ["base", "merged"]  # PEFT's LoRA: on GPTQ only
         job = dict(kind="infer", base_dir=str(base), merged_dir=str(merged), device=cfg["device"], dtype=None,
                    rank=cfg["rank"], prompt=spec["prompt"], warmup=spec["warmup"], repeats=spec["repeats"],
                    decode_steps=spec["decode_steps"], threads=cfg.get("threads"), models=models)
@@ -191,9 +192,15 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
     awq_shape = replace(shape, fmt="awq")
     awq_path = write_random_gptq(awq_shape, work / slug(awq_shape))
     log(f"merge: {awq_shape.describe()}")
-    awq_job = dict(job, model_dir=str(awq_path), save=False)
+    awq_job = dict(job, model_dir=str(awq_path), save=False, sizes=False)
     result["awq_merge_s"] = run_worker(awq_job, env, log)["merge_s"]
     result["awq_merge_l4q_s"] = run_worker(dict(awq_job, method="l4q"), env, log)["merge_s"]
+    ct_shape = replace(shape, fmt="ct")
+    ct_path = write_random_gptq(ct_shape, work / slug(ct_shape))
+    log(f"merge: {ct_shape.describe()}")
+    ct_job = dict(job, model_dir=str(ct_path), save=False, sizes=False)
+    result["ct_merge_s"] = run_worker(ct_job, env, log)["merge_s"]
+    result["ct_merge_l4q_s"] = run_worker(dict(ct_job, method="l4q"), env, log)["merge_s"]
     return result
 
 
@@ -276,7 +283,7 @@ def _infer_table(rows: list[dict], fmt: str, targets: list) -> list[str]:
         if r is None:
             continue
         d = r["decode_s"]
-        label = f"{fmt.upper()} {label}" if method == "base" else label
+        label = f"{FORMAT_NAMES[fmt]} {label}" if method == "base" else label
         out.append(f"| {label} | {r['prefill_tok_s']:.1f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.3f} | "
                    f"{d['median'] * 1e3:.2f} | {d['min'] * 1e3:.2f}-{d['max'] * 1e3:.2f} | "
                    f"{d['median'] / base['decode_s']['median']:.3f} |")
@@ -284,10 +291,9 @@ def _infer_table(rows: list[dict], fmt: str, targets: list) -> list[str]:
     pre_vs_base = merged["prefill_tok_s"] / base["prefill_tok_s"] - 1
     dec_vs_base = merged["decode_s"]["median"] / base["decode_s"]["median"] - 1
     tol = TARGETS["infer_base"][1]
-    targets += [(f"{TARGETS['infer_base'][0]} ({fmt.upper()}): prefill throughput", "-", f"{pre_vs_base * 100:+.1f}%",
-                 status(abs(pre_vs_base) <= tol)),
-                (f"{TARGETS['infer_base'][0]} ({fmt.upper()}): decode latency", "-", f"{dec_vs_base * 100:+.1f}%",
-                 status(abs(dec_vs_base) <= tol))]
+    name = f"{TARGETS['infer_base'][0]} ({FORMAT_NAMES[fmt]})"
+    targets += [(f"{name}: prefill throughput", "-", f"{pre_vs_base * 100:+.1f}%", status(abs(pre_vs_base) <= tol)),
+                (f"{name}: decode latency", "-", f"{dec_vs_base * 100:+.1f}%", status(abs(dec_vs_base) <= tol))]
     if lora is not None:
         pre_vs_lora = merged["prefill_tok_s"] / lora["prefill_tok_s"]
         dec_vs_lora = lora["decode_s"]["median"] / merged["decode_s"]["median"]
@@ -319,7 +325,9 @@ def merge_table(r: dict, targets: list) -> str:
         targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s"
                         + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok_l4q)))
     for key, label in (("awq_merge_s", "AWQ: LoTA merge_and_unload(), random ternary A, B"),
-                       ("awq_merge_l4q_s", "AWQ: L4Q merge_and_unload()")):
+                       ("awq_merge_l4q_s", "AWQ: L4Q merge_and_unload()"),
+                       ("ct_merge_s", "compressed-tensors: LoTA merge_and_unload(), random ternary A, B"),
+                       ("ct_merge_l4q_s", "compressed-tensors: L4Q merge_and_unload()")):
         if key in r:
             ok_awq = (r[key] < TARGETS["merge"][1]) if r["full_8b"] else None
             rows.append((label, f"{r[key]:.1f} s ({r[key] / r['codes'] * 1e9:.2f} ns per code)"))
