@@ -179,11 +179,10 @@ def cmd_merge(args) -> int:
     same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     fmt = _format(qc)
-    layout = qc.get("checkpoint_format") or qc.get("format")
+    settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
             ("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "(from full precision: every code is new)"),
-            ("written", f"{out} ({fmt.name.upper()} {layout}, {qc['bits']}-bit, group {qc['group_size']}, "
-                        f"sym={qc['sym']}, desc_act={qc.get('desc_act')})"),
+            ("written", f"{out} ({fmt.name}: {settings})"),
             ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
             ("merged logits == adapter logits", exact), ("reloaded codes, zeros, scales == merged", same_codes),
             ("reloaded logits == merged", same_logits)]

@@ -154,3 +154,25 @@ def test_load_model_and_inspect_know_the_format(ct_dir):
     model = peft_lota.load_model(path)
     assert len(ct.ct_layers(model)) == 14
     assert any(ok for _, _, ok in ct.kernels(qc))
+
+
+def test_command_line_merges_inspects_and_verifies(ct_dir, tmp_path, capsys):
+    import re
+
+    from peft_lota import cli
+
+    base = ct_dir(CT_SPECS[1])  # 8-bit per channel, with bias
+    model = get_peft_model(load_ct(base), LotaConfig(r=4, omega=1, init_seed=0, train_scales=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lota_B.default"):
+                p.copy_(torch.randint(-1, 2, p.shape, generator=torch.Generator().manual_seed(0)).float() * 2e-4)
+    model.save_pretrained(tmp_path / "adapter")
+    assert cli.main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"merged logits == adapter logits\s+True", out) and re.search(r"reloaded logits == merged\s+True", out)
+    assert "compressed-tensors: format pack-quantized, bits 8" in out and "vLLM compressed-tensors WNA16" in out
+    assert cli.main(["inspect", str(tmp_path / "merged")]) == 0
+    assert "compressed-tensors checkpoint" in capsys.readouterr().out
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(tmp_path / "adapter"), "--base", str(base)]) == 0
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(base)]) == 1  # codes moved
