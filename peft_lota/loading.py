@@ -9,12 +9,18 @@ from pathlib import Path
 
 # Messages printed on every run by the stack underneath, that nobody can act on: gptqmodel's start-up banner, its
 # notes that the GIL is enabled, that it set two environment variables and ran gc, and that it compiles a kernel;
-# torch's notices about Enum pytree registrations made by torchao's imports and about a missing CUDA runtime (on
-# CPU machines, when gptqmodel loads its extensions); transformers' deprecation notice for an
-# attribute PEFT and gptqmodel read. Only these are dropped: every other message of theirs still shows.
+# torch's notices about Enum pytree registrations made by torchao's (and compressed-tensors') imports and about a
+# missing CUDA runtime (on CPU machines, when gptqmodel loads its extensions); transformers' deprecation notice for an
+# attribute PEFT and gptqmodel read, and two notices of its Trainer (below). Only these are dropped: every other
+# message of theirs still shows.
 _NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now natively supported",
           "ENV: Auto setting", "gc.collect() reclaimed", "compilation triggered", "No CUDA runtime is found",
-          "CPU AVX512-BF16 kernel requires")
+          "CPU AVX512-BF16 kernel requires",
+          # transformers, on every Trainer run of a quantized model loaded with a device_map (harmless: the default
+          # loss is the right one, and the model is where it should be)
+          "was set in the config but it is unrecognized", "The model is already on multiple devices")
+_NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension", "transformers.modeling_utils",
+                  "transformers.trainer")
 
 
 class _DropNoise(logging.Filter):
@@ -28,7 +34,7 @@ class _DropNoise(logging.Filter):
 
 def quiet_third_party() -> None:
     """Drop those messages (only those). Idempotent; runs before peft_lota imports torch, peft or gptqmodel."""
-    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+    for name in _NOISY_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
