@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from . import awq, compressed_tensors, gptq
-from .base import Format, QuantState, QuantWeights, dequantize, group_layout
+from .base import Format, QuantState, QuantWeights, dequantize, group_layout, model_quantization_config
 
 FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT)
 
@@ -38,14 +38,6 @@ def config_format(qc: Optional[dict]) -> Optional[Format]:
     """The format of a quantization_config (dict), or None if it is none we read (or there is none)."""
     method = (qc or {}).get("quant_method")
     return next((fmt for fmt in FORMATS if fmt.quant_method == method), None)
-
-
-def model_quantization_config(model: nn.Module) -> Optional[dict]:
-    """A transformers model's quantization_config as a dict, or None."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qc is None:
-        return None
-    return dict(qc) if isinstance(qc, dict) else qc.to_dict()
 
 
 def unsupported_reason(qc: Optional[dict]) -> str:

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import __version__
 from .base import Format, QuantState, QuantWeights, group_layout
+from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -154,13 +155,6 @@ def layout_problem(name: str, module: nn.Module) -> Optional[str]:
             or tuple(module.scales.shape) != (K // gs, N)):
         return f"layer {name} ({cls}) has buffers of non-standard shapes."
     return None
-
-
-def quantization_config(model: nn.Module) -> Optional[dict]:
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qcfg is None:
-        return None
-    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
 
 
 def model_is_awq(model: nn.Module) -> bool:

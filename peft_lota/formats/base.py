@@ -57,6 +57,14 @@ def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
     return scales[g_idx] * (codes.to(dtype) - zeros.to(dtype)[g_idx])
 
 
+def model_quantization_config(model: nn.Module) -> Optional[dict]:
+    """A transformers model's quantization_config as a dict, or None."""
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qcfg is None:
+        return None
+    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
+
+
 def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """gptqmodel TorchLinear's bias: cast to the output's dtype, then added."""
     return out if bias is None else out + bias.to(out.dtype)

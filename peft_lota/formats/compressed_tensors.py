@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Format, QuantState, QuantWeights, group_layout
+from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -106,13 +107,6 @@ def layout_problem(name: str, module: nn.Module) -> Optional[str]:
     if tuple(module.weight_packed.shape) != (N, K * b // 32) or tuple(module.weight_scale.shape) != (N, G) or K % G:
         return f"layer {name} has buffers of non-standard shapes."
     return None
-
-
-def quantization_config(model: nn.Module) -> Optional[dict]:
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qcfg is None:
-        return None
-    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
 
 
 def model_is_ct(model: nn.Module) -> bool:

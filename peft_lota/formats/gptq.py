@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import __version__
 from .base import Format, QuantState, QuantWeights, group_layout
+from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -146,13 +147,6 @@ def layout_problem(name: str, module: nn.Module) -> Optional[str]:
 def _problems_error(what: str, problems: list[str], bits) -> ValueError:
     more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + RELOAD_HINT.format(bits=bits))
-
-
-def quantization_config(model: nn.Module) -> Optional[dict]:
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qcfg is None:
-        return None
-    return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
 
 
 def model_is_gptq(model: nn.Module) -> bool:
