@@ -8,14 +8,16 @@ import warnings
 from pathlib import Path
 
 # Messages printed on every run by the stack underneath, that nobody can act on: gptqmodel's start-up banner, its
-# notes that the GIL is enabled, that it set two environment variables and ran gc, and that it compiles a kernel;
+# notes that the GIL is enabled, that it set two environment variables and ran gc, that it compiles a kernel, picked
+# a temporary folder and converts a checkpoint's zero points on load (as it always does);
 # torch's notices about Enum pytree registrations made by torchao's (and compressed-tensors') imports and about a
 # missing CUDA runtime (on CPU machines, when gptqmodel loads its extensions); transformers' deprecation notice for an
 # attribute PEFT and gptqmodel read, and two notices of its Trainer (below). Only these are dropped: every other
 # message of theirs still shows.
 _NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now natively supported",
           "ENV: Auto setting", "gc.collect() reclaimed", "compilation triggered", "No CUDA runtime is found",
-          "CPU AVX512-BF16 kernel requires",
+          "CPU AVX512-BF16 kernel requires", "offload_to_disk_path auto set", "Converting GPTQ v1 to v2",
+          "Converting `format` from",
           # transformers, on every Trainer run of a quantized model loaded with a device_map (harmless: the default
           # loss is the right one, and the model is where it should be)
           "was set in the config but it is unrecognized", "The model is already on multiple devices")

@@ -90,11 +90,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--lambda_reg", type=float, default=1.0, help="weight of the saliency regulariser")
     ap.add_argument("--keep_adapter", action="store_true",
                     help="also save the unmerged L4Q adapter (output_dir/adapter), to fine-tune from")
+    ap.add_argument("--baseline", help="a quantized checkpoint of the same model (e.g. its GPTQ at the same bits) to "
+                    "measure on the same evaluation text: the summary then says how much of its gap to full "
+                    "precision the calibration closed")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.baseline and not (args.stdlib or args.eval_file):
+        ap.error("--baseline is measured on the evaluation text: give --eval_file (or --stdlib).")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peft_lota
 
@@ -142,14 +147,19 @@ def main(argv=None) -> dict:
         merged_logits = merged(input_ids=probe).logits
     merged.save_pretrained(out)
     tok.save_pretrained(out)
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=GPTQConfig(bits=args.bits, backend="gptq_torch"), dtype=getattr(torch, args.dtype))
+    reloaded = peft_lota.load_model(str(out), dtype=getattr(torch, args.dtype))  # the layout-keeping kernel
     with torch.no_grad():
         reloaded_logits = reloaded(input_ids=probe).logits
     summary.update(merged_equals_calibrated=bool(torch.equal(merged_logits, adapter_logits)),
                    reloaded_equals_merged=bool(torch.equal(reloaded_logits, merged_logits)), output_dir=str(out))
     if eval_blocks is not None:
         summary["ppl_calibrated"] = perplexity(reloaded, eval_blocks)
+        if args.baseline:
+            summary["ppl_baseline"] = perplexity(peft_lota.load_model(args.baseline, dtype=getattr(torch, args.dtype)),
+                                                 eval_blocks)
+            gap = summary["ppl_baseline"] - summary["ppl_fp"]
+            summary["baseline_gap_closed"] = round((summary["ppl_baseline"] - summary["ppl_calibrated"]) / gap, 3) \
+                if gap > 0 else None
     summary["total_seconds"] = round(time.time() - t_start, 1)
     (out / "calibration_summary.json").write_text(json.dumps(summary, indent=1))
     for key, value in summary.items():
