@@ -70,8 +70,10 @@ def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ W [K, N], then the bias as gptqmodel's kernels add it: the matmul of the GPTQ and AWQ kernels."""
+def matmul_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], **grid) -> torch.Tensor:
+    """x @ W [K, N], then the bias as gptqmodel's kernels add it: the matmul of the GPTQ and AWQ kernels.
+
+    `grid` (codes, zeros, scales of W) is for kernels that compute from the codes themselves (LLM.int8)."""
     return add_bias(torch.matmul(x, weight), bias)
 
 
@@ -89,8 +91,8 @@ class QuantState:
     def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
                  row_align: int = 1, layout=None, linear=matmul_add):
         self._codes, self.codes_rows = codes, codes_rows
-        # linear(x, W [K, N], bias): the stock kernel's own product, so that an adapted layer's output is bit for
-        # bit the merged layer's (the same values in another memory layout can round differently)
+        # linear(x, W [K, N], bias, codes=, zeros=, scales=): the stock kernel's own product, so that an adapted
+        # layer's output is bit for bit the merged layer's (the same values in another layout can round differently)
         self.linear = linear
         if codes_rows is None:
             self.codes_rows = lambda k0, k1: codes[k0:k1]
@@ -153,6 +155,8 @@ class QuantWeights:
     # True where the stock kernel adds the bias inside its matmul (nn.Linear's addmm): the state's `linear` then
     # gets the bias, instead of kernel_output
     fuses_bias: bool = False
+    # True where the format stores no zero points (symmetric only): nothing may move them (LoTA's offset modes)
+    fixed_zero_points: bool = False
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
@@ -235,3 +239,8 @@ class Format:
     kernels: Callable[[dict], list]
     describe: Callable[[dict], list]
     fast_path_note: Callable[[dict], Optional[str]] = lambda qc: None
+    # whether a quantization_config (dict) is of this format; default: its quant_method is ours
+    config_matches: Optional[Callable[[dict], bool]] = None
+
+    def matches(self, qc: dict) -> bool:
+        return self.config_matches(qc) if self.config_matches is not None else qc.get("quant_method") == self.quant_method

@@ -58,7 +58,7 @@ def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_codes(codes, bits, dim=0).t().contiguous()
 
 
-def nk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def nk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], **grid) -> torch.Tensor:
     """The decompressed layer's product: `F.linear` on W [N, K] as a contiguous tensor, the bias inside."""
     if bias is not None and bias.dtype != x.dtype:  # autocast's cast, which our autograd functions run without
         bias = bias.to(x.dtype)
@@ -155,6 +155,7 @@ class CTWeights(QuantWeights):
     """Codes and scales of a symmetric pack-quantized compressed-tensors layer."""
 
     format_name = NAME
+    fixed_zero_points = True
     fuses_bias = True  # nn.Linear adds the bias inside its addmm
 
     def __init__(self, layer: nn.Module):

@@ -178,7 +178,8 @@ class L4QLinearFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(dtype)
-            out = grid.state.linear(x, quantized_weight(grid, codes, base_scales, dtype), grid.state.bias)
+            out = grid.state.linear(x, quantized_weight(grid, codes, base_scales, dtype), grid.state.bias, codes=codes,
+                                    zeros=grid.state.zeros, scales=base_scales)
         ctx.grid, ctx.scaling, ctx.learn_scales, ctx.scale_gradient = grid, scaling, scales32 is not None, scale_gradient
         ctx.save_for_backward(x, codes, base_scales, A, B)
         return out
@@ -225,7 +226,8 @@ def l4q_linear(x: torch.Tensor, grid: Grid, A: torch.Tensor, B: torch.Tensor, sc
         return L4QLinearFunction.apply(x, grid, scaling, scale_gradient, scales32, A, B)
     s = grid.state.scales.float() if scales32 is None else scales32
     codes = quantized_codes(grid, A, B, scaling, s)
-    return grid.state.linear(x, quantized_weight(grid, codes, s, x.dtype), grid.state.bias)
+    return grid.state.linear(x, quantized_weight(grid, codes, s, x.dtype), grid.state.bias, codes=codes,
+                             zeros=grid.state.zeros, scales=s)
 
 
 def fake_quantized_weight(grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling: float,

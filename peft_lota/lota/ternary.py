@@ -330,7 +330,8 @@ class LotaLinearFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(dtype)
-            out = state.linear(x, adapted_weight(state, codes, zeros, mu, dtype), state.bias)
+            out = state.linear(x, adapted_weight(state, codes, zeros, mu, dtype), state.bias, codes=codes, zeros=zeros,
+                               scales=state.scales)
         ctx.state, ctx.steps = state, steps
         ctx.has_mu = mu is not None
         ctx.save_for_backward(x, codes, zeros, *([mu] if ctx.has_mu else []), *factors)  # x in the compute dtype
@@ -374,4 +375,5 @@ def lota_linear(x: torch.Tensor, state: QuantState, factors, steps, scales32=Non
         state = state.replace(scales=scales32.to(state.scales.dtype))
     omegas, modes, max_steps = zip(*steps)
     codes, zeros, mu = adapt_codes(state, factors, omegas, modes, max_steps)
-    return state.linear(x, adapted_weight(state, codes, zeros, mu, x.dtype), state.bias)
+    return state.linear(x, adapted_weight(state, codes, zeros, mu, x.dtype), state.bias, codes=codes, zeros=zeros,
+                        scales=state.scales)
