@@ -94,6 +94,10 @@ def _write(model, folder: Path, *, card_info: Optional[dict], write_card: bool, 
     state_dict, qc, extra_files, facts = _prepare(model)
     if card_info is not None:
         _check_card_info(card_info, facts)
+    if facts.get("serialized_as_loaded"):
+        # The state dict is already in the checkpoint's own serialization (LLM.int8's weight + SCB); transformers
+        # cannot revert its load-time conversion of a pre-quantized bitsandbytes checkpoint (NotImplementedError).
+        save_kwargs = {"save_original_format": False, **save_kwargs}
     with _saving_as(model, state_dict, qc):
         # type(model).save_pretrained: attach_export shadows the instance's own.
         type(model).save_pretrained(model, str(folder), max_shard_size=max_shard_size,

@@ -20,9 +20,11 @@ _NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now
           "Converting `format` from",
           # transformers, on every Trainer run of a quantized model loaded with a device_map (harmless: the default
           # loss is the right one, and the model is where it should be)
-          "was set in the config but it is unrecognized", "The model is already on multiple devices")
+          "was set in the config but it is unrecognized", "The model is already on multiple devices",
+          # bitsandbytes, at every LLM.int8 forward of float32 activations (it always quantizes them via float16)
+          "inputs will be cast from")
 _NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension", "transformers.modeling_utils",
-                  "transformers.trainer")
+                  "transformers.trainer", "bitsandbytes.autograd._functions")
 
 
 class _DropNoise(logging.Filter):

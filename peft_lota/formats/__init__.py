@@ -10,10 +10,10 @@ from typing import Optional
 
 from torch import nn
 
-from . import awq, compressed_tensors, gptq
+from . import awq, bnb_int8, compressed_tensors, gptq
 from .base import Format, QuantState, QuantWeights, dequantize, group_layout, model_quantization_config
 
-FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT)
+FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT, bnb_int8.FORMAT)
 
 
 def dispatch(module: nn.Module, name: str = "") -> Optional[QuantWeights]:
@@ -36,8 +36,7 @@ def prepare_model(model: nn.Module) -> int:
 
 def config_format(qc: Optional[dict]) -> Optional[Format]:
     """The format of a quantization_config (dict), or None if it is none we read (or there is none)."""
-    method = (qc or {}).get("quant_method")
-    return next((fmt for fmt in FORMATS if fmt.quant_method == method), None)
+    return next((fmt for fmt in FORMATS if fmt.matches(qc or {})), None)
 
 
 def unsupported_reason(qc: Optional[dict]) -> str:
@@ -52,9 +51,6 @@ def unsupported_reason(qc: Optional[dict]) -> str:
                 "LoTA's +-1 steps and L4Q's rounding cannot merge into it exactly. Start from the full-precision "
                 f"model instead (L4Q quantizes it while training and writes a GPTQ model), or from a {readable} "
                 "checkpoint.")
-    if method == "bitsandbytes":
-        return ("bitsandbytes LLM.int8 models are not supported yet: peft_lota reads " + readable + " checkpoints. "
-                "Start from the full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
     return (f"quantization method {method!r} is not a format peft_lota reads ({readable}). Start from the "
             "full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
 
@@ -67,7 +63,11 @@ QUANT_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "
 def quantized_tensors(model: nn.Module) -> dict:
     """{name: tensor} of every codes/zeros/scales/g_idx tensor of `model`'s quantized layers."""
     named = [*model.named_buffers(), *model.named_parameters()]
-    return {n: t for n, t in named if n.rsplit(".", 1)[-1] in QUANT_TENSOR_NAMES}
+    out = {n: t for n, t in named if n.rsplit(".", 1)[-1] in QUANT_TENSOR_NAMES}
+    for name, layer in bnb_int8.int8_layers(model):  # LLM.int8 keeps CB and SCB outside buffers, after a forward
+        snap = bnb_int8.Int8Weights(layer).snapshot()
+        out.update({f"{name}.CB": snap["CB"], f"{name}.SCB": snap["SCB"]})
+    return out
 
 
 def model_format(model: nn.Module) -> Optional[Format]:

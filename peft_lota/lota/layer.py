@@ -133,6 +133,10 @@ class LotaLayer(nn.Module, BaseTunerLayer):
 
     # ---- adapters ----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, settings: AdapterSettings, init_seed=None, **kwargs) -> None:
+        if settings.offset != "none" and self.quant.fixed_zero_points:
+            raise ValueError(f"LotaConfig(offset={settings.offset!r}) moves zero points, and {self._current_key} is a "
+                             f"{self.quant.format_name} layer, which is symmetric with no zero points to move: use "
+                             "offset='none' (the default).")
         generator = None
         if init_seed is not None:  # one reproducible stream per layer, independent of creation order
             generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))

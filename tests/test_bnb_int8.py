@@ -1,0 +1,121 @@
+"""LoTA and L4Q on bitsandbytes LLM.int8 models (BitsAndBytesConfig(load_in_8bit=True), loaded on CPU).
+
+bitsandbytes' own matmul (int8 activations and outlier columns in eval mode) runs on the adapted codes, so a fresh
+adapter is the stock model bit for bit and the merged model is the adapter model bit for bit, in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer  # noqa: E402
+from peft_lota.formats import bnb_int8, dispatch, quantized_tensors  # noqa: E402
+
+X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, x=X):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def load_int8(path, quantize=True):
+    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)} if quantize else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
+
+
+def adapter_layers(model):
+    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
+
+
+def _train(model, steps=3, lr=5e-2):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_read_is_bitsandbytes_dequantization(fp_dir):
+    import bitsandbytes.functional as BF
+
+    model = load_int8(fp_dir("llama"))
+    layers = bnb_int8.int8_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers:
+        state = dispatch(layer, name).read()
+        cb, scb = bnb_int8._cb(layer), bnb_int8._scb(layer)
+        # bitsandbytes' training path (MatMul8bitFp) multiplies CB by SCB * (1/127): exactly what we read
+        assert torch.equal(state.weight().t(), cb.float() * scb.unsqueeze(1).mul(1.0 / 127.0)), name
+        assert torch.allclose(state.weight().t(), BF.int8_vectorwise_dequant(cb, scb), rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_adapt_merge_save_reload(fp_dir, arch, method, tmp_path):
+    path = fp_dir(arch)
+    base_model = load_int8(path)
+    base = logits(base_model)
+    before = {k: v.clone() for k, v in quantized_tensors(base_model).items()}
+    config = LotaConfig(r=8, init_seed=0) if method == "lota" else L4QConfig(r=8, init_seed=0)
+    model = get_peft_model(load_int8(path), config)
+    assert torch.equal(logits(model), base)  # a fresh adapter runs bitsandbytes' own int8 matmul, unchanged
+    _train(model)
+    expected = logits(model)
+    assert not torch.equal(expected, base)
+    assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
+
+    model.merge_adapter()
+    assert torch.equal(logits(model), expected)
+    model.unmerge_adapter()
+    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in quantized_tensors(model).items()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    merged = model.merge_and_unload()
+    assert torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
+    reloaded = load_int8(tmp_path / "merged", quantize=False)  # stock: its stored quantization_config
+    mine, theirs = quantized_tensors(merged), quantized_tensors(reloaded)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(logits(reloaded), expected)
+
+
+def test_saved_adapter_reloads_onto_the_int8_base(fp_dir, tmp_path):
+    path = fp_dir("llama")
+    model = get_peft_model(load_int8(path), LotaConfig(r=8, init_seed=0))
+    _train(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(load_int8(path), tmp_path / "adapter")
+    assert torch.equal(logits(again), expected)
+
+
+def test_offset_modes_are_refused_before_anything_is_injected(fp_dir):
+    model = load_int8(fp_dir("llama"))
+    with pytest.raises(ValueError, match="offset='none'"):
+        get_peft_model(model, LotaConfig(r=4, offset="integer"))
+    assert not adapter_layers(model)
+
+
+def test_a_saved_int8_checkpoint_is_adapted_merged_and_saved_again(fp_dir, tmp_path):
+    path = fp_dir("qwen2")
+    load_int8(path).save_pretrained(tmp_path / "int8")  # a pre-quantized LLM.int8 checkpoint, as users download them
+    base = load_int8(tmp_path / "int8", quantize=False)
+    model = get_peft_model(base, LotaConfig(r=8, init_seed=0))
+    _train(model)
+    expected = logits(model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")  # transformers alone cannot re-save a model loaded pre-quantized
+    assert torch.equal(logits(load_int8(tmp_path / "merged", quantize=False)), expected)
