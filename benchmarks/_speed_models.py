@@ -9,6 +9,8 @@ loads with any kernel, and whose logits are finite. Embeddings, norms and the ou
 ordinary float tensors. AWQ (GEMM layout, `fmt="awq"`): the same codes and scales in AWQ's buffers,
 symmetric (zero_point false). compressed-tensors (`fmt="ct"`): the same in `pack-quantized` tensors (codes
 packed along the input dimension, symmetric, scales in the model's dtype), as llm-compressor's W4A16 writes them.
+LLM.int8 (`fmt="int8"`, 8 bits): uniform int8 rows in [-127, 127] and float32 row scales (SCB), as bitsandbytes
+saves them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from peft_lota.formats import awq, gptq
 
-FORMAT_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "ct": "compressed-tensors"}
+FORMAT_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "ct": "compressed-tensors", "int8": "LLM.int8"}
 MARKER = "BUILD_COMPLETE"  # written last: a folder without it is a crashed build and is redone
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -41,7 +43,7 @@ class ModelShape:
     bits: int = 4
     group_size: int = 128
     dtype: str = "float32"  # the float dtype of the checkpoint (config.json "dtype"): what a stock load uses
-    fmt: str = "gptq"  # "gptq" | "awq" | "ct"
+    fmt: str = "gptq"  # "gptq" | "awq" | "ct" | "int8" (bitsandbytes LLM.int8; bits 8)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of a decoder layer."""
@@ -68,7 +70,12 @@ def _config(shape: ModelShape) -> dict:
                       bos_token_id=0, eos_token_id=0, pad_token_id=0).to_dict()
     cfg["dtype"] = shape.dtype
     cfg["architectures"] = ["LlamaForCausalLM"]
-    if shape.fmt == "ct":
+    if shape.fmt == "int8":
+        cfg["quantization_config"] = dict(quant_method="bitsandbytes", load_in_8bit=True, load_in_4bit=False,
+                                          _load_in_8bit=True, _load_in_4bit=False, llm_int8_threshold=6.0,
+                                          llm_int8_has_fp16_weight=False, llm_int8_skip_modules=None,
+                                          llm_int8_enable_fp32_cpu_offload=False)
+    elif shape.fmt == "ct":
         weights = dict(num_bits=shape.bits, type="int", symmetric=True, strategy="group", group_size=shape.group_size,
                        dynamic=False)
         cfg["quantization_config"] = dict(
@@ -95,6 +102,11 @@ def _layer_tensors(shape: ModelShape, i: int, g: torch.Generator) -> dict[str, t
         # Every int32 pattern is a valid packing of 32/bits codes: uniform random words = uniform codes.
         step = K**-0.5 / (maxq / 12**0.5)  # uniform codes have a std of maxq/sqrt(12) steps
         scales = (step * (0.75 + 0.5 * torch.rand(groups, N, generator=g))).half()
+        if shape.fmt == "int8":  # CB int8 [N, K] (in [-127, 127]), SCB float32 [N]: each row's absolute maximum
+            out[p + "weight"] = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+            out[p + "SCB"] = (127 * K**-0.5 / (127 / 3**0.5) * (0.75 + 0.5 * torch.rand(N, generator=g))).float()
+            out[p + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+            continue
         if shape.fmt == "ct":  # [N, K*b/32], packed along the input dimension; scales [N, G] in the model's dtype
             out[p + "weight_packed"] = torch.randint(-2**31, 2**31 - 1, (N, K * shape.bits // 32), generator=g,
                                                      dtype=torch.int32)
@@ -135,8 +147,8 @@ def write_random_gptq(shape: ModelShape, out: Path, seed: int = 0) -> Path:
     for i in range(-1, shape.layers):  # one layer in memory at a time
         name = "model-base.safetensors" if i < 0 else f"model-layer{i:03d}.safetensors"
         tensors = shards if i < 0 else _layer_tensors(shape, i, g)
-        tensors = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 else v)  # scales stay fp16
-                   for k, v in tensors.items()}
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float16 and not k.endswith(".SCB")
+                       else v) for k, v in tensors.items()}  # GPTQ/AWQ scales stay fp16, LLM.int8's SCB float32
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))

@@ -113,6 +113,8 @@ def kernel_name(model) -> str:
 
     if compressed_tensors.model_is_ct(model):
         return "nn.Linear (compressed-tensors, decompressed by transformers)"
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        return "bitsandbytes Linear8bitLt (int8 matmul)"
     return next((type(m).__name__ for m in model.modules() if isinstance(m, BaseQuantLinear)), "?")
 
 

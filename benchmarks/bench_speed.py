@@ -18,9 +18,10 @@ Three parts, each method measured in a process of its own (benchmarks/_speed_wor
 - merge: merge_and_unload() of an r=64 LoTA adapter with random ternary A, B on a model with
   Llama-3-8B's linear shapes (random GPTQ codes), the same for an L4Q adapter, the save of the merged
   checkpoint, and the size of the LoTA adapter file against an fp16 LoRA adapter of the same rank.
-- AWQ and compressed-tensors: the same merges on the 8B-shaped model in AWQ's GEMM layout and in
-  compressed-tensors' pack-quantized one, and inference of the base and the merged LoTA checkpoint under each
-  format's default (AWQ: gptqmodel's CPU kernel; compressed-tensors: transformers decompresses to dense).
+- AWQ, compressed-tensors and LLM.int8: the same merges on the 8B-shaped model in AWQ's GEMM layout, in
+  compressed-tensors' pack-quantized one and as bitsandbytes' int8 rows, and inference of the base and the merged
+  LoTA checkpoint under each format's default (AWQ: gptqmodel's CPU kernel; compressed-tensors: transformers
+  decompresses to dense; LLM.int8: bitsandbytes' int8 matmul).
 
 GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
 values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
@@ -105,7 +106,7 @@ TARGETS = {
     "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
     "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
 }
-FORMATS = ("gptq", "awq", "ct")
+FORMATS = ("gptq", "awq", "ct", "int8")
 
 
 # ---- running workers --------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def bench_infer(cfg: dict, work: Path, env: dict, log) -> list[dict]:
     spec = cfg["infer"]
     rows = []
     for fmt in FORMATS:
-        shape = replace(spec["shape"], fmt=fmt)
+        shape = replace(spec["shape"], fmt=fmt, bits=8 if fmt == "int8" else spec["shape"].bits)
         base = write_random_gptq(shape, work / slug(shape))
         merged = work / (slug(shape) + "-lota-merged")
         log(f"infer: {shape.describe()}, prompt {spec['prompt']} tokens")
@@ -189,18 +190,13 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
     if spec.get("dense"):  # in a process of its own: two 8B-shaped models need not fit in memory together
         result["merge_dense_s"] = run_worker(dict(job, dense=True, save=False), env, log)["merge_s"]
     result["merge_l4q_s"] = run_worker(dict(job, method="l4q", save=False), env, log)["merge_s"]
-    awq_shape = replace(shape, fmt="awq")
-    awq_path = write_random_gptq(awq_shape, work / slug(awq_shape))
-    log(f"merge: {awq_shape.describe()}")
-    awq_job = dict(job, model_dir=str(awq_path), save=False, sizes=False)
-    result["awq_merge_s"] = run_worker(awq_job, env, log)["merge_s"]
-    result["awq_merge_l4q_s"] = run_worker(dict(awq_job, method="l4q"), env, log)["merge_s"]
-    ct_shape = replace(shape, fmt="ct")
-    ct_path = write_random_gptq(ct_shape, work / slug(ct_shape))
-    log(f"merge: {ct_shape.describe()}")
-    ct_job = dict(job, model_dir=str(ct_path), save=False, sizes=False)
-    result["ct_merge_s"] = run_worker(ct_job, env, log)["merge_s"]
-    result["ct_merge_l4q_s"] = run_worker(dict(ct_job, method="l4q"), env, log)["merge_s"]
+    for fmt in FORMATS[1:]:  # the same merges in the other formats
+        other = replace(shape, fmt=fmt, bits=8 if fmt == "int8" else shape.bits)
+        other_path = write_random_gptq(other, work / slug(other))
+        log(f"merge: {other.describe()}")
+        other_job = dict(job, model_dir=str(other_path), save=False, sizes=False)
+        result[f"{fmt}_merge_s"] = run_worker(other_job, env, log)["merge_s"]
+        result[f"{fmt}_merge_l4q_s"] = run_worker(dict(other_job, method="l4q"), env, log)["merge_s"]
     return result
 
 
@@ -324,10 +320,10 @@ def merge_table(r: dict, targets: list) -> str:
         ok_l4q = (r["merge_l4q_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
         targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s"
                         + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok_l4q)))
-    for key, label in (("awq_merge_s", "AWQ: LoTA merge_and_unload(), random ternary A, B"),
-                       ("awq_merge_l4q_s", "AWQ: L4Q merge_and_unload()"),
-                       ("ct_merge_s", "compressed-tensors: LoTA merge_and_unload(), random ternary A, B"),
-                       ("ct_merge_l4q_s", "compressed-tensors: L4Q merge_and_unload()")):
+    labels = [(f"{fmt}_merge{kind}_s", f"{FORMAT_NAMES[fmt]}{' 8-bit' if fmt == 'int8' else ''}: " + text)
+              for fmt in FORMATS[1:] for kind, text in (("", "LoTA merge_and_unload(), random ternary A, B"),
+                                                        ("_l4q", "L4Q merge_and_unload()"))]
+    for key, label in labels:
         if key in r:
             ok_awq = (r[key] < TARGETS["merge"][1]) if r["full_8b"] else None
             rows.append((label, f"{r[key]:.1f} s ({r[key] / r['codes'] * 1e9:.2f} ns per code)"))
