@@ -242,7 +242,7 @@ def cmd_inspect(args) -> int:
         return EXIT_OK
     qc = _quantization(args.path)
     if qc is None:
-        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized (GPTQ, AWQ, compressed-tensors) checkpoint.")
+        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint.")
     fmt = _format(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
     rows = fmt.describe(qc) + [("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
@@ -310,14 +310,14 @@ def main(argv=None) -> int:
     m = sub.add_parser("merge", help="merge a LoTA or L4Q adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
                        description="Load the base the right way, apply the adapter, merge exactly, save (or push) the "
                                    "checkpoint, reload it and compare codes and logits.")
-    m.add_argument("base", help="the base model the adapter was trained on (GPTQ, AWQ or compressed-tensors checkpoint, or full precision for L4Q)")
+    m.add_argument("base", help="the base model the adapter was trained on (GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint, or full precision for L4Q)")
     m.add_argument("adapter", help="the saved adapter folder")
     m.add_argument("out", nargs="?", help="where to write the merged checkpoint (optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.set_defaults(func=cmd_merge)
-    i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ, compressed-tensors) checkpoint (and which kernels can serve it)",
+    i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint (and which kernels can serve it)",
                        description="An adapter: method, settings, the base it was made for, files; with --base, the "
                                    "codes it moves per layer. A checkpoint: format, bits, group size, sym, act-order "
                                    "and which kernels can run it.")

@@ -64,7 +64,7 @@ def quiet_third_party() -> None:
 
 def quantization_config(path) -> dict | None:
     """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (GPTQ, AWQ,
-    compressed-tensors),
+    compressed-tensors, LLM.int8),
     or None for a full-precision model. Another quantization (bitsandbytes, ...) is refused with the reason."""
     local = Path(path) / "config.json"
     if local.exists():
@@ -85,8 +85,8 @@ def quantization_config(path) -> dict | None:
 
 def load_model(path, dtype=None, **kwargs):
     """A model ready for LoTA or L4Q: a quantized checkpoint (GPTQ, AWQ) loaded with gptqmodel's trainable,
-    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), a compressed-tensors
-    checkpoint as transformers loads it, or a full-precision model (L4Q from full precision).
+    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), a compressed-tensors or
+    LLM.int8 checkpoint as transformers loads it, or a full-precision model (L4Q from full precision).
 
     The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
     "gptq_torch"))` (AwqConfig for AWQ), without transformers' notice that only the backend of that config is used
@@ -101,7 +101,7 @@ def load_model(path, dtype=None, **kwargs):
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     qc = quantization_config(path)
     load_config = config_format(qc).load_config(qc) if qc is not None else None
-    if load_config is not None:  # None: the format loads as it is (compressed-tensors)
+    if load_config is not None:  # None: the format loads as it is (compressed-tensors, LLM.int8)
         kwargs.setdefault("quantization_config", load_config)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")

@@ -61,7 +61,7 @@ class QuantTuner(BaseTuner):
 
     def _all_linear_error(self) -> str:
         return (f"{type(self.peft_config.get(self.active_adapter, None)).__name__}(target_modules='all-linear') found no "
-                "quantized linear layer in this model: load a quantized (GPTQ, AWQ or compressed-tensors) checkpoint.")
+                "quantized linear layer in this model: load a quantized (GPTQ, AWQ, compressed-tensors or LLM.int8) checkpoint.")
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         # PEFT calls this first: a quantization we cannot merge into is refused before anything else happens.

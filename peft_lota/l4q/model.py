@@ -35,7 +35,7 @@ class L4QModel(QuantTuner):
         return isinstance(module, nn.Linear)
 
     def _all_linear_error(self) -> str:
-        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a quantized (GPTQ, AWQ, compressed-tensors) model "
+        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) model "
                 "needs quantized layers, a full-precision model nn.Linear layers (other than the output head).")
 
     @staticmethod
@@ -66,7 +66,7 @@ class L4QModel(QuantTuner):
             kind = "a quantized model" if self._quantized_base() else "a full-precision model"
             raise TypeError(
                 f"L4Q cannot adapt module {current_key!r} of type {type(target).__name__} in {kind}: it adapts the "
-                "quantized (GPTQ, AWQ, compressed-tensors) layers of a quantized model, or the nn.Linear layers of a full-precision model. "
+                "quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) layers of a quantized model, or the nn.Linear layers of a full-precision model. "
                 "Remove it from target_modules, or use target_modules='all-linear'.")
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)

@@ -49,7 +49,7 @@ class LotaModel(QuantTuner):
 
     def _all_linear_error(self) -> str:
         return ("LotaConfig(target_modules='all-linear') found no quantized linear layer in this model. LoTA adapts "
-                "integer-quantized models: load a GPTQ, AWQ or compressed-tensors checkpoint (peft_lota.load_model), or train L4Q on the "
+                "integer-quantized models: load a GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint (peft_lota.load_model), or train L4Q on the "
                 "full-precision model.")
 
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
@@ -61,7 +61,7 @@ class LotaModel(QuantTuner):
         if quant is None:
             raise TypeError(
                 f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts quantized "
-                "(GPTQ, AWQ, compressed-tensors) linear layers only (their integer codes are what LoTA moves). Remove it from "
+                "(GPTQ, AWQ, compressed-tensors, LLM.int8) linear layers only (their integer codes are what LoTA moves). Remove it from "
                 "target_modules, or use target_modules='all-linear' to pick every quantized layer."
             )
         self._check_base(lota_config, current_key, target, quant)

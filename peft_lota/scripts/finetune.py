@@ -63,7 +63,7 @@ logger = logging.getLogger("finetune")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "A GPTQ, AWQ or compressed-tensors checkpoint (lota, l4q) or a "
+    model_name_or_path: str = field(metadata={"help": "A GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint (lota, l4q) or a "
                                                       "full-precision model (l4q): local folder or Hub id."})
     backend: Optional[str] = field(
         default=None,
