@@ -43,6 +43,18 @@ def baseline(runs: list[dict], run: dict, setting: str, method: str, bits: str):
     return v
 
 
+def compare(pairs, show, passes) -> tuple[list[str], bool, bool]:
+    """(cells, all passed, any measured) for (value, reference) pairs, one per bit width."""
+    cells, ok = [], True
+    for v, ref in pairs:
+        if v is None or ref is None:
+            cells.append("-")
+            continue
+        cells.append(show(v, ref))
+        ok &= passes(v, ref)
+    return cells, ok, any(c != "-" for c in cells)
+
+
 def judge(runs: list[dict], method: str) -> list[tuple]:
     """(target, run, per-bit figures, status) rows for one method."""
     rows = []
@@ -52,26 +64,15 @@ def judge(runs: list[dict], method: str) -> list[tuple]:
         if method not in run["results"].get("task", {}) and method not in run["results"].get("recovery", {}):
             continue
         # task: within N points of GPTQ + LoRA (unmerged) at every bit width
-        cells, ok = [], True
-        for b in BITS:
-            v, ref = value(run, "task", method, b), baseline(runs, run, "task", "lora", b)
-            if v is None or ref is None:
-                cells.append("-")
-                continue
-            cells.append(f"{v:.1f} vs {ref:.1f} ({v - ref:+.1f})")
-            ok &= v >= ref - task_margin
-        if any(c != "-" for c in cells):
+        cells, ok, seen = compare([(value(run, "task", method, b), baseline(runs, run, "task", "lora", b)) for b in BITS],
+                                  lambda v, ref: f"{v:.1f} vs {ref:.1f} ({v - ref:+.1f})",
+                                  lambda v, ref: v >= ref - task_margin)
+        if seen:
             rows.append((f"task within {task_margin:.0f} points of GPTQ + LoRA", run["label"], cells, ok))
         # recovery: better than LoRA re-quantized at every bit width
-        cells, ok = [], True
-        for b in BITS:
-            v, ref = value(run, "recovery", method, b), baseline(runs, run, "recovery", "lora_requant", b)
-            if v is None or ref is None:
-                cells.append("-")
-                continue
-            cells.append(f"{v:.2f} vs {ref:.2f}")
-            ok &= v < ref
-        if any(c != "-" for c in cells):
+        cells, ok, seen = compare([(value(run, "recovery", method, b), baseline(runs, run, "recovery", "lora_requant", b))
+                                   for b in BITS], lambda v, ref: f"{v:.2f} vs {ref:.2f}", lambda v, ref: v < ref)
+        if seen:
             rows.append(("recovery better than LoRA re-quantized", run["label"], cells, ok))
         if lota:  # 2-bit recovery closes >= 35% of GPTQ's gap
             v = value(run, "recovery", method, "2")
@@ -86,16 +87,9 @@ def judge(runs: list[dict], method: str) -> list[tuple]:
 def lora_l4q_rows(runs: list[dict]) -> list[tuple]:
     rows = []
     for run in runs:
-        for setting, better in (("recovery", lambda a, b: a < b), ("task", lambda a, b: a > b)):
-            cells, ok, seen = [], True, False
-            for b in BITS:
-                v, ref = value(run, setting, "lora_l4q", b), value(run, setting, "lora_requant", b)
-                if v is None or ref is None:
-                    cells.append("-")
-                    continue
-                seen = True
-                cells.append(f"{v:.2f} vs {ref:.2f}" if setting == "recovery" else f"{v:.1f} vs {ref:.1f}")
-                ok &= better(v, ref)
+        for setting, better, digits in (("recovery", lambda a, b: a < b, 2), ("task", lambda a, b: a > b, 1)):
+            cells, ok, seen = compare([(value(run, setting, "lora_l4q", b), value(run, setting, "lora_requant", b))
+                                       for b in BITS], lambda v, ref, d=digits: f"{v:.{d}f} vs {ref:.{d}f}", better)
             if seen:
                 rows.append((f"{setting}: l4q_from_lora better than re-quantizing the same LoRA", run["label"], cells,
                              ok))

@@ -13,9 +13,9 @@ import torch
 from peft import get_peft_model
 
 import peft_lota
-from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer
+from peft_lota import L4QConfig, LotaConfig
 from peft_lota.formats import awq, dispatch
-from tiny_models import AwqSpec, load_awq
+from tiny_models import AwqSpec, adapter_layers, load_awq, train_steps
 
 AWQ_SPECS = [AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
              AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32)]
@@ -30,9 +30,6 @@ def logits(model, x=X):
 def buffers(model):
     return {n: b.clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")}
 
-
-def adapter_layers(model):
-    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
 
 
 @pytest.fixture(scope="module", params=AWQ_SPECS, ids=[s.slug() for s in AWQ_SPECS])
@@ -69,16 +66,6 @@ def test_read_reproduces_the_kernels_weight(awq_spec):
         assert ((state.zeros == 1 << (spec.bits - 1)).all()) == spec.sym
 
 
-def _train(model, steps=3, lr=5e-2):
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    for _ in range(steps):
-        model(input_ids=X, labels=X).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
 
 @pytest.mark.parametrize("method", ["lota", "l4q"])
 def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
@@ -88,7 +75,7 @@ def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
     config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
     model = get_peft_model(load_awq(path), config)
     assert torch.equal(logits(model), base)  # a fresh adapter is the base model, bit for bit
-    _train(model)
+    train_steps(model, X)
     expected = logits(model)
     assert not torch.equal(expected, base)
     moved = sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model))

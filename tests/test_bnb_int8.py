@@ -16,8 +16,9 @@ pytest.importorskip("bitsandbytes")
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer  # noqa: E402
+from peft_lota import L4QConfig, LotaConfig  # noqa: E402
 from peft_lota.formats import bnb_int8, dispatch, quantized_tensors  # noqa: E402
+from tiny_models import adapter_layers, train_steps  # noqa: E402
 
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -33,18 +34,6 @@ def load_int8(path, quantize=True):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
 
 
-def adapter_layers(model):
-    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
-
-
-def _train(model, steps=3, lr=5e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(input_ids=X, labels=X).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def test_read_is_bitsandbytes_dequantization(fp_dir):
@@ -71,7 +60,7 @@ def test_adapt_merge_save_reload(fp_dir, arch, method, tmp_path):
     config = LotaConfig(r=8, init_seed=0) if method == "lota" else L4QConfig(r=8, init_seed=0)
     model = get_peft_model(load_int8(path), config)
     assert torch.equal(logits(model), base)  # a fresh adapter runs bitsandbytes' own int8 matmul, unchanged
-    _train(model)
+    train_steps(model, X)
     expected = logits(model)
     assert not torch.equal(expected, base)
     assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
@@ -95,7 +84,7 @@ def test_adapt_merge_save_reload(fp_dir, arch, method, tmp_path):
 def test_saved_adapter_reloads_onto_the_int8_base(fp_dir, tmp_path):
     path = fp_dir("llama")
     model = get_peft_model(load_int8(path), LotaConfig(r=8, init_seed=0))
-    _train(model)
+    train_steps(model, X)
     expected = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(load_int8(path), tmp_path / "adapter")
@@ -114,7 +103,7 @@ def test_a_saved_int8_checkpoint_is_adapted_merged_and_saved_again(fp_dir, tmp_p
     load_int8(path).save_pretrained(tmp_path / "int8")  # a pre-quantized LLM.int8 checkpoint, as users download them
     base = load_int8(tmp_path / "int8", quantize=False)
     model = get_peft_model(base, LotaConfig(r=8, init_seed=0))
-    _train(model)
+    train_steps(model, X)
     expected = logits(model)
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")  # transformers alone cannot re-save a model loaded pre-quantized

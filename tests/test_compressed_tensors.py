@@ -17,10 +17,10 @@ pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
 
 import peft_lota  # noqa: E402
-from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer  # noqa: E402
+from peft_lota import L4QConfig, LotaConfig  # noqa: E402
 from peft_lota.formats import compressed_tensors as ct  # noqa: E402
 from peft_lota.formats import dispatch  # noqa: E402
-from tiny_models import CtSpec, load_ct  # noqa: E402
+from tiny_models import CtSpec, adapter_layers, load_ct, train_steps  # noqa: E402
 
 CT_SPECS = [CtSpec("llama", 4, 32), CtSpec("qwen2", 8, None), CtSpec("llama", 2, 64), CtSpec("llama", 3, 64)]
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -36,9 +36,6 @@ def tensors(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()
             if n.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
 
-
-def adapter_layers(model):
-    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
 
 
 @pytest.fixture(scope="module", params=CT_SPECS, ids=[s.slug() for s in CT_SPECS])
@@ -68,15 +65,6 @@ def test_read_reproduces_the_decompressed_weight(ct_spec):
         assert torch.equal(states[name].t(), layer.weight), name
 
 
-def _train(model, steps=3, lr=5e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(input_ids=X, labels=X).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
 
 @pytest.mark.parametrize("method", ["lota", "l4q"])
 def test_adapt_merge_save_reload(ct_spec, method, tmp_path):
@@ -87,7 +75,7 @@ def test_adapt_merge_save_reload(ct_spec, method, tmp_path):
     config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
     model = get_peft_model(load_ct(path), config)
     assert torch.equal(logits(model), base) and torch.equal(logits(model, X1), base1)  # fresh adapter == stock
-    _train(model)
+    train_steps(model, X)
     expected, expected1 = logits(model), logits(model, X1)
     assert not torch.equal(expected, base)
     assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
@@ -113,7 +101,7 @@ def test_adapt_merge_save_reload(ct_spec, method, tmp_path):
 def test_bf16_model_keeps_bf16_scales_and_saved_adapter_reloads(ct_dir, tmp_path):
     path = ct_dir(CT_SPECS[0])
     model = get_peft_model(load_ct(path, dtype=torch.bfloat16), LotaConfig(r=4, init_seed=0))
-    _train(model, lr=1e-2)
+    train_steps(model, X, lr=1e-2)
     expected = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(load_ct(path, dtype=torch.bfloat16), tmp_path / "adapter")
@@ -130,7 +118,7 @@ def test_bf16_model_keeps_bf16_scales_and_saved_adapter_reloads(ct_dir, tmp_path
 def test_untouched_scales_are_stored_in_the_checkpoints_dtype(ct_dir, tmp_path):
     path = ct_dir(CT_SPECS[0])
     model = get_peft_model(load_ct(path), LotaConfig(r=4, init_seed=0, train_scales=False))
-    _train(model)
+    train_steps(model, X)
     model.merge_and_unload().save_pretrained(tmp_path / "merged")
     from safetensors import safe_open
 

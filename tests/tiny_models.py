@@ -168,8 +168,9 @@ def _quantize_v1(spec: Spec, fp_dir: Path, out: Path, tok) -> None:
     model.save(str(out))
 
 
-def build_gptq_checkpoint(spec: Spec, root) -> Path:
-    """Build (or reuse) the checkpoint for `spec` under `root/spec.slug()` and return its path."""
+def _build_cached(spec, root, quantize) -> Path:
+    """Build (or reuse) `root/spec.slug()`: the float model of `spec.arch` and its tokenizer in a scratch folder,
+    then quantize(fp_dir, out, tokenizer) writes the checkpoint; a marker written last says it is complete."""
     out = Path(root) / spec.slug()
     if (out / _MARKER).exists():
         return out
@@ -182,14 +183,20 @@ def build_gptq_checkpoint(spec: Spec, root) -> Path:
     torch.set_num_threads(1)
     try:
         tok = build_tokenizer(fp_dir)
-        _build_float(spec, fp_dir)
-        (_quantize_v2 if spec.fmt == "gptq_v2" else _quantize_v1)(spec, fp_dir, out, tok)
+        _build_float(Spec(spec.arch), fp_dir)
+        quantize(fp_dir, out, tok)
         tok.save_pretrained(str(out))
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(fp_dir, ignore_errors=True)
     (out / _MARKER).write_text(json.dumps(spec.__dict__))
     return out
+
+
+def build_gptq_checkpoint(spec: Spec, root) -> Path:
+    """Build (or reuse) the checkpoint for `spec` under `root/spec.slug()` and return its path."""
+    quantize = _quantize_v2 if spec.fmt == "gptq_v2" else _quantize_v1
+    return _build_cached(spec, root, lambda fp_dir, out, tok: quantize(spec, fp_dir, out, tok))
 
 
 @dataclass(frozen=True)
@@ -209,28 +216,14 @@ def build_awq_checkpoint(spec: AwqSpec, root) -> Path:
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization import FORMAT, METHOD
 
-    out = Path(root) / spec.slug()
-    if (out / _MARKER).exists():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    fp_dir = Path(root) / f"_float-{spec.slug()}"
-    shutil.rmtree(fp_dir, ignore_errors=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tok = build_tokenizer(fp_dir)
-        _build_float(Spec(spec.arch), fp_dir)
+    def quantize(fp_dir, out, tok):
         qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, method=METHOD.AWQ,
                               format=FORMAT.GEMM, offload_to_disk=False)
         model = GPTQModel.load(str(fp_dir), qcfg, device="cpu", dtype=torch.float16)
         model.quantize(calibration_texts(), batch_size=1)
         model.save(str(out))
-        tok.save_pretrained(str(out))
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(fp_dir, ignore_errors=True)
-    (out / _MARKER).write_text(json.dumps(spec.__dict__))
-    return out
+
+    return _build_cached(spec, root, quantize)
 
 
 def load_awq(path, dtype=torch.float32, backend: str | None = "torch_awq"):
@@ -265,15 +258,7 @@ def build_ct_checkpoint(spec: CtSpec, root) -> Path:
                                                  QuantizationStatus, apply_quantization_config)
     from transformers import AutoModelForCausalLM
 
-    out = Path(root) / spec.slug()
-    if (out / _MARKER).exists():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    fp_dir = Path(root) / f"_float-{spec.slug()}"
-    shutil.rmtree(fp_dir, ignore_errors=True)
-    try:
-        tok = build_tokenizer(fp_dir)
-        _build_float(Spec(spec.arch), fp_dir)
+    def quantize(fp_dir, out, tok):
         model = AutoModelForCausalLM.from_pretrained(str(fp_dir), dtype=torch.bfloat16)
         strategy = dict(strategy="channel") if spec.group_size is None else dict(strategy="group",
                                                                                  group_size=spec.group_size)
@@ -292,11 +277,8 @@ def build_ct_checkpoint(spec: CtSpec, root) -> Path:
         compressor.compress_model(model)
         model.save_pretrained(str(out))
         compressor.update_config(str(out))
-        tok.save_pretrained(str(out))
-    finally:
-        shutil.rmtree(fp_dir, ignore_errors=True)
-    (out / _MARKER).write_text(json.dumps(spec.__dict__))
-    return out
+
+    return _build_cached(spec, root, quantize)
 
 
 def load_ct(path, dtype=torch.float32):
@@ -304,6 +286,24 @@ def load_ct(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+
+
+def adapter_layers(model) -> list:
+    """The LoTA and L4Q layers of a model."""
+    from peft_lota import L4QLayer, LotaLayer
+
+    return [m for m in model.modules() if isinstance(m, (LotaLayer, L4QLayer))]
+
+
+def train_steps(model, x: torch.Tensor, steps: int = 3, lr: float = 5e-2) -> None:
+    """A few AdamW steps of language modelling on `x` (whatever is trainable), then eval mode."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
 
 
 def build_float_checkpoint(arch: str, root) -> Path:

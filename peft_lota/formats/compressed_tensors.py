@@ -116,7 +116,7 @@ def model_is_ct(model: nn.Module) -> bool:
 
 def _compressed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the decompressed layer computes, from the codes: F.linear(x, (q - 0) * s, bias) in the scales' dtype."""
-    state = CTWeights(self).read()
+    state = self._peft_lota_weights.read()  # one reader per layer: its zeros/g_idx metadata is decoded once
     return F.linear(x, state.weight().t().contiguous(), self.bias)
 
 
@@ -141,6 +141,7 @@ def prepare_ct_model(model: nn.Module) -> int:
         module.weight_scale.requires_grad_(False)  # transformers makes it a trainable Parameter
         if getattr(module, _FORWARD_TAG, False):
             continue
+        module._peft_lota_weights = CTWeights(module)
         module.forward = types.MethodType(_compressed_forward, module)
         setattr(module, _FORWARD_TAG, True)
         changed += 1
