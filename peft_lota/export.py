@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -121,13 +122,25 @@ def _write(model, folder: Path, *, card_info: Optional[dict], write_card: bool, 
 # the switch, so that no step can load old weights under a new config (or the reverse): a crash between
 # those few renames leaves a folder that refuses to load (no config) plus the journal, and the next save
 # into the folder (or `recover(folder)`) completes it. Only files this save writes, and files the previous
-# peft_lota save wrote (its manifest), are replaced or removed; the folder's mode is left alone.
+# peft_lota save wrote (its manifest: a weight file or config, the very file it recorded), are replaced or
+# removed; a replaced file keeps its permissions, and the folder's mode is left alone. Every name a journal or a
+# manifest gives is checked to be a plain file name in the folder before it is used (a folder can arrive from the
+# Hub with any such file in it). A save holds a lock on the folder throughout: a concurrent save waits.
 
-MANIFEST = ".peft_lota-checkpoint.json"  # the files our last save wrote here
+MANIFEST = ".peft_lota-checkpoint.json"  # the files our last save wrote here, with what identifies them
 JOURNAL = ".peft_lota-commit.json"  # a commit in progress: replayed by recover()
 STAGING = ".peft_lota-staging-"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+CONFIGS = ("config.json", "quantize_config.json")  # what loaders read first: they switch with the weights
+# What a save may ever remove as stale: its own weight files and configs, never anything else a manifest names
+# (a folder downloaded from the Hub can hold any manifest).
+_REMOVABLE = re.compile(r"model(-\d+-of-\d+)?(\.[0-9a-z_]+)?\.safetensors|model\.safetensors\.index\.json"
+                        r"|config\.json|quantize_config\.json|generation_config\.json")
+
+
+class UnsafeFolderError(ValueError):
+    """The target folder holds a peft_lota journal that peft_lota did not write: nothing is changed."""
 
 
 def _commit_step(label: str) -> None:
@@ -155,16 +168,66 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def _read_json(path: Path):
+def _plain_name(name) -> bool:
+    """A file name that stays in its folder: no separator, no '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not os.path.isabs(name))
+
+
+def _read_own_json(path: Path):
+    """A JSON file of ours, or None. A symlink is never followed (it may point anywhere)."""
+    if path.is_symlink() or not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
+def _write_json(path: Path, data) -> None:
+    """Write through a temporary file and a rename: a symlink at `path` is replaced, never written through."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _identity(path: Path) -> list:
+    """[size, mtime_ns, inode]: what tells the file a save wrote from any other file given the same name later (a
+    manifest that arrived with a downloaded folder cannot know them)."""
+    st = path.stat(follow_symlinks=False)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _manifest(target: Path) -> dict:
+    """{name: identity} of the files the previous peft_lota save wrote here ({} when none, or when the manifest is
+    not one peft_lota wrote: such a manifest is ignored, so it can never make a save remove anything)."""
+    data = _read_own_json(target / MANIFEST)
+    if data is None:
+        if (target / MANIFEST).is_symlink():
+            logger.warning("peft_lota: %s is a symbolic link; ignored (and replaced by this save).", target / MANIFEST)
+        return {}
+    files, ids = (data.get("files"), data.get("identity")) if isinstance(data, dict) else (None, None)
+    if (not isinstance(files, list) or not all(_plain_name(n) for n in files) or not isinstance(ids, dict)
+            or not all(isinstance(ids.get(n), list) for n in files)):
+        logger.warning("peft_lota: %s was not written by this version of peft_lota (it names paths outside the "
+                       "folder, or does not identify its files); it is ignored: no file it lists is removed.",
+                       target / MANIFEST)
+        return {}
+    return {n: ids[n] for n in files}
+
+
+def _ours(target: Path, name: str, previous: dict) -> bool:
+    """Whether `name` in the target is the file the previous peft_lota save wrote (so this save may replace or
+    remove it): named in its manifest, one of the names a save writes, not a link, and the very file (same size,
+    modification time and inode) that save recorded."""
+    path = target / name
+    return (name in previous and _REMOVABLE.fullmatch(name) is not None and not path.is_symlink()
+            and path.is_file() and _identity(path) == previous[name])
+
+
 def _unique_shards(staged: Path, tag: str) -> None:
     """Give a sharded checkpoint's shards names no earlier save used, and point the index at them."""
-    index = _read_json(staged / INDEX)
+    index = _read_own_json(staged / INDEX)
     if index is None:
         return
     names = sorted(set(index["weight_map"].values()))
@@ -175,15 +238,12 @@ def _unique_shards(staged: Path, tag: str) -> None:
     (staged / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-CONFIGS = ("config.json", "quantize_config.json")  # what loaders read first: they switch with the weights
-
-
 def _plan(staged: Path, target: Path) -> dict:
     """What the commit will do, in order; refuses, before anything changes, a user's file that would shadow it."""
     new = sorted(f.name for f in staged.iterdir())
-    previous = set((_read_json(target / MANIFEST) or {}).get("files", []))
+    previous = _manifest(target)
     sharded = INDEX in new
-    if sharded and (target / SINGLE).exists() and SINGLE not in previous:
+    if sharded and (target / SINGLE).exists() and not _ours(target, SINGLE, previous):
         raise FileExistsError(
             f"{target / SINGLE} was not written by peft_lota and would be loaded instead of the new sharded "
             f"checkpoint (transformers prefers a single {SINGLE}). Remove or rename it, save elsewhere, or raise "
@@ -192,9 +252,21 @@ def _plan(staged: Path, target: Path) -> dict:
     configs = [n for n in CONFIGS if n in new]
     aside = [n for n in configs if (target / n).exists() and (target / n).read_bytes() != (staged / n).read_bytes()]
     first = [n for n in new if n not in (switch, *configs)]
-    stale = sorted(n for n in previous if n not in new and n not in (SINGLE, CARD_NAME))
+    stale = sorted(n for n in previous if n not in new and n not in (SINGLE, CARD_NAME) and _ours(target, n, previous))
     return {"staged": staged.name, "moves": first, "switch": switch, "configs": configs, "aside": aside,
-            "drop_single": sharded and SINGLE in previous, "stale": stale, "files": new}
+            "drop_single": sharded and _ours(target, SINGLE, previous), "stale": stale, "files": new}
+
+
+def _valid_plan(plan) -> bool:
+    """A journal is replayed only if every name in it is one a commit of ours writes, inside the folder."""
+    if not isinstance(plan, dict):
+        return False
+    lists = [plan.get(k) for k in ("moves", "configs", "aside", "stale", "files")]
+    return (isinstance(plan.get("staged"), str) and _plain_name(plan["staged"]) and plan["staged"].startswith(STAGING)
+            and plan.get("switch") in (SINGLE, INDEX) and isinstance(plan.get("drop_single"), bool)
+            and all(isinstance(v, list) and all(_plain_name(n) for n in v) for v in lists)
+            and set(plan["configs"]) <= set(CONFIGS) and set(plan["aside"]) <= set(plan["configs"])
+            and all(_REMOVABLE.fullmatch(n) for n in plan["stale"]))
 
 
 def _apply(plan: dict, target: Path) -> None:
@@ -204,6 +276,7 @@ def _apply(plan: dict, target: Path) -> None:
     def move(name: str) -> None:
         if (staged / name).exists():
             _commit_step(f"move {name}")
+            _keep_mode(target / name, staged / name)
             os.replace(staged / name, target / name)
 
     def aside(name: str) -> Path:
@@ -224,19 +297,34 @@ def _apply(plan: dict, target: Path) -> None:
         move(name)
     _fsync_dir(target)
     for name in plan["stale"]:
-        if (target / name).exists():
+        if (target / name).exists() or (target / name).is_symlink():
             _commit_step(f"remove {name}")
             os.unlink(target / name)
     _commit_step("manifest")
-    (target / MANIFEST).write_text(json.dumps({"files": plan["files"], "writer": "peft_lota"}, indent=1) + "\n")
+    ids = {n: _identity(target / n) for n in plan["files"] if (target / n).is_file()}
+    _write_json(target / MANIFEST, {"files": plan["files"], "identity": ids, "writer": "peft_lota"})
     for name in plan["aside"]:
         if aside(name).exists():
             os.unlink(aside(name))
     _commit_step("cleanup")
-    shutil.rmtree(staged, ignore_errors=True)
+    if staged.is_dir() and not staged.is_symlink():
+        shutil.rmtree(staged, ignore_errors=True)
     if (target / JOURNAL).exists():
         os.unlink(target / JOURNAL)
     _fsync_dir(target)
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """A file that replaces one of the same name keeps that file's permissions (a new one gets the umask's)."""
+    try:
+        mode = old.stat(follow_symlinks=False).st_mode
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(new, 0o666 & ~umask)
+        return
+    if stat.S_ISREG(mode):
+        os.chmod(new, stat.S_IMODE(mode))
 
 
 def _commit(staged: Path, target: Path) -> None:
@@ -244,34 +332,72 @@ def _commit(staged: Path, target: Path) -> None:
     _fsync_tree(staged)
     plan = _plan(staged, target)
     _commit_step("journal")
-    (target / JOURNAL).write_text(json.dumps(plan, indent=1) + "\n")
+    _write_json(target / JOURNAL, plan)
     _fsync_dir(target)
     _apply(plan, target)
 
 
+@contextlib.contextmanager
+def _locked(target: Path):
+    """Hold an exclusive lock on the folder for a whole save: a second save into it waits (saying so), so that
+    neither removes the other's staging folder or leaves shards that no manifest lists."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks on folders; saves into one folder must not overlap there
+        yield
+        return
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("peft_lota: another process is saving into %s; waiting for it to finish.", target)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def recover(save_directory) -> bool:
     """Finish a save into `save_directory` that was interrupted while moving files in (its journal says how),
-    and remove what interrupted saves left behind (staging folders, and the sibling folders of older
-    peft_lota versions). Every save into a folder does this first. Returns whether a commit was finished."""
+    and remove the staging folders that interrupted saves left inside it. Every save into a folder does this
+    first (holding the folder's lock). Returns whether a commit was finished.
+
+    Nothing outside the folder is touched. A journal that names anything but the files a peft_lota commit
+    writes (a path outside the folder, a link) is refused with UnsafeFolderError, and nothing is changed.
+    """
     target = Path(save_directory).absolute()
+    if not target.is_dir():
+        return False
+    with _locked(target):
+        return _recover(target)
+
+
+def _recover(target: Path) -> bool:
+    journal = target / JOURNAL
     finished = False
-    plan = _read_json(target / JOURNAL)
-    if plan is not None and (target / plan.get("staged", "")).is_dir():
-        _apply(plan, target)
-        finished = True
-    elif (target / JOURNAL).exists():
-        os.unlink(target / JOURNAL)
-    if target.is_dir():
-        for leftover in target.glob(STAGING + "*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    # peft_lota <= 0.1 staged beside the target and swapped folders with two renames.
-    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
-        if not target.exists() and (old / target.name).is_dir():
-            os.rename(old / target.name, target)
+    if journal.exists() or journal.is_symlink():
+        plan = _read_own_json(journal)
+        if not _valid_plan(plan):
+            raise UnsafeFolderError(
+                f"{journal} is not a commit journal peft_lota wrote (it is unreadable, a link, or names paths "
+                "outside the folder); nothing was changed. Delete it (and any .peft_lota-staging-* folder) and "
+                "save again.")
+        staged = target / plan["staged"]
+        if staged.is_dir() and not staged.is_symlink():
+            _apply(plan, target)
             finished = True
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.unlink(journal)
+    for leftover in target.glob(STAGING + "*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.is_symlink():
+            os.unlink(leftover)
+    for name in (MANIFEST, JOURNAL):  # a temporary file of _write_json that a killed save left
+        for leftover in target.glob(f"{name}.*.tmp"):
+            if not leftover.is_dir():
+                os.unlink(leftover)
     return finished
 
 
@@ -302,26 +428,31 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
     target = Path(save_directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory.")
-    recover(target)
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)  # a new folder gets the process's usual mode (umask)
-    existing_card = target / CARD_NAME
-    write_card = (overwrite_readme or not existing_card.exists()
-                  or CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace"))
-    if card_info is not None and not write_card:
-        logger.warning("peft_lota: %s already has a README.md that peft_lota did not write; keeping it "
-                       "(pass overwrite_readme=True to replace it with the model card).", target)
-    staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=target))
     try:
-        _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
-               save_kwargs=save_kwargs)
-        _commit(staged, target)
-    except BaseException:
-        if not (target / JOURNAL).exists():  # a journal means: moving in; recover() finishes it
-            shutil.rmtree(staged, ignore_errors=True)
-            if created:  # the folder this save made holds nothing else
-                shutil.rmtree(target, ignore_errors=True)
-        raise
+        target.mkdir(parents=True)  # a new folder gets the process's usual mode (umask)
+        created = True
+    except FileExistsError:
+        created = False
+    with _locked(target):
+        _recover(target)
+        existing_card = target / CARD_NAME
+        write_card = (overwrite_readme or not existing_card.exists()
+                      or CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace"))
+        if card_info is not None and not write_card:
+            logger.warning("peft_lota: %s already has a README.md that peft_lota did not write; keeping it "
+                           "(pass overwrite_readme=True to replace it with the model card).", target)
+        staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=target))
+        try:
+            _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
+                   save_kwargs=save_kwargs)
+            _commit(staged, target)
+        except BaseException:
+            if not (target / JOURNAL).exists():  # a journal means: moving in; recover() finishes it
+                shutil.rmtree(staged, ignore_errors=True)
+                if created:  # the folder this save made, if it still holds nothing
+                    with contextlib.suppress(OSError):
+                        target.rmdir()
+            raise
     if (target / "adapter_config.json").exists():
         logger.warning("peft_lota: %s also holds adapter_config.json; transformers will load the folder as a PEFT "
                        "adapter, not as this merged checkpoint. Remove it or save elsewhere.", target)
@@ -399,7 +530,7 @@ def attach_export(model: nn.Module, card_info: Optional[dict] = None) -> nn.Modu
         if push_to_hub and is_main_process:  # as transformers does: upload what this save wrote
             from huggingface_hub import HfApi
 
-            written = [n for n in (_read_json(folder / MANIFEST) or {}).get("files", [])
+            written = [n for n in (_read_own_json(folder / MANIFEST) or {}).get("files", [])
                        if n != CARD_NAME or CARD_MARKER in (folder / n).read_text(encoding="utf-8", errors="replace")]
             _upload(HfApi(token=token), folder, hub_kwargs.pop("repo_id", Path(save_directory).name),
                     private=hub_kwargs.get("private"),

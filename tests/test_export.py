@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -335,16 +336,140 @@ def test_a_users_single_weight_file_that_would_shadow_a_sharded_save_is_refused(
     assert tree(target) == snapshot and _leftovers(target) == []
 
 
-def test_leftovers_of_crashed_saves_are_cleaned_up(gptq_dir, tmp_path):
+def test_leftovers_of_crashed_saves_are_cleaned_up_and_nothing_beside_the_folder_is_touched(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V1_ASYM))
     target = tmp_path / "out"
     target.mkdir()
     (target / (export.STAGING + "abc")).mkdir()  # a save killed while writing
     (target / (export.STAGING + "abc") / "model.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / ".out.tmp-123").mkdir()  # older peft_lota versions staged beside the target
-    (tmp_path / ".out.old-456").mkdir()
+    for sibling in (".out.tmp-123", ".out.old-456"):  # folders beside the target are the user's, whatever their names
+        (tmp_path / sibling / "out").mkdir(parents=True)
+        (tmp_path / sibling / "out" / "keep.txt").write_text("mine")
+    beside = tree(tmp_path / ".out.tmp-123"), tree(tmp_path / ".out.old-456")
     save_checkpoint(model, target)
-    assert _leftovers(target) == [] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert _leftovers(target) == [] and sorted(p.name for p in tmp_path.iterdir()) == [".out.old-456", ".out.tmp-123", "out"]
+    assert (tree(tmp_path / ".out.tmp-123"), tree(tmp_path / ".out.old-456")) == beside
+
+
+def _victims(tmp_path: Path) -> dict:
+    """Files and a folder outside the target that a forged journal or manifest names."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data.txt").write_text("precious")
+    (tmp_path / "f").write_text("precious too")
+    return tree(tmp_path / "x") | {"f": (tmp_path / "f").read_text()}
+
+
+def _still_there(tmp_path: Path, victims: dict) -> bool:
+    return (tmp_path / "f").exists() and tree(tmp_path / "x") | {"f": (tmp_path / "f").read_text()} == victims
+
+
+@pytest.mark.parametrize("forged", [{"staged": "../x"}, {"staged": "ABS"}, {"stale": ["../f"]}, {"stale": ["ABS_F"]},
+                                    {"moves": ["../f"]}, {"stale": ["notes.txt"]}, "not json"])
+def test_a_forged_journal_is_refused_and_changes_nothing(gptq_dir, tmp_path, forged):
+    """A folder downloaded from the Hub can hold any .peft_lota-commit.json: it must never make a save (or recover)
+    delete, rename or write anything outside the folder, nor any file in it that peft_lota did not write."""
+    victims = _victims(tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    (target / (export.STAGING + "1")).mkdir()
+    plan = {"staged": export.STAGING + "1", "moves": [], "switch": "model.safetensors", "configs": [], "aside": [],
+            "drop_single": False, "stale": [], "files": []}
+    if isinstance(forged, dict):
+        forged = {k: [str(tmp_path / "f") if n == "ABS_F" else n for n in v] if isinstance(v, list)
+                  else str(tmp_path / "x") if v == "ABS" else v for k, v in forged.items()}
+        plan.update(forged)
+        text = json.dumps(plan)
+    else:
+        text = forged
+    (target / export.JOURNAL).write_text(text)
+    snapshot = tree(target)
+    with pytest.raises(export.UnsafeFolderError, match="not a commit journal peft_lota wrote"):
+        save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), target)
+    with pytest.raises(export.UnsafeFolderError):
+        export.recover(target)
+    assert _still_there(tmp_path, victims) and tree(target) == snapshot
+    assert (target / (export.STAGING + "1")).is_dir()
+
+
+def test_a_forged_or_linked_manifest_removes_nothing_and_is_never_written_through(gptq_dir, tmp_path, caplog):
+    victims = _victims(tmp_path)
+    model = load_gptq(gptq_dir(V1_ASYM))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"the user's own shard")
+    names = ["../f", str(tmp_path / "f"), "../x", "notes.txt", "model-00001-of-00002.safetensors"]
+    (target / export.MANIFEST).write_text(json.dumps({"files": names, "writer": "peft_lota"}))
+    user = tree(target)
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        save_checkpoint(model, target)
+    assert "is ignored: no file it lists is removed" in caplog.text
+    assert _still_there(tmp_path, victims)
+    assert {k: v for k, v in tree(target).items() if k in user and k != export.MANIFEST} == \
+        {k: v for k, v in user.items() if k != export.MANIFEST}
+    # A manifest of the right shape that names the user's files (with their true sizes) removes none of them.
+    files = {n: [(target / n).stat().st_size, 0, 0] for n in ("notes.txt", "model-00001-of-00002.safetensors")}
+    (target / export.MANIFEST).write_text(json.dumps({"files": list(files), "identity": files}))
+    save_checkpoint(model, target)
+    assert (target / "notes.txt").read_text() == "the user's"  # not a name a save writes
+    assert (target / "model-00001-of-00002.safetensors").read_bytes() == b"the user's own shard"  # not the file a save wrote
+    # A manifest that is a link to a file elsewhere is replaced by a file of its own, not written through.
+    (target / export.MANIFEST).unlink()
+    (target / export.MANIFEST).symlink_to(tmp_path / "f")
+    save_checkpoint(model, target)
+    assert _still_there(tmp_path, victims) and not (target / export.MANIFEST).is_symlink()
+    assert torch.equal(logits(load_gptq(target)), logits(model))
+
+
+def test_a_replaced_file_keeps_its_permissions(gptq_dir, tmp_path):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    target = save_checkpoint(model, tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in target.iterdir() if p.is_file()} == \
+        {p.name: 0o666 & ~umask for p in target.iterdir() if p.is_file()}  # new files: the usual mode
+    (target / "model.safetensors").chmod(0o644)
+    (target / "config.json").chmod(0o640)
+    save_checkpoint(model, target)
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (target / "config.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_concurrent_saves_into_one_folder_wait_for_each_other(gptq_dir, tmp_path, monkeypatch, caplog):
+    import threading
+
+    path = gptq_dir(V2_SYM_BIAS)
+    a, b, _ = _models_A_and_B(path)
+    target = tmp_path / "out"
+    target.mkdir()
+    slow = threading.Event()
+
+    def step(label):  # hold the first save inside its commit until the second one has started
+        if not slow.is_set():
+            slow.set()
+            time.sleep(1.0)
+
+    monkeypatch.setattr(export, "_commit_step", step)
+    errors = []
+
+    def save(model, shard):
+        try:
+            save_checkpoint(model, target, max_shard_size=shard)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    first = threading.Thread(target=save, args=(a, "100KB"))
+    first.start()
+    slow.wait(60)
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        save(b, "50GB")
+    first.join()
+    assert errors == []
+    assert "another process is saving into" in caplog.text
+    written = json.loads((target / export.MANIFEST).read_text())["files"]
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == sorted(written)  # no orphans
+    assert torch.equal(logits(load_gptq(target)), logits(b)) and _leftovers(target) == []
 
 
 def _models_A_and_B(path: Path):
