@@ -29,6 +29,7 @@ from .l4q.from_lora import l4q_from_lora  # noqa: E402
 from .l4q.layer import L4QLayer  # noqa: E402
 from .l4q.model import L4QModel  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
+from .tuner import NonFiniteCallback, NonFiniteError  # noqa: E402
 from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
 
 register()
@@ -45,6 +46,8 @@ __all__ = [
     "LotaLayer",
     "LotaModel",
     "LotaOptimizer",
+    "NonFiniteCallback",
+    "NonFiniteError",
     "TSignSGD",
     "attach_export",
     "calibrate",

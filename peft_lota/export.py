@@ -30,6 +30,7 @@ from typing import Optional
 from torch import nn
 
 from . import formats
+from .tuner import refuse_non_finite_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def _prepare(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     if fmt is None:
         raise ValueError("This model is not quantized in a format peft_lota writes (its config has no "
                          "quantization_config peft_lota knows); save it with its own save_pretrained.")
-    return fmt.checkpoint(model)
+    state_dict, qc, extra_files, facts = fmt.checkpoint(model)
+    refuse_non_finite_checkpoint(state_dict)  # a base that held NaN already, or a model edited after merging
+    return state_dict, qc, extra_files, facts
 
 
 def _refuse_unmerged(model: nn.Module) -> None:

@@ -7,11 +7,14 @@ build its layer (`_create_and_replace`), what to check before a merge writes any
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 from peft.tuners.tuners_utils import BaseTuner, onload_layer
+from transformers import TrainerCallback
 
 from . import formats
 
@@ -19,6 +22,99 @@ from . import formats
 def merged_training_error(method: str, key: str) -> RuntimeError:
     return RuntimeError(f"{key or 'a layer'}: the {method} adapter is merged into the quantized weights, so nothing can "
                         "learn through it. Call unmerge_adapter() before training (or train a fresh adapter).")
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinity in an adapter's tensors, in what a merge would write, or in a training run's loss."""
+
+
+def refuse_non_finite(tensor: torch.Tensor, what: str, refused: str) -> None:
+    """Raise NonFiniteError naming `what` if the floating tensor holds NaN or infinity; `refused`: e.g. "merge"."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    raise NonFiniteError(
+        f"{what} holds {nan} NaN and {inf} infinite values (of {tensor.numel()}): {refused} refused. The training "
+        "that made it diverged (a NaN or infinite loss or gradient), or the file is corrupt: go back to a checkpoint "
+        "saved before that and train on with a lower learning rate (or in bf16/fp32 rather than fp16); "
+        "Trainer(callbacks=[peft_lota.NonFiniteCallback()]) stops a run at the first non-finite step.")
+
+
+def refuse_non_finite_checkpoint(state_dict: dict) -> None:
+    """Refuse a checkpoint about to be written if any floating tensor holds NaN or infinity (export's last guard:
+    a merge checks what it writes, but not a base that held NaN already, nor a model edited after merging)."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor):
+            refuse_non_finite(tensor, f"Checkpoint tensor {name}", "save")
+
+
+def refuse_non_finite_adapters(layer, adapter_names, refused: str) -> None:
+    """Refuse NaN/inf in every trained tensor (adapter_layer_names) of these adapters in a tuner layer."""
+    for attr in layer.adapter_layer_names:
+        tensors = getattr(layer, attr)
+        for name in adapter_names:
+            if name in tensors:
+                refuse_non_finite(tensors[name].detach(), f"{layer._current_key}.{attr}.{name}", refused)
+
+
+def check_rank(layer, r: int, method: str) -> None:
+    """Refuse a rank beyond min(in_features, out_features), before its factors are allocated.
+
+    A product B A of a larger rank is no richer (its rank is at most min(in, out)), and its factors would hold
+    more values than the layer has weights: a wrong config (e.g. r = 2**24 from an edited adapter_config.json)
+    is refused here, not after allocating gigabytes.
+    """
+    most = min(layer.in_features, layer.out_features)
+    if r > most:
+        raise ValueError(f"{method} r={r} is too large for layer {layer._current_key or '?'}: r must be at most "
+                         f"min(in_features={layer.in_features}, out_features={layer.out_features}) = {most}. Lower r "
+                         "(adapter_config.json or the config you pass), or exclude the layer.")
+
+
+class NonFiniteCallback(TrainerCallback):
+    """Stops a `transformers.Trainer` run at the first non-finite value, with a message, before it is saved.
+
+    Checked: the adapters' gradients before each optimizer step (so the parameters are still those of the last
+    good step; skipped under fp16 mixed precision, whose loss scaler skips overflowing steps by design), the
+    trainable parameters after each step, and the logged loss and grad_norm. A step's checkpoint is written after
+    on_step_end, so none holding NaN is saved. The checks read each trainable tensor once per optimizer step
+    (adapter-sized: nothing next to a forward pass). Raises NonFiniteError.
+    """
+
+    @staticmethod
+    def _first_bad(model, grads: bool):
+        named = [(n, p.grad if grads else p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, t) for n, t in named if t is not None]
+        if not named:
+            return None
+        device = named[0][1].device  # one device sync for all tensors (a model may span devices)
+        if bool(torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).all()):
+            return None
+        return next(n for n, t in named if not bool(torch.isfinite(t).all()))
+
+    def _stop(self, state, what: str) -> None:
+        raise NonFiniteError(f"Training stopped at step {state.global_step}: {what}. Lower the learning rate (or "
+                             "train in bf16/fp32 rather than fp16) and resume from the last checkpoint saved before "
+                             "this step (trainer.train(resume_from_checkpoint=...)).")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None and not args.fp16:
+            bad = self._first_bad(model, grads=True)
+            if bad is not None:
+                self._stop(state, f"the gradient of {bad} holds NaN or infinity (the parameters are left as they "
+                                  "were before this step)")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            bad = self._first_bad(model, grads=False)
+            if bad is not None:
+                self._stop(state, f"the trained parameter {bad} holds NaN or infinity")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm") if not args.fp16 else ("loss",):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._stop(state, f"the logged {key} is {value}")
 
 
 def base_signature(target: nn.Module, quant) -> list:
@@ -129,6 +225,9 @@ class QuantTuner(BaseTuner):
     def _check_before_merge(self, adapter_names: Optional[list[str]], **merge_kwargs) -> None:
         """Refuse a merge up front, before any layer is written (a method adds its own checks)."""
         self._check_merge_allowed()
+        for module in self._tuner_layers():  # NaN/inf in what a merge would read or write
+            names = adapter_names if adapter_names is not None else module.active_adapters
+            module.check_finite([n for n in names if n not in module.merged_adapters], "merge")
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False, **merge_kwargs) -> None:
         """Merge adapters into the quantized weights, keeping what unmerge_adapter needs to restore them."""
@@ -180,7 +279,16 @@ class QuantTuner(BaseTuner):
                 f"This PeftModel holds no {cls.method_name} layer any more: merge_and_unload() (or unload()) took them "
                 "out. Save the model that merge_and_unload() returned (a standard quantized checkpoint), or save the "
                 "adapter before merging.")
-        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        sd = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, value in sd.items():
+            refuse_non_finite(value, f"Adapter tensor {key}", "save")
+        return sd
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        for key, value in state_dict.items():  # PeftModel.from_pretrained, load_adapter
+            refuse_non_finite(value, f"Adapter tensor {key}", "load")
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _card_info(self, adapter_names: Optional[list[str]]) -> dict:
         """What the model card of a merged checkpoint says (export.model_card)."""

@@ -53,9 +53,10 @@ def test_an_adapter_loads_only_onto_the_base_it_was_made_for(gptq_dir, tmp_path,
             PeftModel.from_pretrained(load_gptq(gptq_dir(other)), tmp_path / "adapter")
 
 
-def test_a_corrupt_or_misshapen_adapter_file_is_refused(gptq_dir, tmp_path):
+@pytest.mark.parametrize("train_mode", ["ternary", "latent"])  # latent: checked although the latents are loaded
+def test_a_corrupt_or_misshapen_adapter_file_is_refused(gptq_dir, tmp_path, train_mode):
     path = gptq_dir(A2)
-    adapter = trained_adapter(path, tmp_path, LotaConfig(r=4, omega=1, init_seed=0, train_mode="ternary"))
+    adapter = trained_adapter(path, tmp_path, LotaConfig(r=4, omega=1, init_seed=0, train_mode=train_mode))
     file = adapter / "adapter_model.safetensors"
     tensors = load_file(str(file))
     key = next(k for k in tensors if k.endswith("lota_B"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -142,75 +143,126 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], *, bits: int = 
         on_block: called with each block's BlockReport (progress, MSE before and after).
 
     The model is calibrated in place, on the device its parameters are on; the calibration set's activations
-    are kept on that device between blocks (one block trains at a time).
+    are kept on that device between blocks (one block trains at a time). If it fails (or is interrupted), the
+    model is put back as it was.
     """
-    from peft import get_peft_model
-
     stages = tuple(stages) if stages is not None else (STAGES if saliency_reg else ("outputs",))
     bad = [s for s in stages if s not in STAGES]
     if bad or (not saliency_reg and set(stages) != {"outputs"}):
         raise ValueError(f"calibrate: stages must be among {STAGES}, and 'weights'/'mixed' need saliency_reg=True; "
                          f"got {stages}.")
-    if not batches:
-        raise ValueError("calibrate: no calibration batches; pass a list of input_ids tensors.")
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    G2 = saliency(model, batches, device) if saliency_reg else {}
+    check_batches(model, batches)
+    with _restored_on_failure(model):  # an error or an interrupt: the model is given back as it was
+        from peft import get_peft_model
 
-    peft = get_peft_model(model, L4QConfig(r=r, lora_alpha=lora_alpha or r, bits=bits, group_size=group_size,
-                                           sym=sym, target_modules=target_modules, init_seed=seed))
-    peft.requires_grad_(False)
-    layers = decoder_layers(peft)
-    with peft.disable_adapter():
-        inputs = capture_block_inputs(peft, layers, batches, device)
-    fp_inputs = [h for h, _, _ in inputs]
-    q_inputs = list(fp_inputs)
-    blocks = tqdm(list(enumerate(layers)), desc="calibrating blocks", disable=not progress)
-    for i, block in blocks:
-        t0 = time.time()
-        with torch.no_grad(), peft.disable_adapter():  # the full-precision block on full-precision inputs
-            targets = [block(h, *a, **kw) for h, (_, a, kw) in zip(fp_inputs, inputs)]
-        q_in = [(h, a, kw) for h, (_, a, kw) in zip(q_inputs, inputs)]
-        l4q = {n: m for n, m in block.named_modules() if isinstance(m, L4QLayer)}
-        factors = [p for m in l4q.values() for p in (m.l4q_A["default"], m.l4q_B["default"])]
-        scales = [m.l4q_scales["default"] for m in l4q.values() if "default" in m.l4q_scales]
-        for p in factors + scales:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW([{"params": factors, "lr": lr}, {"params": scales, "lr": scale_lr}],
-                                weight_decay=weight_decay)
-        before = _block_mse(block, q_in, targets)
-        losses = {}
-        index = {n: f"{i}.{n}" for n in l4q}  # names in `saliency`'s map: relative to the list of blocks
-        for stage in stages:
-            for _ in range(epochs):
-                total = 0.0
-                for (h, a, kw), target in zip(q_in, targets):
-                    loss = h.new_zeros((), dtype=torch.float32)
-                    if stage != "weights":
-                        loss = loss + torch.nn.functional.mse_loss(block(h, *a, **kw).float(), target.float())
-                    if stage != "outputs":
-                        loss = loss + lambda_reg * _saliency_penalty(l4q, G2, index)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    total += loss.item()
-                losses.setdefault(stage, []).append(total / len(q_in))
-        for p in factors + scales:
-            p.requires_grad_(False)
-        after = _block_mse(block, q_in, targets)
-        with torch.no_grad():  # the next block sees what this quantized block makes of the quantized inputs
-            q_inputs = [block(h, *a, **kw) for h, a, kw in q_in]
-        fp_inputs = targets
-        report = BlockReport(i, before, after, round(time.time() - t0, 2),
-                             {s: [round(v, 6) for v in vals] for s, vals in losses.items()})
-        blocks.set_postfix(mse=f"{before:.3g}->{after:.3g}")
-        logger.info("block %d: output MSE %.4g -> %.4g (%.1f s)", i, before, after, report.seconds)
-        if on_block is not None:
-            on_block(report)
-    model.train(was_training)
-    return peft.merge_and_unload() if merge else peft
+        device = next(model.parameters()).device
+        torch.manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        G2 = saliency(model, batches, device) if saliency_reg else {}
+
+        peft = get_peft_model(model, L4QConfig(r=r, lora_alpha=lora_alpha or r, bits=bits, group_size=group_size,
+                                               sym=sym, target_modules=target_modules, init_seed=seed))
+        peft.requires_grad_(False)
+        layers = decoder_layers(peft)
+        with peft.disable_adapter():
+            inputs = capture_block_inputs(peft, layers, batches, device)
+        fp_inputs = [h for h, _, _ in inputs]
+        q_inputs = list(fp_inputs)
+        blocks = tqdm(list(enumerate(layers)), desc="calibrating blocks", disable=not progress)
+        for i, block in blocks:
+            t0 = time.time()
+            with torch.no_grad(), peft.disable_adapter():  # the full-precision block on full-precision inputs
+                targets = [block(h, *a, **kw) for h, (_, a, kw) in zip(fp_inputs, inputs)]
+            q_in = [(h, a, kw) for h, (_, a, kw) in zip(q_inputs, inputs)]
+            l4q = {n: m for n, m in block.named_modules() if isinstance(m, L4QLayer)}
+            factors = [p for m in l4q.values() for p in (m.l4q_A["default"], m.l4q_B["default"])]
+            scales = [m.l4q_scales["default"] for m in l4q.values() if "default" in m.l4q_scales]
+            for p in factors + scales:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW([{"params": factors, "lr": lr}, {"params": scales, "lr": scale_lr}],
+                                    weight_decay=weight_decay)
+            before = _block_mse(block, q_in, targets)
+            losses = {}
+            index = {n: f"{i}.{n}" for n in l4q}  # names in `saliency`'s map: relative to the list of blocks
+            for stage in stages:
+                for _ in range(epochs):
+                    total = 0.0
+                    for (h, a, kw), target in zip(q_in, targets):
+                        loss = h.new_zeros((), dtype=torch.float32)
+                        if stage != "weights":
+                            loss = loss + torch.nn.functional.mse_loss(block(h, *a, **kw).float(), target.float())
+                        if stage != "outputs":
+                            loss = loss + lambda_reg * _saliency_penalty(l4q, G2, index)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        total += loss.item()
+                    losses.setdefault(stage, []).append(total / len(q_in))
+            for p in factors + scales:
+                p.requires_grad_(False)
+            after = _block_mse(block, q_in, targets)
+            with torch.no_grad():  # the next block sees what this quantized block makes of the quantized inputs
+                q_inputs = [block(h, *a, **kw) for h, a, kw in q_in]
+            fp_inputs = targets
+            report = BlockReport(i, before, after, round(time.time() - t0, 2),
+                                 {s: [round(v, 6) for v in vals] for s, vals in losses.items()})
+            blocks.set_postfix(mse=f"{before:.3g}->{after:.3g}")
+            logger.info("block %d: output MSE %.4g -> %.4g (%.1f s)", i, before, after, report.seconds)
+            if on_block is not None:
+                on_block(report)
+        model.train(was_training)
+        return peft.merge_and_unload() if merge else peft
+
+
+def check_batches(model: nn.Module, batches) -> None:
+    """Refuse calibration batches the model cannot run, before the model is touched."""
+    if isinstance(batches, torch.Tensor):
+        raise ValueError("calibrate: batches must be a list of input_ids tensors [batch, seq], not one tensor: "
+                         "pass list(ids.split(batch_size)).")
+    if not batches:
+        raise ValueError("calibrate: no calibration batches; pass a list of input_ids tensors [batch, seq].")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for i, ids in enumerate(batches):
+        what = f"calibrate: batch {i}"
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{what} is a {kind}; pass token ids: integer tensors [batch, seq] (a tokenizer's "
+                             "input_ids, return_tensors='pt').")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"{what} has shape {tuple(ids.shape)}; pass non-empty input_ids of shape [batch, seq] "
+                             "(one sequence: ids[None]).")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"{what} holds token ids {lo}..{hi}, outside this model's vocabulary "
+                             f"0..{'' if vocab is None else vocab - 1}: tokenize with the model's own tokenizer.")
+
+
+@contextmanager
+def _restored_on_failure(model: nn.Module):
+    """Puts back the modules, attributes, gradients, requires_grad flags, modes and config of `model` if the body
+    raises."""
+    children = [(m, dict(m._modules), set(vars(m)), m.training) for m in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    config = getattr(model, "config", None)
+    settings = dict(vars(config)) if config is not None else None  # a merge adds its quantization_config
+    try:
+        yield
+    except BaseException:
+        if config is not None:
+            vars(config).clear()
+            vars(config).update(settings)
+        for module, kids, attrs, mode in children:  # the layers PEFT wrapped or a merge replaced, and modes
+            module._modules.clear()
+            module._modules.update(kids)
+            for extra in set(vars(module)) - attrs:  # e.g. PEFT's peft_config
+                delattr(module, extra)
+            module.training = mode
+        for p, flag, grad in params:
+            p.requires_grad_(flag)
+            p.grad = grad
+        raise
 
 
 def _saliency_penalty(l4q: dict[str, L4QLayer], G2: dict[str, torch.Tensor], index: dict[str, str]) -> torch.Tensor:

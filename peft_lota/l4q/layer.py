@@ -20,7 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats import gptq
 from ..formats.base import QuantWeights, add_bias
-from ..tuner import merged_training_error
+from ..tuner import (NonFiniteError, check_rank, merged_training_error, refuse_non_finite,
+                     refuse_non_finite_adapters)
 from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
 
@@ -114,6 +115,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
 
     # ---- adapters ----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, settings: L4QSettings, init_seed=None, **kwargs) -> None:
+        check_rank(self, settings.r, "L4QConfig")
         generator = None
         if init_seed is not None:  # one reproducible stream per layer, independent of creation order
             generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
@@ -193,6 +195,31 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         codes, _, _, grid = self.quantized(adapter_name)
         before = grid.state.codes.to(torch.int16)
         return (codes.to(torch.int16) - before).t().contiguous()
+
+    @torch.no_grad()
+    def check_finite(self, adapter_names, refused: str) -> None:
+        """Refuse NaN/inf in these adapters' tensors, in the scales a merge would write, and codes that would be NaN.
+
+        A NaN code would be cast to some integer (0 on x86) and merged as if nothing were wrong. The codes are
+        clamp(round(W_comb / s) + z): with finite tensors, NaN only where W_comb = W0 + scaling B A overflows
+        float32 (inf - inf), ruled out cheaply with |W0| <= max|s0| * (maxq + 1) and |B A| <= r max|A| max|B|.
+        (Where s = 0 the code is 0 / 0 too, but the weight s * (Q - z) is 0 whatever it is: not refused.)
+        """
+        names = [a for a in adapter_names if a in self.l4q_A]
+        refuse_non_finite_adapters(self, names, refused)
+        grid = self.grid()
+        for name in names:
+            s = self.scales(name, grid)
+            s = (grid.state.scales if s is None else s).to(grid.state.scales.dtype)
+            refuse_non_finite(s, f"{self._current_key}: the scales a merge would write", refused)
+            A, B = self.l4q_A[name].double(), self.l4q_B[name].double()
+            bound = (grid.state.scales.double().abs().amax() * (grid.state.maxq + 1)
+                     + self.settings[name].scaling * A.shape[0] * A.abs().amax() * B.abs().amax())
+            if not bound < torch.finfo(torch.float32).max:
+                raise NonFiniteError(f"{self._current_key}: the codes a merge of adapter {name!r} would write are "
+                                     "undefined (l4q_A and l4q_B are so large that W0 + B A overflows float32): "
+                                     f"{refused} refused. The training diverged: go back to a checkpoint saved "
+                                     "before that and train on with a lower learning rate.")
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
 from ..numerics import LOTA_SCALE_UNIT, scale_multiplier
-from ..tuner import merged_training_error
+from ..tuner import check_rank, merged_training_error, refuse_non_finite, refuse_non_finite_adapters
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"LotaConfig(offset={settings.offset!r}) moves zero points, and {self._current_key} is a "
                              f"{self.quant.format_name} layer, which is symmetric with no zero points to move: use "
                              "offset='none' (the default).")
+        check_rank(self, settings.r, "LotaConfig")
         generator = None
         if init_seed is not None:  # one reproducible stream per layer, independent of creation order
             generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
@@ -262,6 +263,20 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         return (after - before).t().contiguous()
 
     # ---- merge -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def check_finite(self, adapter_names, refused: str) -> None:
+        """Refuse NaN/inf in these adapters' tensors and in the scales a merge of them would write.
+
+        (A NaN latent would ternarize to 0 and merge as if nothing were wrong; the codes themselves are integer
+        steps of finite ternary values.)
+        """
+        names = [a for a in adapter_names if a in self.lota_A]
+        refuse_non_finite_adapters(self, names, refused)
+        if any(a in self.lota_scales for a in names):  # finite multipliers may still overflow the stored dtype
+            stored = self.quant.read().scales
+            scales = self.scales_after(stored, names).to(stored.dtype)
+            refuse_non_finite(scales, f"{self._current_key}: the scales a merge would write", refused)
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
               round_float_offset: bool = False) -> None:

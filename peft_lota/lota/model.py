@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import formats
-from ..tuner import QuantTuner
+from ..tuner import QuantTuner, refuse_non_finite
 from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
@@ -139,6 +139,8 @@ class LotaModel(QuantTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         latents = {k[: -len(LATENT_SUFFIX)]: v for k, v in state_dict.items() if k.endswith(LATENT_SUFFIX)}
+        for key, value in latents.items():  # the other tensors are checked by QuantTuner's remap
+            refuse_non_finite(value, f"Adapter tensor {key}{LATENT_SUFFIX}", "load")
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(LATENT_SUFFIX)}
         sd = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         params = dict(model.named_parameters())
@@ -147,6 +149,8 @@ class LotaModel(QuantTuner):
             if not TERNARY_KEY.search(name) or key not in params:
                 continue
             like = params[key]
+            # The 2-bit values are checked even where latents replace them: a corrupt file is refused either way.
+            ternary = _unpack_ternary(value, like, name) if value.dtype == torch.uint8 else value
             latent = latents.get(name) if name in latents else latents.get(name.removeprefix("base_model.model."))
             if config.train_mode == "latent" and latent is not None:
                 if latent.shape != like.shape:
@@ -155,7 +159,6 @@ class LotaModel(QuantTuner):
                                      "another rank r.")
                 sd[key] = latent.to(like.dtype)
                 continue
-            ternary = _unpack_ternary(value, like, name) if value.dtype == torch.uint8 else value
             if config.train_mode == "latent":  # no latent values saved: start each entry in its level's middle
                 ternary = ternary * (2 * config.latent_threshold)
             sd[key] = ternary

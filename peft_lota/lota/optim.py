@@ -26,7 +26,9 @@ import re
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
+
+from ..tuner import NonFiniteCallback
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +300,9 @@ def _unwrap(optimizer) -> TSignSGD | LotaOptimizer | None:
     return None
 
 
-class LotaCallback(TrainerCallback):
-    """Makes a stock `transformers.Trainer` run t-SignSGD correctly.
+class LotaCallback(NonFiniteCallback):
+    """Makes a stock `transformers.Trainer` run t-SignSGD correctly (and stops it at a non-finite value, as
+    NonFiniteCallback does).
 
     At train begin it sets the schedule length to `state.max_steps` (the real number of optimizer
     steps, gradient accumulation and epochs included) and turns gradient clipping off. Clipping
