@@ -6,8 +6,9 @@
     peft-lota finetune ...     (examples/finetune.py's flags)
     peft-lota calibrate ...    (examples/calibrate.py's flags)
 
-Exit codes: 0 done (and every check passed); 1 a check failed (the checkpoint is not what it should be);
-2 a usage mistake (a missing folder, an adapter of another kind, ...), reported in one line.
+Exit codes: 0 done (and every check passed); 1 a check failed (the checkpoint is not what it should be), or a
+bug in peft_lota (shown with its traceback); 2 a usage mistake (a missing folder, an adapter of another kind, a
+damaged file, ...), reported in one line.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
+import traceback
+import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -50,19 +54,38 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object from a file; a damaged or unreadable file is a usage mistake naming the file."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"{file} is not valid JSON ({err}): it is damaged or cut short; copy it again from where "
+                         "it came from.") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {file}: {err.strerror or err}.") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{file} holds a JSON {type(data).__name__}, not an object: it is damaged; copy it again.")
+    return data
+
+
 def _config(path: str) -> dict:
     """config.json of a local folder or a Hub repo."""
-    local = Path(path) / "config.json"
-    if local.exists():
-        return json.loads(local.read_text())
-    if Path(path).exists():
-        raise UsageError(f"{path} has no config.json: it is not a model folder.")
+    folder = Path(path)
+    if folder.is_file():
+        raise UsageError(f"{path} is a file, not a model folder (a folder with config.json and the weights).")
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json: it is not a model folder.")
+        return _read_json(folder / "config.json")
+    if os.path.lexists(path):
+        raise UsageError(f"{path} is a broken symbolic link (to {os.readlink(path)}): point it at the model folder.")
     try:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(path).to_dict()
     except Exception as err:  # noqa: BLE001
-        raise UsageError(f"{path}: not a local folder, and not a model on the Hub ({type(err).__name__}).") from None
+        raise UsageError(f"{path}: no such folder, and not a model on the Hub ({type(err).__name__}); check the "
+                         "path.") from None
 
 
 def _quantization(path: str) -> Optional[dict]:
@@ -82,26 +105,135 @@ def _format(qc: dict):
     return config_format(qc)
 
 
-def load_model(path: str, dtype: str = "float32"):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _own_dtype(path: str) -> str:
+    """The dtype a checkpoint loads in by default (its config's dtype, or legacy torch_dtype; float32 if none): what
+    the merge and its checks run in unless --dtype says otherwise, so the merged config keeps the base's dtype."""
+    config = _config(path)
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if value in DTYPES else "float32"
+
+
+def load_model(path: str, dtype: Optional[str] = None):
     """A quantized checkpoint with its layout-keeping kernel (what adapters read and merge into), or a
-    full-precision model."""
+    full-precision model; dtype None: the checkpoint's own."""
     import torch
+    from safetensors import SafetensorError
 
     from peft_lota.loading import load_model as load
 
     _quantization(path)
-    return load(path, dtype=getattr(torch, dtype))
+    try:
+        return load(path, dtype=getattr(torch, dtype or _own_dtype(path)))
+    except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, a config transformers refuses
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load the model in {path}: {first.rstrip('.')}. Check that its files are complete "
+                         "(copy or download them again).") from None
 
 
 def _adapter_config(path: str) -> dict:
-    file = Path(path) / "adapter_config.json"
-    if not file.exists():
+    """The adapter's config, checked as LotaConfig/L4QConfig check theirs, and its weights file's header."""
+    folder = Path(path)
+    file = folder / "adapter_config.json"
+    if not file.is_file():
         raise UsageError(f"{path} has no adapter_config.json: it is not a saved adapter.")
-    config = json.loads(file.read_text())
+    config = _read_json(file)
     if config.get("peft_type") not in ("LOTA", "L4Q"):
         raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges LoTA and L4Q adapters "
                          "(a LoRA can be turned into L4Q with peft_lota.l4q_from_lora).")
+    from peft import PeftConfig
+
+    import peft_lota  # noqa: F401  (registers LOTA and L4Q)
+
+    try:
+        PeftConfig.from_peft_type(**config)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{file}: {str(err).splitlines()[0]} Fix the file, or save the adapter again.") from None
+    targets, layers = config.get("target_modules"), config.get("base_layers")
+    if not (targets is None or isinstance(targets, str) or (isinstance(targets, list)
+                                                            and all(isinstance(t, str) for t in targets))):
+        raise UsageError(f"{file}: target_modules must be a layer name pattern or a list of names, got {targets!r}.")
+    if not (layers is None or (isinstance(layers, dict) and all(isinstance(v, list) and len(v) >= 5
+                                                                  for v in layers.values()))):
+        raise UsageError(f"{file}: base_layers must map layer names to what the adapter was made for (as saved), "
+                         "or be null; save the adapter again.")
+    _adapter_weights(folder)
     return config
+
+
+def _adapter_weights(folder: Path) -> None:
+    """adapter_model.safetensors must be there and its header whole; a pickle (.bin) is refused, not loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise UsageError(f"{folder} holds adapter_model.bin, a pickle file (loading one can run code): peft-lota "
+                             "reads only adapter_model.safetensors; save the adapter with save_pretrained (its "
+                             "default writes safetensors).")
+        raise UsageError(f"{folder} has no adapter_model.safetensors (the adapter's weights): copy it there, or "
+                         "save the adapter again.")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise UsageError(f"{weights} is damaged ({err}): copy it again, or save the adapter again.") from None
+
+
+def _apply_adapter(base, adapter: str):
+    """PeftModel.from_pretrained, with an adapter made for another base refused in one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except ValueError as err:  # the tuner's "made for a base whose layer ... is ..."
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+def _check_base(cfg: dict, base: str) -> None:
+    """Before loading: a LoTA adapter needs a quantized base (it moves that base's integer codes)."""
+    if cfg["peft_type"] == "LOTA" and _quantization(base) is None:
+        raise UsageError(f"{base} is a full-precision model, and a LoTA adapter moves the integer codes of the "
+                         "quantized checkpoint it was trained on: give that checkpoint as the base "
+                         f"(adapter_config.json names {cfg.get('base_model_name_or_path')!r}).")
+
+
+def _check_out(out: str, inputs: dict) -> None:
+    """Refuse, before loading anything, an OUT that is a file or that is an input folder itself (real paths: symlinks
+    resolved): the merge must never write over the files it reads. A folder inside or around an input is fine (e.g.
+    runs/lota/merged next to the adapter in runs/lota): a save writes only its own files into OUT."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"OUT {out} is an existing file: give a folder for the merged checkpoint.")
+    real_out = Path(out).resolve()
+    for what, path in inputs.items():
+        if Path(path).exists() and Path(path).resolve() == real_out:  # (a Hub id has nothing local to protect)
+            raise UsageError(f"OUT {out} is the {what} folder {path}: the merge would write over it. Write the merged "
+                             "checkpoint to a folder of its own.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _copy_tokenizer(out: Path, sources: list) -> None:
+    """The tokenizer files next to the merged checkpoint (the adapter's, else the base's), each written to a new
+    file in OUT and renamed over its name: a (dangling) symlink there is replaced, never written through."""
+    for name in TOKENIZER_FILES:
+        if (out / name).exists():  # the user's own file, or a link to one: kept
+            continue
+        src = next((Path(d) / name for d in sources if (Path(d) / name).is_file()), None)
+        if src is None:
+            continue
+        tmp = out / f".{name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never through a link
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(src.read_bytes())
+            os.replace(tmp, out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _probe(model, seq: int = 32):
@@ -151,16 +283,13 @@ def _print_table(rows) -> None:
 
 def cmd_merge(args) -> int:
     import torch
-    from peft import PeftModel
 
-    import peft_lota  # noqa: F401  (registers LOTA and L4Q)
-
+    if args.out:
+        _check_out(args.out, {"base": args.base, "adapter": args.adapter})
     adapter_cfg = _adapter_config(args.adapter)
-    base = load_model(args.base, args.dtype)
-    try:
-        model = PeftModel.from_pretrained(base, args.adapter)
-    except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+    _check_base(adapter_cfg, args.base)
+    dtype = args.dtype or _own_dtype(args.base)
+    model = _apply_adapter(load_model(args.base, dtype), args.adapter)
     model.eval()
     ids = _probe(model)
     adapter_logits = _logits(model, ids)
@@ -170,17 +299,15 @@ def cmd_merge(args) -> int:
     exact = bool(torch.equal(merged_logits, adapter_logits))
     out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
     merged.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        for src in (Path(args.adapter) / name, Path(args.base) / name):
-            if src.exists() and not (out / name).exists():
-                (out / name).write_bytes(src.read_bytes())
-    reloaded = load_model(str(out), args.dtype)
+    _copy_tokenizer(out, [args.adapter, args.base])
+    reloaded = load_model(str(out), dtype)
     same_codes = _same_buffers(merged, reloaded)
     same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     fmt = _format(qc)
     settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
+            ("dtype", dtype if args.dtype else f"{dtype} (the base's; --dtype to change)"),
             ("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "(from full precision: every code is new)"),
             ("written", f"{out} ({fmt.name}: {settings})"),
             ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
@@ -224,11 +351,8 @@ def cmd_inspect(args) -> int:
         files = sorted(p for p in path.iterdir() if p.is_file())
         rows.append(("files", ", ".join(f"{p.name} {_human(p.stat().st_size)}" for p in files)))
         if args.base:
-            from peft import PeftModel
-
-            import peft_lota  # noqa: F401
-
-            model = PeftModel.from_pretrained(load_model(args.base), args.path)
+            _check_base(cfg, args.base)
+            model = _apply_adapter(load_model(args.base), args.path)
             moved = _codes_moved(model)
             rows.append(("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "-"))
             _print_table(rows)
@@ -259,28 +383,29 @@ def cmd_inspect(args) -> int:
 
 def cmd_verify(args) -> int:
     import torch
-    from peft import PeftModel
 
-    import peft_lota  # noqa: F401
-
-    checkpoint = load_model(args.checkpoint, args.dtype)
-    ids = _probe(checkpoint)
     against = Path(args.against)
-    if (against / "adapter_config.json").exists():
-        cfg = _adapter_config(args.against)
-        base = args.base or cfg.get("base_model_name_or_path")
-        if not base:
-            raise UsageError("the adapter does not name its base model: pass --base.")
-        reference = PeftModel.from_pretrained(load_model(base, args.dtype), args.against)
+    cfg = _adapter_config(args.against) if (against / "adapter_config.json").exists() else None
+    base = (args.base or cfg.get("base_model_name_or_path")) if cfg else None
+    if cfg and not base:
+        raise UsageError("the adapter does not name its base model: pass --base.")
+    if cfg:
+        _check_base(cfg, base)
+    dtype = args.dtype or _own_dtype(args.checkpoint)  # compare as the checkpoint loads by default
+    checkpoint = load_model(args.checkpoint, dtype)
+    ids = _probe(checkpoint)
+    if cfg:
+        reference = _apply_adapter(load_model(base, dtype), args.against)
         reference.eval()
-        rows = [("checkpoint", args.checkpoint), ("against", f"{cfg['peft_type']} adapter {args.against} on {base}")]
+        rows = [("checkpoint", args.checkpoint), ("against", f"{cfg['peft_type']} adapter {args.against} on {base}"),
+                ("dtype", dtype)]
         ok = bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
         rows.append(("logits == the adapter model's", ok))
     else:
-        reference = load_model(args.against, args.dtype)
+        reference = load_model(args.against, dtype)
         same = _same_buffers(checkpoint, reference)
         ok = same and bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
-        rows = [("checkpoint", args.checkpoint), ("against", args.against),
+        rows = [("checkpoint", args.checkpoint), ("against", args.against), ("dtype", dtype),
                 ("codes, zeros, scales equal", same), ("logits equal", ok)]
     _print_table(rows)
     return EXIT_OK if ok else EXIT_FAILED
@@ -295,27 +420,70 @@ def _script(name: str):
         raise UsageError(f"{err}. peft-lota {name} needs the extras: pip install 'peft_lota[examples]'.") from None
 
 
+# The entries of a script's summary that are checks (each must be True); every perplexity and loss must be finite
+# (but a --baseline's: that is another model, measured for comparison).
+SUMMARY_CHECKS = {"merged_equals_adapter": "merged logits == adapter logits",
+                  "reloaded_buffers_equal": "reloaded codes/scales == merged",
+                  "reloaded_logits_equal": "reloaded logits == merged", "ranks_agree": "the processes' adapters agree",
+                  "merged_equals_calibrated": "merged logits == calibrated",
+                  "reloaded_equals_merged": "reloaded == merged"}
+
+
+def failed_checks(summary: dict) -> list:
+    """What failed among a finetune/calibrate summary's own checks (empty: all passed)."""
+    failed = [f"{label}: False" for key, label in SUMMARY_CHECKS.items() if summary.get(key) is False]
+    measured = [k for k in summary if k.startswith("ppl_") and k != "ppl_baseline" or k == "train_loss"]
+    return failed + [f"{k} is {summary[k]}" for k in measured
+                     if isinstance(summary[k], float) and not math.isfinite(summary[k])]
+
+
+def _run_script(name: str, argv: list) -> int:
+    summary = _script(name).main(argv)
+    failed = failed_checks(summary or {})
+    if failed:
+        print(f"peft-lota {name}: check failed: {'; '.join(failed)} (the summary above has the details).",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _guarded(command: str, run) -> int:
+    """Expected failures as one line (exit 2); anything else is a bug: its traceback and where to report it."""
+    try:
+        return run()
+    except UsageError as err:
+        print(f"peft-lota {command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # a file that cannot be read or written (missing, permissions, disk full)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"peft-lota {command}: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"peft-lota {command}: this is a bug in peft_lota, not a mistake of yours: please report it to the "
+              "peft_lota issue tracker with this traceback.", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("finetune", "calibrate"):  # the scripts parse their own (many) flags
-        try:
-            _script(argv[0]).main(argv[1:])
-        except UsageError as err:
-            print(f"peft-lota {argv[0]}: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        return EXIT_OK
+        return _guarded(argv[0], lambda: _run_script(argv[0], argv[1:]))
     ap = argparse.ArgumentParser(prog="peft-lota", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dtype_help = "activation dtype of the models compared (default: the checkpoint's own, from its config.json)"
     m = sub.add_parser("merge", help="merge a LoTA or L4Q adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
                        description="Load the base the right way, apply the adapter, merge exactly, save (or push) the "
                                    "checkpoint, reload it and compare codes and logits.")
     m.add_argument("base", help="the base model the adapter was trained on (GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint, or full precision for L4Q)")
     m.add_argument("adapter", help="the saved adapter folder")
-    m.add_argument("out", nargs="?", help="where to write the merged checkpoint (optional with --push)")
+    m.add_argument("out", nargs="?", help="where to write the merged checkpoint, a folder apart from BASE and ADAPTER "
+                                          "(optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--dtype", choices=DTYPES, help=dtype_help.replace("checkpoint's", "base's") +
+                   "; the merged config records it.")
     m.set_defaults(func=cmd_merge)
     i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint (and which kernels can serve it)",
                        description="An adapter: method, settings, the base it was made for, files; with --base, the "
@@ -330,7 +498,7 @@ def main(argv=None) -> int:
     v.add_argument("checkpoint")
     v.add_argument("--against", required=True, help="a saved adapter folder, or another checkpoint")
     v.add_argument("--base", help="the adapter's base model (default: the one its adapter_config.json names)")
-    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--dtype", choices=DTYPES, help=dtype_help)
     v.set_defaults(func=cmd_verify)
     sub.add_parser("finetune", help="fine-tune with LoTA or L4Q through a stock Trainer, merge, save, verify "
                                     "(examples/finetune.py; peft-lota finetune --help)", add_help=False)
@@ -340,14 +508,7 @@ def main(argv=None) -> int:
     if args.command == "merge" and not args.out and not args.push:
         ap.error("merge needs OUT, --push REPO, or both")
     _quiet()
-    try:
-        return args.func(args)
-    except UsageError as err:
-        print(f"peft-lota {args.command}: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, FileExistsError, PermissionError) as err:
-        print(f"peft-lota {args.command}: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return _guarded(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,17 @@ def quantization_config(path) -> dict | None:
     if not qc:
         return None
     from .formats import config_format, unsupported_reason
+    from .formats.packing import SUPPORTED_BITS
 
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path}: config.json's quantization_config is {qc!r}, not an object: the file is damaged.")
     if config_format(qc) is None:
         raise ValueError(f"{path}: {unsupported_reason(qc)}")
+    bits = qc.get("bits")
+    if qc.get("quant_method") in ("gptq", "awq") and bits not in SUPPORTED_BITS:
+        # transformers refuses them at load (gptqmodel writes 5-7 bits in its own planar layout)
+        raise ValueError(f"{path}: a {bits}-bit {qc['quant_method'].upper()} checkpoint; transformers and peft_lota "
+                         f"read {', '.join(map(str, SUPPORTED_BITS))} bits: quantize the model at one of those.")
     return qc
 
 

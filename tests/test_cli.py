@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,38 @@ def test_the_console_script_is_installed():
         assert subprocess.run([str(exe), command, "--help"], capture_output=True, text=True,
                               timeout=120).returncode == 0
     assert LotaLayer  # (the package imported for registration)
+
+
+def test_merge_keeps_the_base_dtype(base, tmp_path, capsys, monkeypatch):
+    """A bfloat16 base merges, and is checked, in bfloat16, and the merged config says so (it loads as the adapter
+    model ran); --dtype still overrides."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    bf16 = tmp_path / "bf16-base"
+    shutil.copytree(base, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    config.update(dtype="bfloat16", **({"torch_dtype": "bfloat16"} if "torch_dtype" in config else {}))
+    (bf16 / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():  # only the backend of our GPTQConfig is used: meant
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        stock = AutoModelForCausalLM.from_pretrained(str(bf16), device_map="cpu",  # no dtype: transformers' default
+                                                     quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
+    assert {p.dtype for p in stock.parameters()} == {torch.bfloat16}
+    adapter = saved_adapter(bf16, tmp_path / "adapter", "lota")
+    compared = []
+    logits = cli._logits
+    monkeypatch.setattr(cli, "_logits", lambda model, ids: compared.append(logits(model, ids)) or compared[-1])
+
+    assert cli.main(["merge", str(bf16), str(adapter), str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"merged logits == adapter logits\s+True", out) and re.search(r"reloaded logits == merged\s+True",
+                                                                                    out)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert len(compared) == 3 and {t.dtype for t in compared} == {torch.bfloat16}
+    compared.clear()
+    assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(adapter), "--base", str(bf16)]) == 0
+    assert {t.dtype for t in compared} == {torch.bfloat16}
+
+    assert cli.main(["merge", str(bf16), str(adapter), str(tmp_path / "merged32"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "merged32" / "config.json").read_text())["dtype"] == "float32"
+    capsys.readouterr()

@@ -27,6 +27,7 @@ dataset (`--dataset_name`, needs network). Two shapes:
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ from transformers import (  # noqa: E402
 
 import peft_lota  # noqa: E402  (registers LOTA with PEFT)
 from peft import get_peft_model  # noqa: E402
+from peft_lota.cli import UsageError, _quantization  # noqa: E402
 from peft_lota.formats import config_format  # noqa: E402
 from peft_lota.loading import quantization_config  # noqa: E402
 
@@ -145,8 +147,9 @@ class MethodArguments:
         targets = [t.strip() for t in targets.split(",")] if "," in targets else targets
         if self.method == "lota":
             if not quantized:
-                raise ValueError(f"{base_model} is not a GPTQ checkpoint: LoTA moves the integer codes of a GPTQ model. "
-                                 "Quantize it first, or use --method l4q, which starts from full precision too.")
+                raise UsageError(f"{base_model} is a full-precision model: LoTA moves the integer codes of a quantized "
+                                 "(GPTQ, AWQ, compressed-tensors, LLM.int8) model. Quantize it first, or use --method "
+                                 "l4q, which starts from full precision too.")
             kw = {k: v for k, v in dict(omega=self.omega, latent_threshold=self.latent_threshold,
                                         train_scales=self.train_scales).items() if v is not None}
             return peft_lota.LotaConfig(r=self.r or 64, offset=self.offset, target_modules=targets,
@@ -162,24 +165,93 @@ class MethodArguments:
 
 # ---- data ----------------------------------------------------------------------------------------
 
+def check_data_file(path: str, flag: str) -> None:
+    """Up front, in one line each: a missing, empty or non-UTF-8 file (datasets would fail with a traceback, or read
+    UTF-16 text as garbage: its NUL bytes are valid UTF-8)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{flag} {path}: {'not a file' if file.exists() else 'no such file'}.")
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True  # strict
+    try:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                if b"\0" in chunk:
+                    raise UsageError(f"{flag} {path} holds NUL bytes: it is not UTF-8 text (UTF-16?); save it as "
+                                     "UTF-8.")
+                blank = not decoder.decode(chunk).strip() and blank
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} near offset "
+                         f"{offset + err.start}; latin-1?): save it as UTF-8.") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot read it ({err.strerror or err}).") from None
+    if blank:
+        raise UsageError(f"{flag} {path} is empty: give a file with the data.")
+
+
+def needed_columns(data_args: DataArguments) -> list[str]:
+    if data_args.prompt_column is None and data_args.response_column is None:
+        return [data_args.text_column]
+    if data_args.prompt_column is None or data_args.response_column is None:
+        raise UsageError("instruction data needs both --prompt_column and --response_column.")
+    return [data_args.prompt_column, data_args.response_column]
+
+
+def check_rows(raw, data_args: DataArguments, sources: dict) -> None:
+    """Every row must have each field the run reads: a missing one would train on the string "None"."""
+    import pyarrow.compute as pc
+
+    for split, ds in raw.items():
+        where = sources.get(split) or f"the {split} split of {data_args.dataset_name}"
+        for col in needed_columns(data_args):
+            if col not in ds.column_names:
+                raise UsageError(f"{where} has no {col!r} field (its fields: {', '.join(ds.column_names)}); set "
+                                 "--text_column, or --prompt_column and --response_column for instruction data.")
+            row = pc.index(ds.data.column(col).is_null(), True).as_py()
+            if row >= 0:
+                raise UsageError(f"{where}: row {row + 1} (counting from 1) has no {col!r} (or it is null); every "
+                                 "row needs one: fix or drop that row.")
+
+
 def load_raw_datasets(data_args: DataArguments):
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
+    sources = {}
     if data_args.dataset_name:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
     else:
         if not data_args.train_file:
-            raise ValueError("Give --train_file (local JSON/JSONL/CSV/text) or --dataset_name.")
-        files = {"train": data_args.train_file}
+            raise UsageError("give --train_file (local JSON/JSONL/CSV/text) or --dataset_name.")
+        sources = {"train": data_args.train_file}
         if data_args.validation_file:
-            files["validation"] = data_args.validation_file
-        ext = Path(data_args.train_file).suffix.lstrip(".").lower()
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text"}.get(ext)
-        if builder is None:
-            raise ValueError(f"--train_file {data_args.train_file}: use a .json, .jsonl, .csv or .txt file.")
-        raw = load_dataset(builder, data_files=files)
+            sources["validation"] = data_args.validation_file
+        builders = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text"}
+        for split, path in sources.items():
+            flag = f"--{split if split == 'validation' else 'train'}_file"
+            if Path(path).suffix.lstrip(".").lower() not in builders:
+                raise UsageError(f"{flag} {path}: use a .json, .jsonl, .csv or .txt file.")
+            check_data_file(path, flag)
+        kinds = {builders[Path(path).suffix.lstrip(".").lower()] for path in sources.values()}
+        if len(kinds) > 1:
+            raise UsageError("--train_file and --validation_file are read the same way: give both as JSON/JSONL, CSV "
+                             "or text.")
+        builder = kinds.pop()
+        try:
+            raw = load_dataset(builder, data_files=sources)
+        except DatasetGenerationError as err:  # a malformed line (JSON) or row (CSV)
+            cause = str(err.__cause__ or err).strip().splitlines()
+            raise UsageError(f"{' / '.join(sources.values())}: not readable as {builder} "
+                             f"({cause[0] if cause else type(err).__name__}).") from None
+    check_rows(raw, data_args, sources)
     if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        try:
+            split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        except ValueError:  # datasets: one of the two parts would be empty
+            raise UsageError(f"{sources.get('train', 'the training data')}: {len(raw['train'])} row(s) are too few to "
+                             f"hold out --validation_split_percentage {data_args.validation_split_percentage} for "
+                             "evaluation; give more rows, or a --validation_file.") from None
         raw["train"], raw["validation"] = split["train"], split["test"]
     return raw
 
@@ -188,11 +260,11 @@ def tokenize_datasets(raw, tokenizer, data_args: DataArguments, training_args: T
     """Causal-LM blocks from a text column, or prompt/response pairs with the loss on the response."""
     columns = raw["train"].column_names
     block = data_args.block_size
-    instruction = data_args.prompt_column is not None or data_args.response_column is not None
+    instruction = len(needed_columns(data_args)) == 2
     if instruction:
         for col in (data_args.prompt_column, data_args.response_column):
             if col not in columns:
-                raise ValueError(f"Column {col!r} not found; the data has {columns}. Set --prompt_column and "
+                raise UsageError(f"Column {col!r} not found; the data has {columns}. Set --prompt_column and "
                                  "--response_column.")
         eos = tokenizer.eos_token or ""
 
@@ -210,7 +282,7 @@ def tokenize_datasets(raw, tokenizer, data_args: DataArguments, training_args: T
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     else:
         if data_args.text_column not in columns:
-            raise ValueError(f"Column {data_args.text_column!r} not found; the data has {columns}. Set --text_column, "
+            raise UsageError(f"Column {data_args.text_column!r} not found; the data has {columns}. Set --text_column, "
                              "or --prompt_column/--response_column for instruction data.")
         eos_id = tokenizer.eos_token_id
 
@@ -230,7 +302,7 @@ def tokenize_datasets(raw, tokenizer, data_args: DataArguments, training_args: T
         if limit is not None and len(data[split]) > limit:
             data[split] = data[split].select(range(limit))
     if len(data["train"]) == 0:
-        raise ValueError(f"No training sequence: the training text is shorter than --block_size {block}.")
+        raise UsageError(f"No training sequence: the training text is shorter than --block_size {block}.")
     return data["train"], data["validation"], collator
 
 
@@ -250,7 +322,7 @@ def load_model(path: str, backend: Optional[str] = None, dtype: torch.dtype = to
     if qc is not None and backend is not None:
         config = config_format(qc).load_config(qc)
         if config is None:
-            raise SystemExit(f"finetune: --backend {backend}: {config_format(qc).name} checkpoints load without a "
+            raise UsageError(f"--backend {backend}: {config_format(qc).name} checkpoints load without a "
                              "kernel choice; drop --backend.")
         config.backend = backend
         kwargs["quantization_config"] = config
@@ -326,15 +398,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step
         training_args.ddp_find_unused_parameters = False
     transformers.set_seed(training_args.seed)
+    quantized = _quantization(model_args.model_name_or_path) is not None  # a missing or damaged model: one line
+    raw = load_raw_datasets(data_args)  # the data's mistakes, before the model loads
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_ds, eval_ds, collator = tokenize_datasets(load_raw_datasets(data_args), tokenizer, data_args, training_args)
+    train_ds, eval_ds, collator = tokenize_datasets(raw, tokenizer, data_args, training_args)
     logger.info("data: %d training and %d evaluation sequences", len(train_ds), len(eval_ds))
 
     dtype = resolve_dtype(model_args.dtype)
     device_map = {"": training_args.device} if training_args.device.type != "cpu" else None
-    quantized = quantization_config(model_args.model_name_or_path) is not None
     config = method_args.peft_config(model_args.model_name_or_path, quantized)
     model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
@@ -342,7 +415,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if training_args.should_log:
         model.print_trainable_parameters()
 
-    extra = {}
+    extra = dict(callbacks=[peft_lota.NonFiniteCallback()])  # stop at the first NaN/inf, before a save
     if method_args.method == "lota" and method_args.train_mode == "ternary":
         # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
         optimizer = peft_lota.create_lota_optimizer(
@@ -462,6 +535,7 @@ def short_help() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Parse, run, print the summary and return it (`peft-lota finetune` exits 1 when one of its checks failed)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, TrainingArguments),
                               description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else argv
@@ -481,5 +555,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the same as `peft-lota finetune`: one-line usage errors, exit 1 on a failed check
+    from peft_lota.cli import main as cli_main
+
+    sys.exit(cli_main(["finetune", *sys.argv[1:]]))
