@@ -286,6 +286,9 @@ def cmd_merge(args) -> int:
 
     if args.out:
         _check_out(args.out, {"base": args.base, "adapter": args.adapter})
+        from peft_lota.export import check_target
+
+        check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
     adapter_cfg = _adapter_config(args.adapter)
     _check_base(adapter_cfg, args.base)
     dtype = args.dtype or _own_dtype(args.base)
@@ -317,7 +320,14 @@ def cmd_merge(args) -> int:
     if note:
         rows.append(("note", note))
     if args.push:
-        merged.push_to_hub(args.push)
+        try:
+            merged.push_to_hub(args.push)
+        except Exception as err:  # noqa: BLE001  (network, credentials, the Hub's answer: not a bug of ours)
+            rows.append(("pushed to", f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            _print_table(rows)
+            print(f"peft-lota merge: the push to {args.push} failed; the checkpoint is in {out}: push it again with "
+                  "huggingface-cli upload, or rerun with --push when the Hub can be reached.", file=sys.stderr)
+            return EXIT_FAILED
         rows.append(("pushed to", args.push))
     _print_table(rows)
     return EXIT_OK if exact and same_codes and same_logits else EXIT_FAILED
@@ -369,7 +379,12 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"{args.path} is neither a saved adapter nor a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint.")
     fmt = _format(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
-    rows = fmt.describe(qc) + [("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
+    try:
+        described = fmt.describe(qc)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{args.path}/config.json: its quantization_config is incomplete or damaged ({type(err).__name__}: "
+                         f"{err}); copy the checkpoint again.") from None
+    rows = described + [("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
                                ("weights", _human(weights) if weights else "-")]
     _print_table(rows)
     print("\nkernels:")
@@ -449,10 +464,16 @@ def _run_script(name: str, argv: list) -> int:
 
 def _guarded(command: str, run) -> int:
     """Expected failures as one line (exit 2); anything else is a bug: its traceback and where to report it."""
+    from peft_lota.export import UnsafeFolderError
+    from peft_lota.tuner import NonFiniteError
+
     try:
         return run()
     except UsageError as err:
         print(f"peft-lota {command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UnsafeFolderError, NonFiniteError) as err:  # a folder or an adapter that cannot be used as it is
+        print(f"peft-lota {command}: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # a file that cannot be read or written (missing, permissions, disk full)
         where = f"{err.filename}: " if err.filename else ""

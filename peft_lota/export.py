@@ -136,10 +136,11 @@ STAGING = ".peft_lota-staging-"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIGS = ("config.json", "quantize_config.json")  # what loaders read first: they switch with the weights
-# What a save may ever remove as stale: its own weight files and configs, never anything else a manifest names
-# (a folder downloaded from the Hub can hold any manifest).
+# The names of the weights, index and configs a save writes: the only ones it may ever remove as stale, whatever a
+# manifest or journal in the folder says.
 _REMOVABLE = re.compile(r"model(-\d+-of-\d+)?(\.[0-9a-z_]+)?\.safetensors|model\.safetensors\.index\.json"
                         r"|config\.json|quantize_config\.json|generation_config\.json")
+_TAGGED_SHARD = re.compile(r"model-\d+-of-\d+\.[0-9a-z_]{8}\.safetensors")  # only _unique_shards makes these names
 
 
 class UnsafeFolderError(ValueError):
@@ -177,9 +178,14 @@ def _plain_name(name) -> bool:
             and "\x00" not in name and not os.path.isabs(name))
 
 
+def _regular(path: Path) -> bool:
+    """A regular file, not a link (nor a FIFO or device, which reading could hang on or exhaust memory with)."""
+    return not path.is_symlink() and path.is_file()
+
+
 def _read_own_json(path: Path):
     """A JSON file of ours, or None. A symlink is never followed (it may point anywhere)."""
-    if path.is_symlink() or not path.is_file():
+    if not _regular(path):
         return None
     try:
         return json.loads(path.read_text())
@@ -210,13 +216,12 @@ def _manifest(target: Path) -> dict:
             logger.warning("peft_lota: %s is a symbolic link; ignored (and replaced by this save).", target / MANIFEST)
         return {}
     files, ids = (data.get("files"), data.get("identity")) if isinstance(data, dict) else (None, None)
-    if (not isinstance(files, list) or not all(_plain_name(n) for n in files) or not isinstance(ids, dict)
-            or not all(isinstance(ids.get(n), list) for n in files)):
-        logger.warning("peft_lota: %s was not written by this version of peft_lota (it names paths outside the "
-                       "folder, or does not identify its files); it is ignored: no file it lists is removed.",
-                       target / MANIFEST)
+    if not isinstance(files, list) or not all(_plain_name(n) for n in files):
+        logger.warning("peft_lota: %s was not written by peft_lota (it names paths outside the folder); it is "
+                       "ignored: no file it lists is removed.", target / MANIFEST)
         return {}
-    return {n: ids[n] for n in files}
+    ids = ids if isinstance(ids, dict) else {}  # an earlier version's manifest: no identities, so nothing is "ours"
+    return {n: ids.get(n) for n in files}
 
 
 def _ours(target: Path, name: str, previous: dict) -> bool:
@@ -224,8 +229,20 @@ def _ours(target: Path, name: str, previous: dict) -> bool:
     remove it): named in its manifest, one of the names a save writes, not a link, and the very file (same size,
     modification time and inode) that save recorded."""
     path = target / name
-    return (name in previous and _REMOVABLE.fullmatch(name) is not None and not path.is_symlink()
-            and path.is_file() and _identity(path) == previous[name])
+    return (name in previous and _REMOVABLE.fullmatch(name) is not None and _regular(path)
+            and _identity(path) == previous[name])
+
+
+def _old_shards(target: Path) -> set:
+    """The shards the folder's current index points at that only a peft_lota save names so (model-...-of-....TAG.
+    safetensors): the checkpoint a new save replaces, also when the folder was copied or saved by an earlier
+    version (its manifest then cannot identify them)."""
+    index = _read_own_json(target / INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        return set()
+    return {n for n in weight_map.values() if isinstance(n, str) and _plain_name(n) and _TAGGED_SHARD.fullmatch(n)
+            and _regular(target / n)}
 
 
 def _unique_shards(staged: Path, tag: str) -> None:
@@ -251,25 +268,48 @@ def _plan(staged: Path, target: Path) -> dict:
             f"{target / SINGLE} was not written by peft_lota and would be loaded instead of the new sharded "
             f"checkpoint (transformers prefers a single {SINGLE}). Remove or rename it, save elsewhere, or raise "
             "max_shard_size so that the checkpoint fits in one file.")
+    replaced = [n for n in new if n != CARD_NAME and (target / n).exists() and not _ours(target, n, previous)]
+    if replaced:
+        logger.warning("peft_lota: replacing %s in %s, which peft_lota did not write (as save_pretrained does).",
+                       ", ".join(replaced), target)
     switch = INDEX if sharded else SINGLE
     configs = [n for n in CONFIGS if n in new]
-    aside = [n for n in configs if (target / n).exists() and (target / n).read_bytes() != (staged / n).read_bytes()]
+    aside = [n for n in configs if os.path.lexists(target / n)
+             and not (_regular(target / n) and (target / n).read_bytes() == (staged / n).read_bytes())]
     first = [n for n in new if n not in (switch, *configs)]
-    stale = sorted(n for n in previous if n not in new and n not in (SINGLE, CARD_NAME) and _ours(target, n, previous))
-    return {"staged": staged.name, "moves": first, "switch": switch, "configs": configs, "aside": aside,
-            "drop_single": sharded and _ours(target, SINGLE, previous), "stale": stale, "files": new}
+    stale = {n for n in previous if n not in (SINGLE, CARD_NAME) and _ours(target, n, previous)}
+    stale = sorted((stale | _old_shards(target)) - set(new))
+    drop_single = sharded and _ours(target, SINGLE, previous)
+    # What a replay after a crash may remove is pinned to the very files seen now, and the staging folder to itself:
+    # a journal that arrives with a folder (with a staging folder of its own) matches neither, and is refused.
+    return {"staged": staged.name, "staged_id": _folder_id(staged), "moves": first, "switch": switch,
+            "configs": configs, "aside": aside, "drop_single": drop_single, "stale": stale, "files": new,
+            "remove_ids": {n: _identity(target / n) for n in stale + ([SINGLE] if drop_single else [])}}
 
 
-def _valid_plan(plan) -> bool:
-    """A journal is replayed only if every name in it is one a commit of ours writes, inside the folder."""
+def _folder_id(path: Path) -> list:
+    st = path.stat(follow_symlinks=False)
+    return [st.st_dev, st.st_ino]
+
+
+def _valid_plan(plan, target: Path) -> bool:
+    """A journal is replayed only if it is the one a save of ours wrote here: plain names, its staging folder the
+    very folder that save made (device and inode), holding nothing but regular files, and every file it removes
+    one a save writes and the very file that save saw (checked as each is removed)."""
     if not isinstance(plan, dict):
         return False
     lists = [plan.get(k) for k in ("moves", "configs", "aside", "stale", "files")]
-    return (isinstance(plan.get("staged"), str) and _plain_name(plan["staged"]) and plan["staged"].startswith(STAGING)
+    if not (isinstance(plan.get("staged"), str) and _plain_name(plan["staged"]) and plan["staged"].startswith(STAGING)
             and plan.get("switch") in (SINGLE, INDEX) and isinstance(plan.get("drop_single"), bool)
             and all(isinstance(v, list) and all(_plain_name(n) for n in v) for v in lists)
             and set(plan["configs"]) <= set(CONFIGS) and set(plan["aside"]) <= set(plan["configs"])
-            and all(_REMOVABLE.fullmatch(n) for n in plan["stale"]))
+            and all(_REMOVABLE.fullmatch(n) for n in plan["stale"]) and isinstance(plan.get("remove_ids"), dict)):
+        return False
+    staged = target / plan["staged"]
+    if os.path.lexists(staged) and (staged.is_symlink() or not staged.is_dir() or _folder_id(staged) != plan.get("staged_id")
+                                    or not all(_regular(f) for f in staged.iterdir())):
+        return False
+    return True
 
 
 def _apply(plan: dict, target: Path) -> None:
@@ -285,6 +325,9 @@ def _apply(plan: dict, target: Path) -> None:
     def aside(name: str) -> Path:
         return target / f".peft_lota-{name}.old"
 
+    def pinned(name: str) -> bool:  # still the very file the plan saw: removable
+        return _regular(target / name) and _identity(target / name) == plan["remove_ids"].get(name)
+
     for name in plan["moves"]:
         move(name)
     _fsync_dir(target)
@@ -293,14 +336,14 @@ def _apply(plan: dict, target: Path) -> None:
             _commit_step(f"aside {name}")
             os.replace(target / name, aside(name))
     move(plan["switch"])
-    if plan["drop_single"] and (target / SINGLE).exists() and not (staged / plan["switch"]).exists():
+    if plan["drop_single"] and pinned(SINGLE) and not (staged / plan["switch"]).exists():
         _commit_step(f"remove {SINGLE}")
         os.unlink(target / SINGLE)
     for name in plan["configs"]:
         move(name)
     _fsync_dir(target)
     for name in plan["stale"]:
-        if (target / name).exists() or (target / name).is_symlink():
+        if pinned(name):
             _commit_step(f"remove {name}")
             os.unlink(target / name)
     _commit_step("manifest")
@@ -322,11 +365,12 @@ def _keep_mode(old: Path, new: Path) -> None:
     try:
         mode = old.stat(follow_symlinks=False).st_mode
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(new, 0o666 & ~umask)
+        if _regular(new):
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(new, 0o666 & ~umask)
         return
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(mode) and _regular(new):
         os.chmod(new, stat.S_IMODE(mode))
 
 
@@ -361,6 +405,25 @@ def _locked(target: Path):
         os.close(fd)  # releases the lock
 
 
+def check_target(save_directory) -> None:
+    """Refuse, before any work (a merge, say), a folder a save could not write into: a file, a folder holding a
+    journal peft_lota did not write, or a place this process cannot create files in. Creates nothing that stays."""
+    target = Path(save_directory).absolute()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory: give a folder for the checkpoint.")
+    journal = target / JOURNAL
+    if os.path.lexists(journal) and not _valid_plan(_read_own_json(journal), target):
+        raise UnsafeFolderError(f"{journal} is not a commit journal peft_lota wrote; nothing was changed. Delete it "
+                                "(and any .peft_lota-staging-* folder) and save again.")
+    where = target
+    while not where.exists():  # the folder will be created in its nearest existing parent
+        where = where.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".peft_lota-probe-", dir=where))
+    except OSError as err:
+        raise PermissionError(f"cannot write into {where} ({err.strerror or err}): choose another folder.") from None
+
+
 def recover(save_directory) -> bool:
     """Finish a save into `save_directory` that was interrupted while moving files in (its journal says how),
     and remove the staging folders that interrupted saves left inside it. Every save into a folder does this
@@ -381,7 +444,7 @@ def _recover(target: Path) -> bool:
     finished = False
     if journal.exists() or journal.is_symlink():
         plan = _read_own_json(journal)
-        if not _valid_plan(plan):
+        if not _valid_plan(plan, target):
             raise UnsafeFolderError(
                 f"{journal} is not a commit journal peft_lota wrote (it is unreadable, a link, or names paths "
                 "outside the folder); nothing was changed. Delete it (and any .peft_lota-staging-* folder) and "
@@ -417,8 +480,8 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
             `merge_and_unload` fills it in.
         overwrite_readme: an existing README.md in `save_directory` that peft_lota did not write is kept
             unless this is True (a card we wrote earlier is always refreshed).
-        save_kwargs: passed to transformers' save_pretrained (e.g. `variant`, `is_main_process`).
-            `safe_serialization=False`, `state_dict` and `push_to_hub` are refused.
+        save_kwargs: passed to transformers' save_pretrained (e.g. `is_main_process`).
+            `safe_serialization=False`, `state_dict`, `variant` and `push_to_hub` are refused.
 
     Nothing this save does not write is deleted or changed (other weight files, tokenizer, notes, the
     folder's mode), except the stale shards of an earlier peft_lota save into the same folder. An error
@@ -439,8 +502,9 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
     with _locked(target):
         _recover(target)
         existing_card = target / CARD_NAME
-        write_card = (overwrite_readme or not existing_card.exists()
-                      or CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace"))
+        write_card = (overwrite_readme or not os.path.lexists(existing_card)
+                      or (_regular(existing_card)
+                          and CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace")))
         if card_info is not None and not write_card:
             logger.warning("peft_lota: %s already has a README.md that peft_lota did not write; keeping it "
                            "(pass overwrite_readme=True to replace it with the model card).", target)
@@ -463,6 +527,10 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
 
 
 def _check_save_kwargs(save_kwargs: dict) -> None:
+    if save_kwargs.pop("variant", None) is not None:
+        raise ValueError("variant= is not supported: a checkpoint is committed under the standard file names "
+                         "(model.safetensors, or shards and model.safetensors.index.json); save to another folder "
+                         "instead.")
     if save_kwargs.pop("safe_serialization", True) is False:
         raise ValueError("Checkpoints are written as safetensors only; safe_serialization=False is not supported.")
     if save_kwargs.get("state_dict") is not None:

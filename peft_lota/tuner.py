@@ -71,6 +71,11 @@ def check_rank(layer, r: int, method: str) -> None:
                          "(adapter_config.json or the config you pass), or exclude the layer.")
 
 
+def _fp16(args) -> bool:
+    """fp16 mixed precision, set by TrainingArguments(fp16=True) or by accelerate (--mixed_precision fp16)."""
+    return bool(args.fp16) or getattr(args, "mixed_precision", None) == "fp16"
+
+
 class NonFiniteCallback(TrainerCallback):
     """Stops a `transformers.Trainer` run at the first non-finite value, with a message, before it is saved.
 
@@ -98,7 +103,7 @@ class NonFiniteCallback(TrainerCallback):
                              "this step (trainer.train(resume_from_checkpoint=...)).")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is not None and not args.fp16:
+        if model is not None and not _fp16(args):
             bad = self._first_bad(model, grads=True)
             if bad is not None:
                 self._stop(state, f"the gradient of {bad} holds NaN or infinity (the parameters are left as they "
@@ -111,7 +116,7 @@ class NonFiniteCallback(TrainerCallback):
                 self._stop(state, f"the trained parameter {bad} holds NaN or infinity")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm") if not args.fp16 else ("loss",):
+        for key in ("loss", "grad_norm") if not _fp16(args) else ("loss",):
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 self._stop(state, f"the logged {key} is {value}")
@@ -288,7 +293,18 @@ class QuantTuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         for key, value in state_dict.items():  # PeftModel.from_pretrained, load_adapter
             refuse_non_finite(value, f"Adapter tensor {key}", "load")
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        sd = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # PEFT only warns about missing tensors and keeps their initial values: an empty or partial file would load
+        # (and merge) as a different adapter than the one saved.
+        names = cls.tuner_layer_cls.adapter_layer_names
+        expected = [n for n, _ in model.named_parameters()
+                    if n.endswith(f".{adapter_name}") and any(f".{p}." in n for p in names)]
+        missing = [n for n in expected if n not in sd]
+        if missing:
+            raise ValueError(f"The {cls.method_name} adapter file lacks {len(missing)} of the {len(expected)} tensors "
+                             f"this model's adapter needs (e.g. {missing[0]}): it is incomplete, or was saved from "
+                             "another model or with other target_modules. Save the adapter again.")
+        return sd
 
     def _card_info(self, adapter_names: Optional[list[str]]) -> dict:
         """What the model card of a merged checkpoint says (export.model_card)."""

@@ -143,6 +143,30 @@ def _damage(case: str, base: Path, adapter: Path, tmp_path: Path, fp_dir, gptq_d
         config["r"] = "x"
         (adapter / "adapter_config.json").write_text(json.dumps(config))
         return ["inspect", str(adapter)], "r must be a positive integer"
+    if case == "adapter file without some tensors":
+        from safetensors.torch import load_file, save_file
+
+        f = adapter / "adapter_model.safetensors"
+        tensors = load_file(str(f))
+        save_file({k: v for k, v in tensors.items() if "layers.0." not in k}, str(f))
+        return merge, "adapter file lacks"
+    if case == "empty adapter file":
+        from safetensors.torch import save_file
+
+        save_file({}, str(adapter / "adapter_model.safetensors"))
+        return merge, "adapter file lacks"
+    if case == "OUT with a forged journal":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / ".peft_lota-commit.json").write_text('{"staged": "../x"}')
+        return merge, "not a commit journal peft_lota wrote"
+    if case == "OUT where nothing can be written":
+        return ["merge", str(base), str(adapter), "/proc/peft-lota-out"], "cannot write into /proc"
+    if case == "inspect an incomplete AWQ config":
+        junk = tmp_path / "junk"
+        junk.mkdir()
+        (junk / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                      "quantization_config": {"quant_method": "awq", "bits": 4}}))
+        return ["inspect", str(junk)], "quantization_config is incomplete or damaged"
     if case == "inspect --base another base":
         return ["inspect", str(adapter), "--base", other], "made for a base"
     if case == "verify --base another base":
@@ -153,14 +177,19 @@ def _damage(case: str, base: Path, adapter: Path, tmp_path: Path, fp_dir, gptq_d
 @pytest.mark.parametrize("case", ["truncated adapter weights", "pickle adapter weights", "missing adapter weights",
                                   "full-precision base", "5-bit base", "truncated config.json", "base without weights",
                                   "missing base", "inspect random bytes", "inspect a file", "inspect r='x'",
-                                  "inspect --base another base", "verify --base another base"])
-def test_a_damaged_or_wrong_input_is_one_line_and_exit_2(inputs, tmp_path, capsys, fp_dir, gptq_dir, case):
+                                  "inspect --base another base", "verify --base another base",
+                                  "adapter file without some tensors", "empty adapter file", "OUT with a forged journal",
+                                  "OUT where nothing can be written", "inspect an incomplete AWQ config"])
+def test_a_damaged_or_wrong_input_is_one_line_and_exit_2(inputs, tmp_path, capsys, fp_dir, gptq_dir, monkeypatch,
+                                                         case):
     base, adapter = inputs
     argv, phrase = _damage(case, base, adapter, tmp_path, fp_dir, gptq_dir)
-    before = snapshot(base.parent)
+    before, out_before = snapshot(base.parent), snapshot(tmp_path / "out")
+    if case.startswith("OUT"):
+        no_loading(monkeypatch)  # refused before the merge's work
     assert cli.main(argv) == 2
     assert phrase in one_line(capsys.readouterr().err)
-    assert snapshot(base.parent) == before and not (tmp_path / "out").exists()
+    assert snapshot(base.parent) == before and snapshot(tmp_path / "out") == out_before
 
 
 def test_a_bug_shows_its_traceback_and_where_to_report_it(made, capsys, monkeypatch):

@@ -392,6 +392,69 @@ def test_a_forged_journal_is_refused_and_changes_nothing(gptq_dir, tmp_path, for
     assert (target / (export.STAGING + "1")).is_dir()
 
 
+def test_a_forged_journal_with_a_staging_folder_of_its_own_is_refused(gptq_dir, tmp_path):
+    """Names that look like a commit's, and a staging folder shipped beside the journal (with a link out of the
+    folder in it): not the folder a save of ours made, so nothing is replayed, removed, moved or chmod-ed."""
+    secret = tmp_path / "secret"
+    secret.write_text("outside")
+    secret.chmod(0o600)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_text("the user's weights")
+    (target / "config.json").write_text("{}")
+    staged = target / (export.STAGING + "evil")
+    staged.mkdir()
+    (staged / "config.json").write_text("forged")
+    (staged / "model.safetensors").symlink_to(secret)
+    plan = {"staged": staged.name, "staged_id": [0, 0], "moves": [], "switch": "model.safetensors",
+            "configs": ["config.json"], "aside": [], "drop_single": False, "stale": ["generation_config.json"],
+            "files": ["config.json", "model.safetensors"], "remove_ids": {}}
+    (target / export.JOURNAL).write_text(json.dumps(plan))
+    snapshot = tree(target)
+    with pytest.raises(export.UnsafeFolderError):
+        export.recover(target)
+    with pytest.raises(export.UnsafeFolderError):
+        save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), target)
+    assert tree(target) == snapshot and secret.read_text() == "outside" and secret.stat().st_mode & 0o777 == 0o600
+
+
+def test_shards_of_an_earlier_version_or_a_copied_folder_are_replaced_and_user_files_said(gptq_dir, tmp_path, caplog):
+    model = load_gptq(gptq_dir(V1_ASYM))
+    first = save_checkpoint(model, tmp_path / "first", max_shard_size="100KB")
+    copied = tmp_path / "copied"  # a copy: other inodes, so the manifest identifies nothing; the tagged shards do
+    shutil.copytree(first, copied)
+    old = sorted(p.name for p in copied.glob("model-0*.safetensors"))
+    (copied / export.MANIFEST).write_text(json.dumps({"files": sorted(p.name for p in copied.iterdir())}))  # older
+    save_checkpoint(model, copied, max_shard_size="100KB")
+    new = sorted(p.name for p in copied.glob("model-0*.safetensors"))
+    assert len(new) == len(old) and not set(new) & set(old)  # the old shards went, the new ones came
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        save_checkpoint(model, other)
+    assert "replacing config.json in" in caplog.text and "which peft_lota did not write" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peft_lota.export"):
+        save_checkpoint(model, other)  # now they are ours
+    assert "replacing" not in caplog.text
+
+
+def test_a_special_file_in_the_folder_neither_hangs_nor_is_read(gptq_dir, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    os.mkfifo(target / "config.json")  # reading it would block forever
+    (target / "README.md").symlink_to("/dev/zero")  # reading it would never end
+    save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), target, card_info=LOTA_INFO)
+    assert (target / "config.json").is_file() and (target / "README.md").is_symlink()
+
+
+def test_variant_is_refused(gptq_dir, tmp_path):
+    with pytest.raises(ValueError, match="variant= is not supported"):
+        save_checkpoint(load_gptq(gptq_dir(V1_ASYM)), tmp_path / "out", variant="v1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_forged_or_linked_manifest_removes_nothing_and_is_never_written_through(gptq_dir, tmp_path, caplog):
     victims = _victims(tmp_path)
     model = load_gptq(gptq_dir(V1_ASYM))

@@ -162,6 +162,21 @@ def test_the_callback_stops_on_a_logged_non_finite_loss(tmp_path):
     assert isinstance(peft_lota.LotaCallback(), NonFiniteCallback)  # t-SignSGD runs get the same checks
 
 
+def test_fp16_loss_scaling_overflow_steps_are_not_stopped(tmp_path, monkeypatch):
+    """fp16 mixed precision skips a step whose scaled gradients overflow, by design: not a divergence. accelerate
+    launch --mixed_precision fp16 sets it through the environment, without TrainingArguments(fp16=True)."""
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.full_like(model.weight, math.inf)
+    state, callback = TrainerState(global_step=3), NonFiniteCallback()
+    with pytest.raises(NonFiniteError, match="gradient of weight"):
+        callback.on_pre_optimizer_step(TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                                       state, TrainerControl(), model=model)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    callback.on_pre_optimizer_step(args, state, TrainerControl(), model=model)
+    callback.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": math.inf})
+
+
 # ---- calibration: batches checked first, the model given back on failure ----------------------------------------
 
 @pytest.fixture(scope="module")
