@@ -15,7 +15,7 @@ from peft import get_peft_model
 import peft_lota
 from peft_lota import L4QConfig, LotaConfig
 from peft_lota.formats import awq, dispatch
-from tiny_models import AwqSpec, adapter_layers, load_awq, train_steps
+from tiny_models import AwqSpec, adapter_layers, assert_kernel_reads_weights, load_awq, train_steps
 
 AWQ_SPECS = [AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
              AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32)]
@@ -98,28 +98,8 @@ def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
     mine, theirs = buffers(merged), buffers(reloaded)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert torch.equal(logits(reloaded), expected)
-    # Whatever kernel a user gets by default reads the same weights. Which one depends on the CPU (dequantize and a
-    # float32 matmul; ATen's int4pack GEMM with bf16 arithmetic where the CPU has it), so no logits tolerance holds
-    # everywhere: each layer is read back through it instead (an identity input yields its weight rows).
+    # Whatever kernel a user gets by default (it depends on the CPU) reads the same weights, layer by layer.
     assert_kernel_reads_weights(load_awq(tmp_path / "merged", backend=None), reloaded)
-
-
-def assert_kernel_reads_weights(stock, reference):
-    """Each AWQ layer of `stock`, run on the identity (minus its output on zeros: the bias), gives the dequantized
-    weight of `reference`'s layer within the kernel's own rounding: one rounding of the weight and one of the output
-    in bf16 at worst (2^-8 each, relative). A code read wrongly moves a weight by a whole step, more than that bound
-    (a weight of 0 must come back exactly 0)."""
-    ours = dict(awq.awq_layers(reference))
-    layers = awq.awq_layers(stock)
-    assert layers and {n for n, _ in layers} == ours.keys()
-    for name, layer in layers:
-        eye = torch.eye(layer.in_features)
-        with torch.no_grad():
-            bias = layer(torch.zeros_like(eye[:1]))
-            got = layer(eye) - bias
-        want = dispatch(ours[name], name).read().weight().float()  # [in, out]
-        bound = 2.0 ** -7 * (want.abs() + bias.abs()) + 1e-6
-        assert ((got - want).abs() <= bound).all(), (name, float((got - want).abs().max()))
 
 
 def test_bf16_activations_compute_what_the_kernel_computes(awq_dir, caplog):

@@ -15,7 +15,7 @@ from peft_lota import L4QConfig, L4QLayer
 from peft_lota.formats import gptq
 from peft_lota.formats.base import QuantState
 from peft_lota.l4q import quantizer as q
-from tiny_models import SPECS_MATRIX, Spec, load_gptq
+from tiny_models import SPECS_MATRIX, Spec, assert_kernel_reads_weights, load_gptq
 
 IDS = [s.slug() for s in SPECS_MATRIX]
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -194,7 +194,7 @@ def test_full_precision_start_becomes_an_exact_gptq_checkpoint(fp_dir, tmp_path,
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)  # default kernel
     assert len(gptq.gptq_layers(stock)) == 14
     assert torch.equal(logits(load_gptq(tmp_path / "merged")), expected)  # the trainable kernel: bit-identical
-    assert torch.allclose(logits(stock), expected, atol=1e-3)
+    assert_kernel_reads_weights(stock, load_gptq(tmp_path / "merged"))  # (its kernel depends on the CPU)
 
 
 # ---- errors ------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import peft_lota
 from peft_lota import FloatOffsetMergeError, LotaConfig, LotaLayer
 from peft_lota.formats import gptq
-from tiny_models import SPECS_MATRIX, Spec, load_gptq
+from tiny_models import SPECS_MATRIX, Spec, assert_kernel_reads_weights, load_gptq
 
 IDS = [s.slug() for s in SPECS_MATRIX]
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -248,7 +248,7 @@ def test_merged_checkpoint_reloads_with_stock_transformers(spec_dir, tmp_path, o
     assert torch.equal(logits(reloaded), expected)
     if spec.group_size != -1:  # the stock CPU int4 kernel only runs groups of 32..256 (the base model fails too)
         stock = load_gptq(tmp_path / "merged", backend=None)  # whatever kernel a user gets by default
-        assert torch.allclose(logits(stock), expected, atol=1e-3, rtol=1e-3)
+        assert_kernel_reads_weights(stock, reloaded)  # (its kernel depends on the CPU)
 
 
 # ---- kernels, bad input ------------------------------------------------------------------------------

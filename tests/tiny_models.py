@@ -333,3 +333,31 @@ def load_gptq(path, backend: str | None = "gptq_torch", dtype=torch.float32):
         # Expected: only `backend` is taken from our GPTQConfig, the rest comes from config.json.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **kwargs)
+
+
+def assert_kernel_reads_weights(stock, reference) -> None:
+    """Each quantized layer of `stock` (loaded with whatever kernel a user gets by default) reads the weights of
+    `reference`'s layer of the same name (a layout-keeping load of the same checkpoint).
+
+    Which default kernel runs depends on the CPU (dequantize and a float32 matmul; ATen's int4pack GEMM with bf16
+    arithmetic where the CPU has AVX-512/AMX), so no logits tolerance holds on every machine. Each layer runs on the
+    identity instead (minus its output on zeros, the bias): that yields its weight rows, within the kernel's own
+    rounding. The bound allows bf16 rounding (2^-8, relative) of the weight, the bias, and of a zero-point offset of
+    up to 8 steps (int4pack computes s * (q - 8) + (8 - z) * s), doubled; a code read wrongly moves its weight by a
+    whole step s, more than that below 8 bits (a weight of 0 must come back as 0 +- s/16)."""
+    from peft_lota.formats import dispatch, is_quantized_layer
+
+    ours = {n: m for n, m in reference.named_modules() if is_quantized_layer(m)}
+    assert ours
+    dtype = next(p for p in stock.parameters() if p.is_floating_point()).dtype
+    for name, ref in ours.items():
+        layer = stock.get_submodule(name)
+        eye = torch.eye(ref.in_features, dtype=dtype)
+        with torch.no_grad():
+            bias = layer(torch.zeros_like(eye[:1])).float()
+            got = layer(eye).float() - bias
+        state = dispatch(ref, name).read()
+        want = state.weight().float()  # [in, out]
+        step = state.scales.float()[state.g_idx]
+        bound = 2.0 ** -7 * (want.abs() + bias.abs() + 8 * step.abs()) + 1e-6
+        assert ((got - want).abs() <= bound).all(), (name, type(layer).__name__, float((got - want).abs().max()))
