@@ -475,6 +475,9 @@ def _guarded(command: str, run) -> int:
     except (UnsafeFolderError, NonFiniteError) as err:  # a folder or an adapter that cannot be used as it is
         print(f"peft-lota {command}: {str(err).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `peft-lota inspect X | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no second error when Python flushes stdout at exit)
+        return EXIT_OK
     except OSError as err:  # a file that cannot be read or written (missing, permissions, disk full)
         where = f"{err.filename}: " if err.filename else ""
         print(f"peft-lota {command}: {where}{err.strerror or err}", file=sys.stderr)

@@ -22,9 +22,12 @@ _NOISE = ("Python GIL is enabled", "GPT-QModel", "is an Enum subclass and is now
           # loss is the right one, and the model is where it should be)
           "was set in the config but it is unrecognized", "The model is already on multiple devices",
           # bitsandbytes, at every LLM.int8 forward of float32 activations (it always quantizes them via float16)
-          "inputs will be cast from")
+          "inputs will be cast from",
+          # bitsandbytes' import on CPUs with AVX512-BF16: a 4-bit (NF4) kernel fetched from a hub, which peft_lota
+          # never uses (NF4 is refused: not a uniform grid)
+          "Failed to load CPU gemm_4bit_forward")
 _NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension", "transformers.modeling_utils",
-                  "transformers.trainer", "bitsandbytes.autograd._functions")
+                  "transformers.trainer", "bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
 
 
 class _DropNoise(logging.Filter):
