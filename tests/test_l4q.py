@@ -210,9 +210,7 @@ def test_bad_configs_and_misuse_say_what_to_do(gptq_dir, fp_dir):
         L4QConfig(target_modules=[])
     with pytest.raises(ValueError, match="keeps the checkpoint's grid"):
         get_peft_model(load_gptq(gptq_dir(Spec("llama", 2, False, False, "gptq_v2"))), L4QConfig(bits=4))
-    with pytest.raises(ValueError, match="divide"):
-        get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
-                       L4QConfig(group_size=100))
+    # (a group size that does not divide the width is not a mistake: the last group is short, tests/test_real_model.py)
 
 
 # ---- from a LoRA you already trained ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The real tokenizer, chat template, embeddings and widths (576 and 1536: not multiples of 128), quantized by
 gptqmodel's own GPTQ (v1, 4-bit, symmetric, group 64). LoTA and L4Q with their defaults train a few steps on chat
 examples through a stock Trainer, merge, save; stock transformers reloads the checkpoint with identical codes,
-scales and logits.
+scales and logits; from full precision, L4Q and calibration at group 128 end the 576-wide rows in a short group.
 """
 
 from __future__ import annotations
@@ -103,17 +103,25 @@ def test_real_model_trains_merges_and_reloads_exactly(real_root, tmp_path, metho
 
 
 @pytest.mark.parametrize("how", ["L4QConfig", "calibrate"])
-def test_a_new_grid_whose_groups_do_not_divide_the_width_is_refused_and_the_model_kept(real_root, how):
-    """From full precision, L4Q and calibration build the grid themselves: group 128 on a 576-wide layer is refused
-    with the reason, before the model changes (group 64, or -1, work)."""
-    model = AutoModelForCausalLM.from_pretrained(real_model.float_checkpoint(real_root, layers=LAYERS),
-                                                 dtype=torch.float32)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    before = logits(model, ids)
-    with pytest.raises(ValueError, match="in_features=576.*group_size=128.*groups must divide in_features"):
-        if how == "L4QConfig":
-            get_peft_model(model, L4QConfig(init_seed=0, bits=4, group_size=128))
-        else:
-            peft_lota.calibrate(model, [ids], bits=4, group_size=128, epochs=1, progress=False)
-    assert not any(isinstance(m, peft_lota.L4QLayer) for m in model.modules())
-    assert torch.equal(logits(model, ids), before)
+def test_a_new_grid_whose_groups_do_not_divide_the_width_ends_in_a_short_group(real_root, tmp_path, how):
+    """From full precision, L4Q and calibration build the grid themselves: group 128 on the 576-wide layers gives four
+    groups of 128 and one of 64 (GPTQ's g_idx = k // 128), merged, saved and reloaded exactly."""
+    fp = real_model.float_checkpoint(real_root, layers=LAYERS)
+    model = AutoModelForCausalLM.from_pretrained(fp, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(fp)
+    ids = torch.tensor([chat_examples(tokenizer)[0]["input_ids"]])
+    if how == "L4QConfig":
+        peft = get_peft_model(model, L4QConfig(init_seed=0, bits=4, group_size=128))
+        expected = logits(peft, ids)
+        merged = peft.merge_and_unload()
+    else:
+        merged = peft_lota.calibrate(model, [ids], bits=4, group_size=128, epochs=1, progress=False)
+        expected = logits(merged, ids)
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert layer.scales.shape[0] == 5 and torch.equal(layer.g_idx.long(), torch.arange(576) // 128)
+    assert torch.equal(logits(merged, ids), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = load_gptq(tmp_path / "merged")
+    mine, theirs = quantized_tensors(merged), quantized_tensors(reloaded)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(logits(reloaded, ids), expected)

@@ -81,13 +81,10 @@ class L4QLayer(nn.Module, BaseTunerLayer):
     # ---- the grid ----------------------------------------------------------------------------
     def _init_dense_grid(self, bits: int, group_size: int, sym: bool) -> None:
         K = self.in_features
-        gs = K if group_size == -1 else group_size
-        if K % gs or K % row_align(bits):
+        if K % row_align(bits):  # (a group size that does not divide K is fine: the last group is short)
             raise ValueError(
-                f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}) with group_size={group_size} "
-                f"and {bits} bits: groups must divide in_features"
-                + (f" and GPTQ packs {bits}-bit codes in runs of {row_align(bits)} rows" if K % row_align(bits) else "")
-                + ". Choose a group_size that divides every adapted layer's in_features (or -1), or exclude the layer.")
+                f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}) to {bits} bits: GPTQ packs "
+                f"{bits}-bit codes in runs of {row_align(bits)} rows. Choose other bits, or exclude the layer.")
         weight = self.base_layer.weight.detach()
         with torch.no_grad():
             scales, zeros = init_grid(weight.t(), bits, group_size, sym)

@@ -43,11 +43,14 @@ def init_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, dtype=torc
     sym (L4Q_init): per group, s = max(|min| / 2^(b-1), max / (2^(b-1) - 1)) and z = 2^(b-1), so that no weight
     is clipped. Asymmetric: min-max over the group and 0, s = (max - min) / maxq, z = round(-min / s) kept in
     [1, maxq] so that the classic GPTQ format can store it, then s widened if the rounded z would clip an end.
-    Scales are rounded up to `dtype`, so the stored scale clips nothing either.
+    Scales are rounded up to `dtype`, so the stored scale clips nothing either. G = ceil(K / group_size).
     """
     K, N = W.shape
     gs = K if group_size == -1 else group_size
-    groups = W.float().reshape(K // gs, gs, N)
+    # A width that is no multiple of the group size ends in a short group (as GPTQ's g_idx = k // group_size has
+    # it): padded with zeros, which change nothing, as both grids below include 0 anyway.
+    padded = torch.nn.functional.pad(W.float(), (0, 0, 0, -K % gs))
+    groups = padded.reshape(-1, gs, N)
     lo, hi = groups.amin(1), groups.amax(1)
     maxq = (1 << bits) - 1
     if sym:
