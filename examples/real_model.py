@@ -32,6 +32,9 @@ from typing import Optional
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool from the core count; fails on 2 cores
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from a hub
+# gptqmodel's TorchLinear torch.compiles its dequantization per layer shape: on 2 cores the compiles cost more than
+# they save, and past dynamo's recompile limit (30 layers x 7 shapes) it fills the output with warnings.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
