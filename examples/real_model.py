@@ -159,7 +159,7 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
         model.quantize([t[: 4 * calib_len] for t in texts], batch_size=1)  # ~calib_len tokens of prose each
         model.save(str(tmp))
     elif kind == "ct":
-        _compressed_tensors_w4a16(fp, tmp, spec["bits"])
+        compressed_tensors_checkpoint(fp, tmp, spec["bits"])
     elif kind == "bnb-int8":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -176,8 +176,10 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
                               "layers": layers})
 
 
-def _compressed_tensors_w4a16(fp: Path, out: Path, bits: int) -> None:
-    """compressed-tensors pack-quantized W<bits>A16, symmetric groups of GROUP, min-max scales (bf16)."""
+def compressed_tensors_checkpoint(fp: Path, out: Path, bits: int, group_size: Optional[int] = GROUP) -> None:
+    """What llm-compressor's W<bits>A16 writes, made with compressed-tensors' own functions: pack-quantized,
+    symmetric, groups of `group_size` (None: one scale per output row), min-max scales rounded to bf16 (the usual
+    storage). Also the test fixtures' builder (tests/tiny_models.py)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
@@ -185,14 +187,15 @@ def _compressed_tensors_w4a16(fp: Path, out: Path, bits: int) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(fp), dtype=torch.bfloat16)
+    strategy = dict(strategy="channel") if group_size is None else dict(strategy="group", group_size=group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=GROUP))
+        num_bits=bits, type="int", symmetric=True, **strategy))
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     qmax = (1 << (bits - 1)) - 1
     for m in model.modules():
         if getattr(m, "quantization_scheme", None) is not None and hasattr(m, "weight_scale"):
             W = m.weight.detach().float()
-            s = W.view(W.shape[0], -1, GROUP).abs().amax(-1) / qmax
+            s = W.view(W.shape[0], -1, W.shape[1] if group_size is None else group_size).abs().amax(-1) / qmax
             m.weight_scale.data = s.clamp(min=1e-8).to(m.weight_scale.dtype).view_as(m.weight_scale)
             m.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")

@@ -405,16 +405,27 @@ def _locked(target: Path):
         os.close(fd)  # releases the lock
 
 
+def _journal_plan(target: Path) -> Optional[dict]:
+    """The folder's commit journal (None if there is none), refused with UnsafeFolderError unless a save of ours
+    wrote it."""
+    journal = target / JOURNAL
+    if not os.path.lexists(journal):
+        return None
+    plan = _read_own_json(journal)
+    if not _valid_plan(plan, target):
+        raise UnsafeFolderError(
+            f"{journal} is not a commit journal peft_lota wrote (it is unreadable, a link, or names paths outside the "
+            "folder); nothing was changed. Delete it (and any .peft_lota-staging-* folder) and save again.")
+    return plan
+
+
 def check_target(save_directory) -> None:
     """Refuse, before any work (a merge, say), a folder a save could not write into: a file, a folder holding a
     journal peft_lota did not write, or a place this process cannot create files in. Creates nothing that stays."""
     target = Path(save_directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory: give a folder for the checkpoint.")
-    journal = target / JOURNAL
-    if os.path.lexists(journal) and not _valid_plan(_read_own_json(journal), target):
-        raise UnsafeFolderError(f"{journal} is not a commit journal peft_lota wrote; nothing was changed. Delete it "
-                                "(and any .peft_lota-staging-* folder) and save again.")
+    _journal_plan(target)
     where = target
     while not where.exists():  # the folder will be created in its nearest existing parent
         where = where.parent
@@ -442,13 +453,8 @@ def recover(save_directory) -> bool:
 def _recover(target: Path) -> bool:
     journal = target / JOURNAL
     finished = False
-    if journal.exists() or journal.is_symlink():
-        plan = _read_own_json(journal)
-        if not _valid_plan(plan, target):
-            raise UnsafeFolderError(
-                f"{journal} is not a commit journal peft_lota wrote (it is unreadable, a link, or names paths "
-                "outside the folder); nothing was changed. Delete it (and any .peft_lota-staging-* folder) and "
-                "save again.")
+    plan = _journal_plan(target)
+    if plan is not None:
         staged = target / plan["staged"]
         if staged.is_dir() and not staged.is_symlink():
             _apply(plan, target)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's thread pool f
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch a hub
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # real_model: the shared quantizers
 
 VOCAB = 512
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 128, 384, 2, 4, 2  # all in/out features are multiples of 128
@@ -251,34 +254,12 @@ class CtSpec:
 
 def build_ct_checkpoint(spec: CtSpec, root) -> Path:
     """A compressed-tensors pack-quantized checkpoint (symmetric, what llm-compressor's W4A16 writes) made with
-    compressed-tensors' own functions from the same float model as the GPTQ fixtures: its quantization config
-    applied, min-max scales (rounded to bf16, the usual storage), its compressor packing the codes."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
-    from transformers import AutoModelForCausalLM
+    compressed-tensors' own functions (examples/real_model.py, which builds the real model's the same way) from the
+    same float model as the GPTQ fixtures."""
+    from real_model import compressed_tensors_checkpoint
 
-    def quantize(fp_dir, out, tok):
-        model = AutoModelForCausalLM.from_pretrained(str(fp_dir), dtype=torch.bfloat16)
-        strategy = dict(strategy="channel") if spec.group_size is None else dict(strategy="group",
-                                                                                 group_size=spec.group_size)
-        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=spec.bits, type="int", symmetric=True, **strategy))
-        apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
-        qmax = (1 << (spec.bits - 1)) - 1
-        for m in model.modules():
-            if getattr(m, "quantization_scheme", None) is not None and hasattr(m, "weight_scale"):
-                W = m.weight.detach().float()
-                gs = W.shape[1] if spec.group_size is None else spec.group_size
-                s = W.view(W.shape[0], -1, gs).abs().amax(-1) / qmax
-                m.weight_scale.data = s.clamp(min=1e-8).to(m.weight_scale.dtype).view_as(m.weight_scale)
-                m.quantization_status = QuantizationStatus.FROZEN
-        compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-        compressor.compress_model(model)
-        model.save_pretrained(str(out))
-        compressor.update_config(str(out))
-
-    return _build_cached(spec, root, quantize)
+    return _build_cached(spec, root, lambda fp_dir, out, tok: compressed_tensors_checkpoint(fp_dir, out, spec.bits,
+                                                                                          spec.group_size))
 
 
 def load_ct(path, dtype=torch.float32):
