@@ -192,7 +192,10 @@ def test_adapter_round_trip_is_exact_and_compact(gptq_dir, tmp_path, train_mode)
     packed = {k: t for k, t in saved.items() if k.endswith((".lota_A", ".lota_B"))}
     assert packed and all(t.dtype == torch.uint8 for t in packed.values())
     latents = {k: t for k, t in saved.items() if k.endswith("_latent")}
-    assert (latents.keys() == {k + "_latent" for k in packed}) if train_mode == "latent" else not latents
+    scales = {k: t for k, t in saved.items() if k.endswith(".lota_scales")}
+    assert (latents.keys() == {k + "_latent" for k in (*packed, *scales)}) if train_mode == "latent" else not latents
+    # the trained scales are kept as what the merge writes: each fp16 scale's change in units in the last place
+    assert all(not t.is_floating_point() and t.element_size() <= 2 for t in scales.values())
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LOTA" and config["offset"] == "integer" and config["r"] == 8
     assert config["train_mode"] == train_mode

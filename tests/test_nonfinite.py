@@ -98,7 +98,7 @@ def test_the_export_guard_refuses_a_checkpoint_with_a_non_finite_tensor():
 
 # ---- load ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, suffix", [("lota", "lota_A_latent"), ("lota", "lota_scales"), ("l4q", "l4q_A"),
+@pytest.mark.parametrize("method, suffix", [("lota", "lota_A_latent"), ("lota", "lota_scales_latent"), ("l4q", "l4q_A"),
                                             ("l4q", "l4q_scales")])
 def test_loading_refuses_a_non_finite_adapter_tensor_naming_it(gptq_dir, tmp_path, method, suffix):
     path = gptq_dir(SPEC)

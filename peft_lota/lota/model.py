@@ -14,6 +14,7 @@ from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
 TERNARY_KEY = re.compile(r"\.lota_[AB]$")  # checkpoint keys (adapter name removed) of A and B
+SCALES_KEY = re.compile(r"\.lota_scales$")  # ... and of the trained scale multipliers
 LATENT_SUFFIX = "_latent"  # "...lota_A_latent": the latent values a latent-mode adapter resumes from
 
 
@@ -38,6 +39,60 @@ def _unpack_ternary(packed: torch.Tensor, like: torch.Tensor, key: str) -> torch
         raise ValueError(f"Adapter tensor {key} holds invalid 2-bit codes (3): the file is corrupt or not a LoTA "
                          "adapter.")
     return (v[: like.numel()].to(torch.float32) - 1).view(like.shape).to(like.dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a 16- or 32-bit float tensor, as int64."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).long()
+
+
+def _scale_steps(layer, adapter_name: str) -> Optional[torch.Tensor]:
+    """What a merge of this adapter writes into the layer's scales, as the change of each stored scale's bit pattern
+    (in the stored 16-bit dtype: one step is one unit in the last place), in the smallest integer dtype that holds
+    it; None where that cannot be said (the layer holds merged adapters, whose scales are no longer the base's)."""
+    if layer.merged_adapters:
+        return None
+    base = layer.quant.read().scales
+    after = layer.scales_after(base, [adapter_name]).to(base.dtype)
+    steps = _bits(after) - _bits(base)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if steps.numel() == 0 or (int(steps.min()) >= info.min and int(steps.max()) <= info.max):
+            return steps.to(dtype).cpu().contiguous()
+    return None
+
+
+def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Optional[torch.Tensor]) -> torch.Tensor:
+    """Trained-scale multipliers u (float32) with which the layer's forward and merge use exactly the scales
+    `steps` (from _scale_steps) describe: the saved `latent` multipliers (exact resume) if given, else ones made
+    from the steps. Refuses steps that do not fit this base's scales, and latents that disagree with them."""
+    from ..numerics import LOTA_SCALE_UNIT
+    from .layer import RoundToStoredSTE
+
+    base = layer.quant.read().scales
+    if steps.shape != base.shape:
+        raise ValueError(f"Adapter tensor {key} has shape {tuple(steps.shape)}, but this model's scales have shape "
+                         f"{tuple(base.shape)}: the adapter was made for a model of another shape or group size.")
+    bits = _bits(base) + steps.to(torch.int64).to(base.device)
+    width = 8 * base.element_size()
+    if bool(((bits < -(1 << (width - 1))) | (bits >= 1 << (width - 1))).any()):
+        raise ValueError(f"Adapter tensor {key} moves scales outside their {base.dtype}: the adapter was made for "
+                         "another base model.")
+    target = bits.to({2: torch.int16, 4: torch.int32}[base.element_size()]).view(base.dtype).float()
+    s0 = base.float()
+    if latent is not None:
+        if latent.shape != base.shape:
+            raise ValueError(f"Adapter tensor {key}{LATENT_SUFFIX} has shape {tuple(latent.shape)}, but this model's "
+                             f"scales have shape {tuple(base.shape)}: the file is corrupt.")
+        u = latent.float().to(s0.device)
+    else:
+        u = torch.where(s0 != 0, (target / torch.where(s0 != 0, s0, 1) - 1) / LOTA_SCALE_UNIT, 0.0)
+    got = RoundToStoredSTE.apply(s0 * (1 + LOTA_SCALE_UNIT * u), base.dtype)
+    if not torch.equal(got, target):
+        what = ("disagrees with its multipliers (the file is corrupt)" if latent is not None else
+                "describes scales this base cannot reach (a scale of 0 that moves, or another base model)")
+        raise ValueError(f"Adapter tensor {key} {what}: load it onto the model it was trained on.")
+    return u
 
 
 class LotaModel(QuantTuner):
@@ -119,7 +174,14 @@ class LotaModel(QuantTuner):
         out = {}
         for key, value in sd.items():
             name = cls._remove_adapter_name_from_key(key, adapter_name)
-            if not TERNARY_KEY.search(name):
+            if SCALES_KEY.search(name):  # what the merge writes, compactly; the multipliers only to resume from
+                steps = _scale_steps(model.get_submodule(key.rsplit(".lota_scales", 1)[0]), adapter_name)
+                keep_latent = getattr(config, "save_latents", True) and steps is not None
+                out[key] = value.detach().float().contiguous() if steps is None else steps
+                if keep_latent:
+                    base, _, adapter = key.rpartition(".")
+                    out[f"{base}{LATENT_SUFFIX}.{adapter}"] = value.detach().float().contiguous()
+            elif not TERNARY_KEY.search(name):
                 out[key] = value
             elif config.train_mode == "latent":  # what the forward uses, and the latent values to resume from
                 from .layer import ternarize
@@ -146,12 +208,16 @@ class LotaModel(QuantTuner):
         params = dict(model.named_parameters())
         for key, value in list(sd.items()):
             name = cls._remove_adapter_name_from_key(key, adapter_name)
+            latent = latents.get(name) if name in latents else latents.get(name.removeprefix("base_model.model."))
+            if SCALES_KEY.search(name) and key in params and not value.is_floating_point():
+                layer = model.get_submodule(key.rsplit(".lota_scales", 1)[0])
+                sd[key] = _multipliers_from_steps(layer, value, name, latent).to(params[key].dtype)
+                continue
             if not TERNARY_KEY.search(name) or key not in params:
                 continue
             like = params[key]
             # The 2-bit values are checked even where latents replace them: a corrupt file is refused either way.
             ternary = _unpack_ternary(value, like, name) if value.dtype == torch.uint8 else value
-            latent = latents.get(name) if name in latents else latents.get(name.removeprefix("base_model.model."))
             if config.train_mode == "latent" and latent is not None:
                 if latent.shape != like.shape:
                     raise ValueError(f"Adapter tensor {name} has shape {tuple(latent.shape)}, but this model's has "
