@@ -45,11 +45,13 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import demo_model as dm  # noqa: E402  (examples/demo_model.py: corpus, model presets, GPTQ, perplexity)
+import real_model  # noqa: E402  (examples/real_model.py: SmolLM2-135M-Instruct and its quantized variants)
 import tasks  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
 RESULTS = HERE / "results"
 THREADS = [1]  # torch threads for training and evaluation (set in main)
+ANSWER = [" {}\n"]  # how a task answer is written after its prompt (the chat model's: "{}<|im_end|>"; set in main)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ----------------------------------------------------------------------------- presets
@@ -63,10 +65,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # qalora_group: PEFT's default pooling size (16). 128 (= the GPTQ group, the size that would make the
 # delta foldable into zero points) leaves one pooled feature for 128-wide layers (a task pilot: 33% vs 90%).
 # The gpu preset reuses the cpu preset's choices (untested; re-run --tune there).
-_LRS = {"recovery": {"lora": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 1e-3,
+_LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 1e-3,
                      "lora_l4q": 3e-3},
-        "task": {"lora": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 3e-3,
+        "task": {"lora": 3e-3, "lora_r16": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 3e-3,
                  "lora_l4q": 3e-3}}
+# The real model's rates (bench_accuracy.py --preset real --tune: results/accuracy-real-tune.md).
+_REAL_LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "fp_lora": 1e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
+                          "lora_l4q": 1e-3},
+             "task": {"lora": 1e-3, "lora_r16": 1e-3, "fp_lora": 1e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
+                      "lora_l4q": 1e-3}}
 _COMMON = dict(rank=64, paper_omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
                tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
                methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp"),
@@ -84,6 +91,29 @@ BENCH_PRESETS: dict[str, dict] = {
     # The second base model (examples/demo_model.py "alt": wider, shallower, 64-wide groups): do the choices carry over?
     "cpu-alt": dict(_COMMON, model="alt", model_name="alt", bits=(4, 3, 2), recovery_steps=100, recovery_batch=16,
                     task_steps=100, task_batch=32, max_test=None),
+    # The real pretrained chat model (examples/real_model.py), all 30 layers, on 2 CPU cores (~60 min; the pilot
+    # ~15 min). GPTQ 4-bit symmetric (the common GPTQ checkpoint, the demo's) and 3-bit asymmetric, group 64.
+    # A step of 4 x 128 tokens takes ~3 s here (8 x 256: ~14 s, the 49k-vocabulary logits dominate).
+    # Recovery: packed 128-token blocks of stdlib docstrings (the first 64 calibrated the quantizers, the next 64
+    # are held out); task: count_params as a chat. Cut to fit: 30 steps, the task at 4 bits only and without the
+    # full-precision runs and the candidate lota_noscales, no QA-LoRA (it
+    # trains like LoRA, and PEFT cannot merge it either), no 2-bit runs; the pilot: recovery only, 20 steps, 3 rates
+    # for LoRA (r 64 and r 16), LoTA and L4Q (the others take their family's rate).
+    "real": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct", layers=None,
+                 variants={4: "gptq-4b-sym", 3: "gptq-3b-asym", 2: "gptq-2b-asym"}, bits=(4, 3), seq_len=128,
+                 eval_docs=64, eval_blocks=48, recovery_steps=30, recovery_batch=4, task_steps=30, task_batch=8,
+                 max_test=128, threads=2, lrs=_REAL_LRS, setting_bits={"task": (4,)}, tune_bits=4,
+                 setting_methods={"task": ("lora", "lora_r16", "lota", "lota_paper", "l4q")},
+                 tune_lrs={"lora": (3e-4, 1e-3, 3e-3), "lora_r16": (3e-4, 1e-3, 3e-3), "lota": (1e-4, 3e-4, 1e-3),
+                           "l4q": (3e-4, 1e-3, 3e-3)},
+                 tune_methods=("lora", "lora_r16", "lota", "l4q"), tune_omegas=(16,),
+                 methods=("fp_lora", "lora", "lora_r16", "lota", "lota_noscales", "lota_paper", "l4q", "l4q_fp")),
+    # CI: the real model's first 2 layers, a few steps: the real-model path runs (~2 min); the numbers mean nothing.
+    "real-smoke": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct, 2 layers", layers=2,
+                       variants={4: "gptq-4b-sym"}, bits=(4,), seq_len=64, eval_docs=8, eval_blocks=4,
+                       recovery_steps=2, recovery_batch=2, task_steps=2, task_batch=2, max_test=4, threads=2,
+                       rank=8, paper_omega=2, lrs=_REAL_LRS, tune_bits=4, tune_lrs=(1e-3,), tune_omegas=(2,),
+                       methods=("lora", "lora_r16", "lota", "l4q")),
     # One GPU (UNTESTED): demo_model's "gpu" model (~10M layer parameters), 5x the steps and 2x the batch.
     "gpu": dict(_COMMON, model="gpu", model_name="gpu", bits=(4, 3, 2), recovery_steps=500, recovery_batch=32,
                 task_steps=500, task_batch=64, max_test=None),
@@ -103,12 +133,13 @@ LOTA_VARIANTS = {
     "lota_integer": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "integer"}, "tsign"),
     "lota_float": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "float"}, "tsign"),
 }
-TRAINED = ("fp_lora", "lora", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS)
+TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS)
 METHODS = {  # key: (label, description, ships as)
     "fp": ("full precision, no fine-tuning", "the unquantized model", "fp model"),
     "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of this fine-tuning", "fp model"),
     "gptq": ("GPTQ, no fine-tuning", "the quantized base", "GPTQ"),
     "lora": ("GPTQ + LoRA (unmerged)", "PEFT LoRA, 16-bit adapter kept beside the GPTQ layers", "GPTQ + adapter"),
+    "lora_r16": ("GPTQ + LoRA r16 (unmerged)", "PEFT LoRA at the common recipe: r 16, alpha 32", "GPTQ + adapter"),
     "qalora": ("GPTQ + QA-LoRA (unmerged)", "PEFT use_qalora; PEFT cannot merge it into GPTQ", "GPTQ + adapter"),
     "lora_requant": ("LoRA merged by re-quantizing", "dequantize, add the LoRA delta, GPTQ again", "GPTQ"),
     "lora_l4q": ("LoRA -> l4q_from_lora (+1/5 of the steps), merged", "the same LoRA inside L4Q's quantizer, a short "
@@ -162,12 +193,12 @@ def load_quant(q_dir):
     return dm.load_gptq(q_dir, dtype=torch.float32, device_map={"": device()})
 
 
-def lora_config(rank: int, qalora_group: int | None = None):
+def lora_config(rank: int, qalora_group: int | None = None, alpha: int | None = None):
     from peft import LoraConfig
 
     kw = dict(use_qalora=True, qalora_group_size=qalora_group) if qalora_group else {}
     # lora_alpha = r (scaling 1): the learning rate is tuned per method, which absorbs the scale.
-    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM", **kw)
 
 
@@ -203,6 +234,8 @@ def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
     base = load_quant(dirs[bits])
     if method == "lora":
         return get_peft_model(base, lora_config(cfg["rank"]))
+    if method == "lora_r16":
+        return get_peft_model(base, lora_config(16, alpha=32))
     if method == "qalora":
         return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
     if method == "l4q":
@@ -261,11 +294,40 @@ def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: st
 
 
 # ----------------------------------------------------------------------------- data
-def recovery_data(fp_dir, model_preset, steps: int, batch: int, validation: bool = False):
+def pack(tok, texts: list[str], seq: int) -> torch.Tensor:
+    """`texts` tokenized and concatenated (EOS after each), cut into [n, seq] blocks."""
+    ids = []
+    for text in texts:
+        ids += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // seq
+    return torch.tensor(ids[: n * seq]).view(n, seq)
+
+
+def real_recovery_blocks(fp_dir, cfg: dict, validation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real model's (fine-tuning blocks, scored blocks): stdlib docstrings in real_model.prose's order, whose
+    first 64 calibrated the quantizers; the next `eval_docs` are held out for scoring, the rest are trained on.
+    validation=True (the pilot): the last tenth of the training docstrings is scored instead."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    docs = real_model.prose(10**6, seed=1)[64:]
+    held, docs = docs[: cfg["eval_docs"]], docs[cfg["eval_docs"]:]
+    if validation:
+        cut = len(docs) * 9 // 10
+        docs, held = docs[:cut], docs[cut:]
+    held = pack(tok, held, cfg["seq_len"])
+    pick = torch.linspace(0, len(held) - 1, min(cfg["eval_blocks"], len(held))).long()
+    return pack(tok, docs, cfg["seq_len"]), held[pick]
+
+
+def recovery_data(fp_dir, cfg: dict, steps: int, batch: int, validation: bool = False):
     """(train batches, eval blocks): the finetune split's blocks in a fixed random order, and the eval
     split's blocks (demo_model.eval_blocks). validation=True (the pilot): one finetune file in ten, chosen by
-    a hash of its path (demo_model.pilot_blocks), is held out for scoring."""
-    if validation:
+    a hash of its path (demo_model.pilot_blocks), is held out for scoring. The real model: real_recovery_blocks."""
+    model_preset = cfg["model"]
+    if cfg.get("source") == "real":
+        blocks, evaluation = real_recovery_blocks(fp_dir, cfg, validation)
+    elif validation:
         blocks, held = dm.pilot_blocks(fp_dir, model_preset)
         n_eval = dm.get_preset(model_preset)["eval_blocks"]
         evaluation = held[torch.linspace(0, len(held) - 1, min(n_eval, len(held))).long()]
@@ -279,10 +341,10 @@ def recovery_data(fp_dir, model_preset, steps: int, batch: int, validation: bool
 
 
 def encode_items(tok, items) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids): prompt and answer (+ newline) tokenized apart, so the decode sees
+    """(prompt ids, answer ids): prompt and answer (written as ANSWER says) tokenized apart, so the decode sees
     exactly the prompt tokens it was trained on."""
     prompts = tok([p for p, _ in items], add_special_tokens=False)["input_ids"]
-    answers = tok([" " + a + "\n" for _, a in items], add_special_tokens=False)["input_ids"]
+    answers = tok([ANSWER[0].format(a) for _, a in items], add_special_tokens=False)["input_ids"]
     return list(zip(prompts, answers))
 
 
@@ -308,9 +370,10 @@ def task_data(fp_dir, cfg: dict, validation: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(fp_dir)
-    p = dm.get_preset(cfg["model"])
-    train_items, test_items = tasks.load_task(cfg["task"], p["include_tests"], cfg["max_test"],
-                                              validation=validation)
+    include_tests = False if cfg.get("source") == "real" else dm.get_preset(cfg["model"])["include_tests"]
+    train_items, test_items = tasks.load_task(cfg["task"], include_tests, cfg["max_test"], validation=validation)
+    if cfg.get("source") == "real":  # a chat model is asked in its chat template
+        train_items, test_items = (tasks.as_chat(tok, cfg["task"], items) for items in (train_items, test_items))
     return task_batches(tok, train_items, cfg["task_steps"], cfg["task_batch"]), test_items
 
 
@@ -361,9 +424,10 @@ def exact_match(model, tok, items, batch_size: int = 64, max_new: int = 16) -> d
 
 
 # ----------------------------------------------------------------------------- LoRA merged the user's way
-def lora_requantize(lora_model, dirs: dict, bits: int, model_preset, work: Path, probe: torch.Tensor):
+def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, probe: torch.Tensor):
     """Dequantize every GPTQ layer, add the LoRA delta in float32, GPTQ-quantize again with the
-    base's bits, group size and calibration (demo_model.quantize on the merged fp model)."""
+    base's bits, group size and calibration (demo_model.quantize on the merged fp model; the real model:
+    real_model.library_quantize, the quantizer and calibration its GPTQ variants were made with)."""
     from peft.tuners.lora import LoraLayer
 
     fp = load_fp(dirs["fp"]).cpu()
@@ -388,13 +452,17 @@ def lora_requantize(lora_model, dirs: dict, bits: int, model_preset, work: Path,
         if (Path(dirs["fp"]) / f).exists():
             shutil.copy(Path(dirs["fp"]) / f, merged_fp / f)
     (merged_fp / "DONE").touch()
-    p = dm.get_preset(model_preset)
-    q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
     t0 = time.time()
-    # THREADS[0] threads: on the shared 2-core machine a re-quantization took ~4 min with 2 threads and ~30 s
-    # with 1 (oversubscribed threads spin).
-    dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
-                calib_samples=p["calib_samples"], calib_len=p["calib_len"], threads=THREADS[0])
+    if cfg.get("source") == "real":
+        real_model.copy_tokenizer(dirs["fp"], merged_fp)
+        real_model.library_quantize(merged_fp, merged_q, real_model.VARIANTS[cfg["variants"][bits]])
+    else:
+        p = dm.get_preset(cfg["model"])
+        q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
+        # THREADS[0] threads: on the shared 2-core machine a re-quantization took ~4 min with 2 threads and ~30 s
+        # with 1 (oversubscribed threads spin).
+        dm.quantize(merged_fp, merged_q, bits, q_cfg["group_size"], q_cfg["sym"], q_cfg["desc_act"],
+                    calib_samples=p["calib_samples"], calib_len=p["calib_len"], threads=THREADS[0])
     requant_s = time.time() - t0
     model = load_quant(merged_q)
     return model, dict(requant_s=round(requant_s, 1), layers=n_merged,
@@ -438,7 +506,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
 
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
     if setting == "recovery":
-        batches, blocks = recovery_data(dirs["fp"], cfg["model"], cfg["recovery_steps"], cfg["recovery_batch"])
+        batches, blocks = recovery_data(dirs["fp"], cfg, cfg["recovery_steps"], cfg["recovery_batch"])
         score = lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))  # noqa: E731
         loss_fn = recovery_loss
     else:
@@ -464,21 +532,22 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
 
     try:
         known = known or {}
-        run = lambda method: method in cfg["methods"]  # noqa: E731
+        methods = cfg.get("setting_methods", {}).get(setting, cfg["methods"])
+        run = lambda method: method in methods  # noqa: E731
         record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
         if run("fp_lora"):  # the ceiling of what this fine-tuning can reach without quantization
             m = make_adapter_model("fp_lora", dirs, None, cfg)
             log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
             record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
-        for bits in cfg["bits"]:
+        for bits in cfg.get("setting_bits", {}).get(setting, cfg["bits"]):
             tag = f"{setting} {bits}-bit"
             record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
-            for method in filter(run, ("lora", "qalora")):
+            for method in filter(run, ("lora", "lora_r16", "qalora")):
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
                 record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
                 if method == "lora":  # the same trained adapter, merged the way users can today ...
-                    q, info, tmp = lora_requantize(m, dirs, bits, cfg["model"], work, probe)
+                    q, info, tmp = lora_requantize(m, dirs, bits, cfg, work, probe)
                     record("lora_requant", bits, dict(**evaluate(q), **info))
                     for d in tmp:
                         shutil.rmtree(d, ignore_errors=True)
@@ -491,7 +560,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                                                   steps=len(short), before_qat=fresh, codes_moved_pct=None))
                     del l4q, merged
                 del m
-            for method in [m for m in cfg["methods"] if m.startswith(("lota", "l4q"))]:
+            for method in [m for m in methods if m.startswith(("lota", "l4q"))]:
                 m = make_adapter_model(method, dirs, bits, cfg)
                 lr = lr_of(method)
                 log = train(m, method, batches, loss_fn, lr, f"{tag} {method}")
@@ -528,7 +597,7 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
     bits = cfg["tune_bits"]
     for setting in cfg["settings"]:
         if setting == "recovery":
-            batches, blocks = recovery_data(dirs["fp"], cfg["model"], cfg["recovery_steps"], cfg["recovery_batch"],
+            batches, blocks = recovery_data(dirs["fp"], cfg, cfg["recovery_steps"], cfg["recovery_batch"],
                                             validation=True)
             score, loss_fn = (lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))), recovery_loss
         else:
@@ -543,7 +612,8 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
             if LOTA_VARIANTS.get(method, (None, "adamw"))[1].startswith("tsign"):
                 runs += [(method, dict(paper_omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
             else:
-                runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in cfg["tune_lrs"]]
+                grid = cfg["tune_lrs"][method] if isinstance(cfg["tune_lrs"], dict) else cfg["tune_lrs"]
+                runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in grid]
         for method, knob, key in runs:
             if method == "lora_l4q":  # a LoRA at its chosen rate, then the short L4Q run at each rate
                 lora = make_adapter_model("lora", dirs, bits, cfg)
@@ -666,7 +736,8 @@ def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS))
-    ap.add_argument("--root", default="demo_out", help="model cache (shared with examples/demo_model.py)")
+    ap.add_argument("--root", default=None, help="model cache (default: demo_out, shared with examples/demo.py; the "
+                    "real presets: build/real-model, shared with examples/real_model.py and the demo)")
     ap.add_argument("--out", default=str(RESULTS), help="where accuracy-<preset>.{md,json,png} go")
     ap.add_argument("--settings", nargs="+", default=["recovery", "task"], choices=["recovery", "task"])
     ap.add_argument("--bits", type=int, nargs="+", default=None, help="default: the preset's")
@@ -710,24 +781,33 @@ def main(argv=None) -> None:
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
-    THREADS[0] = args.threads or (max(1, (os.cpu_count() or 2) // 2) if device().type == "cpu" else os.cpu_count())
-    root = Path(args.root) / "smoke" if args.preset == "smoke" else Path(args.root)
+    THREADS[0] = args.threads or cfg.get("threads") or (max(1, (os.cpu_count() or 2) // 2) if device().type == "cpu"
+                                                        else os.cpu_count())
+    real = cfg.get("source") == "real"
+    root = Path(args.root or ("build/real-model" if real else "demo_out"))
+    root = root / "smoke" if args.preset == "smoke" else root
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS[0])
 
     wall, t_start = {}, time.time()
     t0 = time.time()
-    base = root / (cfg["model"] if isinstance(cfg["model"], str) else "custom")  # demo_model's naming
-    cached = (base / "fp" / "DONE").exists()
-    dirs = dm.build(cfg["model"], root, bits=cfg["bits"] if not args.tune else (cfg["tune_bits"],))
+    bits = cfg["bits"] if not args.tune else (cfg["tune_bits"],)
+    if real:
+        from transformers import AutoTokenizer
+
+        dirs = {"fp": real_model.float_checkpoint(root, cfg["layers"])}
+        ANSWER[0] = "{}" + AutoTokenizer.from_pretrained(dirs["fp"]).eos_token  # the answer ends the chat turn
+        dirs.update({b: real_model.quantized(cfg["variants"][b], root, cfg["layers"]) for b in bits})
+    else:
+        dirs = dm.build(cfg["model"], root, bits=bits)
     wall["build_s"] = round(time.time() - t0, 1)
-    print(f"models: {dirs['fp'].parent} ({'cached' if cached else 'built'} in {wall['build_s']:.0f} s)", flush=True)
+    print(f"models: {dirs['fp'].parent} (ready in {wall['build_s']:.0f} s)", flush=True)
 
     results: dict = {}
     stem = f"accuracy-{args.preset}" + ("-tune" if args.tune else "") + (f"-{args.tag}" if args.tag else "")
     record = dict(preset=args.preset, note=args.note, config={k: v for k, v in cfg.items() if k != "model"},
-                  model_preset=dm.get_preset(cfg["model"]), methods={k: v[1] for k, v in METHODS.items()},
+                  model_preset=None if real else dm.get_preset(cfg["model"]), methods={k: v[1] for k, v in METHODS.items()},
                   results=results)
 
     record["machine"] = machine_info()  # once: the commit measured, before the run
@@ -742,7 +822,7 @@ def main(argv=None) -> None:
         text = format_tune(results, cfg)
     else:
         # The quantization gap first: if GPTQ costs nothing there is nothing to recover.
-        blocks = dm.eval_blocks(dirs["fp"], cfg["model"])
+        blocks = real_recovery_blocks(dirs["fp"], cfg)[1] if real else dm.eval_blocks(dirs["fp"], cfg["model"])
         known = {}
         for key, load in [("fp", lambda: load_fp(dirs["fp"]))] + [(str(b), lambda b=b: load_quant(dirs[b]))
                                                                   for b in cfg["bits"]]:

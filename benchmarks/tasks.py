@@ -99,3 +99,24 @@ def load_task(name: str, include_tests: bool = False, max_test: int | None = Non
     if max_test is not None and len(test) > max_test:
         test = sorted(rng.sample(test, max_test))
     return train, test
+
+
+# How a chat model is asked each task (the real model's preset): the item's prompt is the part before the marker.
+CHAT_QUESTIONS = {
+    "count_params": ("How many parameters does this Python function declare? Answer with the number only.\n\n{}",
+                     "  # number of parameters:"),
+    "snake_to_camel": ("Write this snake_case name in CamelCase, and nothing else: {}", " -> "),
+    "docstring_to_name": ("Which Python function name fits this docstring? Answer with the name only.\n\n{}",
+                          "\ndef "),
+}
+
+
+def as_chat(tokenizer, name: str, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The items as a user turn of `tokenizer`'s chat template, the assistant's turn opened for the answer."""
+    question, marker = CHAT_QUESTIONS[name]
+    out = []
+    for prompt, answer in items:
+        text = question.format(prompt.split(marker)[0].removeprefix("# "))
+        out.append((tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True), answer))
+    return out

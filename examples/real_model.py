@@ -10,7 +10,7 @@ the `gguf` package) by dequantizing its Q4_1 weights to float, but a GGUF-loaded
 (safetensors, bf16, tokenizer with chat template). `quantized` makes its quantized variants with the libraries'
 own quantizers, calibrated on English prose that ships with Python (the standard library's docstrings and
 comments): GPTQ (gptqmodel, checkpoint format v1 that every GPTQ loader reads) 4-bit symmetric and asymmetric and
-3-bit, AWQ 4-bit (gptqmodel's AWQ, GEMM layout), compressed-tensors W4A16 (compressed-tensors' own compressor,
+3- and 2-bit, AWQ 4-bit (gptqmodel's AWQ, GEMM layout), compressed-tensors W4A16 (compressed-tensors' own compressor,
 min-max scales as the simplest llm-compressor recipe) and LLM.int8 (bitsandbytes). Group 64: 576 is not a
 multiple of 128 (gptqmodel's CPU kernels refuse a group that does not divide the width).
 
@@ -44,6 +44,7 @@ VARIANTS = {  # name: how it is made
     "gptq-4b-sym": dict(kind="gptq", bits=4, sym=True),
     "gptq-4b-asym": dict(kind="gptq", bits=4, sym=False),
     "gptq-3b-asym": dict(kind="gptq", bits=3, sym=False),
+    "gptq-2b-asym": dict(kind="gptq", bits=2, sym=False),
     "awq-4b": dict(kind="awq", bits=4, sym=False),
     "ct-w4a16": dict(kind="ct", bits=4, sym=True),
     "int8": dict(kind="bnb-int8", bits=8, sym=True),
@@ -145,19 +146,10 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
         return out
     tmp = Path(root) / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    texts = prose(calib, seed=1)
     t0 = time.time()
     kind = spec["kind"]
     if kind in ("gptq", "awq"):
-        from gptqmodel import GPTQModel, QuantizeConfig
-        from gptqmodel.quantization import FORMAT, METHOD
-
-        extra = (dict(method=METHOD.AWQ, format=FORMAT.GEMM) if kind == "awq" else dict(format="gptq", desc_act=False))
-        qcfg = QuantizeConfig(bits=spec["bits"], group_size=spec.get("group_size", GROUP), sym=spec["sym"],
-                              offload_to_disk=False, **extra)
-        model = GPTQModel.load(str(fp), qcfg, device="cpu", dtype=torch.float16 if kind == "awq" else torch.float32)
-        model.quantize([t[: 4 * calib_len] for t in texts], batch_size=1)  # ~calib_len tokens of prose each
-        model.save(str(tmp))
+        library_quantize(fp, tmp, spec, calib, calib_len)
     elif kind == "ct":
         compressed_tensors_checkpoint(fp, tmp, spec["bits"])
     elif kind == "bnb-int8":
@@ -168,12 +160,33 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
         model.save_pretrained(str(tmp))
     else:
         raise ValueError(variant)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (fp / name).exists() and not (tmp / name).exists():
-            shutil.copy(fp / name, tmp / name)
+    copy_tokenizer(fp, tmp)
     print(f"[real-model] {out.name}: {time.time() - t0:.0f} s")
     return _finish(tmp, out, {"variant": variant, "group_size": GROUP, **spec, "calibration_texts": calib,
                               "layers": layers})
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files (chat template included) of `src` that `dst` lacks."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(src) / name).exists() and not (Path(dst) / name).exists():
+            shutil.copy(Path(src) / name, Path(dst) / name)
+
+
+def library_quantize(fp, out, spec: dict, calib: int = 64, calib_len: int = 256) -> None:
+    """GPTQ or AWQ (spec["kind"]) of the float checkpoint `fp` into `out` by gptqmodel, calibrated on the first
+    `calib` docstrings of `prose(seed=1)`, ~`calib_len` tokens each (also the benchmark's re-quantization)."""
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    awq = spec["kind"] == "awq"
+    extra = dict(method=METHOD.AWQ, format=FORMAT.GEMM) if awq else dict(format="gptq", desc_act=False)
+    qcfg = QuantizeConfig(bits=spec["bits"], group_size=spec.get("group_size", GROUP), sym=spec["sym"],
+                          offload_to_disk=False, **extra)
+    model = GPTQModel.load(str(fp), qcfg, device="cpu", dtype=torch.float16 if awq else torch.float32)
+    model.quantize([t[: 4 * calib_len] for t in prose(calib, seed=1)], batch_size=1)  # ~4 characters a token
+    model.save(str(out))
 
 
 def compressed_tensors_checkpoint(fp: Path, out: Path, bits: int, group_size: Optional[int] = GROUP) -> None:
