@@ -14,7 +14,7 @@ Corpus
     training) and ``eval`` (held-out perplexity). The text depends on the CPython version, so
     only compare numbers made with the same interpreter.
 
-Why the model looks like this (see BENCHMARK_NOTES.md)
+Why the model looks like this
     A small, briefly trained model barely suffers from GPTQ: its function lives in the
     unquantized embedding/head and in layer weights still close to their random start. To make
     the quantized layers matter we use a small vocabulary (1024), tied embeddings (one small

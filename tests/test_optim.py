@@ -1,4 +1,4 @@
-"""Tests of t-SignSGD, the combined LoTA optimizer and the Trainer callback (LOTA_SPEC.md section 3)."""
+"""Tests of t-SignSGD, the combined LoTA optimizer and the Trainer callback (LoTA-QAF's t-SignSGD)."""
 
 import copy
 import io

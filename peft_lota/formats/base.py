@@ -1,6 +1,6 @@
 """What every PEFT method sees of a quantized linear layer, whatever format stores it.
 
-A uniform integer grid, group-wise (../shared/LOTA_SPEC.md section 1), `K = in_features`,
+A uniform integer grid, group-wise (each group of input rows shares a scale and a zero point), `K = in_features`,
 `N = out_features`, in the formats' own orientation `[K, N]`:
 
     codes   Q  uint8 [K, N]   integer codes in [0, maxq]

@@ -1,6 +1,6 @@
 """L4Q's quantizer and its fused linear, as plain tensor functions (no PEFT, no nn.Module).
 
-Notation of ../shared/SEEDS_L4Q_APIQ.md, in the formats' orientation `[K, N]` = `[in, out]`, on GPTQ's
+L4Q (arXiv 2402.04902) in the formats' orientation `[K, N]` = `[in, out]`, on GPTQ's
 unsigned grid (codes in [0, maxq], integer zero points z):
 
     W_comb = W0 + scaling * A^T B^T          A [r, K], B [N, r]: PEFT LoRA's lora_A / lora_B weights

@@ -90,9 +90,11 @@ class LotaConfig(PeftConfig):
         metadata={
             "help": "train_mode='latent': also save the latent values of A and B (fp32, the size of an fp32 LoRA of "
             "rank r) beside their 2-bit ternary values, so that training resumes exactly from a saved adapter or "
-            "Trainer checkpoint. False: the file holds the ternary values only (2 bits per entry, 1/8 of an fp16 "
-            "LoRA of the same rank), which load as the same model; a run resumed from it restarts every entry at "
-            "its level's middle. Set it for the adapter you ship, not for checkpoints you resume."
+            "Trainer checkpoint (and the trained scale multipliers, fp32). False: the file holds what the forward "
+            "and the merge use: the ternary values (2 bits per entry, 1/8 of an fp16 LoRA of the same rank) and the "
+            "trained scales as each stored scale's change in units in the last place (one byte per group and output "
+            "column where the changes fit), which load as the same model; a run resumed from it restarts every entry "
+            "at its level's middle. Set it for the adapter you ship, not for checkpoints you resume."
         },
     )
     max_step: int = field(

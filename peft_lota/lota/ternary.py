@@ -1,6 +1,6 @@
 """LoTA-QAF's ternary adaptation as plain tensor functions (no PEFT, no nn.Module).
 
-Notation follows ../shared/LOTA_SPEC.md. Tensors are kept in the formats' own orientation, `[K, N]` =
+Notation of the LoTA-QAF paper (arXiv 2505.18724). Tensors are kept in the formats' own orientation, `[K, N]` =
 `[in_features, out_features]` (codes, zeros, scales, g_idx: formats/base.py), so the product `P = A @ B`
 and the code change `D` line up with the codes without transposes; only the public `get_delta_*`
 methods of the layer return PyTorch's `[out, in]` weight convention.
