@@ -65,15 +65,18 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # qalora_group: PEFT's default pooling size (16). 128 (= the GPTQ group, the size that would make the
 # delta foldable into zero points) leaves one pooled feature for 128-wide layers (a task pilot: 33% vs 90%).
 # The gpu preset reuses the cpu preset's choices (untested; re-run --tune there).
-_LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 1e-3,
-                     "lora_l4q": 3e-3},
-        "task": {"lora": 3e-3, "lora_r16": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 3e-3, "l4q_fp": 3e-3,
-                 "lora_l4q": 3e-3}}
-# The real model's rates (bench_accuracy.py --preset real --tune: results/accuracy-real-tune.md).
-_REAL_LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "fp_lora": 1e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
-                          "lora_l4q": 1e-3},
-             "task": {"lora": 1e-3, "lora_r16": 1e-3, "fp_lora": 1e-3, "lota": 1e-4, "l4q": 1e-3, "l4q_fp": 1e-3,
-                      "lora_l4q": 1e-3}}
+# lora_r16 (not in that pilot) takes LoRA's rate.
+_LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "qalora": 3e-4, "fp_lora": 3e-4, "lota": 1e-4, "l4q": 3e-3,
+                     "l4q_fp": 1e-3, "lora_l4q": 3e-3},
+        "task": {"lora": 3e-3, "lora_r16": 3e-3, "qalora": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "l4q": 3e-3,
+                 "l4q_fp": 3e-3, "lora_l4q": 3e-3}}
+# The real model's rates: its pilot's best (--preset real --tune, recovery at 4 bits, 20 steps, scored on held-out
+# training docstrings; results/accuracy-real-tune*.md), used in both settings. LoTA's best (3.3e-5) sits below the
+# toy models' 1e-4, which diverged here at 3e-4; at 3.3e-5 it moved no code in 20 steps: its trained scales did the
+# work. L4Q from full precision and lora->L4Q take L4Q's rate, full-precision LoRA LoRA's.
+_REAL = {"lora": 3e-3, "lora_r16": 3e-3, "fp_lora": 3e-3, "lota": 3.33333e-5, "lota_noscales": 1e-4, "l4q": 3e-3,
+         "l4q_fp": 3e-3, "lora_l4q": 3e-3}
+_REAL_LRS = {"recovery": dict(_REAL), "task": dict(_REAL)}
 _COMMON = dict(rank=64, paper_omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
                tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
                methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp"),
@@ -95,15 +98,17 @@ BENCH_PRESETS: dict[str, dict] = {
     # ~15 min). GPTQ 4-bit symmetric (the common GPTQ checkpoint, the demo's) and 3-bit asymmetric, group 64.
     # A step of 4 x 128 tokens takes ~3 s here (8 x 256: ~14 s, the 49k-vocabulary logits dominate).
     # Recovery: packed 128-token blocks of stdlib docstrings (the first 64 calibrated the quantizers, the next 64
-    # are held out); task: count_params as a chat. Cut to fit: 30 steps, the task at 4 bits only and without the
-    # full-precision runs and the candidate lota_noscales, no QA-LoRA (it
-    # trains like LoRA, and PEFT cannot merge it either), no 2-bit runs; the pilot: recovery only, 20 steps, 3 rates
-    # for LoRA (r 64 and r 16), LoTA and L4Q (the others take their family's rate).
+    # are held out); task: count_params as a chat. Cut to fit: 30 steps; the task at 4 bits only, without the
+    # full-precision runs; at 3 bits no LoRA r16 or L4Q from full precision; no QA-LoRA (it trains like LoRA, and PEFT
+    # cannot merge it either); no 2-bit runs. The pilot: recovery only, 20 steps, 3 rates for LoRA (r 64 and r 16),
+    # LoTA (with and without trained scales) and L4Q, one more where the best sat at the grid's edge (the others
+    # take their family's rate).
     "real": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct", layers=None,
                  variants={4: "gptq-4b-sym", 3: "gptq-3b-asym", 2: "gptq-2b-asym"}, bits=(4, 3), seq_len=128,
                  eval_docs=64, eval_blocks=48, recovery_steps=30, recovery_batch=4, task_steps=30, task_batch=8,
                  max_test=128, threads=2, lrs=_REAL_LRS, setting_bits={"task": (4,)}, tune_bits=4,
-                 setting_methods={"task": ("lora", "lora_r16", "lota", "lota_paper", "l4q")},
+                 setting_methods={"task": ("lora", "lora_r16", "lota", "lota_noscales", "lota_paper", "l4q")},
+                 bits_methods={3: ("lora", "lota", "lota_noscales", "lota_paper", "l4q")},
                  tune_lrs={"lora": (3e-4, 1e-3, 3e-3), "lora_r16": (3e-4, 1e-3, 3e-3), "lota": (1e-4, 3e-4, 1e-3),
                            "l4q": (3e-4, 1e-3, 3e-3)},
                  tune_methods=("lora", "lora_r16", "lota", "l4q"), tune_omegas=(16,),
@@ -524,6 +529,9 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
         res.setdefault(method, {})[str(bits)] = out
         save()
 
+    def done(*methods, bits):  # already in the results (--resume): not run again
+        return all(str(bits) in res.get(m, {}) for m in methods)
+
     def evaluate(model):
         t0 = time.time()
         out = score(model)
@@ -534,15 +542,21 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
         known = known or {}
         methods = cfg.get("setting_methods", {}).get(setting, cfg["methods"])
         run = lambda method: method in methods  # noqa: E731
-        record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
-        if run("fp_lora"):  # the ceiling of what this fine-tuning can reach without quantization
+        if not done("fp", bits="fp"):
+            record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
+        if run("fp_lora") and not done("fp_lora", bits="fp"):  # the ceiling: this fine-tuning without quantization
             m = make_adapter_model("fp_lora", dirs, None, cfg)
             log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
             record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
         for bits in cfg.get("setting_bits", {}).get(setting, cfg["bits"]):
             tag = f"{setting} {bits}-bit"
-            record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
+            if not done("gptq", bits=bits):
+                record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
+            at_bits = cfg.get("bits_methods", {}).get(bits, methods)
+            run = lambda method: method in methods and method in at_bits  # noqa: E731
             for method in filter(run, ("lora", "lora_r16", "qalora")):
+                if done(method, *(("lora_requant", "lora_l4q") if method == "lora" else ()), bits=bits):
+                    continue
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
                 record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
@@ -560,7 +574,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                                                   steps=len(short), before_qat=fresh, codes_moved_pct=None))
                     del l4q, merged
                 del m
-            for method in [m for m in methods if m.startswith(("lota", "l4q"))]:
+            for method in [m for m in methods if m.startswith(("lota", "l4q")) and run(m) and not done(m, bits=bits)]:
                 m = make_adapter_model(method, dirs, bits, cfg)
                 lr = lr_of(method)
                 log = train(m, method, batches, loss_fn, lr, f"{tag} {method}")
@@ -684,9 +698,11 @@ def format_details(results: dict, bits: tuple) -> str:
 
 
 def format_tune(results: dict, cfg: dict) -> str:
+    recovery = ("recovery trains on the first 90% of the fine-tuning docstrings and scores perplexity on the other "
+                "10%" if cfg.get("source") == "real" else "recovery trains on the finetune split's first 90% and "
+                "scores perplexity on its last 10% (other files)")
     lines = [f"Pilot at {cfg['tune_bits']} bits, {cfg['recovery_steps']} / {cfg['task_steps']} steps (recovery / task), "
-             "scored on held-out files of the training data, never on the test split: recovery trains on the "
-             "finetune split's first 90% and scores perplexity on its last 10% (other files); the task trains "
+             f"scored on held-out data of the training set, never on the test split: {recovery}; the task trains "
              "on items of the train split's files and scores exact match % on items of the finetune split's files.",
              ""]
     for setting, res in results.items():
@@ -757,6 +773,9 @@ def main(argv=None) -> None:
                     help="pilot: only these methods")
     ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                     help="override a method's learning rate in both settings (repeatable), e.g. lota=3e-4")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results already in accuracy-<preset>[-<tag>].json and run only what is missing "
+                         "(after an interrupted run; the configuration must be the same)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
     args = ap.parse_args(argv)
 
@@ -811,6 +830,16 @@ def main(argv=None) -> None:
                   results=results)
 
     record["machine"] = machine_info()  # once: the commit measured, before the run
+    previous = out_dir / f"{stem}.json"
+    if args.resume and previous.exists():
+        old = json.loads(previous.read_text())
+        if old["config"] != json.loads(json.dumps(record["config"], default=str)):
+            sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
+                     "(or with the same preset, options and --lr) to start over")
+        results.update(old["results"])
+        record["gap"] = old.get("gap")
+        record["machine"]["resumed_from"] = old["machine"]
+        print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
 
     def save():
         record["machine"]["wall_s"] = dict(wall, total_s=round(time.time() - t_start, 1))
@@ -823,9 +852,11 @@ def main(argv=None) -> None:
     else:
         # The quantization gap first: if GPTQ costs nothing there is nothing to recover.
         blocks = real_recovery_blocks(dirs["fp"], cfg)[1] if real else dm.eval_blocks(dirs["fp"], cfg["model"])
-        known = {}
+        known = {k: dict(ppl=v) for k, v in (record.get("gap") or {}).items()}
         for key, load in [("fp", lambda: load_fp(dirs["fp"]))] + [(str(b), lambda b=b: load_quant(dirs[b]))
                                                                   for b in cfg["bits"]]:
+            if key in known:
+                continue
             t0 = time.time()
             known[key] = dict(ppl=round(dm.perplexity(load(), blocks), 3))
             known[key]["eval_s"] = round(time.time() - t0, 1)

@@ -1,6 +1,6 @@
 """Speed and memory benchmark: LoTA-QAF and L4Q against PEFT LoRA and QA-LoRA on the same GPTQ (and AWQ) models.
 
-    python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | gpu
+    python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | real | gpu
     python benchmarks/bench_speed.py --preset cpu --only train merge
 
 Three parts, each method measured in a process of its own (benchmarks/_speed_worker.py):
@@ -62,6 +62,10 @@ MID_CPU = ModelShape("mid (TinyLlama-1.1B widths, 2 of 22 layers)", hidden=2048,
                      heads=32, kv_heads=4, vocab=1024, dtype="bfloat16")
 MID_GPU = ModelShape("mid (TinyLlama-1.1B shapes, all 22 layers)", hidden=2048, intermediate=5632, layers=22,
                      heads=32, kv_heads=4, vocab=32000, dtype="float16")
+# SmolLM2-135M-Instruct's shapes (the real model of the demo and of bench_accuracy's real preset), all 30 layers and
+# its 49k vocabulary, group 64 as its GPTQ variants (576 is not a multiple of 128).
+SMOLLM2 = ModelShape("SmolLM2-135M shapes (all 30 layers)", hidden=576, intermediate=1536, layers=30, heads=9,
+                     kv_heads=3, vocab=49152, group_size=64, dtype="bfloat16")
 LLAMA3_8B = ModelShape("Llama-3-8B linear shapes", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                        vocab=256, dtype="float16")
 
@@ -78,6 +82,11 @@ PRESETS: dict[str, dict] = {
                        dict(shape=MID_CPU, batch=1, seq=256, warmup=2, steps=8, ranks=(64, 16))],
                 infer=dict(shape=MID_CPU, prompt=128, warmup=2, repeats=20, decode_steps=32),
                 merge=dict(shape=LLAMA3_8B, save=True, dense=True)),
+    # 2 CPU cores, ~15 min: the real model's shapes (bench_accuracy --preset real's step: 4 x 128 tokens).
+    "real": dict(device="cpu", dtype="float32", compile="off", rank=64,
+                 train=[dict(shape=SMOLLM2, batch=4, seq=128, warmup=2, steps=6, ranks=(64, 16))],
+                 infer=dict(shape=SMOLLM2, prompt=128, warmup=2, repeats=10, decode_steps=32),
+                 merge=dict(shape=SMOLLM2, save=True, dense=True)),
     # One CUDA GPU (UNTESTED: no GPU was available when this was written).
     "gpu": dict(device="cuda", dtype="bfloat16", compile="on", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=5, steps=30),

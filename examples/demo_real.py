@@ -103,8 +103,9 @@ def main(argv=None) -> None:
     ap.add_argument("--root", default="build/real-model", help="where the models are built and cached")
     ap.add_argument("--out", default="demo_out/real", help="where the merged checkpoint is written")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lota-lr", type=float, default=1e-4)
-    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--lota-lr", type=float, default=1e-4, help="LoTA's recommended rate")
+    ap.add_argument("--lora-lr", type=float, default=3e-3,
+                    help="the accuracy pilot's best for LoRA r16 on this model (benchmarks/results/accuracy-real-tune.md)")
     ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")
     args = ap.parse_args(argv)
     real_model._quiet()

@@ -1,6 +1,7 @@
 """t-SignSGD for LoTA's ternary tensors, one combined optimizer for a LoTA model, and a Trainer callback.
 
-`TSignSGD` implements the paper's t-SignSGD (LoTA-QAF, arXiv 2505.18724). Per ternary tensor `p` with gradient `g`, at step t:
+`TSignSGD` implements the paper's t-SignSGD (LoTA-QAF, arXiv 2505.18724). Per ternary tensor `p` with
+gradient `g`, at step t:
 
     sigma_t = quantile_lower(|g|, q_t)      # an element of |g|: the k-th smallest, k = floor(q_t * (n-1))
     m       = |g| > max(sigma_t, tau)
