@@ -310,35 +310,38 @@ def _infer_table(rows: list[dict], fmt: str, targets: list) -> list[str]:
 
 
 def merge_table(r: dict, targets: list) -> str:
-    ok = (r["merge_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
-    targets.append((TARGETS["merge"][0] + " (random ternary A, B)", TARGETS["merge"][2], f"{r['merge_s']:.1f} s"
-                    + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok)))
+    # The < 60 s target is an 8B model's: a smaller shape (the real model's) reports its times without one.
+    full = r["full_8b"]
+    if full:
+        targets.append((TARGETS["merge"][0] + " (random ternary A, B)", TARGETS["merge"][2], f"{r['merge_s']:.1f} s",
+                        status(r["merge_s"] < TARGETS["merge"][1])))
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     rows = [("merge_and_unload(), random ternary A, B (uniform over {-1, 0, 1})",
              f"{r['merge_s']:.1f} s ({r['ns_per_code']:.2f} ns per code, {r['codes'] / 1e9:.2f}G codes in "
-             f"{r['layers']} layers)"),
-            ("target < 60 s", status(ok))]
+             f"{r['layers']} layers)")]
+    if full:
+        rows.append(("target < 60 s", status(r["merge_s"] < TARGETS["merge"][1])))
     if "merge_dense_s" in r:
         rows.append(("merge_and_unload(), dense +-1 A, B (worst case: P computed for every code)",
                      f"{r['merge_dense_s']:.1f} s ({r['merge_dense_s'] / r['codes'] * 1e9:.2f} ns per code)"))
-        targets.append((TARGETS["merge"][0] + " (worst case: dense +-1 A, B)", TARGETS["merge"][2],
-                        f"{r['merge_dense_s']:.1f} s", status(r["merge_dense_s"] < TARGETS["merge"][1])))
+        if full:
+            targets.append((TARGETS["merge"][0] + " (worst case: dense +-1 A, B)", TARGETS["merge"][2],
+                            f"{r['merge_dense_s']:.1f} s", status(r["merge_dense_s"] < TARGETS["merge"][1])))
     if "merge_l4q_s" in r:
         rows.append(("L4Q merge_and_unload() (W0 + BA quantized into new codes, r = 64, every layer)",
                      f"{r['merge_l4q_s']:.1f} s ({r['merge_l4q_s'] / r['codes'] * 1e9:.2f} ns per code)"))
-        ok_l4q = (r["merge_l4q_s"] < TARGETS["merge"][1]) if r["full_8b"] else None
-        targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s"
-                        + ("" if r["full_8b"] else f" ({r['layers']} layers only)"), status(ok_l4q)))
+        if full:
+            targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s",
+                            status(r["merge_l4q_s"] < TARGETS["merge"][1])))
     labels = [(f"{fmt}_merge{kind}_s", f"{FORMAT_NAMES[fmt]}{' 8-bit' if fmt == 'int8' else ''}: " + text)
               for fmt in FORMATS[1:] for kind, text in (("", "LoTA merge_and_unload(), random ternary A, B"),
                                                         ("_l4q", "L4Q merge_and_unload()"))]
     for key, label in labels:
         if key in r:
-            ok_awq = (r[key] < TARGETS["merge"][1]) if r["full_8b"] else None
             rows.append((label, f"{r[key]:.1f} s ({r[key] / r['codes'] * 1e9:.2f} ns per code)"))
-            targets.append((label.split(":")[0] + " " + ("L4Q " if "l4q" in key else "LoTA ") + TARGETS["merge"][0],
-                            "-", f"{r[key]:.1f} s" + ("" if r["full_8b"] else f" ({r['layers']} layers only)"),
-                            status(ok_awq)))
+            if full:
+                targets.append((label.split(":")[0] + " " + ("L4Q " if "l4q" in key else "LoTA ") + TARGETS["merge"][0],
+                                "-", f"{r[key]:.1f} s", status(r[key] < TARGETS["merge"][1])))
     rows += [("memory held during the merge (RSS over the runtime)",
               f"{r['rss_before_merge_mib']:,.0f} MiB before, peak {r['merge_peak_rss_mib']:,.0f} MiB"),
              ("model load (gptq_torch, not part of the merge)", f"{r['load_s']:.1f} s")]
@@ -348,7 +351,8 @@ def merge_table(r: dict, targets: list) -> str:
     lora_b = r["lora_fp16_adapter_bytes"]
     rows += [("fp16 LoRA adapter file, same rank and layers", mib(lora_b))]
     if "lota_ship_adapter_bytes" in r:
-        rows += [("LoTA adapter file, save_latents=False (ternary A, B at 2 bits per value, fp32 scale multipliers)",
+        rows += [("LoTA adapter file, save_latents=False (ternary A, B at 2 bits per value, each scale's change in "
+                  "units in the last place)",
                   f"{mib(r['lota_ship_adapter_bytes'])} ({r['lota_ship_adapter_bytes'] / lora_b:.3f}x LoRA fp16)")]
     rows += [("LoTA adapter file, defaults (+ fp32 latent A, B to resume training exactly)",
               f"{mib(r['lota_adapter_bytes'])} ({r['lota_adapter_bytes'] / lora_b:.3f}x LoRA fp16)")]

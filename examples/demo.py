@@ -1,4 +1,4 @@
-"""The whole job on one CPU, offline, in minutes: `make demo` runs this.
+"""The toy demo, on one CPU, offline, in minutes: `make demo-tiny` runs this (`make demo` runs demo_real.py).
 
 1. Pretrain a small Llama on the Python standard library's own source (examples/demo_model.py; the
    text ships with every CPython, so nothing is downloaded) and GPTQ-quantize it to 2 bits, where
