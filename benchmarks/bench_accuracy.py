@@ -329,7 +329,7 @@ def recovery_data(fp_dir, cfg: dict, steps: int, batch: int, validation: bool = 
     """(train batches, eval blocks): the finetune split's blocks in a fixed random order, and the eval
     split's blocks (demo_model.eval_blocks). validation=True (the pilot): one finetune file in ten, chosen by
     a hash of its path (demo_model.pilot_blocks), is held out for scoring. The real model: real_recovery_blocks."""
-    model_preset = cfg["model"]
+    model_preset = cfg.get("model")
     if cfg.get("source") == "real":
         blocks, evaluation = real_recovery_blocks(fp_dir, cfg, validation)
     elif validation:

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    batches, blocks = ba.recovery_data(dirs["fp"], cfg["model"], cfg["finetune_steps"], cfg["finetune_batch"])
+    batches, blocks = ba.recovery_data(dirs["fp"], cfg, cfg["finetune_steps"], cfg["finetune_batch"])
     record = dict(preset=args.preset, note=args.note, config={k: v for k, v in cfg.items() if k != "model"},
                   machine=machine_info(), results={}, calibration={})
     res, calib = record["results"], record["calibration"]
