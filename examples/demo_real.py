@@ -109,6 +109,10 @@ def main(argv=None) -> None:
                     help="the accuracy pilot's best for LoRA r16 on this model (benchmarks/results/accuracy-real-tune.md)")
     ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")
     args = ap.parse_args(argv)
+    if args.steps < 1:  # Trainer reads max_steps <= 0 as "not set" and would train 3 epochs instead
+        ap.error(f"--steps must be at least 1 (got {args.steps})")
+    if not (args.lota_lr > 0 and args.lora_lr > 0):
+        ap.error("--lota-lr and --lora-lr must be positive")
     real_model._quiet()
 
     from peft import LoraConfig, get_peft_model
