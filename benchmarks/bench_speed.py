@@ -310,38 +310,32 @@ def _infer_table(rows: list[dict], fmt: str, targets: list) -> list[str]:
 
 
 def merge_table(r: dict, targets: list) -> str:
-    # The < 60 s target is an 8B model's: a smaller shape (the real model's) reports its times without one.
-    full = r["full_8b"]
-    if full:
-        targets.append((TARGETS["merge"][0] + " (random ternary A, B)", TARGETS["merge"][2], f"{r['merge_s']:.1f} s",
-                        status(r["merge_s"] < TARGETS["merge"][1])))
+    limit = TARGETS["merge"][1]
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     rows = [("merge_and_unload(), random ternary A, B (uniform over {-1, 0, 1})",
              f"{r['merge_s']:.1f} s ({r['ns_per_code']:.2f} ns per code, {r['codes'] / 1e9:.2f}G codes in "
              f"{r['layers']} layers)")]
-    if full:
-        rows.append(("target < 60 s", status(r["merge_s"] < TARGETS["merge"][1])))
+    mine = [(TARGETS["merge"][0] + " (random ternary A, B)", TARGETS["merge"][2], r["merge_s"])]
     if "merge_dense_s" in r:
         rows.append(("merge_and_unload(), dense +-1 A, B (worst case: P computed for every code)",
                      f"{r['merge_dense_s']:.1f} s ({r['merge_dense_s'] / r['codes'] * 1e9:.2f} ns per code)"))
-        if full:
-            targets.append((TARGETS["merge"][0] + " (worst case: dense +-1 A, B)", TARGETS["merge"][2],
-                            f"{r['merge_dense_s']:.1f} s", status(r["merge_dense_s"] < TARGETS["merge"][1])))
+        mine.append((TARGETS["merge"][0] + " (worst case: dense +-1 A, B)", TARGETS["merge"][2], r["merge_dense_s"]))
     if "merge_l4q_s" in r:
         rows.append(("L4Q merge_and_unload() (W0 + BA quantized into new codes, r = 64, every layer)",
                      f"{r['merge_l4q_s']:.1f} s ({r['merge_l4q_s'] / r['codes'] * 1e9:.2f} ns per code)"))
-        if full:
-            targets.append(("L4Q " + TARGETS["merge"][0], "-", f"{r['merge_l4q_s']:.1f} s",
-                            status(r["merge_l4q_s"] < TARGETS["merge"][1])))
+        mine.append(("L4Q " + TARGETS["merge"][0], "-", r["merge_l4q_s"]))
     labels = [(f"{fmt}_merge{kind}_s", f"{FORMAT_NAMES[fmt]}{' 8-bit' if fmt == 'int8' else ''}: " + text)
               for fmt in FORMATS[1:] for kind, text in (("", "LoTA merge_and_unload(), random ternary A, B"),
                                                         ("_l4q", "L4Q merge_and_unload()"))]
     for key, label in labels:
         if key in r:
             rows.append((label, f"{r[key]:.1f} s ({r[key] / r['codes'] * 1e9:.2f} ns per code)"))
-            if full:
-                targets.append((label.split(":")[0] + " " + ("L4Q " if "l4q" in key else "LoTA ") + TARGETS["merge"][0],
-                                "-", f"{r[key]:.1f} s", status(r[key] < TARGETS["merge"][1])))
+            mine.append((label.split(":")[0] + " " + ("L4Q " if "l4q" in key else "LoTA ") + TARGETS["merge"][0],
+                         "-", r[key]))
+    # The < 60 s target is an 8B model's: a smaller shape (the real model's) reports its times without one.
+    if r["full_8b"]:
+        rows.insert(1, ("target < 60 s", status(r["merge_s"] < limit)))
+        targets += [(name, paper, f"{sec:.1f} s", status(sec < limit)) for name, paper, sec in mine]
     rows += [("memory held during the merge (RSS over the runtime)",
               f"{r['rss_before_merge_mib']:,.0f} MiB before, peak {r['merge_peak_rss_mib']:,.0f} MiB"),
              ("model load (gptq_torch, not part of the merge)", f"{r['load_s']:.1f} s")]
