@@ -6,7 +6,9 @@ injects adapters and `merge_and_unload()` merges them into the integer codes wit
 - LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1;
 - L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a GPTQ or a full-precision model;
 - `calibrate`: block-wise activation-preserving calibration (ApiQ, optional saliency regulariser) of a
-  full-precision model into a GPTQ model.
+  full-precision model into a GPTQ model;
+- `merge_lora`: a PEFT LoRA trained on a quantized model, merged into the base's own grid with GPTQ's error
+  feedback (and optionally refit scales): a standard checkpoint in the base's format.
 
 Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`, `l4q/`), and
 `export.py` (a merged model as a standard checkpoint) on top.
@@ -29,6 +31,7 @@ from .l4q.from_lora import l4q_from_lora  # noqa: E402
 from .l4q.layer import L4QLayer  # noqa: E402
 from .l4q.model import L4QModel  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
+from .lora import MergeReport, merge_lora  # noqa: E402
 from .tuner import NonFiniteCallback, NonFiniteError  # noqa: E402
 from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
 
@@ -45,6 +48,7 @@ __all__ = [
     "LotaConfig",
     "LotaLayer",
     "LotaModel",
+    "MergeReport",
     "LotaOptimizer",
     "NonFiniteCallback",
     "NonFiniteError",
@@ -54,6 +58,7 @@ __all__ = [
     "create_lota_optimizer",
     "l4q_from_lora",
     "load_model",
+    "merge_lora",
     "prepare_gptq_model",
     "push_checkpoint_to_hub",
     "save_checkpoint",
