@@ -1,6 +1,7 @@
 """The `peft-lota` command line: merge, inspect, verify, and the fine-tuning and calibration scripts.
 
     peft-lota merge BASE ADAPTER OUT [--push REPO] [--safe]
+    peft-lota merge BASE LORA_ADAPTER OUT --calib_file FILE [--keep_scales]
     peft-lota inspect ADAPTER_OR_CHECKPOINT [--base BASE]
     peft-lota verify CHECKPOINT --against ADAPTER_OR_MODEL [--base BASE]
     peft-lota finetune ...     (examples/finetune.py's flags)
@@ -140,9 +141,9 @@ def _adapter_config(path: str) -> dict:
     if not file.is_file():
         raise UsageError(f"{path} has no adapter_config.json: it is not a saved adapter.")
     config = _read_json(file)
-    if config.get("peft_type") not in ("LOTA", "L4Q"):
-        raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges LoTA and L4Q adapters "
-                         "(a LoRA can be turned into L4Q with peft_lota.l4q_from_lora).")
+    if config.get("peft_type") not in ("LOTA", "L4Q", "LORA"):
+        raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges LoTA, L4Q and LoRA "
+                         "adapters.")
     from peft import PeftConfig
 
     import peft_lota  # noqa: F401  (registers LOTA and L4Q)
@@ -151,6 +152,9 @@ def _adapter_config(path: str) -> dict:
         PeftConfig.from_peft_type(**config)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{file}: {str(err).splitlines()[0]} Fix the file, or save the adapter again.") from None
+    if config["peft_type"] == "LORA":
+        _adapter_weights(folder)
+        return config
     targets, layers = config.get("target_modules"), config.get("base_layers")
     if not (targets is None or isinstance(targets, str) or (isinstance(targets, list)
                                                             and all(isinstance(t, str) for t in targets))):
@@ -188,8 +192,15 @@ def _apply_adapter(base, adapter: str):
 
     try:
         return PeftModel.from_pretrained(base, adapter)
-    except ValueError as err:  # the tuner's "made for a base whose layer ... is ..."
+    except ValueError as err:  # the tuner's "made for a base whose layer ... is ..."; PEFT's "target modules not found"
         raise UsageError(str(err).splitlines()[0]) from None
+    except RuntimeError as err:  # torch's "size mismatch for ...": a LoRA of another model
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise UsageError(f"the adapter {adapter} does not fit this base ({first.rstrip('.')}): it was trained on "
+                         "another model. Give the base it was trained on (adapter_config.json names it in "
+                         "base_model_name_or_path).") from None
 
 
 def _check_base(cfg: dict, base: str) -> None:
@@ -273,6 +284,16 @@ def _codes_moved(model) -> Optional[tuple[int, int]]:
     return sum(int((d != 0).sum()) for d in deltas), sum(d.numel() for d in deltas)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def _print_table(rows) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -280,6 +301,97 @@ def _print_table(rows) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
+
+def _calibration_blocks(args, tokenizer_dirs: list) -> list:
+    """--calib_file cut into [calib_batch, calib_len] token blocks (at most calib_blocks of them, spread over the
+    file), tokenized with the adapter's tokenizer (else the base's)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    file = Path(args.calib_file)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--calib_file {file}: cannot read it as UTF-8 text ({type(err).__name__}: {err}).") from None
+    source = next((d for d in tokenizer_dirs if any((Path(d) / n).is_file() for n in TOKENIZER_FILES)), None)
+    if source is None:
+        raise UsageError("no tokenizer next to the adapter or the base: copy the tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json) into one of them.")
+    ids = AutoTokenizer.from_pretrained(source)(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // args.calib_len
+    if n < 2:
+        raise UsageError(f"--calib_file {file} holds {len(ids):,} tokens: at least two blocks of --calib_len "
+                         f"{args.calib_len} are needed (one is held out to score the merge); give more text like the "
+                         "LoRA's training data (128 blocks of 512 tokens is typical).")
+    blocks = torch.tensor(ids[: n * args.calib_len]).view(n, args.calib_len)
+    if n > args.calib_blocks:  # spread over the whole file, not its first pages
+        blocks = blocks[torch.linspace(0, n - 1, args.calib_blocks).round().long()]
+    return list(blocks.split(max(1, min(args.calib_batch, len(blocks) // 2))))  # two batches at least: one held out
+
+
+def cmd_merge_lora(args) -> int:
+    import torch
+
+    from peft_lota import merge_lora
+    from peft_lota.lora.merge import MergeRefused
+
+    if not args.calib_file:
+        raise UsageError(f"{args.adapter} is a LoRA: it is merged onto the base's own grid, each layer's codes chosen "
+                         "with GPTQ's error feedback, which needs the layers' inputs on real text. Give --calib_file "
+                         "FILE (UTF-8 text like the LoRA's training data).")
+    if _quantization(args.base) is None:
+        raise UsageError(f"{args.base} is a full-precision model: merge a LoRA into it with PEFT's merge_and_unload(). "
+                         "peft-lota merges a LoRA into a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) base.")
+    batches = _calibration_blocks(args, [args.adapter, args.base])
+    dtype = args.dtype or _own_dtype(args.base)
+    try:  # the adapter read from its files, so that every format works (PEFT cannot wrap packed compressed-tensors)
+        merged = merge_lora(load_model(args.base, dtype), batches, lora=args.adapter, train_scales=not args.keep_scales)
+    except MergeRefused as err:
+        raise UsageError(str(err)) from None
+    report = merged.merge_lora_report
+    ids = _probe(merged)
+    merged_logits = _logits(merged, ids)
+    out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
+    merged.save_pretrained(out)
+    _copy_tokenizer(out, [args.adapter, args.base])
+    reloaded = load_model(str(out), dtype)
+    same_codes = _same_buffers(merged, reloaded)
+    same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = _format(qc)
+    settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
+    moved = sum(r["codes_moved"] for r in report.layers.values())
+    held = len(batches) - max(1, len(batches) // 8)  # merge_lora's default split
+    rows = [("method", "LoRA, merged onto the base's grid (merge_lora: GPTQ error feedback"
+             + (")" if args.keep_scales else ", scales refit)")), ("adapter", args.adapter), ("base", args.base),
+            ("dtype", dtype if args.dtype else f"{dtype} (the base's; --dtype to change)"),
+            ("calibration", f"{report.calibration_tokens:,} tokens from {args.calib_file} ({held} batches; "
+                            f"{len(batches) - held} held out to score the merge)"),
+            ("held-out loss, unmerged LoRA", f"{report.loss_lora:.4f}"),
+            ("held-out loss, merged", f"{report.loss_merged:.4f} ({report.gap_pct:+.2f}% perplexity)"),
+            ("held-out loss, base without the LoRA", f"{report.loss_base:.4f}"),
+            ("top-1 agreement with the LoRA", f"{report.top1_agreement_pct:.1f}%"),
+            ("codes moved", f"{moved:,} in {len(report.layers)} layers ({report.seconds:.0f} s)"),
+            ("written", f"{out} ({fmt.name}: {settings})"),
+            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
+            ("reloaded codes, zeros, scales == merged", same_codes), ("reloaded logits == merged", same_logits)]
+    if report.dense_layers:
+        rows.append(("merged by PEFT (full precision)", ", ".join(report.dense_layers)))
+    note = fmt.fast_path_note(qc)
+    if note:
+        rows.append(("note", note))
+    if args.push:
+        try:
+            merged.push_to_hub(args.push)
+        except Exception as err:  # noqa: BLE001  (network, credentials, the Hub's answer: not a bug of ours)
+            rows.append(("pushed to", f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            _print_table(rows)
+            print(f"peft-lota merge: the push to {args.push} failed; the checkpoint is in {out}.", file=sys.stderr)
+            return EXIT_FAILED
+        rows.append(("pushed to", args.push))
+    _print_table(rows)
+    return EXIT_OK if same_codes and same_logits else EXIT_FAILED
+
 
 def cmd_merge(args) -> int:
     import torch
@@ -290,6 +402,11 @@ def cmd_merge(args) -> int:
 
         check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
     adapter_cfg = _adapter_config(args.adapter)
+    if adapter_cfg["peft_type"] == "LORA":
+        return cmd_merge_lora(args)
+    if args.calib_file or args.keep_scales:
+        raise UsageError(f"{args.adapter} is a {adapter_cfg['peft_type']} adapter, which merges exactly as trained: "
+                         "--calib_file and --keep_scales are for LoRA adapters only. Drop them.")
     _check_base(adapter_cfg, args.base)
     dtype = args.dtype or _own_dtype(args.base)
     model = _apply_adapter(load_model(args.base, dtype), args.adapter)
@@ -347,7 +464,13 @@ def cmd_inspect(args) -> int:
         cfg = _adapter_config(args.path)
         rows = [("kind", f"{cfg['peft_type']} adapter"), ("base it was made for", cfg.get("base_model_name_or_path")),
                 ("rank r", cfg.get("r")), ("target modules", cfg.get("target_modules"))]
-        if cfg["peft_type"] == "LOTA":
+        if cfg["peft_type"] == "LORA":
+            rows += [("lora_alpha", cfg.get("lora_alpha")), ("DoRA", bool(cfg.get("use_dora"))),
+                     ("merge it", "peft-lota merge BASE ADAPTER OUT --calib_file FILE (onto the base's own grid)")]
+            if args.base:
+                raise UsageError("--base counts the codes a LoTA or L4Q adapter moves; a LoRA moves none until it is "
+                                 "merged: peft-lota merge BASE ADAPTER OUT --calib_file FILE reports them.")
+        elif cfg["peft_type"] == "LOTA":
             rows += [("omega", cfg.get("omega")), ("offset", cfg.get("offset")), ("train mode", cfg.get("train_mode")),
                      ("max step", cfg.get("max_step")), ("trained scales", cfg.get("train_scales"))]
         else:
@@ -497,7 +620,7 @@ def main(argv=None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dtype_help = "activation dtype of the models compared (default: the checkpoint's own, from its config.json)"
-    m = sub.add_parser("merge", help="merge a LoTA or L4Q adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
+    m = sub.add_parser("merge", help="merge a LoTA, L4Q or LoRA adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
                        description="Load the base the right way, apply the adapter, merge exactly, save (or push) the "
                                    "checkpoint, reload it and compare codes and logits.")
     m.add_argument("base", help="the base model the adapter was trained on (GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint, or full precision for L4Q)")
@@ -508,6 +631,16 @@ def main(argv=None) -> int:
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
     m.add_argument("--dtype", choices=DTYPES, help=dtype_help.replace("checkpoint's", "base's") +
                    "; the merged config records it.")
+    lora = m.add_argument_group("LoRA adapters (merged onto the base's grid with GPTQ error feedback)")
+    lora.add_argument("--calib_file", metavar="FILE", help="UTF-8 text like the LoRA's training data: the layers' "
+                      "inputs on it weigh each rounding (required for a LoRA)")
+    lora.add_argument("--calib_len", type=_positive, default=512, metavar="T", help="tokens per calibration block (512)")
+    lora.add_argument("--calib_blocks", type=_positive, default=128, metavar="N", help="at most N blocks, spread over the "
+                      "file (128); one in eight is held out to score the merge")
+    lora.add_argument("--calib_batch", type=_positive, default=4, metavar="B", help="blocks per forward pass (4)")
+    lora.add_argument("--keep_scales", action="store_true", help="keep the base's scales: choose the codes only "
+                      "(by default each group's scale is refit too; zero points, bits, group size and g_idx always "
+                      "stay the base's)")
     m.set_defaults(func=cmd_merge)
     i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint (and which kernels can serve it)",
                        description="An adapter: method, settings, the base it was made for, files; with --base, the "

@@ -66,9 +66,12 @@ def test_usage_mistakes_are_one_line_and_exit_2(base, gptq_dir, tmp_path, capsys
     assert "it is not a model folder" in capsys.readouterr().err
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
+    (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    assert cli.main(["merge", str(base), str(lora_dir), str(tmp_path / "out")]) == 2
+    assert "merges LoTA, L4Q and LoRA adapters" in capsys.readouterr().err
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     assert cli.main(["merge", str(base), str(lora_dir), str(tmp_path / "out")]) == 2
-    assert "l4q_from_lora" in capsys.readouterr().err
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err
     # another base than the adapter was made for: refused with the reason, in one line
     adapter = saved_adapter(base, tmp_path / "adapter", "lota")
     other = gptq_dir(Spec("qwen2", 4, True, False, "gptq_v2"))
