@@ -366,7 +366,74 @@ def run_merge(job: dict) -> dict:
     return result
 
 
-JOBS = {"train": run_train, "infer": run_infer, "merged_checkpoint": make_merged_checkpoint, "merge": run_merge}
+def run_merge_lora_layer(job: dict) -> dict:
+    """One layer of merge_lora on random data of a real layer shape: the Hessian's cost per 1k calibration tokens,
+    the rounding with error feedback (and with the scales refit), and the peak memory of doing it (one layer at a
+    time is all merge_lora holds beyond the model and the calibration activations)."""
+    import torch
+
+    from peft_lota.feedback import add_to_hessian, merge_onto_grid
+
+    K, N, gs, bits = job["in_features"], job["out_features"], job["group_size"], job["bits"]
+    g = torch.Generator().manual_seed(0)
+    maxq, G = (1 << bits) - 1, K // gs
+    rss_start = rss_mib()
+    codes = torch.randint(0, maxq + 1, (K, N), generator=g, dtype=torch.uint8)
+    zeros = torch.full((G, N), (maxq + 1) // 2, dtype=torch.int32)
+    scales = (torch.rand(G, N, generator=g) * 0.01 + 0.005).half()
+    g_idx = torch.arange(K) // gs
+    x = torch.randn(1024, K, generator=g)
+    H = torch.zeros(K, K)
+    t0 = time.perf_counter()
+    add_to_hessian(H, x)
+    hessian_s = time.perf_counter() - t0
+    H += torch.eye(K) * 1e-2 * float(H.diagonal().mean())
+    base = scales.float()[g_idx] * (codes.float() - zeros.float()[g_idx])
+    target = base + 1e-3 * torch.randn(K, 64, generator=g) @ torch.randn(64, N, generator=g)
+    del x
+    out = dict(in_features=K, out_features=N, hessian_s_per_1k_tokens=hessian_s)
+    for key, scales_on in (("round", False), ("round_scales", True)):
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        merge_onto_grid(target, codes, zeros, scales, g_idx, maxq, H, train_scales=scales_on)
+        out[f"{key}_s"] = time.perf_counter() - t0
+        out[f"{key}_peak_mib"] = peak_rss_mib() - rss_start
+    return out
+
+
+def run_merge_lora(job: dict) -> dict:
+    """merge_lora end to end on a random GPTQ checkpoint: a random r-`rank` LoRA on every projection, random token
+    calibration; time and peak memory (the model included)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import peft_lota
+
+    rss_start = rss_mib()
+    model = load_model(job["model_dir"], job, backend="trainable")
+    model = get_peft_model(model, LoraConfig(r=job["rank"], lora_alpha=job["rank"], target_modules=LORA_TARGETS,
+                                             init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    vocab = model.config.vocab_size
+    calib = [torch.randint(0, vocab, (job["calib_batch"], job["calib_seq"]), generator=g)
+             for _ in range(job["calib_batches"])]
+    rss_loaded = rss_mib()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    merged = peft_lota.merge_lora(model, calib, train_scales=job.get("train_scales", False), progress=False)
+    seconds = time.perf_counter() - t0
+    r = merged.merge_lora_report
+    return dict(merge_s=seconds, layers=len(r.layers), loaded_mib=rss_loaded - rss_start,
+                peak_mib=peak_rss_mib() - rss_start, calibration_tokens=r.calibration_tokens + r.eval_tokens,
+                per_layer_s=sum(x["seconds"] for x in r.layers.values()) / max(len(r.layers), 1))
+
+
+JOBS = {"train": run_train, "infer": run_infer, "merged_checkpoint": make_merged_checkpoint, "merge": run_merge,
+        "merge_lora_layer": run_merge_lora_layer, "merge_lora": run_merge_lora}
 
 
 def main() -> None:

@@ -147,6 +147,13 @@ METHODS = {  # key: (label, description, ships as)
     "lora_r16": ("GPTQ + LoRA r16 (unmerged)", "PEFT LoRA at the common recipe: r 16, alpha 32", "GPTQ + adapter"),
     "qalora": ("GPTQ + QA-LoRA (unmerged)", "PEFT use_qalora; PEFT cannot merge it into GPTQ", "GPTQ + adapter"),
     "lora_requant": ("LoRA merged by re-quantizing", "dequantize, add the LoRA delta, GPTQ again", "GPTQ"),
+    "lora_merge": ("LoRA merged by merge_lora, codes only", "the same LoRA onto the base's own grid: codes by GPTQ "
+                   "error feedback on the LoRA's training data (1/8 held out to score it), scales kept",
+                   "GPTQ, base grid"),
+    "lora_merge_scales": ("LoRA merged by merge_lora (defaults: codes + scales)", "merge_lora's defaults: codes and "
+                          "each group's fp16 scale refit, zero points kept", "GPTQ, base grid"),
+    "lora_merge_distill": ("LoRA merged by merge_lora + distillation", "the defaults, then as many steps of LoTA as "
+                           "the LoRA trained, distilling the unmerged LoRA's next-token distribution", "GPTQ, base grid"),
     "lora_l4q": ("LoRA -> l4q_from_lora (+1/5 of the steps), merged", "the same LoRA inside L4Q's quantizer, a short "
                  "quantization-aware run, merged exactly", "GPTQ, exact"),
     "l4q": ("L4Q from the GPTQ model, merged", "LoRA through a learnable quantizer on the GPTQ grid", "GPTQ, exact"),
@@ -474,6 +481,42 @@ def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, pr
                        max_logit_diff_merged_fp_vs_lora=fp_diff), [merged_fp, merged_q]
 
 
+# merge_lora's routes for one LoRA: codes only, its defaults (codes and scales), and the defaults plus a distillation
+# of as many steps as the LoRA trained (None: the number of training batches).
+MERGE_VARIANTS = {"lora_merge": {"train_scales": False}, "lora_merge_scales": {},
+                  "lora_merge_distill": {"distill_steps": None}}
+
+
+def lora_merged(q_dir, lora_dir, calib: list, options: dict):
+    """The saved LoRA on a fresh copy of its GPTQ base, merged by peft_lota.merge_lora; (model, what it reported)."""
+    from peft import PeftModel
+
+    import peft_lota
+
+    model = PeftModel.from_pretrained(load_quant(q_dir), str(lora_dir))
+    t0 = time.time()
+    merged = peft_lota.merge_lora(model, calib, progress=False, **options)
+    merge_s = time.time() - t0
+    r = merged.merge_lora_report
+    layers = r.layers.values()
+    codes = sum(dispatch_numel(merged, n) for n in r.layers)
+    return merged, dict(merge_s=round(merge_s, 1), calib_loss_lora=round(r.loss_lora, 5),
+                        calib_loss_merged=round(r.loss_merged, 5), calib_gap_pct=round(r.gap_pct, 3),
+                        top1_agreement_pct=round(r.top1_agreement_pct, 2),
+                        codes_moved_pct=round(100 * sum(x["codes_moved"] for x in layers) / max(codes, 1), 3),
+                        mean_layer_error=round(sum(x["error"] for x in layers) / max(len(r.layers), 1), 4),
+                        mean_layer_error_nearest=round(sum(x["error_nearest"] for x in layers) / max(len(r.layers), 1), 4),
+                        distill=r.distill)
+
+
+def dispatch_numel(model, name: str) -> int:
+    from peft_lota.formats import dispatch
+
+    layer = model.get_submodule(name.removeprefix("base_model.model."))
+    q = dispatch(layer, name)
+    return q.in_features * q.out_features
+
+
 # ----------------------------------------------------------------------------- runs
 def max_logit_diff(a, b, probe: torch.Tensor) -> float:
     with torch.no_grad():
@@ -555,7 +598,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
             at_bits = cfg.get("bits_methods", {}).get(bits, methods)
             run = lambda method: method in methods and method in at_bits  # noqa: E731
             for method in filter(run, ("lora", "lora_r16", "qalora")):
-                if done(method, *(("lora_requant", "lora_l4q") if method == "lora" else ()), bits=bits):
+                if done(method, *(("lora_requant", *MERGE_VARIANTS, "lora_l4q") if method == "lora" else ()), bits=bits):
                     continue
                 m = make_adapter_model(method, dirs, bits, cfg)
                 log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
@@ -565,6 +608,15 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                     record("lora_requant", bits, dict(**evaluate(q), **info))
                     for d in tmp:
                         shutil.rmtree(d, ignore_errors=True)
+                    # ... by merge_lora onto the base's own grid (a fresh copy of the base each time) ...
+                    lora_dir = work / "lora"
+                    m.save_pretrained(lora_dir)
+                    calib = [b if setting == "recovery" else b[0] for b in batches]  # the LoRA's training data
+                    for variant, options in MERGE_VARIANTS.items():
+                        options = {k: (len(calib) if v is None else v) for k, v in options.items()}
+                        merged, info = lora_merged(dirs[bits], lora_dir, calib, options)
+                        record(variant, bits, dict(**evaluate(merged), **info))
+                        del merged
                     # ... and through L4Q: the same A, B inside the quantizer, a short quantization-aware run
                     l4q = peft_lota.l4q_from_lora(m)
                     fresh = evaluate(l4q)
@@ -686,6 +738,17 @@ def format_details(results: dict, bits: tuple) -> str:
                 if r:
                     lines.append(f"| {setting} | {b} | {METHODS[method][0]} | {r.get('codes_moved_pct', '-')} | "
                                  f"{r.get('max_logit_diff_merged_vs_adapter', '-')} |")
+    merges = [(setting, b, v, res[v][b]) for setting, res in results.items() for b in map(str, bits)
+              for v in MERGE_VARIANTS if b in res.get(v, {})]
+    if merges:
+        lines += ["", "merge_lora, as it reported (on the held-out eighth of the LoRA's training batches: loss gap to "
+                  "the unmerged LoRA, top-1 agreement; the layers' output error on the calibration inputs, relative to "
+                  "the update's, by nearest rounding and by the merge):", "",
+                  "| setting | bits | method | codes moved % | loss gap % | top-1 agreement % | layer error, nearest "
+                  "-> merge | merge s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {setting} | {b} | {METHODS[v][0]} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} | "
+                  f"{r['top1_agreement_pct']} | {r['mean_layer_error_nearest']} -> {r['mean_layer_error']} | "
+                  f"{r['merge_s']} |" for setting, b, v, r in merges]
     times: dict = {}
     for setting, res in results.items():
         for method, by_bits in res.items():

@@ -1,9 +1,9 @@
 """Speed and memory benchmark: LoTA-QAF and L4Q against PEFT LoRA and QA-LoRA on the same GPTQ (and AWQ) models.
 
     python benchmarks/bench_speed.py --preset cpu            # smoke | cpu | real | gpu
-    python benchmarks/bench_speed.py --preset cpu --only train merge
+    python benchmarks/bench_speed.py --preset cpu --only train merge merge_lora
 
-Three parts, each method measured in a process of its own (benchmarks/_speed_worker.py):
+Four parts, each method measured in a process of its own (benchmarks/_speed_worker.py):
 
 - train: time per optimizer step (forward + backward + optimizer step; warm-up steps excluded;
   median and spread over the timed steps) and peak memory, on a tiny model and on a model with
@@ -22,6 +22,9 @@ Three parts, each method measured in a process of its own (benchmarks/_speed_wor
   compressed-tensors' pack-quantized one and as bitsandbytes' int8 rows, and inference of the base and the merged
   LoTA checkpoint under each format's default (AWQ: gptqmodel's CPU kernel; compressed-tensors: transformers
   decompresses to dense; LLM.int8: bitsandbytes' int8 matmul).
+- merge_lora: a PEFT LoRA merged onto the base's grid, one layer of each distinct shape (Hessian per 1k tokens,
+  rounding with error feedback, with the scales refit, peak memory), the whole model estimated from them, and end
+  to end on a random checkpoint of the real model's shapes (time and peak memory).
 
 GPTQ checkpoints are random but valid (benchmarks/_speed_models.py): speed does not depend on the
 values. Results go to benchmarks/results/speed-<preset>.{md,json}, with the machine they ran on.
@@ -75,24 +78,28 @@ PRESETS: dict[str, dict] = {
                   train=[dict(shape=TINY, batch=2, seq=64, warmup=1, steps=3)],
                   infer=dict(shape=TINY, prompt=32, warmup=1, repeats=3, decode_steps=5),
                   merge=dict(shape=ModelShape("Llama-3-8B linear shapes, 1 of 32 layers", 4096, 14336, 1, 32, 8, 256,
-                                              dtype="float16"), save=True)),
+                                              dtype="float16"), save=True),
+                  merge_lora=dict(layers=TINY, model=TINY, calib=(4, 2, 32))),
     # 2 CPU cores, ~8-12 min (most of it the 8B-shaped merge part): the numbers the README quotes.
     "cpu": dict(device="cpu", dtype="float32", compile="off", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=3, steps=20),
                        dict(shape=MID_CPU, batch=1, seq=256, warmup=2, steps=8, ranks=(64, 16))],
                 infer=dict(shape=MID_CPU, prompt=128, warmup=2, repeats=20, decode_steps=32),
-                merge=dict(shape=LLAMA3_8B, save=True, dense=True)),
+                merge=dict(shape=LLAMA3_8B, save=True, dense=True),
+                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512))),
     # 2 CPU cores, ~15 min: the real model's shapes (bench_accuracy --preset real's step: 4 x 128 tokens).
     "real": dict(device="cpu", dtype="float32", compile="off", rank=64,
                  train=[dict(shape=SMOLLM2, batch=4, seq=128, warmup=2, steps=6, ranks=(64, 16))],
                  infer=dict(shape=SMOLLM2, prompt=128, warmup=2, repeats=10, decode_steps=32),
-                 merge=dict(shape=SMOLLM2, save=True, dense=True)),
+                 merge=dict(shape=SMOLLM2, save=True, dense=True),
+                 merge_lora=dict(layers=SMOLLM2, model=SMOLLM2, calib=(30, 4, 128))),
     # One CUDA GPU (UNTESTED: no GPU was available when this was written).
     "gpu": dict(device="cuda", dtype="bfloat16", compile="on", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=5, steps=30),
                        dict(shape=MID_GPU, batch=8, seq=512, warmup=5, steps=20)],
                 infer=dict(shape=MID_GPU, prompt=512, warmup=3, repeats=20, decode_steps=64),
-                merge=dict(shape=LLAMA3_8B, save=True, dense=True)),
+                merge=dict(shape=LLAMA3_8B, save=True, dense=True),
+                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512))),
 }
 
 TRAIN_METHODS = {
@@ -207,6 +214,68 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
         result[f"{fmt}_merge_s"] = run_worker(other_job, env, log)["merge_s"]
         result[f"{fmt}_merge_l4q_s"] = run_worker(dict(other_job, method="l4q"), env, log)["merge_s"]
     return result
+
+
+def bench_merge_lora(cfg: dict, work: Path, env: dict, log) -> dict:
+    """merge_lora, layer by layer on the preset's layer shapes (each distinct shape once, random data), and end to end
+    on a random checkpoint where the preset names one (a random LoRA, random token calibration)."""
+    spec = cfg["merge_lora"]
+    shape, (batches, batch, seq) = spec["layers"], spec["calib"]
+    by_shape: dict = {}  # (in, out) -> the layers of a block with that shape
+    for name, kn in shape.linear_shapes().items():
+        by_shape.setdefault(kn, []).append(name)
+    rows = []
+    for (k, n), names in by_shape.items():
+        log(f"merge_lora: one layer [{k} -> {n}] ({', '.join(names)})")
+        rows.append(dict(layers=names, **run_worker(dict(kind="merge_lora_layer", in_features=k, out_features=n,
+                                                         bits=shape.bits, group_size=shape.group_size,
+                                                         threads=cfg.get("threads")), env, log)))
+    # q, k, v share their input, as do gate and up: merge_lora computes one Hessian per distinct input
+    result = dict(shape=shape.describe(), block_layers=len(shape.linear_shapes()), blocks=shape.layers,
+                  calib_tokens=batches * batch * seq, layer_rows=rows,
+                  input_widths=[shape.linear_shapes()[n][0] for n in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                       "mlp.gate_proj", "mlp.down_proj")])
+    if spec.get("model") is not None:
+        path = write_random_gptq(spec["model"], work / slug(spec["model"]))
+        log(f"merge_lora: end to end on {spec['model'].describe()}")
+        job = dict(kind="merge_lora", model_dir=str(path), device=cfg["device"], dtype="float32", rank=cfg["rank"],
+                   calib_batches=batches, calib_batch=batch, calib_seq=seq, threads=cfg.get("threads"))
+        result["model"] = run_worker(job, env, log)
+        result["model_scales"] = run_worker(dict(job, train_scales=True), env, log)
+    return result
+
+
+def merge_lora_table(r: dict) -> str:
+    """Per distinct layer shape, then the whole model: measured end to end, or estimated from the layers."""
+    lines = [f"{r['shape']}. Each distinct layer shape once, random codes and a random rank-64 update, in a process of "
+             "its own: the input Hessian's cost per 1k calibration tokens, the rounding with error feedback, the same "
+             "with the scales refit (2 rounds), and the peak resident memory of the job (the layer, its Hessian and "
+             "the work buffers; the model is not loaded).", "",
+             "| layers | in -> out | Hessian s / 1k tokens | rounding s | with scales s | peak MiB (scales) |",
+             "|---|---|---|---|---|---|"]
+    per_block_round = per_block_scales = per_block_h = 0.0
+    for row in r["layer_rows"]:
+        names = ", ".join(n.split(".")[-1] for n in row["layers"])
+        lines.append(f"| {names} | {row['in_features']} -> {row['out_features']} | {row['hessian_s_per_1k_tokens']:.3f} | "
+                     f"{row['round_s']:.2f} | {row['round_scales_s']:.2f} | {row['round_scales_peak_mib']:.0f} |")
+        per_block_round += row["round_s"] * len(row["layers"])
+        per_block_scales += row["round_scales_s"] * len(row["layers"])
+    hessian = {row["in_features"]: row["hessian_s_per_1k_tokens"] for row in r["layer_rows"]}
+    per_block_h = sum(hessian[k] for k in r["input_widths"])
+    tokens = r["calib_tokens"]
+    est = r["blocks"] * (per_block_round + per_block_h * tokens / 1000)
+    est_s = r["blocks"] * (per_block_scales + per_block_h * tokens / 1000)
+    lines += ["", f"Whole model, estimated from these rows ({r['blocks']} blocks, {tokens:,} calibration tokens; the "
+              f"calibration forward passes not included): {est / 60:.1f} min, {est_s / 60:.1f} min with the scales "
+              "refit. Memory beyond the loaded model: the largest row's peak plus the calibration activations."]
+    for key, label in (("model", "codes"), ("model_scales", "codes and scales")):
+        if key in r:
+            m = r[key]
+            lines.append(f"- End to end ({label}), measured: {m['merge_s']:.0f} s for {m['layers']} layers "
+                         f"({m['per_layer_s']:.2f} s per layer in rounding), {m['calibration_tokens']:,} calibration "
+                         f"tokens; peak resident memory {m['peak_mib']:.0f} MiB, the loaded LoRA model "
+                         f"{m['loaded_mib']:.0f} MiB of it.")
+    return "\n".join(lines)
 
 
 def jsonable(x):
@@ -373,16 +442,20 @@ def render(record: dict) -> str:
         parts += ["## Inference (merged vs base vs unmerged LoRA)", "", infer_table(record["infer"], targets), ""]
     if "merge" in record:
         parts += ["## Merge and adapter size", "", merge_table(record["merge"], targets), ""]
+    if "merge_lora" in record:
+        parts += ["## merge_lora (a PEFT LoRA onto the base's grid)", "", merge_lora_table(record["merge_lora"]), ""]
     parts += ["## Targets", "", "| target | paper | measured | status |", "|---|---|---|---|"]
     parts += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
     return "\n".join(parts) + "\n"
 
 
+PARTS = ("train", "infer", "merge", "merge_lora")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    ap.add_argument("--only", nargs="+", choices=["train", "infer", "merge"], default=["train", "infer", "merge"],
-                    help="run these parts only (default: all three)")
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run these parts only (default: all)")
     ap.add_argument("--compile", choices=["on", "off"], default=None,
                     help="torch.compile of gptqmodel's dequantization, for every method (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
@@ -412,6 +485,8 @@ def main(argv=None) -> None:
         record["infer"] = bench_infer(cfg, work, env, log)
     if "merge" in args.only:
         record["merge"] = bench_merge(cfg, work, env, log)
+    if "merge_lora" in args.only:
+        record["merge_lora"] = bench_merge_lora(cfg, work, env, log)
     record["wall_s"] = time.time() - t_start
     record["machine"]["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
