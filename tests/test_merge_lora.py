@@ -1,4 +1,4 @@
-"""merge_lora: a PEFT LoRA trained on a GPTQ, AWQ or compressed-tensors model, merged onto the base's own grid.
+"""merge_lora: a PEFT LoRA trained on a GPTQ, AWQ, compressed-tensors or LLM.int8 model, merged onto the base's grid.
 
 The error-feedback maths on its own first (exact properties), then whole models: the merge keeps the base's grid,
 writes what it reported, reloads bit for bit with stock transformers, and refuses what it cannot merge.
@@ -85,13 +85,28 @@ def test_merge_onto_grid_reports_what_it_returns():
 
 GPTQ_SPECS = [Spec("llama", 4, False, True, "gptq"), Spec("qwen2", 4, True, False, "gptq_v2"),
               Spec("qwen2", 3, False, True, "gptq_v2")]
-FORMATS = [("gptq", s) for s in GPTQ_SPECS] + [("awq", AwqSpec("llama", 4, False, 32)), ("ct", CtSpec("llama", 4, 32))]
-LOADERS = {"gptq": load_gptq, "awq": load_awq, "ct": load_ct}
+FORMATS = [("gptq", s) for s in GPTQ_SPECS] + [("awq", AwqSpec("llama", 4, False, 32)), ("ct", CtSpec("llama", 4, 32)),
+                                                ("int8", "llama")]
 
 
-@pytest.fixture(scope="module", params=FORMATS, ids=[f"{k}-{s.slug()}" for k, s in FORMATS])
+def load_int8(path, quantize=True):
+    """LLM.int8: quantized by bitsandbytes at load from the float model, or a saved int8 checkpoint as it is."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)} if quantize else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
+
+
+LOADERS = {"gptq": load_gptq, "awq": load_awq, "ct": load_ct, "int8": load_int8}
+RELOADERS = {**LOADERS, "int8": lambda path: load_int8(path, quantize=False)}
+
+
+@pytest.fixture(scope="module", params=FORMATS, ids=[f"{k}-{s if isinstance(s, str) else s.slug()}" for k, s in FORMATS])
 def checkpoint(request, gptq_dir, awq_dir, ct_dir, fp_dir):
+    """(kind, the model the LoRA trains on, the quantized base)."""
     kind, spec = request.param
+    if kind == "int8":
+        return kind, fp_dir(spec), fp_dir(spec)
     path = {"gptq": gptq_dir, "awq": awq_dir, "ct": ct_dir}[kind](spec)
     return kind, (fp_dir(spec.arch) if kind == "ct" else path), path
 
@@ -104,7 +119,7 @@ def blocks(path, n=24, seq=48) -> torch.Tensor:
 
 def trained_lora(kind, path, data, steps=12, lr=1e-2, **config):
     """A LoRA trained on the model in `path` (quantized, or the full-precision one for compressed-tensors, as PEFT
-    cannot wrap a packed compressed-tensors layer)."""
+    cannot wrap a packed compressed-tensors layer, and for LLM.int8)."""
     torch.manual_seed(0)
     base = (load_gptq(path) if kind == "gptq" else load_awq(path) if kind == "awq"
             else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
@@ -139,12 +154,12 @@ def test_merge_keeps_the_grid_and_reloads_as_reported(checkpoint, train_scales, 
     before = grid(LOADERS[kind](path))
     lora = trained_lora(kind, train_on, data)
     calib = list(data.split(4))  # 6 batches: the last is held out
-    if kind == "ct":  # the saved LoRA onto the compressed model
+    if kind in ("ct", "int8"):  # the LoRA trained in full precision, saved, merged onto the quantized model
         lora.save_pretrained(tmp_path / "lora")
         lora = (LOADERS[kind](path), {"lora": tmp_path / "lora"})
     else:
         lora = (lora, {})
-    unmerged = None if kind == "ct" else logits(lora[0], data[:2])
+    unmerged = None if lora[1] else logits(lora[0], data[:2])
     merged = peft_lota.merge_lora(lora[0], calib, train_scales=train_scales, progress=False, **lora[1])
     report = merged.merge_lora_report
     assert not any(isinstance(m, torch.nn.ModuleDict) and "default" in m for m in merged.modules())  # LoRA gone
@@ -171,7 +186,7 @@ def test_merge_keeps_the_grid_and_reloads_as_reported(checkpoint, train_scales, 
         assert torch.allclose(logits(merged, data[:2]), unmerged, atol=1.0)
 
     merged.save_pretrained(tmp_path / "merged")
-    reloaded = LOADERS[kind](tmp_path / "merged")
+    reloaded = RELOADERS[kind](tmp_path / "merged")
     ours, theirs = quantized_tensors(merged), quantized_tensors(reloaded)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert torch.equal(logits(reloaded, data[:2]), logits(merged, data[:2]))
