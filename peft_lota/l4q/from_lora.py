@@ -6,6 +6,10 @@ weights and quantizing again loses much of what it learned at low bit widths. `l
 A and B inside L4Q's quantizer on the same base: the model then computes W_q = Q(W0 + scaling B A) on the
 base's own grid, and training it for a fraction of the LoRA's steps teaches A, B and the scales to live with
 the rounding; `merge_and_unload()` then writes exactly what was trained.
+
+To ship a LoRA as it is, `peft_lota.merge_lora` does better (benchmarks/README.md: the conversion re-rounds every
+weight GPTQ placed with error feedback, while merge_lora rounds the LoRA's update with error feedback onto the
+base's grid). This route is for going on training on the grid from a LoRA's starting point.
 """
 
 from __future__ import annotations
