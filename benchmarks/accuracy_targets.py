@@ -1,4 +1,4 @@
-"""The accuracy targets of issues 9 (L4Q) and 10 (LoTA's defaults), judged on committed accuracy results.
+"""The accuracy targets of issues 9 (L4Q), 10 (LoTA's defaults) and 19 (merge_lora), judged on committed results.
 
     python benchmarks/accuracy_targets.py            # reads results/accuracy-cpu*.json, writes results/accuracy-targets.md
 
@@ -18,7 +18,7 @@ BITS = ("4", "3", "2")
 
 def load(path: Path) -> dict:
     d = json.loads(path.read_text())
-    label = {"cpu": "demo model", "cpu-alt": "second model"}.get(d["preset"], d["preset"])
+    label = {"cpu": "demo model", "cpu-alt": "second model", "real": "SmolLM2-135M-Instruct"}.get(d["preset"], d["preset"])
     seed = d["config"].get("seed", 0)
     return dict(name=path.stem, label=f"{label}, seed {seed}", gap=d["gap"], results=d["results"],
                 methods=d.get("methods", {}))
@@ -96,6 +96,41 @@ def lora_l4q_rows(runs: list[dict]) -> list[tuple]:
     return rows
 
 
+MERGE_ROUTES = ("lora_merge", "lora_merge_scales", "lora_merge_distill")
+# issue 19: merge_lora within this much of the unmerged LoRA (recovery: perplexity ratio; task: points)
+MERGE_WITHIN = {"recovery": {"4": 0.01, "3": 0.03}, "task": {"4": 1.0, "3": 3.0}}
+
+
+def merge_lora_rows(runs: list[dict]) -> list[tuple]:
+    """Issue 19's targets for each merge_lora route: better than re-quantizing the same LoRA in every cell, and
+    within 1% perplexity / 1 point of the unmerged LoRA at 4 bits, 3% / 3 points at 3 bits."""
+    rows = []
+    for run in runs:
+        for route in MERGE_ROUTES:
+            for setting, digits in (("recovery", 2), ("task", 1)):
+                better = (lambda a, b: a < b) if setting == "recovery" else (lambda a, b: a > b)
+                cells, ok, seen = compare([(value(run, setting, route, b), value(run, setting, "lora_requant", b))
+                                           for b in BITS], lambda v, ref, d=digits: f"{v:.{d}f} vs {ref:.{d}f}", better)
+                if not seen:
+                    continue
+                rows.append((f"`{route}` {setting}: better than re-quantizing", run["label"], cells, ok))
+                cells, ok = [], True
+                for b in BITS:
+                    v, ref, tol = value(run, setting, route, b), value(run, setting, "lora", b), MERGE_WITHIN[setting].get(b)
+                    if v is None or ref is None:
+                        cells.append("-")
+                        continue
+                    if setting == "recovery":
+                        cells.append(f"{v:.2f} vs {ref:.2f} ({100 * (v / ref - 1):+.1f}%)")
+                        ok &= tol is None or v <= ref * (1 + tol)
+                    else:
+                        cells.append(f"{v:.1f} vs {ref:.1f} ({v - ref:+.1f})")
+                        ok &= tol is None or v >= ref - tol
+                rows.append((f"`{route}` {setting}: within 1% / 1 pt (4-bit), 3% / 3 pt (3-bit) of unmerged LoRA",
+                             run["label"], cells, ok))
+    return rows
+
+
 def label(method: str) -> str:
     import sys
 
@@ -115,11 +150,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--files", nargs="+", default=["accuracy-cpu", "accuracy-cpu-seed1", "accuracy-cpu-alt",
-                                                    "accuracy-cpu-candidates", "accuracy-cpu-alt-candidates"])
+                                                    "accuracy-cpu-candidates", "accuracy-cpu-alt-candidates",
+                                                    "accuracy-cpu-merge", "accuracy-real-merge"])
     args = ap.parse_args(argv)
     runs = [load(Path(args.results) / f"{f}.json") for f in args.files if (Path(args.results) / f"{f}.json").exists()]
     methods = dict.fromkeys(m for run in runs for s in run["results"].values() for m in s)
-    lines = ["# Accuracy targets (issues 9 and 10)", "",
+    lines = ["# Accuracy targets (issues 9, 10 and 19)", "",
              "Read from " + ", ".join(f"`results/{r['name']}.json` ({r['label']})" for r in runs) + ". Task: exact "
              "match %, method vs GPTQ + LoRA (unmerged); recovery: held-out perplexity, method vs LoRA merged by "
              "re-quantizing. A baseline missing from a seed-1 file is taken from the seed-0 run of the same model.",
@@ -131,6 +167,7 @@ def main(argv=None) -> None:
     lines += table("L4Q from the GPTQ model (`l4q`)", judge(runs, "l4q"))
     lines += table("L4Q from full precision (`l4q_fp`, for reference: same targets)", judge(runs, "l4q_fp"))
     lines += table("LoRA -> l4q_from_lora", lora_l4q_rows(runs))
+    lines += table("LoRA -> merge_lora (issue 19; 2-bit cells shown, no target there)", merge_lora_rows(runs))
     text = "\n".join(lines) + "\n"
     (Path(args.results) / "accuracy-targets.md").write_text(text)
     print(text)
