@@ -840,7 +840,12 @@ def main(argv=None) -> None:
                     help="keep the results already in accuracy-<preset>[-<tag>].json and run only what is missing "
                          "(after an interrupted run; the configuration must be the same)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the markdown and plot of accuracy-<preset>[-<tag>].json as it is (an interrupted run's "
+                         "results), running nothing")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return report_only(args)
 
     quiet()
     torch.compiler.set_stance("force_eager")  # gptqmodel compiles its dequantization: slower than eager here
@@ -935,11 +940,30 @@ def main(argv=None) -> None:
         save()
         text = format_tables(results, cfg["bits"], cfg) + "\n" + format_details(results, cfg["bits"]) + "\n"
         plot(results, cfg["bits"], cfg, out_dir / f"{stem}.png")
+    write_report(record, args.preset, cfg, text, out_dir / stem, args.note)
+    print(text)
+    print(f"wrote {out_dir / stem}.{{md,json{',png' if not args.tune else ''}}}; total {time.time() - t_start:.0f} s")
+
+
+def report_only(args) -> None:
+    """The markdown (and plot) of a results file as it stands, e.g. after an interrupted run."""
+    stem = f"accuracy-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+    out_dir = Path(args.out)
+    record = json.loads((out_dir / f"{stem}.json").read_text())
+    cfg, results = record["config"], record["results"]
+    bits = tuple(cfg["bits"])
+    text = format_tables(results, bits, cfg) + "\n" + format_details(results, bits) + "\n"
+    plot(results, bits, cfg, out_dir / f"{stem}.png")
+    write_report(record, args.preset, cfg, text, out_dir / stem, record.get("note", ""))
+    print(text)
+
+
+def write_report(record: dict, preset: str, cfg: dict, text: str, stem: Path, note: str) -> None:
     m = record["machine"]
-    header = (f"# Accuracy benchmark, preset `{args.preset}`\n\n"
+    header = (f"# Accuracy benchmark, preset `{preset}`\n\n"
               f"{m['date']} on {m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}); "
               f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, gptqmodel {m['gptqmodel']}; "
-              f"commit {m['git_commit']}. {args.note}\n\n"
+              f"commit {m['git_commit']}. {note}\n\n"
               f"Wall time: benchmark {m['wall_s'].get('benchmark_s', m['wall_s']['total_s']):.0f} s "
               f"(model build/cache {m['wall_s']['build_s']:.0f} s).\n\n")
     if "gap" in record:
@@ -947,9 +971,7 @@ def main(argv=None) -> None:
         header += ("Quantization gap first (held-out perplexity, no fine-tuning): full precision "
                    f"{fp_ppl:.2f}; " + "; ".join(f"{b}-bit {v:.2f} ({100 * (v / fp_ppl - 1):+.1f}%)"
                                                  for b, v in record["gap"].items() if b != "fp") + ".\n\n")
-    (out_dir / f"{stem}.md").write_text(header + text)
-    print(text)
-    print(f"wrote {out_dir / stem}.{{md,json{',png' if not args.tune else ''}}}; total {time.time() - t_start:.0f} s")
+    stem.with_suffix(".md").write_text(header + text)
 
 
 if __name__ == "__main__":
