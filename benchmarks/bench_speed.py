@@ -463,6 +463,7 @@ def main(argv=None) -> None:
                     help="where the random GPTQ checkpoints are cached (the 8B-shaped one takes ~3.7 GB)")
     ap.add_argument("--out", default=str(RESULTS), help="where speed-<preset>.{md,json} go")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared, noisy machine')")
+    ap.add_argument("--tag", default="", help="suffix of the result files: speed-<preset>-<tag>.* (e.g. a part run alone)")
     args = ap.parse_args(argv)
 
     cfg = dict(PRESETS[args.preset])
@@ -492,7 +493,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed-{args.preset}"
+    stem = f"speed-{args.preset}" + (f"-{args.tag}" if args.tag else "")
     text = render(record)
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
     (out / f"{stem}.md").write_text(text)
