@@ -329,9 +329,45 @@ def _calibration_blocks(args, tokenizer_dirs: list) -> list:
     return list(blocks.split(max(1, min(args.calib_batch, len(blocks) // 2))))  # two batches at least: one held out
 
 
-def cmd_merge_lora(args) -> int:
+def _save_and_reload(args, merged, dtype: str, ids, merged_logits):
+    """Save the merged model (to OUT, or a temporary folder when only --push is given) with the tokenizer, reload it
+    and compare: (out, its format, its quantization_config, the table rows this adds, both checks passed)."""
     import torch
 
+    out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
+    merged.save_pretrained(out)
+    _copy_tokenizer(out, [args.adapter, args.base])
+    reloaded = load_model(str(out), dtype)
+    same_codes = _same_buffers(merged, reloaded)
+    same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = _format(qc)
+    settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
+    rows = [("written", f"{out} ({fmt.name}: {settings})"),
+            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known")]
+    return out, fmt, qc, rows, (same_codes, same_logits)
+
+
+def _push_and_print(args, merged, out: Path, fmt, qc: dict, rows: list, ok: bool) -> int:
+    """The format's note, the --push (a failure keeps the saved checkpoint and says where), the table; exit code."""
+    note = fmt.fast_path_note(qc)
+    if note:
+        rows.append(("note", note))
+    if args.push:
+        try:
+            merged.push_to_hub(args.push)
+        except Exception as err:  # noqa: BLE001  (network, credentials, the Hub's answer: not a bug of ours)
+            rows.append(("pushed to", f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            _print_table(rows)
+            print(f"peft-lota merge: the push to {args.push} failed; the checkpoint is in {out}: push it again with "
+                  "huggingface-cli upload, or rerun with --push when the Hub can be reached.", file=sys.stderr)
+            return EXIT_FAILED
+        rows.append(("pushed to", args.push))
+    _print_table(rows)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_merge_lora(args) -> int:
     from peft_lota import merge_lora
     from peft_lota.lora.merge import MergeRefused
 
@@ -350,16 +386,7 @@ def cmd_merge_lora(args) -> int:
         raise UsageError(str(err)) from None
     report = merged.merge_lora_report
     ids = _probe(merged)
-    merged_logits = _logits(merged, ids)
-    out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
-    merged.save_pretrained(out)
-    _copy_tokenizer(out, [args.adapter, args.base])
-    reloaded = load_model(str(out), dtype)
-    same_codes = _same_buffers(merged, reloaded)
-    same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    fmt = _format(qc)
-    settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
+    out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, _logits(merged, ids))
     moved = sum(r["codes_moved"] for r in report.layers.values())
     held = len(batches) - max(1, len(batches) // 8)  # merge_lora's default split
     rows = [("method", "LoRA, merged onto the base's grid (merge_lora: GPTQ error feedback"
@@ -372,25 +399,10 @@ def cmd_merge_lora(args) -> int:
             ("held-out loss, base without the LoRA", f"{report.loss_base:.4f}"),
             ("top-1 agreement with the LoRA", f"{report.top1_agreement_pct:.1f}%"),
             ("codes moved", f"{moved:,} in {len(report.layers)} layers ({report.seconds:.0f} s)"),
-            ("written", f"{out} ({fmt.name}: {settings})"),
-            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
-            ("reloaded codes, zeros, scales == merged", same_codes), ("reloaded logits == merged", same_logits)]
+            *written, ("reloaded codes, zeros, scales == merged", same_codes), ("reloaded logits == merged", same_logits)]
     if report.dense_layers:
         rows.append(("merged by PEFT (full precision)", ", ".join(report.dense_layers)))
-    note = fmt.fast_path_note(qc)
-    if note:
-        rows.append(("note", note))
-    if args.push:
-        try:
-            merged.push_to_hub(args.push)
-        except Exception as err:  # noqa: BLE001  (network, credentials, the Hub's answer: not a bug of ours)
-            rows.append(("pushed to", f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
-            _print_table(rows)
-            print(f"peft-lota merge: the push to {args.push} failed; the checkpoint is in {out}.", file=sys.stderr)
-            return EXIT_FAILED
-        rows.append(("pushed to", args.push))
-    _print_table(rows)
-    return EXIT_OK if same_codes and same_logits else EXIT_FAILED
+    return _push_and_print(args, merged, out, fmt, qc, rows, same_codes and same_logits)
 
 
 def cmd_merge(args) -> int:
@@ -417,37 +429,13 @@ def cmd_merge(args) -> int:
     merged = model.merge_and_unload(safe_merge=args.safe)
     merged_logits = _logits(merged, ids)
     exact = bool(torch.equal(merged_logits, adapter_logits))
-    out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
-    merged.save_pretrained(out)
-    _copy_tokenizer(out, [args.adapter, args.base])
-    reloaded = load_model(str(out), dtype)
-    same_codes = _same_buffers(merged, reloaded)
-    same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    fmt = _format(qc)
-    settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
+    out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, merged_logits)
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
             ("dtype", dtype if args.dtype else f"{dtype} (the base's; --dtype to change)"),
             ("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "(from full precision: every code is new)"),
-            ("written", f"{out} ({fmt.name}: {settings})"),
-            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known"),
-            ("merged logits == adapter logits", exact), ("reloaded codes, zeros, scales == merged", same_codes),
+            *written, ("merged logits == adapter logits", exact), ("reloaded codes, zeros, scales == merged", same_codes),
             ("reloaded logits == merged", same_logits)]
-    note = fmt.fast_path_note(qc)
-    if note:
-        rows.append(("note", note))
-    if args.push:
-        try:
-            merged.push_to_hub(args.push)
-        except Exception as err:  # noqa: BLE001  (network, credentials, the Hub's answer: not a bug of ours)
-            rows.append(("pushed to", f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
-            _print_table(rows)
-            print(f"peft-lota merge: the push to {args.push} failed; the checkpoint is in {out}: push it again with "
-                  "huggingface-cli upload, or rerun with --push when the Hub can be reached.", file=sys.stderr)
-            return EXIT_FAILED
-        rows.append(("pushed to", args.push))
-    _print_table(rows)
-    return EXIT_OK if exact and same_codes and same_logits else EXIT_FAILED
+    return _push_and_print(args, merged, out, fmt, qc, rows, exact and same_codes and same_logits)
 
 
 def _human(n: int) -> str:

@@ -57,18 +57,25 @@ def stored_weight(codes: torch.Tensor, zeros32: torch.Tensor, scales32: torch.Te
     return (scales32 * (codes - zeros32)).to(dtype).float()
 
 
+def feedback_order(H: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the order rows are rounded in, the upper Cholesky factor of the damped inverse Hessian in that order)."""
+    K = H.shape[0]
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(K, device=H.device)
+    return perm, inverse_factor(H[perm][:, perm], damp)
+
+
 def round_with_feedback(target: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
                         maxq: int, H: torch.Tensor, *, damp: float = 0.01, block: int = 128,
-                        act_order: bool = True) -> torch.Tensor:
+                        act_order: bool = True, order=None) -> torch.Tensor:
     """Codes uint8 [K, N] on the grid (scales, zeros [G, N], g_idx [K]) whose weight is closest to `target` [K, N]
     in the output error tr(E^T H E), found row by row with GPTQ's error feedback.
 
     act_order: round the rows of largest H[k, k] (the most active inputs) first, GPTQ's "act-order" heuristic.
-    It is only an order of work: each row keeps its own group (g_idx), so the grid is untouched."""
+    It is only an order of work: each row keeps its own group (g_idx), so the grid is untouched.
+    order: (perm, U) from feedback_order(H, damp, act_order), when the caller rounds several times with one H."""
     K, N = target.shape
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(K)
+    perm, U = order if order is not None else feedback_order(H, damp, act_order)
     W = target.to(torch.float32)[perm]  # a copy: rows are updated in place below
-    U = inverse_factor(H[perm][:, perm], damp)
     s32, z32 = scales.float()[g_idx[perm]], zeros.float()[g_idx[perm]]  # [K, N] (the grid of each row, permuted)
     codes = torch.empty(K, N, dtype=torch.float32, device=target.device)
     for i1 in range(0, K, block):
@@ -152,8 +159,9 @@ def merge_onto_grid(target: torch.Tensor, base_codes: torch.Tensor, zeros: torch
     nearest = nearest_codes(target, zeros, scales, g_idx, maxq)
     candidates = [(error(nearest, scales), nearest, scales)]
     s = scales
+    order = feedback_order(H, damp, act_order)  # one factorisation for every round: H does not change
     for _ in range(max(1, rounds) if train_scales else 1):
-        codes = round_with_feedback(target, s, zeros, g_idx, maxq, H, damp=damp, act_order=act_order)
+        codes = round_with_feedback(target, s, zeros, g_idx, maxq, H, order=order)
         candidates.append((error(codes, s), codes, s))
         if not train_scales:
             break

@@ -371,8 +371,12 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
         _check_peft(model)
     model, factors, info, dense = _from_peft(model) if lora is None else _from_folder(model, lora)
     quant = {n: formats.dispatch(model.get_submodule(n), n) for n in factors}
-    in_blocks = {n for n in factors for b in blocks if any(m is model.get_submodule(n) for m in b.modules())}
-    stray = sorted(set(factors) - in_blocks)
+    block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+    block_layers = {}  # block index -> {name: module} of its layers to merge
+    for n in factors:
+        module = model.get_submodule(n)
+        block_layers.setdefault(block_of.get(id(module)), {})[n] = module
+    stray = sorted(block_layers.get(None, {}))
     if stray:
         raise MergeRefused(f"merge_lora merges quantized layers inside the decoder blocks; {stray[0]} is outside them. "
                          "Leave it out of the LoRA's target_modules.")
@@ -393,8 +397,7 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
         bar = tqdm(list(enumerate(blocks)), desc="merge_lora", disable=not progress, unit="block")
         with torch.no_grad():
             for i, block in bar:
-                own = {n: model.get_submodule(n) for n in factors
-                       if any(m is model.get_submodule(n) for m in block.modules())}
+                own = block_layers.get(i, {})
                 hessians = _Hessians(own)
                 try:
                     outputs = []
