@@ -4,14 +4,15 @@
 injects adapters and `merge_and_unload()` merges them into the integer codes with no loss.
 
 - LoTA-QAF (`LotaConfig`): ternary adapters that move each integer code by -1, 0 or +1;
-- L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a GPTQ or a full-precision model;
+- L4Q (`L4QConfig`): a LoRA trained through a learnable quantizer, from a quantized or a full-precision model;
 - `calibrate`: block-wise activation-preserving calibration (ApiQ, optional saliency regulariser) of a
   full-precision model into a GPTQ model;
 - `merge_lora`: a PEFT LoRA trained on a quantized model, merged into the base's own grid with GPTQ's error
   feedback (and optionally refit scales): a standard checkpoint in the base's format.
 
-Layout: `formats/` (how each quantized format stores codes), one folder per method (`lota/`, `l4q/`), and
-`export.py` (a merged model as a standard checkpoint) on top.
+Layout (README, "Architecture"): pure numerics (`numerics.py`, `feedback.py`), `formats/` (how each quantized format
+stores codes), the method-agnostic tuner and layer (`tuner.py`, `tuner_layer.py`), one folder per method (`lota/`,
+`l4q/`, `lora/`, `calibrate/`), `registry.py`, and `export.py` and `cli.py` on top.
 """
 
 __version__ = "0.1.0"
@@ -20,7 +21,7 @@ from .loading import load_model, quiet_third_party  # noqa: E402
 
 quiet_third_party()  # before torch, peft and gptqmodel are imported: their start-up notices are dropped
 
-from .registry import L4Q_PEFT_TYPE, LOTA_PEFT_TYPE, register  # noqa: E402  (extends PeftType before any config is made)
+from .peft_types import L4Q_PEFT_TYPE, LOTA_PEFT_TYPE  # noqa: E402  (extends PeftType before any config is made)
 from .formats.gptq import prepare_gptq_model  # noqa: E402
 from .lota.config import LotaConfig  # noqa: E402
 from .lota.layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
@@ -34,6 +35,7 @@ from .calibrate import calibrate  # noqa: E402
 from .lora import MergeReport, merge_lora  # noqa: E402
 from .tuner import NonFiniteCallback, NonFiniteError  # noqa: E402
 from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # noqa: E402
+from .registry import register  # noqa: E402
 
 register()
 

@@ -27,8 +27,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 2, 2)))  # gptqmodel's pool on small machines
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -135,18 +133,19 @@ def load_model(path: str, dtype: Optional[str] = None):
 
 
 def _adapter_config(path: str) -> dict:
-    """The adapter's config, checked as LotaConfig/L4QConfig check theirs, and its weights file's header."""
+    """The adapter's config, checked as its method's config class checks it, and its weights file's header."""
     folder = Path(path)
     file = folder / "adapter_config.json"
     if not file.is_file():
         raise UsageError(f"{path} has no adapter_config.json: it is not a saved adapter.")
     config = _read_json(file)
-    if config.get("peft_type") not in ("LOTA", "L4Q", "LORA"):
-        raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges LoTA, L4Q and LoRA "
-                         "adapters.")
     from peft import PeftConfig
 
-    import peft_lota  # noqa: F401  (registers LOTA and L4Q)
+    from peft_lota.registry import METHODS, method  # (importing peft_lota registers its methods with PEFT)
+
+    if config.get("peft_type") != "LORA" and method(str(config.get("peft_type"))) is None:
+        raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges "
+                         f"{', '.join(m.title for m in METHODS)} and LoRA adapters.")
 
     try:
         PeftConfig.from_peft_type(**config)
@@ -204,9 +203,12 @@ def _apply_adapter(base, adapter: str):
 
 
 def _check_base(cfg: dict, base: str) -> None:
-    """Before loading: a LoTA adapter needs a quantized base (it moves that base's integer codes)."""
-    if cfg["peft_type"] == "LOTA" and _quantization(base) is None:
-        raise UsageError(f"{base} is a full-precision model, and a LoTA adapter moves the integer codes of the "
+    """Before loading: an adapter of a method that moves a quantized base's integer codes needs that base."""
+    from peft_lota.registry import method
+
+    m = method(cfg["peft_type"])
+    if m is not None and m.needs_quantized_base and _quantization(base) is None:
+        raise UsageError(f"{base} is a full-precision model, and a {m.title} adapter moves the integer codes of the "
                          "quantized checkpoint it was trained on: give that checkpoint as the base "
                          f"(adapter_config.json names {cfg.get('base_model_name_or_path')!r}).")
 
@@ -261,27 +263,16 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _quant_buffers(model) -> dict:
-    from peft_lota.formats import quantized_tensors
-
-    return quantized_tensors(model)
-
-
 def _same_buffers(a, b) -> bool:
-    import torch
+    from peft_lota.formats import same_quantized_tensors
 
-    x, y = _quant_buffers(a), _quant_buffers(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k].cpu(), y[k].cpu()) for k in x)
+    return same_quantized_tensors(a, b)
 
 
 def _codes_moved(model) -> Optional[tuple[int, int]]:
-    import peft_lota
+    from peft_lota.tuner_layer import codes_moved
 
-    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
-    deltas = [d for m in layers for d in [m.get_delta_codes(m.active_adapters[0])] if d is not None]
-    if not deltas:
-        return None
-    return sum(int((d != 0).sum()) for d in deltas), sum(d.numel() for d in deltas)
+    return codes_moved(model)
 
 
 def _positive(text: str) -> int:
@@ -376,8 +367,10 @@ def cmd_merge_lora(args) -> int:
                          "with GPTQ's error feedback, which needs the layers' inputs on real text. Give --calib_file "
                          "FILE (UTF-8 text like the LoRA's training data).")
     if _quantization(args.base) is None:
+        from peft_lota.formats import format_list
+
         raise UsageError(f"{args.base} is a full-precision model: merge a LoRA into it with PEFT's merge_and_unload(). "
-                         "peft-lota merges a LoRA into a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) base.")
+                         f"peft-lota merges a LoRA into a quantized ({format_list()}) base.")
     batches = _calibration_blocks(args, [args.adapter, args.base])
     dtype = args.dtype or _own_dtype(args.base)
     try:  # the adapter read from its files, so that every format works (PEFT cannot wrap packed compressed-tensors)
@@ -456,14 +449,12 @@ def cmd_inspect(args) -> int:
             rows += [("lora_alpha", cfg.get("lora_alpha")), ("DoRA", bool(cfg.get("use_dora"))),
                      ("merge it", "peft-lota merge BASE ADAPTER OUT --calib_file FILE (onto the base's own grid)")]
             if args.base:
-                raise UsageError("--base counts the codes a LoTA or L4Q adapter moves; a LoRA moves none until it is "
+                raise UsageError("--base counts the codes an adapter of peft_lota's methods moves; a LoRA moves none until it is "
                                  "merged: peft-lota merge BASE ADAPTER OUT --calib_file FILE reports them.")
-        elif cfg["peft_type"] == "LOTA":
-            rows += [("omega", cfg.get("omega")), ("offset", cfg.get("offset")), ("train mode", cfg.get("train_mode")),
-                     ("max step", cfg.get("max_step")), ("trained scales", cfg.get("train_scales"))]
         else:
-            rows += [("lora_alpha", cfg.get("lora_alpha")), ("learned scales", cfg.get("learn_scales")),
-                     ("grid (bits, group, sym)", (cfg.get("bits"), cfg.get("group_size"), cfg.get("sym")))]
+            from peft_lota.registry import method
+
+            rows += method(cfg["peft_type"]).describe(cfg)
         layers = cfg.get("base_layers") or {}
         if layers:
             first = next(iter(layers.values()))
@@ -487,7 +478,9 @@ def cmd_inspect(args) -> int:
         return EXIT_OK
     qc = _quantization(args.path)
     if qc is None:
-        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint.")
+        from peft_lota.formats import format_list
+
+        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized ({format_list()}) checkpoint.")
     fmt = _format(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
     try:
@@ -608,10 +601,14 @@ def main(argv=None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dtype_help = "activation dtype of the models compared (default: the checkpoint's own, from its config.json)"
-    m = sub.add_parser("merge", help="merge a LoTA, L4Q or LoRA adapter into its base and write a standard quantized checkpoint (its base's format; GPTQ from full precision)",
+    # (Help texts name no method or format: listing them would import the package, seconds before --help prints;
+    # `inspect` lists what a checkpoint or adapter is, from the registries.)
+    m = sub.add_parser("merge", help="merge an adapter (of peft_lota's methods, or a LoRA) into its base and write a "
+                                     "standard quantized checkpoint (its base's format)",
                        description="Load the base the right way, apply the adapter, merge exactly, save (or push) the "
                                    "checkpoint, reload it and compare codes and logits.")
-    m.add_argument("base", help="the base model the adapter was trained on (GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint, or full precision for L4Q)")
+    m.add_argument("base", help="the base model the adapter was trained on: a quantized checkpoint, or a full-precision "
+                                "model for a method that quantizes while training")
     m.add_argument("adapter", help="the saved adapter folder")
     m.add_argument("out", nargs="?", help="where to write the merged checkpoint, a folder apart from BASE and ADAPTER "
                                           "(optional with --push)")
@@ -630,7 +627,7 @@ def main(argv=None) -> int:
                       "(by default each group's scale is refit too; zero points, bits, group size and g_idx always "
                       "stay the base's)")
     m.set_defaults(func=cmd_merge)
-    i = sub.add_parser("inspect", help="describe an adapter or a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) checkpoint (and which kernels can serve it)",
+    i = sub.add_parser("inspect", help="describe an adapter or a quantized checkpoint (and which kernels can serve it)",
                        description="An adapter: method, settings, the base it was made for, files; with --base, the "
                                    "codes it moves per layer. A checkpoint: format, bits, group size, sym, act-order "
                                    "and which kernels can run it.")
@@ -645,7 +642,7 @@ def main(argv=None) -> int:
     v.add_argument("--base", help="the adapter's base model (default: the one its adapter_config.json names)")
     v.add_argument("--dtype", choices=DTYPES, help=dtype_help)
     v.set_defaults(func=cmd_verify)
-    sub.add_parser("finetune", help="fine-tune with LoTA or L4Q through a stock Trainer, merge, save, verify "
+    sub.add_parser("finetune", help="fine-tune a quantized model through a stock Trainer, merge, save, verify "
                                     "(examples/finetune.py; peft-lota finetune --help)", add_help=False)
     sub.add_parser("calibrate", help="calibrate a full-precision model into a low-bit GPTQ checkpoint (ApiQ; "
                                      "examples/calibrate.py; peft-lota calibrate --help)", add_help=False)

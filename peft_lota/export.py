@@ -592,6 +592,11 @@ def attach_export(model: nn.Module, card_info: Optional[dict] = None) -> nn.Modu
 
     Installs instance methods (the class is untouched) that go through save_checkpoint and
     push_checkpoint_to_hub with `card_info` for the model card. Returns `model`.
+
+    Why a patch: the merged model is a stock transformers class that users save the way they always do (their
+    scripts, Trainer callbacks, `push_to_hub`), and transformers has no hook through which a quantization format
+    could write its own state dict and config; replacing this one instance's methods fixes what it writes without
+    touching any other model.
     """
 
     def save_pretrained(save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,

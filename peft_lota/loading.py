@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
+
+# gptqmodel sizes a worker pool from the CPU count at import and fails to start it on 2-core machines; 2 workers are
+# all a layer-at-a-time CPU job uses. Set before anything imports gptqmodel (this module is peft_lota's first import);
+# a value the user set wins.
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 # Messages printed on every run by the stack underneath, that nobody can act on: gptqmodel's start-up banner, its
 # notes that the GIL is enabled, that it set two environment variables and ran gc, that it compiles a kernel, picked
@@ -47,7 +53,9 @@ def quiet_third_party() -> None:
             logger.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
-        from logbar import LogBar  # gptqmodel's logger; it prints directly, so its entry point is wrapped
+        # gptqmodel's logger prints directly (no logging handler to filter) and has no API to silence one message,
+        # so its single entry point is wrapped: only the messages in _NOISE are dropped.
+        from logbar import LogBar
     except ImportError:
         return
     shared = LogBar.shared()
@@ -66,9 +74,8 @@ def quiet_third_party() -> None:
 
 
 def quantization_config(path) -> dict | None:
-    """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (GPTQ, AWQ,
-    compressed-tensors, LLM.int8),
-    or None for a full-precision model. Another quantization (bitsandbytes, ...) is refused with the reason."""
+    """The quantization_config of a local checkpoint folder or Hub repo in a format peft_lota reads (formats.FORMATS),
+    or None for a full-precision model. Another quantization (bitsandbytes 4-bit, ...) is refused with the reason."""
     local = Path(path) / "config.json"
     if local.exists():
         qc = json.loads(local.read_text()).get("quantization_config")
@@ -95,9 +102,9 @@ def quantization_config(path) -> dict | None:
 
 
 def load_model(path, dtype=None, **kwargs):
-    """A model ready for LoTA or L4Q: a quantized checkpoint (GPTQ, AWQ) loaded with gptqmodel's trainable,
-    layout-keeping kernel (TorchLinear, backend 'gptq_torch'; AwqTorchLinear, 'torch_awq'), a compressed-tensors or
-    LLM.int8 checkpoint as transformers loads it, or a full-precision model (L4Q from full precision).
+    """A model ready for peft_lota's methods: a quantized checkpoint loaded with the kernel its format adapts and
+    merges into (`Format.load_config`: gptqmodel's trainable, layout-keeping TorchLinear for GPTQ, AwqTorchLinear for
+    AWQ; compressed-tensors and LLM.int8 as transformers loads them), or a full-precision model.
 
     The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
     "gptq_torch"))` (AwqConfig for AWQ), without transformers' notice that only the backend of that config is used

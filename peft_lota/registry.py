@@ -1,79 +1,75 @@
-"""Registration of peft_lota's methods with PEFT, one mechanism for all of them, without editing PEFT's files.
+"""peft_lota's methods, as PEFT and the upper layers (command line, fine-tuning script) see them.
 
-PEFT's `register_peft_method` only accepts names already in its closed `PeftType` enum, so each
-method's member is added to the enum first (`peft_type`, at import, before any config is made), then
-`register()` registers every method in METHODS. Both steps are idempotent: importing peft_lota twice,
-or reloading it, registers each method once.
+`METHODS` lists every method once: its PeftType name, parameter prefix, config, tuner model and layer classes.
+`register()` registers each with PEFT (idempotent: a reload replaces stale classes). Code above the methods asks
+this table (`method(...)`, `tuner_layer_classes()`) instead of naming LoTA or L4Q.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Optional
 
-from peft.utils import PeftType
-
-
-def peft_type(name: str) -> PeftType:
-    """The PeftType member `name`, added to the enum if PEFT does not have it."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)
-    return member
-
-
-LOTA_PEFT_TYPE = peft_type("LOTA")
-L4Q_PEFT_TYPE = peft_type("L4Q")
+from .l4q.config import L4QConfig
+from .l4q.layer import L4QLayer
+from .l4q.model import L4QModel
+from .lota.config import LotaConfig
+from .lota.layer import LotaLayer
+from .lota.model import LotaModel
+from .peft_types import peft_type
 
 
 @dataclass(frozen=True)
 class Method:
-    """A PEFT method of peft_lota: its PeftType name, parameter prefix, and where its classes live."""
+    """A PEFT method of peft_lota."""
 
-    name: str
-    prefix: str
-    classes: Callable[[], tuple[type, type]]  # () -> (config class, tuner model class), imported late
+    name: str  # PeftType member, and `peft_type` in adapter_config.json ("LOTA")
+    title: str  # how messages name it ("LoTA")
+    prefix: str  # of its parameters' names ("lota_")
+    config_class: type
+    model_class: type
+    layer_class: type
+    needs_quantized_base: bool  # True: it moves a quantized checkpoint's codes (False: it also quantizes full precision)
 
+    @property
+    def cli_name(self) -> str:
+        return self.name.lower()
 
-def _lota_classes():
-    from .lota.config import LotaConfig
-    from .lota.model import LotaModel
-
-    return LotaConfig, LotaModel
-
-
-def _l4q_classes():
-    from .l4q.config import L4QConfig
-    from .l4q.model import L4QModel
-
-    return L4QConfig, L4QModel
+    def describe(self, config: dict) -> list[tuple[str, object]]:
+        """(key, value) rows of an adapter_config.json's method settings (the command line's inspect)."""
+        return self.config_class.describe_settings(config)
 
 
-METHODS: tuple[Method, ...] = (Method("LOTA", "lota_", _lota_classes), Method("L4Q", "l4q_", _l4q_classes))
+METHODS: tuple[Method, ...] = (
+    Method("LOTA", "LoTA", "lota_", LotaConfig, LotaModel, LotaLayer, needs_quantized_base=True),
+    Method("L4Q", "L4Q", "l4q_", L4QConfig, L4QModel, L4QLayer, needs_quantized_base=False),
+)
+
+
+def method(name: str) -> Optional[Method]:
+    """The method whose PeftType name or command-line name is `name` ("LOTA" or "lota"), or None."""
+    return next((m for m in METHODS if name in (m.name, m.cli_name)), None)
+
+
+def tuner_layer_classes() -> tuple[type, ...]:
+    return tuple(m.layer_class for m in METHODS)
 
 
 def _count_quantized_weights() -> None:
-    """PeftModel.get_nb_trainable_parameters counts parameters only, and a quantized model's weights are buffers
-    (GPTQ's packed qweight): print_trainable_parameters then reports most of the model as trainable. For models
-    of peft_lota's methods, count each quantized layer's weights too (in_features x out_features)."""
+    """Why this patch of PEFT exists: PeftModel.get_nb_trainable_parameters counts parameters only, and a quantized
+    model's weights are buffers (GPTQ's packed qweight) or int8 tensors, so print_trainable_parameters would report
+    most of the model as trainable. PEFT has no hook for it; for models of peft_lota's methods, each quantized layer's
+    in_features x out_features weights are added to the total. Other PeftModels are untouched."""
     from peft import PeftModel
 
     original = PeftModel.get_nb_trainable_parameters
     if getattr(original, "_peft_lota", False):
         return
+    ours = {peft_type(m.name) for m in METHODS}
 
     def get_nb_trainable_parameters(self):
         trainable, total = original(self)
-        if str(getattr(self, "peft_type", "")) in {m.name for m in METHODS} or getattr(self, "peft_type", None) in {
-                peft_type(m.name) for m in METHODS}:
+        if getattr(self, "peft_type", None) in ours:
             from . import formats
 
             total += sum(m.in_features * m.out_features for m in self.modules() if formats.is_quantized_layer(m))
@@ -89,12 +85,10 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    for method in METHODS:
-        config_cls, model_cls = method.classes()
-        member = peft_type(method.name)
-        if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is model_cls:
+    for m in METHODS:
+        member = peft_type(m.name)
+        if PEFT_TYPE_TO_TUNER_MAPPING.get(member) is m.model_class:
             continue
         for mapping in (PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
             mapping.pop(member, None)
-        register_peft_method(name=method.name.lower(), config_cls=config_cls, model_cls=model_cls,
-                             prefix=method.prefix)
+        register_peft_method(name=m.name.lower(), config_cls=m.config_class, model_cls=m.model_class, prefix=m.prefix)

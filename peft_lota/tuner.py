@@ -71,6 +71,31 @@ def check_rank(layer, r: int, method: str) -> None:
                          "(adapter_config.json or the config you pass), or exclude the layer.")
 
 
+BASE_LAYERS_HELP = ("Filled in by get_peft_model: what each adapted layer of the base looked like (format, shape, bits, "
+                    "groups, a fingerprint of its scales or weight). Loading the adapter onto a base that differs is "
+                    "refused with a message naming both; set it to None in adapter_config.json to skip the check.")
+
+
+def check_common_config(config, name: str) -> None:
+    """What every peft_lota method's config checks and fills in alike (`name`: "LotaConfig" in messages)."""
+    if config.task_type is None:  # quantized LLMs: PeftModelForCausalLM unless the user says otherwise
+        config.task_type = "CAUSAL_LM"
+    if config.target_modules is None:
+        config.target_modules = "all-linear"
+    if isinstance(config.target_modules, (list, set, tuple)):
+        if not config.target_modules:
+            raise ValueError(f"{name}: target_modules is empty; give layer names, a regex or 'all-linear'.")
+        config.target_modules = set(config.target_modules)
+    if isinstance(config.exclude_modules, list):
+        config.exclude_modules = set(config.exclude_modules)
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+        raise ValueError(f"{name}: r must be a positive integer, got r={config.r!r}.")
+    if config.init_seed is not None and (isinstance(config.init_seed, bool) or not isinstance(config.init_seed, int)):
+        raise ValueError(f"{name}: init_seed must be an integer or None, got {config.init_seed!r}.")
+    if config.layers_pattern and not config.layers_to_transform:
+        raise ValueError(f"{name}: layers_pattern only makes sense together with layers_to_transform.")
+
+
 def _fp16(args) -> bool:
     """fp16 mixed precision, set by TrainingArguments(fp16=True) or by accelerate (--mixed_precision fp16)."""
     return bool(args.fp16) or getattr(args, "mixed_precision", None) == "fp16"
@@ -162,14 +187,14 @@ class QuantTuner(BaseTuner):
 
     def _all_linear_error(self) -> str:
         return (f"{type(self.peft_config.get(self.active_adapter, None)).__name__}(target_modules='all-linear') found no "
-                "quantized linear layer in this model: load a quantized (GPTQ, AWQ, compressed-tensors or LLM.int8) checkpoint.")
+                f"quantized linear layer in this model: load a quantized ({formats.format_list()}) checkpoint.")
 
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         # PEFT calls this first: a quantization we cannot merge into is refused before anything else happens.
         qc = formats.model_quantization_config(self.model)
         if qc is not None and formats.config_format(qc) is None:
             raise ValueError(f"{self.method_name} cannot adapt this model: {formats.unsupported_reason(qc)}")
-        # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a GPTQ model.
+        # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a quantized model (gptqmodel's layers are no nn.Linear).
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
             ours = {n for n, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)}
@@ -220,7 +245,7 @@ class QuantTuner(BaseTuner):
                 "names it in base_model_name_or_path); to skip this check, set base_layers to null there.")
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
-        # BaseTuner's version copies `.weight`, which GPTQ layers do not have (and crashes on unload).
+        # BaseTuner's version copies `.weight`, which packed quantized layers do not have (and crashes on unload).
         setattr(parent, child_name, new_module)
 
     # ---- merge / unload ----------------------------------------------------------------------

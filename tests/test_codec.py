@@ -25,7 +25,7 @@ def test_every_word_pattern_round_trips(bits):
     assert torch.equal(packing.pack_codes(packing.unpack_codes(words, bits), bits), words)
 
 
-def test_known_layouts():
+def test_gptq_packs_4_and_3_bit_codes_where_every_loader_reads_them():
     # 4-bit: code i of a word sits at bits 4*i (the layout every GPTQ loader reads).
     codes = torch.arange(8, dtype=torch.uint8).view(8, 1)
     assert int(gptq.pack_qweight(codes, 4)) == 0x76543210

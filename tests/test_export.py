@@ -597,7 +597,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_checkpoint(
 
 # ---- model card --------------------------------------------------------------------------------------
 
-def test_model_card(gptq_dir, tmp_path):
+def test_model_card_names_the_base_method_settings_and_refuses_a_contradiction(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V2_SYM_BIAS))
     out = save_checkpoint(model, tmp_path / "out", card_info={**LOTA_INFO, "adapters": ["default"]})
     card = (out / "README.md").read_text()

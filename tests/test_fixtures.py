@@ -105,7 +105,7 @@ def test_zero_points_span_the_grid(spec, gptq_dir):
 
 
 @pytest.mark.parametrize("spec", SPECS_MATRIX, ids=Spec.slug)
-def test_fixture(spec, gptq_dir, tokenizer):
+def test_fixture_checkpoint_loads_as_its_spec_with_standard_gptq_buffers(spec, gptq_dir, tokenizer):
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     path = gptq_dir(spec)

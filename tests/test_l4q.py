@@ -248,3 +248,70 @@ def test_l4q_from_lora_starts_from_the_lora_and_merges_exactly(gptq_dir, tmp_pat
     assert torch.equal(logits(merged), quantized)
     merged.save_pretrained(tmp_path / "merged")
     assert torch.equal(logits(load_gptq(tmp_path / "merged")), quantized)
+
+
+# ---- the format a full-precision start is written in -------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (8, 64, True)])
+def test_full_precision_start_into_awq_is_exact(fp_dir, tmp_path, bits, group_size, sym):
+    """L4QConfig(format="awq"): trained through AWQ's kernel semantics, merged into AWQ layers, saved as a standard
+    AWQ checkpoint that a stock AwqConfig load reads with the same codes and logits as the model that trained."""
+    from peft_lota.formats import awq, quantized_tensors
+    from tiny_models import load_awq
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
+                           L4QConfig(r=4, bits=bits, group_size=group_size, sym=sym, format="awq", init_seed=0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    expected = logits(model)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert len(awq.awq_layers(merged)) == 14 and not gptq.gptq_layers(merged)
+    assert torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"]) == ("awq", bits, group_size, not sym)
+    reloaded = load_awq(tmp_path / "merged")
+    before, after = quantized_tensors(merged), quantized_tensors(reloaded)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits(reloaded), expected)
+
+
+def test_a_format_builds_layers_that_read_back_exactly():
+    """Format.build_layer, then the format's own reader: the same codes, zero points and scales, for every format
+    that builds layers; a grid a format cannot hold is named by grid_problem before anything is built."""
+    from peft_lota import formats
+
+    g = torch.Generator().manual_seed(0)
+    K, N, bits, gs = 64, 32, 4, 16
+    codes = torch.randint(0, 16, (K, N), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(1, 16, (K // gs, N), generator=g).to(torch.int32)
+    scales = (torch.rand(K // gs, N, generator=g) + 0.5).half()
+    g_idx = torch.arange(K, dtype=torch.int32) // gs
+    built = [f for f in formats.FORMATS if f.can_build]
+    assert {f.name for f in built} == {"gptq", "awq"}
+    for fmt in built:
+        assert fmt.grid_problem(K, N, bits, gs, False) is None
+        state = fmt.dispatch(fmt.build_layer(codes, zeros, scales, g_idx, None, bits, gs, False), "x").read()
+        assert torch.equal(state.codes, codes) and torch.equal(state.scales, scales)
+        assert torch.equal(state.zeros.to(torch.int32), zeros)
+        # where a merge may move zero points: GPTQ's classic format stores z - 1, AWQ raw z
+        assert state.zero_range == {"gptq": (1, 15), "awq": (0, 15)}[fmt.name]
+        assert fmt.new_config(bits, gs, False)["quant_method"] == fmt.quant_method
+    assert "multiple" in formats.by_name("gptq").grid_problem(20, N, 3, -1, True)  # 3-bit words hold 32 rows
+    assert "multiple of 48" in formats.by_name("awq").grid_problem(K, N, bits, 48, True)
+
+
+def test_a_format_that_cannot_hold_the_grid_or_build_layers_is_refused(fp_dir):
+    base = AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="cannot build new compressed-tensors layers"):
+        get_peft_model(base, L4QConfig(format="compressed-tensors"))
+    with pytest.raises(ValueError, match="into a 4-bit AWQ layer: AWQ groups"):
+        get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
+                       L4QConfig(format="awq", group_size=48))
+    with pytest.raises(ValueError, match="format must be one of"):
+        L4QConfig(format="nf4")

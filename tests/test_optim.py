@@ -171,7 +171,7 @@ def test_outlier_guard_skips_largest_entries_when_norm_is_large():
     assert run(100.0, 0) == -1.0  # early phase: no guard
 
 
-def test_errors():
+def test_tsignsgd_refuses_a_missing_schedule_a_bad_length_and_non_ternary_tensors():
     p = nn.Parameter(torch.zeros(4))
     p.grad = torch.ones(4)
     with pytest.raises(RuntimeError, match="total_steps"):

@@ -36,9 +36,9 @@ def test_offset_mu_and_integer_shift():
     # group 0: residuals (5 - 4, 1) -> mean 1 -> /omega 0.25; group 1: mean -2 -> -0.5
     assert torch.allclose(mu, torch.tensor([[0.25], [-0.5]]))
     zeros = torch.tensor([[1], [15]])
-    shifted = ternary.shift_zeros(zeros, torch.tensor([[0.75], [-2.0]]), maxq=15)
+    shifted = ternary.shift_zeros(zeros, torch.tensor([[0.75], [-2.0]]), (1, 15))
     assert shifted.tolist() == [[1], [15]]  # kept inside [1, maxq]: 1 - 1 -> 0 is refused, 15 + 2 -> 17 too
-    assert ternary.shift_zeros(torch.tensor([[0], [8]]), torch.tensor([[0.2], [2.6]]), 15).tolist() == [[0], [5]]
+    assert ternary.shift_zeros(torch.tensor([[0], [8]]), torch.tensor([[0.2], [2.6]]), (1, 15)).tolist() == [[0], [5]]
 
 
 def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
@@ -78,7 +78,7 @@ def _reference(state, A, B, x, omega, offset, max_step=1, scales=None):
         if offset == "float":
             w = s * (codes - zeros[g] + mu[g])
         else:
-            z_int = ternary.shift_zeros(state.zeros, mu.detach(), state.maxq).float()
+            z_int = ternary.shift_zeros(state.zeros, mu.detach(), state.zero_range).float()
             w = s * (codes - z_int[g] + (mu - mu.detach())[g])
     return x @ w + state.bias
 

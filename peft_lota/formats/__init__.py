@@ -43,16 +43,30 @@ def unsupported_reason(qc: Optional[dict]) -> str:
     """Why a quantization_config is not one peft_lota can adapt, and what to use instead."""
     qc = qc or {}
     method = qc.get("quant_method")
-    readable = ", ".join(fmt.name.upper() if len(fmt.name) <= 4 else fmt.name for fmt in FORMATS)
+    readable = format_list()
+    built = format_list(buildable=True)
     if method == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         kind = str(qc.get("bnb_4bit_quant_type", "nf4")).upper()
         return (f"this model is quantized with bitsandbytes {kind}, a non-uniform grid (a table of values, not "
                 "integer steps of one scale): moving a code by one does not change a weight by a fixed amount, so "
-                "LoTA's +-1 steps and L4Q's rounding cannot merge into it exactly. Start from the full-precision "
-                f"model instead (L4Q quantizes it while training and writes a GPTQ model), or from a {readable} "
-                "checkpoint.")
+                "no update can merge into it exactly. Start from the full-precision model instead (a method that "
+                f"quantizes while training writes a {built} model), or from a {readable} checkpoint.")
     return (f"quantization method {method!r} is not a format peft_lota reads ({readable}). Start from the "
-            "full-precision model (L4Q writes a GPTQ model), or from a " + readable + " checkpoint.")
+            f"full-precision model (a method that quantizes while training writes a {built} model), or from a "
+            f"{readable} checkpoint.")
+
+
+def format_list(buildable: bool = False, sep: str = ", ") -> str:
+    """The formats peft_lota reads (or those it can build new layers of), as messages name them: "GPTQ, AWQ, ..." """
+    return sep.join(fmt.title for fmt in FORMATS if fmt.can_build or not buildable)
+
+
+def by_name(name: str) -> Format:
+    """The format called `name` ("gptq", "awq", ...); an unknown name is refused with the list."""
+    for fmt in FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise ValueError(f"unknown format {name!r}; peft_lota's formats are {', '.join(f.name for f in FORMATS)}.")
 
 
 # The tensors that hold a quantized model's codes and grid, in any format (buffers for GPTQ/AWQ, parameters for
@@ -70,6 +84,14 @@ def quantized_tensors(model: nn.Module) -> dict:
     return out
 
 
+def same_quantized_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold exactly the same quantized tensors, under the same names (e.g. merged and reloaded)."""
+    import torch
+
+    x, y = quantized_tensors(a), quantized_tensors(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k].cpu(), y[k].cpu()) for k in x)
+
+
 def model_format(model: nn.Module) -> Optional[Format]:
     """The format a transformers model was loaded in (from its config), or None for an unquantized model."""
     for fmt in FORMATS:
@@ -78,6 +100,6 @@ def model_format(model: nn.Module) -> Optional[Format]:
     return None
 
 
-__all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "config_format", "dequantize", "dispatch", "group_layout",
-           "is_quantized_layer", "model_format", "model_quantization_config", "prepare_model", "quantized_tensors",
-           "unsupported_reason"]
+__all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "by_name", "config_format", "dequantize", "dispatch",
+           "format_list", "group_layout", "is_quantized_layer", "model_format", "model_quantization_config",
+           "prepare_model", "quantized_tensors", "same_quantized_tensors", "unsupported_reason"]

@@ -1,4 +1,5 @@
-"""AWQ (the GEMM layout) as gptqmodel holds it: codec, layout check, reading and writing codes, dispatch, checkpoints.
+"""AWQ (the GEMM layout) as gptqmodel holds it, in this order: codec, layout check, reading (dispatch), writing (new
+layers and checkpoints), kernels.
 
 Buffers of an AWQ GEMM layer: `qweight` int32 [K, N*b/32] (codes packed along the output dimension),
 `qzeros` int32 [G, N*b/32] (raw zero points, packed the same way), `scales` fp16 [G, N], optional
@@ -29,8 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import __version__
-from .base import Format, QuantState, QuantWeights, group_layout
+from .base import (Format, PackedBufferWeights, QuantState, checked_layers, gptqmodel_kernels, group_layout, layers_of,
+                   stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
@@ -128,7 +129,7 @@ def is_awq_layer(module: nn.Module) -> bool:
 
 
 def awq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_awq_layer(m)]
+    return layers_of(model, is_awq_layer)
 
 
 def layout_problem(name: str, module: nn.Module) -> Optional[str]:
@@ -162,10 +163,19 @@ def model_is_awq(model: nn.Module) -> bool:
     return qc is not None and qc.get("quant_method") == "awq"
 
 
-def _problems_error(what: str, problems: list[str], bits) -> ValueError:
-    more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + RELOAD_HINT.format(bits=bits))
+def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> Optional[str]:
+    """Why a new AWQ GEMM layer [in_features, out_features] with this grid cannot be stored, or None."""
+    gs = in_features if group_size in (-1, 0) else group_size
+    if bits not in SUPPORTED_BITS:
+        return f"AWQ layers here hold {SUPPORTED_BITS}-bit codes, not {bits}."
+    if (out_features * bits) % 32:
+        return f"AWQ packs codes along the output, and {out_features} columns of {bits} bits do not fill int32 words."
+    if in_features % gs:
+        return f"AWQ groups are whole runs of input rows, and in_features={in_features} is not a multiple of {gs}."
+    return None
 
+
+# ---- reading: getting layers into a trainable, readable layout -------------------------------------------
 
 def _to_torch_awq(module: nn.Module) -> nn.Module:
     """An AwqTorchLinear holding exactly the same buffers (shared, not copied)."""
@@ -188,37 +198,30 @@ def prepare_awq_model(model: nn.Module) -> int:
     if not layers:
         return 0
     _, AwqTorchLinear = _classes()
-    problems, moved = [], 0
-    for name, module in layers:
-        problem = layout_problem(name, module)
-        if problem:
-            problems.append(problem)
-            continue
-        if type(module) is not AwqTorchLinear:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _to_torch_awq(module))
-            moved += 1
-    if problems:
-        raise _problems_error("peft_lota cannot use this model's AWQ layers as loaded", problems,
-                              (quantization_config(model) or {}).get("bits", "<bits>"))
+    moved = sum(type(m) is not AwqTorchLinear for _, m in layers)
+    hint = RELOAD_HINT.format(bits=(quantization_config(model) or {}).get("bits", "<bits>"))
+    swap_layers(model, layers, layout_problem, AwqTorchLinear, _to_torch_awq, "AWQ", hint)
     if moved:
         logger.info("peft_lota: moved %d AWQ layers to the trainable, layout-keeping AwqTorchLinear kernel.", moved)
     return moved
 
 
-# ---- reading and writing one layer ---------------------------------------------------------------------
-
-class AWQWeights(QuantWeights):
-    """Codes, zeros and scales of a gptqmodel AWQ GEMM layer (AwqTorchLinear, after prepare_awq_model)."""
+class AWQWeights(PackedBufferWeights):
+    """Codes, zeros and scales of a gptqmodel AWQ GEMM layer (AwqTorchLinear, after prepare_awq_model): raw zero
+    points, any value in [0, maxq]."""
 
     format_name = NAME
 
     def __init__(self, layer: nn.Module):
         super().__init__(layer)
-        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
         gs = layer.group_size
         self.group_size = self.in_features if gs in (-1, 0) else gs
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_columns(codes, self.bits)
+
+    def pack_zeros(self, zeros: torch.Tensor) -> torch.Tensor:
+        return pack_columns(zeros.to(torch.int32), self.bits)
 
     def read(self) -> QuantState:
         base, bits = self.layer, self.layer.bits
@@ -269,26 +272,6 @@ class AWQWeights(QuantWeights):
             out = out + bias  # the kernel's op: type promotion, not a cast of the bias
         return out.to(input_dtype)
 
-    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
-               ) -> dict[str, torch.Tensor]:
-        base = self.layer
-        out = {"qweight": pack_columns(codes, base.bits).to(base.qweight.device),
-               "qzeros": pack_columns(zeros.to(torch.int32), base.bits).to(base.qzeros.device)}
-        if scales is not None:
-            out["scales"] = scales.detach().to(base.scales.dtype).to(base.scales.device).contiguous()
-        return out
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        base = self.layer
-        return {"qweight": base.qweight.data, "qzeros": base.qzeros.data, "scales": base.scales.data}
-
-    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
-        base = self.layer
-        for name, value in buffers.items():
-            getattr(base, name).data = value  # swaps the buffer's storage: no copy, the snapshot stays intact
-        if callable(getattr(base, "clear_weight_cache", None)):
-            base.clear_weight_cache()
-
 
 def dispatch_awq(module: nn.Module, name: str = "") -> Optional[AWQWeights]:
     """The AWQWeights of a gptqmodel AWQ layer, or None if `module` is not one."""
@@ -300,7 +283,39 @@ def dispatch_awq(module: nn.Module, name: str = "") -> Optional[AWQWeights]:
     return AWQWeights(module)
 
 
-# ---- a standard checkpoint of a whole model --------------------------------------------------------------
+# ---- writing: new layers (from a full-precision model), and a standard checkpoint of a whole model -----------
+
+def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bias,
+                bits: int, group_size: int, sym: bool) -> nn.Module:
+    """An AwqTorchLinear holding these codes [K, N], raw zeros [G, N], scales [G, N] (stored dtype) and bias; `g_idx`
+    must be the contiguous k // group_size (AWQ has no act-order)."""
+    _, AwqTorchLinear = _classes()
+    K, N = codes.shape
+    gs = K if group_size in (-1, 0) else group_size
+    if not torch.equal(g_idx.long().cpu(), torch.arange(K) // gs):
+        raise ValueError("AWQ layers have contiguous groups of input rows: this grid's g_idx (act-order) cannot be "
+                         "stored in AWQ.")
+    layer = AwqTorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=False, in_features=K, out_features=N,
+                           bias=bias is not None, pack_dtype=torch.int32, register_buffers=True)
+    layer.qweight = pack_columns(codes, bits).to(codes.device)
+    layer.qzeros = pack_columns(zeros.to(torch.int32), bits).to(codes.device)
+    layer.scales = scales.detach().clone().contiguous()
+    if bias is not None:
+        layer.bias = bias.detach().clone().to(scales.dtype)
+    layer.post_init()
+    layer.eval()
+    return layer
+
+
+def new_config(bits: int, group_size: int, sym: bool) -> dict:
+    """The `config.quantization_config` of an AWQ GEMM model made by peft_lota."""
+    from transformers import AwqConfig
+
+    qc = AwqConfig(bits=bits, group_size=group_size, zero_point=not sym, version="gemm").to_dict()
+    qc.update(quant_method="awq", format="gemm", version="gemm", zero_point=not sym, sym=sym, meta={})
+    qc.pop("checkpoint_format", None)
+    return stamp_quantizer(qc)
+
 
 def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     """(state_dict, quantization_config, extra files, facts) of a standard AWQ GEMM checkpoint of `model`.
@@ -314,13 +329,7 @@ def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                          "(quant_method 'awq').")
     bits = int(qc["bits"])
     layers = awq_layers(model)
-    problems = [p for n, m in layers if (p := layout_problem(n, m))]
-    if problems:
-        raise _problems_error("Cannot write a standard AWQ checkpoint from this model", problems, bits)
-    if not layers:
-        raise ValueError("This model has no gptqmodel AWQ layers; nothing to write as an AWQ checkpoint.")
-    if any(m.bits != bits for _, m in layers):
-        raise ValueError(f"Layers of several bit widths (config says {bits}); per-layer bits are not supported.")
+    checked_layers(model, layers, layout_problem, bits, "AWQ", RELOAD_HINT.format(bits=bits))
     fmt = str(qc.get("format") or qc.get("version") or "gemm").lower()
     if fmt != "gemm":
         raise ValueError(f"This model's AWQ config says format {fmt!r}; peft_lota writes the GEMM layout only.")
@@ -329,13 +338,10 @@ def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     was_sym = not bool(qc.get("zero_point", True))  # `sym` in transformers' AwqConfig is GPTQConfig's default
     sym = was_sym and still_sym
     if was_sym and not sym:
-        logger.warning("peft_lota: the merge moved zero points of a symmetric AWQ checkpoint; it is written with "
+        logger.warning("peft_lota: zero points of a symmetric AWQ checkpoint have moved; it is written with "
                        "zero_point=true (asymmetric).")
     qc.update(format="gemm", version="gemm", zero_point=not sym, sym=sym, backend="auto")
-    meta = dict(qc.get("meta") or {})
-    meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]
-    meta["quantizer"].append(f"peft_lota:{__version__}")
-    qc["meta"] = meta
+    meta = stamp_quantizer(qc)["meta"]
     qc.pop("checkpoint_format", None)  # transformers' AwqConfig.to_dict drops it too
     extra = {"quantize_config.json": json.dumps(
         {"bits": bits, "group_size": qc["group_size"], "desc_act": False, "lm_head": False, "method": "awq",
@@ -353,27 +359,18 @@ def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
 # GPU supports it; it reads `zero_point` and runs both.
 VLLM_KERNELS = (("vLLM awq_marlin (fast)", lambda qc: qc["bits"] == 4 and qc["group_size"] in (-1, 32, 64, 128)),
                 ("vLLM awq", lambda qc: qc["bits"] == 4))
+GPTQMODEL_MODULES = ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq")
 GPTQMODEL_KERNELS = ("AwqMarlinLinear", "AwqGEMMLinear", "TorchFusedAwqLinear", "TorchAtenAwqLinear", "AwqTorchLinear")
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     """(kernel, devices, can serve) for an AWQ quantization config, from the installed kernels' own declarations
     (gptqmodel) and a table (vLLM)."""
-    import importlib
+    def supports(cls) -> bool:
+        return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
+                and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]]))
 
-    out = []
-    for module in ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq"):
-        try:
-            mod = importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}")
-        except Exception:  # noqa: BLE001 - a kernel whose extras are missing is just not listed
-            continue
-        for name in GPTQMODEL_KERNELS:
-            cls = getattr(mod, name, None)
-            if isinstance(cls, type):
-                ok = (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
-                      and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]]))
-                devices = ", ".join(str(getattr(d, "value", d)) for d in getattr(cls, "SUPPORTS_DEVICES", []))
-                out.append((f"gptqmodel {name}", devices, ok))
+    out = gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports)
     out += [(name, "cuda", bool(rule(qc))) for name, rule in VLLM_KERNELS]
     return out
 
@@ -393,4 +390,5 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 
 FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=dispatch_awq,
                 prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe)
+                load_config=load_config, kernels=kernels, describe=describe,
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)

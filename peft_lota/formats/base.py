@@ -86,10 +86,10 @@ class QuantState:
     """
 
     __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
-                 "row_align", "group_rows", "linear")
+                 "row_align", "group_rows", "linear", "zero_range")
 
     def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
-                 row_align: int = 1, layout=None, linear=matmul_add):
+                 row_align: int = 1, layout=None, linear=matmul_add, zero_range=None):
         self._codes, self.codes_rows = codes, codes_rows
         # linear(x, W [K, N], bias, codes=, zeros=, scales=): the stock kernel's own product, so that an adapted
         # layer's output is bit for bit the merged layer's (the same values in another layout can round differently)
@@ -100,6 +100,8 @@ class QuantState:
         self.maxq, self.bias = maxq, bias
         self.in_features = codes.shape[0] if in_features is None else in_features
         self.row_align = row_align
+        # (lowest, highest) zero point the format's checkpoints can store: where a merge may move one
+        self.zero_range = (0, maxq) if zero_range is None else zero_range
         # (counts, group_rows) depend on g_idx only: a layer may pass them in, computed once (group_layout)
         self.counts, self.group_rows = layout if layout is not None else group_layout(g_idx, scales.shape[0])
 
@@ -120,7 +122,7 @@ class QuantState:
         fields.update(changes)
         rows = None if "codes" in changes else self.codes_rows
         return QuantState(fields.pop("codes"), **fields, codes_rows=rows, in_features=self.in_features,
-                          row_align=self.row_align, layout=self.layout, linear=self.linear)
+                          row_align=self.row_align, layout=self.layout, linear=self.linear, zero_range=self.zero_range)
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight [K, N] in the scales' dtype, as the stock kernel computes it."""
@@ -155,7 +157,7 @@ class QuantWeights:
     # True where the stock kernel adds the bias inside its matmul (nn.Linear's addmm): the state's `linear` then
     # gets the bias, instead of kernel_output
     fuses_bias: bool = False
-    # True where the format stores no zero points (symmetric only): nothing may move them (LoTA's offset modes)
+    # True where the format stores no zero points (symmetric only): nothing may move them
     fixed_zero_points: bool = False
 
     def __init__(self, layer: nn.Module):
@@ -176,6 +178,10 @@ class QuantWeights:
 
     def read(self) -> QuantState:
         raise NotImplementedError
+
+    def zero_range(self) -> tuple[int, int]:
+        """(lowest, highest) zero point this format's checkpoints store."""
+        return 0, self.maxq
 
     def grid_settings(self) -> dict:
         """{"bits", "group_size", "sym"} of the layer's grid, as a quantizer config names them."""
@@ -208,6 +214,117 @@ class QuantWeights:
         raise NotImplementedError
 
 
+def problems_error(what: str, problems: list[str], hint: str) -> ValueError:
+    """One error for every layer a format cannot use: the first three problems, how many more, and the way out."""
+    more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + hint)
+
+
+def layers_of(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_layer(m)]
+
+
+def swap_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], layout_problem, target: type, convert,
+                what: str, hint: str) -> list[nn.Module]:
+    """Move every layer to the format's layout-keeping, trainable `target` kernel (`convert(layer)` builds it,
+    sharing the buffers), after checking them all: one unreadable layer refuses the model, and nothing is swapped.
+    Returns the layers now in the model, in order."""
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        raise problems_error(f"peft_lota cannot use this model's {what} layers as loaded", problems, hint)
+    out = []
+    for name, module in layers:
+        if type(module) is not target:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = convert(module)
+            setattr(parent, child, module)
+        out.append(module)
+    return out
+
+
+def checked_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], layout_problem, bits: int, what: str,
+                   hint: str) -> None:
+    """What a checkpoint of a format needs of the model's layers: some, all readable, all of the config's width."""
+    problems = [p for n, m in layers if (p := layout_problem(n, m))]
+    if problems:
+        raise problems_error(f"Cannot write a standard {what} checkpoint from this model", problems, hint)
+    if not layers:
+        raise ValueError(f"This model has no {what} layers peft_lota reads; nothing to write as a {what} checkpoint.")
+    if any(m.bits != bits for _, m in layers):
+        raise ValueError(f"Layers of several bit widths (config says {bits}); per-layer bits are not supported.")
+
+
+def stamp_quantizer(qc: dict) -> dict:
+    """qc with `meta.quantizer` naming this peft_lota version once (the tools that made a checkpoint, in order)."""
+    from .. import __version__
+
+    meta = dict(qc.get("meta") or {})
+    meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]
+    meta["quantizer"].append(f"peft_lota:{__version__}")
+    qc["meta"] = meta
+    return qc
+
+
+def gptqmodel_kernels(modules: tuple[str, ...], names: tuple[str, ...], supports) -> list[tuple[str, str, bool]]:
+    """(kernel, devices, can serve) for gptqmodel's kernel classes `names`, found in its qlinear `modules` (a kernel
+    whose extras are missing is not listed); `supports(cls)` reads the class's own SUPPORTS_* declarations."""
+    import importlib
+
+    classes = {}
+    for module in modules:
+        try:
+            mod = importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}")
+        except Exception:  # noqa: BLE001 - a kernel whose extras are missing is just not listed
+            continue
+        classes.update({n: c for n in names if isinstance(c := getattr(mod, n, None), type)})
+    return [(f"gptqmodel {n}", ", ".join(str(getattr(d, "value", d)) for d in getattr(classes[n], "SUPPORTS_DEVICES", [])),
+             bool(supports(classes[n]))) for n in names if n in classes]
+
+
+class PackedBufferWeights(QuantWeights):
+    """A layer whose codes, zeros and scales live in the registered buffers `qweight`, `qzeros` and `scales` (gptqmodel's
+    GPTQ and AWQ kernels); a format says how it packs them (`pack_codes`, `pack_zeros`)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pack_zeros(self, zeros: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        base = self.layer
+        out = {"qweight": self.pack_codes(codes).to(base.qweight.device),
+               "qzeros": self.pack_zeros(zeros).to(base.qzeros.device)}
+        if scales is not None:
+            out["scales"] = scales.detach().to(base.scales.dtype).to(base.scales.device).contiguous()
+        return out
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        base = self.layer
+        return {"qweight": base.qweight.data, "qzeros": base.qzeros.data, "scales": base.scales.data}
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        base = self.layer
+        for name, value in buffers.items():
+            # `.data =` swaps the storage of the registered buffer (whoever holds the buffer sees the new values)
+            # without copying, and leaves the tensors of a snapshot untouched.
+            getattr(base, name).data = value
+        clear_kernel_caches(base)
+
+
+def clear_kernel_caches(module: nn.Module) -> None:
+    """gptqmodel kernels cache decoded zeros, g_idx or weights; drop them after the buffers change."""
+    for clear in ("_stream_reset_cache", "clear_weight_cache"):
+        if callable(getattr(module, clear, None)):
+            getattr(module, clear)()
+
+
 @dataclass(frozen=True)
 class Format:
     """One quantized format, as the rest of the package sees it.
@@ -226,6 +343,13 @@ class Format:
     kernels(qc): (kernel, devices, can serve) for a checkpoint's quantization_config.
     describe(qc): (key, value) rows that say what a checkpoint is (the command line's inspect).
     fast_path_note(qc): why the checkpoint misses the fast GPU kernels, or None.
+
+    Building new layers (a method that quantizes a full-precision model writes them), for formats that can:
+    grid_problem(in_features, out_features, bits, group_size, sym): why a layer with this grid cannot be
+        stored in this format, or None;
+    build_layer(codes, zeros, scales, g_idx, bias, bits, group_size, sym): a layer of the format's trainable
+        kernel holding exactly these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype) and bias;
+    new_config(bits, group_size, sym): the quantization_config (dict) of a model of such layers.
     """
 
     name: str
@@ -241,6 +365,18 @@ class Format:
     fast_path_note: Callable[[dict], Optional[str]] = lambda qc: None
     # whether a quantization_config (dict) is of this format; default: its quant_method is ours
     config_matches: Optional[Callable[[dict], bool]] = None
+    grid_problem: Optional[Callable[[int, int, int, int, bool], Optional[str]]] = None
+    build_layer: Optional[Callable[..., nn.Module]] = None
+    new_config: Optional[Callable[[int, int, bool], dict]] = None
+
+    @property
+    def title(self) -> str:
+        """How messages name the format: "GPTQ", "AWQ", "compressed-tensors", "LLM.int8"."""
+        return {"bitsandbytes-int8": "LLM.int8"}.get(self.name, self.name.upper() if len(self.name) <= 4 else self.name)
+
+    @property
+    def can_build(self) -> bool:
+        return self.build_layer is not None
 
     def matches(self, qc: dict) -> bool:
         return self.config_matches(qc) if self.config_matches is not None else qc.get("quant_method") == self.quant_method

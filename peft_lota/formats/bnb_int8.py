@@ -10,7 +10,7 @@ Its forward is not x @ W: in eval mode bitsandbytes quantizes the activations pe
 outlier columns (|x| > llm_int8_threshold) through a float16 path (MatMul8bitLt); in training mode on CPU it
 dequantizes and multiplies (MatMul8bitFp). An adapted layer therefore runs bitsandbytes' own matmul on the adapted
 codes (`Int8Weights.read` gives the state a `linear` that does), so that it computes exactly what the merged layer
-will, in either mode; its gradients are LoTA's and L4Q's own, through the dequantized weight.
+will, in either mode; its gradients are the adapting method's own, through the dequantized weight.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Format, QuantState, QuantWeights, group_layout
+from .base import Format, QuantState, QuantWeights, group_layout, layers_of
 from .base import model_quantization_config as quantization_config
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def is_int8_layer(module: nn.Module) -> bool:
 
 
 def int8_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_int8_layer(m)]
+    return layers_of(model, is_int8_layer)
 
 
 def _cb(layer: nn.Module) -> torch.Tensor:
@@ -129,8 +129,8 @@ class Int8Weights(QuantWeights):
     def encoded(self, codes, zeros, scales, base_scales, base_scb) -> tuple[torch.Tensor, torch.Tensor]:
         """(CB, SCB) holding these codes [K, N] and scales [1, N]; SCB stays the layer's own while the scales do."""
         if zeros is not None and not bool((zeros == ZERO).all()):
-            raise ValueError("LLM.int8 layers are symmetric: their zero points cannot move. Use LoTA's offset='none' "
-                             "(the default).")
+            raise ValueError("LLM.int8 layers are symmetric: their zero points cannot move (an update that moves "
+                             "zero points cannot be written into them).")
         cb = codes.t().clone(memory_format=torch.contiguous_format).sub_(ZERO).view(torch.int8)  # u - 128 (mod 256)
         if scales is None or torch.equal(scales.float(), base_scales):
             scb = base_scb

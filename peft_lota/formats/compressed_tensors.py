@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Format, QuantState, QuantWeights, group_layout
+from .base import Format, QuantState, QuantWeights, group_layout, layers_of, problems_error
 from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
@@ -73,7 +73,7 @@ def is_ct_layer(module: nn.Module) -> bool:
 
 
 def ct_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_ct_layer(m)]
+    return layers_of(model, is_ct_layer)
 
 
 def _value(x):
@@ -128,9 +128,7 @@ def prepare_ct_model(model: nn.Module) -> int:
         return 0
     problems = [p for n, m in layers if (p := layout_problem(n, m))]
     if problems:
-        more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError("peft_lota cannot use this model's compressed-tensors layers:\n- " + "\n- ".join(problems[:3])
-                         + more + "\n" + RELOAD_HINT)
+        raise problems_error("peft_lota cannot use this model's compressed-tensors layers", problems, RELOAD_HINT)
     for m in model.modules():
         hook = getattr(m, "ct_decompress_hook", None)
         if hook is not None:
@@ -201,8 +199,8 @@ class CTWeights(QuantWeights):
                ) -> dict[str, torch.Tensor]:
         base = self.layer
         if not bool((zeros == 1 << (self.bits - 1)).all()):
-            raise ValueError("compressed-tensors' symmetric layers have no zero points to move; use LoTA's "
-                             "offset='none' (the default).")
+            raise ValueError("compressed-tensors' symmetric layers have no zero points to move (an update that moves "
+                             "zero points cannot be written into them).")
         out = {"weight_packed": pack_weight(codes, self.bits).to(base.weight_packed.device)}
         if scales is not None:
             out["weight_scale"] = scales.detach().t().to(base.weight_scale.dtype).to(base.weight_scale.device
@@ -243,7 +241,7 @@ def ct_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                          "before peft_lota prepared it?); nothing to write as a compressed-tensors checkpoint.")
     problems = [p for n, m in layers if (p := layout_problem(n, m))]
     if problems:
-        raise ValueError("Cannot write a compressed-tensors checkpoint from this model:\n- " + "\n- ".join(problems[:3]))
+        raise problems_error("Cannot write a compressed-tensors checkpoint from this model", problems, RELOAD_HINT)
     qc["quantization_status"] = "compressed"
     state_dict = model.state_dict()
     # A model loaded in float32 holds its (bf16 or fp16) scales widened: store them back in the narrowest 16-bit

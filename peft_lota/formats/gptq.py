@@ -1,6 +1,7 @@
-"""GPTQ as gptqmodel holds it: codec, layout check, reading and writing codes, dispatch, checkpoints.
+"""GPTQ as gptqmodel holds it, in this order: codec, layout check, reading (dispatch), writing (new layers and
+checkpoints), kernels.
 
-Buffers of a GPTQ layer (spec section 1): `qweight` int32 [K*b/32, N] (codes packed along the input
+Buffers of a GPTQ layer: `qweight` int32 [K*b/32, N] (codes packed along the input
 dimension), `qzeros` int32 [G, N*b/32] (zero points packed along the output dimension), `scales`
 fp16 [G, N], `g_idx` int32 [K], optional `bias`. On disk the classic format ("gptq", v1) stores
 z - 1; "gptq_v2" stores the true z, which is what gptqmodel keeps in memory after converting.
@@ -20,16 +21,15 @@ gptqmodel's kernels differ in what they do with that layout:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .. import __version__
-from .base import Format, QuantState, QuantWeights, group_layout
+from .base import (Format, PackedBufferWeights, QuantState, checked_layers, clear_kernel_caches, gptqmodel_kernels,
+                   group_layout, layers_of, stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
-from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes, word_rows
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,6 @@ def zeros_v1_to_v2(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_qzeros(z, bits)
 
 
-def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
-    """The default (no act-order) `g_idx`: row k belongs to group k // group_size."""
-    gs = in_features if group_size in (-1, 0) else group_size
-    return torch.arange(in_features, device=device, dtype=torch.int32) // gs
-
-
 # ---- which layers, in which layout ---------------------------------------------------------------------
 
 def _qlinear_classes():
@@ -117,7 +111,7 @@ def is_gptq_layer(module: nn.Module) -> bool:
 
 
 def gptq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if is_gptq_layer(m)]
+    return layers_of(model, is_gptq_layer)
 
 
 def layout_problem(name: str, module: nn.Module) -> Optional[str]:
@@ -144,11 +138,6 @@ def layout_problem(name: str, module: nn.Module) -> Optional[str]:
     return None
 
 
-def _problems_error(what: str, problems: list[str], bits) -> ValueError:
-    more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return ValueError(f"{what}:\n- " + "\n- ".join(problems[:3]) + more + "\n" + RELOAD_HINT.format(bits=bits))
-
-
 def model_is_gptq(model: nn.Module) -> bool:
     qc = quantization_config(model)
     return qc is not None and qc.get("quant_method") == "gptq"
@@ -160,7 +149,17 @@ def checkpoint_format(model: nn.Module) -> str:
     return (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
 
 
-# ---- getting layers into a trainable, readable layout --------------------------------------------------
+def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> Optional[str]:
+    """Why a new GPTQ layer [in_features, out_features] with this grid cannot be stored, or None."""
+    if bits not in SUPPORTED_BITS:
+        return f"GPTQ layers here hold {SUPPORTED_BITS}-bit codes, not {bits}."
+    if in_features % word_rows(bits):
+        return (f"GPTQ packs {bits}-bit codes along the input in runs of {word_rows(bits)} rows, and in_features="
+                f"{in_features} is not a multiple of it.")
+    return None
+
+
+# ---- reading: getting layers into a trainable, readable layout -------------------------------------------
 
 def _to_torch_linear(module: nn.Module) -> nn.Module:
     """A TorchLinear holding exactly the same codes, zeros (as v2), scales, g_idx and bias."""
@@ -201,13 +200,6 @@ def _normalise_zero_format(module: nn.Module, zeros_may_be_v1: bool) -> None:
     clear_kernel_caches(module)
 
 
-def clear_kernel_caches(module: nn.Module) -> None:
-    """gptqmodel kernels cache decoded zeros and g_idx; drop them after the buffers change."""
-    for clear in ("_stream_reset_cache", "clear_weight_cache"):
-        if callable(getattr(module, clear, None)):
-            getattr(module, clear)()
-
-
 def prepare_gptq_model(model: nn.Module) -> int:
     """Move every GPTQ layer of `model` to TorchLinear with v2 zeros in memory. Returns how many moved.
 
@@ -216,71 +208,32 @@ def prepare_gptq_model(model: nn.Module) -> int:
     """
     _, TorchLinear = _qlinear_classes()
     zeros_may_be_v1 = checkpoint_format(model) == "gptq"
-    problems, moved = [], 0
-    for name, module in gptq_layers(model):
-        problem = layout_problem(name, module)
-        if problem:
-            problems.append(problem)
-            continue
-        if type(module) is not TorchLinear:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = _to_torch_linear(module)
-            setattr(parent, child, module)
-            moved += 1
+    layers = gptq_layers(model)
+    moved = sum(type(m) is not TorchLinear for _, m in layers)
+    hint = RELOAD_HINT.format(bits=(quantization_config(model) or {}).get("bits", "<bits>"))
+    for module in swap_layers(model, layers, layout_problem, TorchLinear, _to_torch_linear, "GPTQ", hint):
         _normalise_zero_format(module, zeros_may_be_v1)
-    if problems:
-        raise _problems_error("peft_lota cannot use this model's GPTQ layers as loaded", problems,
-                              (quantization_config(model) or {}).get("bits", "<bits>"))
     if moved:
         logger.info("peft_lota: moved %d GPTQ layers to the trainable, layout-keeping TorchLinear kernel.", moved)
     return moved
 
 
-# ---- building a GPTQ layer and model from codes (a method that quantizes a full-precision model) ------------
-
-def make_gptq_linear(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bias,
-                     bits: int, group_size: int, sym: bool) -> nn.Module:
-    """A TorchLinear holding these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype), g_idx and bias.
-
-    Its forward is the stock kernel's, so it computes exactly the weight `dequantize` describes.
-    """
-    _, TorchLinear = _qlinear_classes()
-    K, N = codes.shape
-    layer = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=False, in_features=K, out_features=N,
-                        bias=bias is not None, pack_dtype=torch.int32, register_buffers=True)
-    layer.qweight = pack_qweight(codes, bits).to(codes.device)
-    layer.qzeros = pack_qzeros(zeros.to(torch.int32), bits).to(codes.device)
-    layer.scales = scales.detach().clone().contiguous()
-    layer.g_idx = g_idx.to(torch.int32).to(codes.device)
-    if bias is not None:
-        layer.bias = bias.detach().clone().to(scales.dtype)
-    layer.qzero_format(format=2)  # true zero points in memory, as prepare_gptq_model leaves every layer
-    layer.post_init()
-    layer.eval()
-    return layer
-
-
-def make_quantization_config(bits: int, group_size: int, sym: bool) -> dict:
-    """The `config.quantization_config` of a GPTQ model made by peft_lota (what every GPTQ loader reads)."""
-    from transformers import GPTQConfig
-
-    qc = GPTQConfig(bits=bits, group_size=group_size, sym=sym, desc_act=False, checkpoint_format="gptq").to_dict()
-    qc.update(quant_method="gptq", format="gptq", checkpoint_format="gptq", dataset=None, tokenizer=None,
-              meta={"quantizer": [f"peft_lota:{__version__}"]})
-    return qc
-
-
-# ---- reading and writing one layer ---------------------------------------------------------------------
-
-class GPTQWeights(QuantWeights):
-    """Codes, zeros and scales of a gptqmodel GPTQ layer in the standard layout (after prepare_gptq_model)."""
+class GPTQWeights(PackedBufferWeights):
+    """Codes, zeros and scales of a gptqmodel GPTQ layer in the standard layout (after prepare_gptq_model); zero
+    points are true (v2) zeros in memory (prepare_gptq_model made sure)."""
 
     format_name = NAME
 
-    def __init__(self, layer: nn.Module):
-        super().__init__(layer)
-        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+    def zero_range(self) -> tuple[int, int]:
+        # The classic format stores z - 1 (so z >= 1), and gptqmodel's v1 -> v2 load is a packed-word add that
+        # carries into the neighbouring field for a stored maxq (so z <= maxq): [1, maxq] loads everywhere.
+        return 1, self.maxq
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_qweight(codes, self.bits)
+
+    def pack_zeros(self, zeros: torch.Tensor) -> torch.Tensor:
+        return pack_qzeros(zeros, self.bits)
 
     def read(self) -> QuantState:
         base = self.layer
@@ -291,7 +244,8 @@ class GPTQWeights(QuantWeights):
 
         zeros, g_idx, layout = self._decoded_metadata()
         return QuantState(None, zeros, base.scales, g_idx, self.maxq, base.bias, codes_rows=codes_rows,
-                          in_features=self.in_features, row_align=32 // math.gcd(bits, 32), layout=layout)
+                          in_features=self.in_features, row_align=word_rows(bits), layout=layout,
+                          zero_range=self.zero_range())
 
     def _decoded_metadata(self):
         """Zero points, g_idx and its group layout, decoded once and reused while qzeros and g_idx are unchanged.
@@ -313,27 +267,6 @@ class GPTQWeights(QuantWeights):
             cached = self.__dict__["_metadata"] = (key, zeros, g_idx, layout)
         return cached[1:]
 
-    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
-               ) -> dict[str, torch.Tensor]:
-        base = self.layer  # zeros are v2 in memory (prepare_gptq_model made sure)
-        out = {"qweight": pack_qweight(codes, base.bits).to(base.qweight.device),
-               "qzeros": pack_qzeros(zeros, base.bits).to(base.qzeros.device)}
-        if scales is not None:
-            out["scales"] = scales.detach().to(base.scales.dtype).to(base.scales.device).contiguous()
-        return out
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        base = self.layer
-        return {"qweight": base.qweight.data, "qzeros": base.qzeros.data, "scales": base.scales.data}
-
-    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
-        base = self.layer
-        for name, value in buffers.items():
-            # `.data =` swaps the storage of the registered buffer (whoever holds the buffer sees the
-            # new values) without copying, and leaves the tensors of a snapshot untouched.
-            getattr(base, name).data = value
-        clear_kernel_caches(base)
-
 
 def dispatch_gptq(module: nn.Module, name: str = "") -> Optional[GPTQWeights]:
     """The GPTQWeights of a gptqmodel GPTQ layer, or None if `module` is not one."""
@@ -345,7 +278,38 @@ def dispatch_gptq(module: nn.Module, name: str = "") -> Optional[GPTQWeights]:
     return GPTQWeights(module)
 
 
-# ---- a standard checkpoint of a whole model --------------------------------------------------------------
+# ---- writing: new layers (from a full-precision model), and a standard checkpoint of a whole model -----------
+
+def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bias,
+                bits: int, group_size: int, sym: bool) -> nn.Module:
+    """A TorchLinear holding these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype), g_idx and bias.
+
+    Its forward is the stock kernel's, so it computes exactly the weight `dequantize` describes.
+    """
+    _, TorchLinear = _qlinear_classes()
+    K, N = codes.shape
+    layer = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=False, in_features=K, out_features=N,
+                        bias=bias is not None, pack_dtype=torch.int32, register_buffers=True)
+    layer.qweight = pack_qweight(codes, bits).to(codes.device)
+    layer.qzeros = pack_qzeros(zeros.to(torch.int32), bits).to(codes.device)
+    layer.scales = scales.detach().clone().contiguous()
+    layer.g_idx = g_idx.to(torch.int32).to(codes.device)
+    if bias is not None:
+        layer.bias = bias.detach().clone().to(scales.dtype)
+    layer.qzero_format(format=2)  # true zero points in memory, as prepare_gptq_model leaves every layer
+    layer.post_init()
+    layer.eval()
+    return layer
+
+
+def new_config(bits: int, group_size: int, sym: bool) -> dict:
+    """The `config.quantization_config` of a GPTQ model made by peft_lota (what every GPTQ loader reads)."""
+    from transformers import GPTQConfig
+
+    qc = GPTQConfig(bits=bits, group_size=group_size, sym=sym, desc_act=False, checkpoint_format="gptq").to_dict()
+    qc.update(quant_method="gptq", format="gptq", checkpoint_format="gptq", dataset=None, tokenizer=None, meta={})
+    return stamp_quantizer(qc)
+
 
 def _true_zeros(layer: nn.Module, loaded_format: str) -> torch.Tensor:
     """Packed true zero points (v2) of a layer, whatever its in-memory format.
@@ -380,13 +344,7 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     loaded_format = checkpoint_format(model)
     bits = int(qc["bits"])
     layers = gptq_layers(model)
-    problems = [p for n, m in layers if (p := layout_problem(n, m))]
-    if problems:
-        raise _problems_error("Cannot write a standard GPTQ checkpoint from this model", problems, bits)
-    if not layers:
-        raise ValueError("This model has no gptqmodel GPTQ layers; nothing to write as a GPTQ checkpoint.")
-    if any(m.bits != bits for _, m in layers):
-        raise ValueError(f"Layers of several bit widths (config says {bits}); per-layer bits are not supported.")
+    checked_layers(model, layers, layout_problem, bits, "GPTQ", RELOAD_HINT.format(bits=bits))
 
     true_zeros = {n: _true_zeros(m, loaded_format) for n, m in layers}
     unpacked = [(unpack_qzeros(true_zeros[n], bits), m.out_features) for n, m in layers]
@@ -407,10 +365,7 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     qc.update(format=fmt, checkpoint_format=fmt, sym=was_sym and still_sym,
               backend="auto",  # what stock loading picks anyway; never pin a training kernel
               dataset=None, tokenizer=None)  # calibration inputs, not part of a checkpoint
-    meta = dict(qc.get("meta") or {})
-    meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]
-    meta["quantizer"].append(f"peft_lota:{__version__}")
-    qc["meta"] = meta
+    stamp_quantizer(qc)
     import json
 
     extra = {"quantize_config.json": json.dumps(_quantize_config_json(qc), indent=2) + "\n"}
@@ -420,7 +375,7 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                "ExLlama or AutoGPTQ.")
     note = fast_path_note(qc)
     if was_sym and not qc["sym"]:
-        logger.warning("peft_lota: the merge moved zero points of a symmetric checkpoint, so it is written asymmetric "
+        logger.warning("peft_lota: zero points of a symmetric checkpoint have moved, so it is written asymmetric "
                        "(sym=false) and leaves the fast symmetric kernels: %s", note or "")
     serving = [name for name, _, ok in kernels(qc) if ok]
     loaders += " Kernels that can serve it: " + (", ".join(serving) or "none known") + "." + (f" {note}" if note else "")
@@ -442,6 +397,7 @@ def _quantize_config_json(qc: dict) -> dict:
 
 # ---- which kernels can serve a checkpoint ---------------------------------------------------------------
 
+GPTQMODEL_MODULES = ("marlin", "machete", "exllamav2", "tritonv2", "torch_fused", "torch_aten_kernel", "torch")
 GPTQMODEL_KERNELS = ("MarlinLinear", "MacheteLinear", "ExllamaV2Linear", "TritonV2Linear", "TorchFusedLinear",
                      "TorchAtenLinear", "TorchLinear")
 # vLLM (0.x, checked against its gptq / gptq_marlin quantization configs): the Marlin kernels take symmetric
@@ -454,30 +410,13 @@ VLLM_KERNELS = (("vLLM gptq_marlin (fast)", lambda qc: qc["sym"] and qc["bits"] 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     """(kernel, devices, can serve) for a GPTQ quantization config: gptqmodel's (from the installed kernels' own
     declarations) and vLLM's (a table). gptq_v2 checkpoints load only through gptqmodel."""
-    out = []
-    try:
-        import importlib
+    def supports(cls) -> bool:
+        return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
+                and bool(qc["sym"]) in getattr(cls, "SUPPORTS_SYM", [True, False])
+                and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]])
+                and bool(qc.get("desc_act")) in getattr(cls, "SUPPORTS_DESC_ACT", [True, False]))
 
-        from gptqmodel.nn_modules import qlinear
-        classes = {c.__name__: c for c in vars(qlinear).values() if isinstance(c, type)}
-        for module in ("marlin", "machete", "exllamav2", "tritonv2", "torch_fused", "torch_aten_kernel", "torch"):
-            try:
-                mod = importlib.import_module(f"gptqmodel.nn_modules.qlinear.{module}")
-            except Exception:  # noqa: BLE001 - a kernel whose extras are missing is just not listed
-                continue
-            classes.update({c.__name__: c for c in vars(mod).values() if isinstance(c, type)})
-    except ImportError:
-        classes = {}
-    for name in GPTQMODEL_KERNELS:
-        cls = classes.get(name)
-        if cls is None:
-            continue
-        ok = (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
-              and bool(qc["sym"]) in getattr(cls, "SUPPORTS_SYM", [True, False])
-              and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]])
-              and bool(qc.get("desc_act")) in getattr(cls, "SUPPORTS_DESC_ACT", [True, False]))
-        devices = ", ".join(str(getattr(d, "value", d)) for d in getattr(cls, "SUPPORTS_DEVICES", []))
-        out.append((f"gptqmodel {name}", devices, ok))
+    out = gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports)
     v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
     out += [(name, "cuda", v1 and bool(rule(qc))) for name, rule in VLLM_KERNELS]
     return out
@@ -489,8 +428,8 @@ def fast_path_note(qc: dict) -> Optional[str]:
         return f"{qc['bits']}-bit GPTQ has no Marlin kernel: on GPUs it runs on slower kernels (Triton, vLLM's gptq)."
     if not qc["sym"]:
         return ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: vLLM and gptqmodel run it "
-                "on slower kernels. LoTA's offset='integer' makes a symmetric base asymmetric; offset='none' (the "
-                "default) and L4Q keep it symmetric.")
+                "on slower kernels. A fine-tune that moves zero points makes a symmetric base asymmetric; one that "
+                "keeps them keeps it symmetric.")
     return None
 
 
@@ -510,4 +449,5 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 
 FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch=dispatch_gptq,
                 prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note)
+                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)

@@ -38,7 +38,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Unpack int32 words along `dim` into uint8 codes.
 
     Returns a contiguous tensor whose size along `dim` is `packed.shape[dim] * 32 // bits`. This
-    runs in every LoTA forward and merge, so the 2/4/8-bit path works in int32 lanes with the
+    runs in every adapted forward and merge, so the 2/4/8-bit path works in int32 lanes with the
     packed dimension first (every op reads and writes contiguous rows): an arithmetic shift cast
     to uint8 keeps the low byte, and the mask removes the higher codes of that byte.
     """
@@ -109,3 +109,8 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         # Reinterpret the unsigned 32-bit values as int32 (two's complement).
         words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.movedim(0, dim).contiguous()
+
+
+def word_rows(bits: int) -> int:
+    """Codes of `bits` bits that fill whole int32 words when packed along one dimension (32 at 3 bits)."""
+    return 32 // math.gcd(bits, 32)

@@ -7,7 +7,9 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+from ..formats.packing import SUPPORTED_BITS
+from ..peft_types import L4Q_PEFT_TYPE
+from ..tuner import BASE_LAYERS_HELP, check_common_config
 
 
 @dataclass
@@ -16,8 +18,9 @@ class L4QConfig(PeftConfig):
 
     Each targeted layer computes `W_q = s * (clamp(round((W0 + (lora_alpha / r) B A) / s) + z, 0, maxq) - z)`:
     the model that trains is already the quantized model, so `merge_and_unload()` writes exactly it as a
-    standard GPTQ checkpoint (codes, the trained scales, the zero points). W0 is the frozen weight of a
-    full-precision model, or the dequantized weight of a GPTQ model (recomputed from its codes).
+    standard quantized checkpoint (codes, the trained scales, the zero points): the base's format, or from full
+    precision the one `format` names (GPTQ by default). W0 is the frozen weight of a full-precision model, or the
+    dequantized weight of a quantized model (recomputed from its codes).
     """
 
     r: int = field(default=16, metadata={"help": "LoRA rank of A [r, in] and B [out, r]."})
@@ -30,8 +33,8 @@ class L4QConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Layers to adapt: a list of name suffixes (e.g. ['q_proj', 'v_proj']), a regex matched "
-                          "against the full module name, or 'all-linear' (the default): every GPTQ layer of a GPTQ "
-                          "model, every nn.Linear but the output head of a full-precision model."},
+                          "against the full module name, or 'all-linear' (the default): every quantized layer of a "
+                          "quantized model, every nn.Linear but the output head of a full-precision model."},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Names (list of suffixes) or a regex of modules to leave alone."})
@@ -46,20 +49,27 @@ class L4QConfig(PeftConfig):
     )
     bits: Optional[int] = field(
         default=None,
-        metadata={"help": "Code width, one of 2, 3, 4, 8. From a GPTQ model: the checkpoint's (None, or the same "
-                          "value). From full precision: the width of the GPTQ checkpoint the merge writes (default 4)."},
+        metadata={"help": "Code width, one of 2, 3, 4, 8. From a quantized model: the checkpoint's (None, or the same "
+                          "value). From full precision: the width of the checkpoint the merge writes (default 4)."},
     )
     group_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Input rows per quantization group (-1: one group per output column). From a GPTQ model: "
+        metadata={"help": "Input rows per quantization group (-1: one group per output column). From a quantized model: "
                           "the checkpoint's. From full precision: default 128; it must divide every adapted layer's "
                           "in_features."},
     )
     sym: Optional[bool] = field(
         default=None,
         metadata={"help": "Symmetric grid (zero point 2^(bits-1), L4Q's initialisation: s = max(|min| / 2^(bits-1), "
-                          "max / (2^(bits-1) - 1)) per group) or asymmetric (min-max). From a GPTQ model: the "
+                          "max / (2^(bits-1) - 1)) per group) or asymmetric (min-max). From a quantized model: the "
                           "checkpoint's. From full precision: default True."},
+    )
+    format: Optional[str] = field(
+        default=None,
+        metadata={"help": "From full precision: the format of the checkpoint the merge writes, 'gptq' (the default) "
+                          "or 'awq' (the formats peft_lota builds layers of; the grid must fit it: AWQ needs "
+                          "group_size to divide every in_features). From a quantized model: the checkpoint's own "
+                          "(None, or the same name)."},
     )
     learn_scales: bool = field(
         default=True,
@@ -72,33 +82,14 @@ class L4QConfig(PeftConfig):
                           "scale (round(w/s) - w/s inside the grid, the code where clipped). 'codes': as fixed (Q - z), "
                           "the weights' own derivative."},
     )
-    base_layers: Optional[dict] = field(
-        default=None,
-        metadata={"help": "Filled in by get_peft_model: what each adapted layer of the base looked like (format, "
-                          "shape, bits, groups, a fingerprint of its scales or weight). Loading the adapter onto a "
-                          "base that differs is refused with a message naming both; set it to None in "
-                          "adapter_config.json to skip the check."},
-    )
+    base_layers: Optional[dict] = field(default=None, metadata={"help": BASE_LAYERS_HELP})
     init_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed for the Kaiming-uniform initialisation of A (None: torch's global one)."})
 
     def __post_init__(self):
         super().__post_init__()
-        from ..registry import L4Q_PEFT_TYPE
-
         self.peft_type = L4Q_PEFT_TYPE
-        if self.task_type is None:
-            self.task_type = "CAUSAL_LM"
-        if self.target_modules is None:
-            self.target_modules = "all-linear"
-        if isinstance(self.target_modules, list):
-            if not self.target_modules:
-                raise ValueError("L4QConfig: target_modules is empty; give layer names, a regex or 'all-linear'.")
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"L4QConfig: r must be a positive integer, got r={self.r!r}.")
+        check_common_config(self, "L4QConfig")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"L4QConfig: lora_alpha must be a positive number, got {self.lora_alpha!r}.")
         if self.lora_dropout:
@@ -111,20 +102,28 @@ class L4QConfig(PeftConfig):
                                             or (self.group_size < 1 and self.group_size != -1)):
             raise ValueError(f"L4QConfig: group_size must be a positive integer or -1 (one group per column), "
                              f"got {self.group_size!r}.")
+        if self.format is not None:
+            from ..formats import FORMATS
+
+            if self.format not in [f.name for f in FORMATS]:
+                raise ValueError(f"L4QConfig: format must be one of {', '.join(repr(f.name) for f in FORMATS)} (or "
+                                 f"None), got {self.format!r}.")
         if self.sym is not None and not isinstance(self.sym, bool):
             raise ValueError(f"L4QConfig: sym must be True, False or None, got {self.sym!r}.")
         if self.scale_gradient not in ("lsq", "codes"):
             raise ValueError(f"L4QConfig: scale_gradient must be 'lsq' or 'codes', got {self.scale_gradient!r}.")
         if not isinstance(self.learn_scales, bool):
             raise ValueError(f"L4QConfig: learn_scales must be True or False, got {self.learn_scales!r}.")
-        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
-            raise ValueError(f"L4QConfig: init_seed must be an integer or None, got {self.init_seed!r}.")
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("L4QConfig: layers_pattern only makes sense together with layers_to_transform.")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r
+
+    @staticmethod
+    def describe_settings(config: dict) -> list[tuple[str, object]]:
+        """(key, value) rows of a saved L4QConfig (adapter_config.json), for the command line's inspect."""
+        return [("lora_alpha", config.get("lora_alpha")), ("learned scales", config.get("learn_scales")),
+                ("grid (bits, group, sym)", (config.get("bits"), config.get("group_size"), config.get("sym")))]
 
     def quantizer(self) -> tuple[int, int, bool]:
         """(bits, group_size, sym) for a full-precision start, with the defaults filled in."""

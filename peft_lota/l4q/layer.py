@@ -1,29 +1,29 @@
-"""The L4Q tuner layer: a LoRA inside a learnable quantizer, on a GPTQ layer or on a full-precision nn.Linear.
+"""The L4Q tuner layer: a LoRA inside a learnable quantizer, on a quantized layer or on a full-precision nn.Linear.
 
-On a GPTQ layer, W0 is recomputed from the layer's codes (formats/ reads them) and the grid (zero
-points, base scales, g_idx) is the checkpoint's; a merge writes the new codes and scales back into
-the layer's buffers. On an nn.Linear, W0 is its weight and the grid comes from L4Q's initialisation
-(quantizer.init_grid); a merge builds the GPTQ layer (formats/gptq.py) that replaces it on unload.
+On a quantized layer (any format), W0 is recomputed from the layer's codes (formats/ reads them) and the grid (zero
+points, base scales, g_idx) is the checkpoint's; a merge writes the new codes and scales back into the layer's
+buffers. On an nn.Linear, W0 is its weight and the grid comes from L4Q's initialisation (quantizer.init_grid); a
+merge asks the target format (GPTQ by default) to build the quantized layer that replaces it on unload.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from ..formats import gptq
-from ..formats.base import QuantWeights, add_bias
-from ..tuner import (NonFiniteError, check_rank, merged_training_error, refuse_non_finite,
-                     refuse_non_finite_adapters)
+from .. import formats
+from ..formats.base import Format, QuantWeights
+from ..formats.packing import word_rows
 from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
-from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes, row_align
+from ..tuner import NonFiniteError, refuse_non_finite, refuse_non_finite_adapters
+from ..tuner_layer import QuantLayer, RoundToStoredSTE
+from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes
 
 logger = logging.getLogger(__name__)
 
@@ -38,53 +38,44 @@ class L4QSettings:
     scale_gradient: str = "lsq"
 
 
-class RoundToStoredSTE(torch.autograd.Function):
-    """float32 values rounded to the dtype a checkpoint stores (fp16 scales), kept in float32; STE gradient."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(dtype).float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class L4QLayer(nn.Module, BaseTunerLayer):
+class L4QLayer(QuantLayer):
     adapter_layer_names = ("l4q_A", "l4q_B", "l4q_scales")
     other_param_names = ("settings",)
+    method_title = "L4Q"
 
     def __init__(self, base_layer: nn.Module, quant: Optional[QuantWeights], adapter_name: str,
                  settings: L4QSettings, *, quantizer: Optional[tuple[int, int, bool]] = None,
-                 init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
+                 target_format: Optional[Format] = None, init_seed: Optional[int] = None, current_key: str = "",
+                 **kwargs) -> None:
         """quant: how to read the codes of a quantized base layer; None for an nn.Linear, which then needs
-        quantizer = (bits, group_size, sym) to initialise its grid."""
-        super().__init__()
-        self.base_layer = base_layer
-        self.quant = quant
+        quantizer = (bits, group_size, sym) to initialise its grid, and the format a merge builds (GPTQ if None)."""
+        super().__init__(base_layer, quant, adapter_name, current_key)
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
         self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)
         self.settings: dict[str, L4QSettings] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._unmerged_snapshot: Optional[dict[str, torch.Tensor]] = None  # GPTQ base: raw buffers before the merge
-        self.merged_layer: Optional[nn.Module] = None  # nn.Linear base: the GPTQ layer a merge made
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self._current_key = current_key
-        self._active_adapter = adapter_name
+        self.target_format: Optional[Format] = None  # nn.Linear base: the format a merge builds
         if quant is None:
-            self._init_dense_grid(*quantizer)
+            self._init_dense_grid(*quantizer, target_format or formats.by_name("gptq"))
         self.update_layer(adapter_name, settings, init_seed=init_seed)
 
     # ---- the grid ----------------------------------------------------------------------------
-    def _init_dense_grid(self, bits: int, group_size: int, sym: bool) -> None:
+    def _init_dense_grid(self, bits: int, group_size: int, sym: bool, target_format: Format) -> None:
         K = self.in_features
-        if K % row_align(bits):  # (a group size that does not divide K is fine: the last group is short)
+        problem = target_format.grid_problem(K, self.out_features, bits, group_size, sym)
+        if problem:
             raise ValueError(
-                f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}) to {bits} bits: GPTQ packs "
-                f"{bits}-bit codes in runs of {row_align(bits)} rows. Choose other bits, or exclude the layer.")
+                f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}, out_features="
+                f"{self.out_features}) into a {bits}-bit {target_format.title} layer: {problem} Choose other bits or "
+                "group_size, another format, or exclude the layer.")
+        self.target_format = target_format
+        # A tiny layer of that format (32 x 32 codes fill whole words at every width; no bias): how its kernel treats
+        # activations and bias, which the adapted forward follows so that it computes what the merged layer will.
+        n = 32
+        proto = target_format.build_layer(torch.zeros(n, n, dtype=torch.uint8), torch.zeros(1, n, dtype=torch.int32),
+                                          torch.ones(1, n, dtype=torch.float16), torch.zeros(n, dtype=torch.int32),
+                                          None, bits, -1, sym)
+        self._kernel = target_format.dispatch(proto, "")
         weight = self.base_layer.weight.detach()
         with torch.no_grad():
             scales, zeros = init_grid(weight.t(), bits, group_size, sym)
@@ -95,7 +86,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         self.quantizer = (bits, group_size, sym)
 
     def grid(self) -> Grid:
-        """W0 and its grid as they are now (a GPTQ base's codes are read anew: cheap, metadata is cached)."""
+        """W0 and its grid as they are now (a quantized base's codes are read anew: cheap, metadata is cached)."""
         if self.quant is not None:
             return Grid.from_quantized(self.quant.read())
         base = self.base_layer
@@ -104,7 +95,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         bias = None if base.bias is None else base.bias.detach().to(self.l4q_grid_scales.dtype)
         return Grid.from_dense(base.weight.detach(), bias,
                                self.l4q_grid_scales, self.l4q_grid_zeros, self.l4q_grid_g_idx, (1 << bits) - 1,
-                               row_align(bits))
+                               word_rows(bits))
 
     @property
     def bits(self) -> int:
@@ -112,10 +103,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
 
     # ---- adapters ----------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, settings: L4QSettings, init_seed=None, **kwargs) -> None:
-        check_rank(self, settings.r, "L4QConfig")
-        generator = None
-        if init_seed is not None:  # one reproducible stream per layer, independent of creation order
-            generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
+        generator = self._new_adapter(adapter_name, settings.r, init_seed)
         device = self._device()
         A = torch.empty(settings.r, self.in_features)
         bound = 1 / math.sqrt(self.in_features)  # nn.init.kaiming_uniform_(a=sqrt(5)), as PEFT's LoRA
@@ -138,39 +126,24 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         s0 = grid.state.scales
         return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name], L4Q_SCALE_UNIT), s0.dtype)
 
-    def _unmerged_active(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.l4q_A and a not in self.merged_adapters]
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged and self.training and torch.is_grad_enabled():
-            raise merged_training_error("L4Q", self._current_key)
-        if self.merged_layer is not None:  # merged on an nn.Linear base: the GPTQ layer computes
-            return self.merged_layer(x)
-        active = self._unmerged_active()
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         if len(active) > 1:
             raise ValueError(f"L4Q quantizes the base weight plus one adapter's LoRA; {self._current_key} has "
                              f"{len(active)} active adapters ({', '.join(active)}). Activate one (set_adapter).")
         name = active[0]
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.quant is not None:  # the format's kernel's dtypes (it may convert its scales, as the kernel does)
-            x2 = self.quant.kernel_input(x2)
+        # The dtypes and bias of the format's kernel: the base's, or (nn.Linear base) the one a merge builds.
+        kernel = self.quant if self.quant is not None else self._kernel
+        x2 = kernel.kernel_input(x.reshape(-1, x.shape[-1]))  # (it may convert its scales, as the kernel does)
         grid = self.grid()
         settings = self.settings[name]
         bias = grid.state.bias
-        if self.quant is not None and self.quant.fuses_bias:  # the bias inside the kernel's matmul
+        if kernel.fuses_bias:  # the bias inside the kernel's matmul
             bias = None
         else:
             grid.state = grid.state.replace(bias=None)
         out = l4q_linear(x2, grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
                          self.scales(name, grid), settings.scale_gradient)
-        # the bias as the stock kernel adds it (nn.Linear base: as the GPTQ layer of the merge will)
-        out = self.quant.kernel_output(out, bias, x.dtype) if self.quant is not None else add_bias(out, bias)
+        out = kernel.kernel_output(out, bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- merge -------------------------------------------------------------------------------
@@ -186,7 +159,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_codes(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """The integer code change (int16, [out, in]) this adapter makes to a GPTQ base; None on an nn.Linear."""
+        """The integer code change (int16, [out, in]) this adapter makes to a quantized base; None on an nn.Linear."""
         if self.quant is None:
             return None
         codes, _, _, grid = self.quantized(adapter_name)
@@ -231,43 +204,16 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         if self.quant is not None:
             buffers = self.quant.encode(codes, zeros, scales)
             if safe_merge:
-                self._check_merge(buffers, codes, scales)
-            self._unmerged_snapshot = self.quant.snapshot()  # aliases: the merge swaps new buffers in
-            self.quant.restore(buffers)
+                self.check_encoded(buffers, codes, zeros, scales)
+            self.write_merged(buffers)
         else:
             bits, group_size, sym = self.quantizer
-            layer = gptq.make_gptq_linear(codes, zeros, scales, grid.state.g_idx, grid.state.bias, bits,
-                                          group_size, sym)
-            if safe_merge and not torch.equal(gptq.unpack_qweight(layer.qweight, bits), codes):
-                raise ValueError(f"safe_merge: the packed merge of {self._current_key} does not decode to the codes.")
+            layer = self.target_format.build_layer(codes, zeros, scales, grid.state.g_idx, grid.state.bias, bits,
+                                                   group_size, sym)
+            if safe_merge:
+                written = self.target_format.dispatch(layer, self._current_key).read()
+                if not (torch.equal(written.codes, codes) and torch.equal(written.scales, scales)):
+                    raise ValueError(f"safe_merge: the {self.target_format.title} layer built for "
+                                     f"{self._current_key} does not decode to the codes and scales.")
             self.merged_layer = layer.to(self.base_layer.weight.device)
         self.merged_adapters.append(name)
-
-    def _check_merge(self, buffers, codes, scales) -> None:
-        current = self.quant.snapshot()
-        self.quant.restore(buffers)
-        try:  # compared before restoring: the state aliases the layer's buffers
-            written = self.quant.read()
-            same = torch.equal(written.codes, codes) and torch.equal(written.scales, scales)
-        finally:
-            self.quant.restore(current)
-        if not same:
-            raise ValueError(f"safe_merge: the packed merge of {self._current_key} does not decode to the "
-                             "quantized codes and scales; nothing was written.")
-
-    def release_unmerged(self) -> None:
-        """merge_and_unload: no unmerge follows, so what an unmerge would restore is freed now."""
-        self._unmerged_snapshot = None
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        if self.quant is not None:
-            self.quant.restore(self._unmerged_snapshot)
-            self._unmerged_snapshot = None
-        self.merged_layer = None
-        self.merged_adapters = []
-
-    def __repr__(self) -> str:
-        return "l4q." + super().__repr__()

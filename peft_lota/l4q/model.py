@@ -1,4 +1,4 @@
-"""L4QModel: the PEFT tuner that injects L4Q layers, merges them into GPTQ layers and unloads."""
+"""L4QModel: the PEFT tuner that injects L4Q layers, merges them into quantized layers and unloads."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from typing import Optional
 from torch import nn
 
 from .. import formats
-from ..formats import gptq
 from ..tuner import QuantTuner
 from .config import L4QConfig
 from .layer import L4QLayer, L4QSettings
 
 
 class L4QModel(QuantTuner):
-    """Creates an L4Q model from a full-precision or a GPTQ transformers model (use `peft.get_peft_model`).
+    """Creates an L4Q model from a full-precision or a quantized transformers model (use `peft.get_peft_model`).
 
-    From a GPTQ model, W0 is each layer's dequantized weight and the grid is the checkpoint's; from a
-    full-precision model, W0 is each nn.Linear's weight and the grid comes from L4Q's initialisation with the
-    config's bits, group_size and sym. Either way `merge_and_unload()` returns a GPTQ model.
+    From a quantized model, W0 is each layer's dequantized weight and the grid is the checkpoint's, and
+    `merge_and_unload()` returns a model of the same format; from a full-precision model, W0 is each nn.Linear's
+    weight, the grid comes from L4Q's initialisation with the config's bits, group_size and sym, and
+    `merge_and_unload()` returns a model of the config's `format` (GPTQ by default).
     """
 
     prefix: str = "l4q_"
@@ -35,8 +35,9 @@ class L4QModel(QuantTuner):
         return isinstance(module, nn.Linear)
 
     def _all_linear_error(self) -> str:
-        return ("L4QConfig(target_modules='all-linear') found no linear layer to adapt: a quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) model "
-                "needs quantized layers, a full-precision model nn.Linear layers (other than the output head).")
+        return (f"L4QConfig(target_modules='all-linear') found no linear layer to adapt: a quantized "
+                f"({formats.format_list()}) model needs quantized layers, a full-precision model nn.Linear layers "
+                "(other than the output head).")
 
     @staticmethod
     def _settings(config: L4QConfig) -> L4QSettings:
@@ -61,20 +62,33 @@ class L4QModel(QuantTuner):
                            current_key=current_key)
         elif isinstance(target, nn.Linear) and not self._quantized_base():
             new = L4QLayer(target, None, adapter_name, self._settings(config), quantizer=config.quantizer(),
-                           init_seed=config.init_seed, current_key=current_key)
+                           target_format=self._target_format(config), init_seed=config.init_seed,
+                           current_key=current_key)
         else:
             kind = "a quantized model" if self._quantized_base() else "a full-precision model"
             raise TypeError(
                 f"L4Q cannot adapt module {current_key!r} of type {type(target).__name__} in {kind}: it adapts the "
-                "quantized (GPTQ, AWQ, compressed-tensors, LLM.int8) layers of a quantized model, or the nn.Linear layers of a full-precision model. "
-                "Remove it from target_modules, or use target_modules='all-linear'.")
+                f"quantized ({formats.format_list()}) layers of a quantized model, or the nn.Linear layers of a "
+                "full-precision model. Remove it from target_modules, or use target_modules='all-linear'.")
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
     @staticmethod
+    def _target_format(config: L4QConfig):
+        """From full precision: the format a merge builds (config.format, GPTQ by default), if it can build layers."""
+        fmt = formats.by_name(config.format or "gptq")
+        if not fmt.can_build:
+            raise ValueError(f"L4QConfig(format={config.format!r}): peft_lota cannot build new {fmt.title} layers "
+                             f"from full precision; choose one of {formats.format_list(buildable=True)}.")
+        return fmt
+
+    @staticmethod
     def _check_grid(config: L4QConfig, quant, key: str) -> None:
         """From a quantized model the grid is the checkpoint's: a config that asks for another one is refused."""
+        if config.format is not None and config.format != quant.format_name:
+            raise ValueError(f"L4QConfig(format={config.format!r}) but {key} is a {quant.format_name} layer: from a "
+                             "quantized model L4Q keeps the checkpoint's format. Leave format unset (None).")
         for name, value in quant.grid_settings().items():
             asked = getattr(config, name)
             if asked is not None and asked != value:
@@ -83,19 +97,19 @@ class L4QModel(QuantTuner):
                                  f"quantized model L4Q keeps the checkpoint's grid. Leave {name} unset (None).")
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
-        # Unloading a layer merged on an nn.Linear base: the GPTQ layer the merge made replaces it.
+        # Unloading a layer merged on an nn.Linear base: the quantized layer the merge built replaces it.
         if isinstance(child, L4QLayer) and child.merged_layer is not None and new_module is child.base_layer:
             new_module = child.merged_layer
         setattr(parent, child_name, new_module)
 
     def _after_unload(self, model: nn.Module) -> None:
-        """From full precision, the unloaded model now holds GPTQ layers: give it the config every loader reads."""
+        """From full precision, the unloaded model now holds quantized layers: give it the config loaders read."""
         if formats.model_format(model) is not None:
             return
-        if not gptq.gptq_layers(model):
-            return
         config = self.peft_config[self.active_adapters[0]]
-        model.config.quantization_config = gptq.make_quantization_config(*config.quantizer())
+        fmt = self._target_format(config)
+        if any(fmt.is_layer(m) for m in model.modules()):
+            model.config.quantization_config = fmt.new_config(*config.quantizer())
 
     def _method_card(self, config: Optional[L4QConfig]) -> dict:
         return {

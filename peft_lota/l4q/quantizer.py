@@ -1,15 +1,15 @@
 """L4Q's quantizer and its fused linear, as plain tensor functions (no PEFT, no nn.Module).
 
-L4Q (arXiv 2402.04902) in the formats' orientation `[K, N]` = `[in, out]`, on GPTQ's
+L4Q (arXiv 2402.04902) in the formats' orientation `[K, N]` = `[in, out]`, on the formats'
 unsigned grid (codes in [0, maxq], integer zero points z):
 
     W_comb = W0 + scaling * A^T B^T          A [r, K], B [N, r]: PEFT LoRA's lora_A / lora_B weights
     v      = round(W_comb / s) + z           s [G, N] trained scales, z [G, N] integer zero points
-    Q      = clamp(v, 0, maxq)               the codes a GPTQ checkpoint stores
+    Q      = clamp(v, 0, maxq)               the codes a checkpoint stores
     W_q    = s * (Q - z)                     computed exactly as the stock kernel does (fp16 product)
     y      = x @ W_q (+ bias)
 
-L4Q's signed grid with offset b = 0 is GPTQ's symmetric grid (z = 2^(b-1)); from a GPTQ checkpoint,
+L4Q's signed grid with offset b = 0 is the symmetric unsigned grid (z = 2^(b-1)); from a quantized checkpoint,
 W0 = s0 * (Q0 - z) is recomputed from its codes, so W_comb / s0 = Q0 - z exactly and a fresh adapter
 (B = 0) reproduces the checkpoint bit for bit.
 
@@ -20,13 +20,12 @@ Backward (straight-through, LSQ-style), recomputing W_comb instead of keeping it
             where clipped; times LSQ's gradient scale 1 / sqrt(rows per group * Q_P)     (scale_gradient "lsq")
     or, holding the codes: sum of G * (Q - z), the weights' own derivative            (scale_gradient "codes")
 
-LSQ's gradient treats the codes as moving with s; on a GPTQ start W0 sits on the grid, where it is 0 until
+LSQ's gradient treats the codes as moving with s; on a quantized start W0 sits on the grid, where it is 0 until
 the LoRA moves W_comb off it, and then mostly rounding noise.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -42,7 +41,7 @@ def init_grid(W: torch.Tensor, bits: int, group_size: int, sym: bool, dtype=torc
 
     sym (L4Q_init): per group, s = max(|min| / 2^(b-1), max / (2^(b-1) - 1)) and z = 2^(b-1), so that no weight
     is clipped. Asymmetric: min-max over the group and 0, s = (max - min) / maxq, z = round(-min / s) kept in
-    [1, maxq] so that the classic GPTQ format can store it, then s widened if the rounded z would clip an end.
+    [1, maxq], the range every format stores (GPTQ's classic format stores z - 1), then s widened if the rounded z would clip an end.
     Scales are rounded up to `dtype`, so the stored scale clips nothing either. G = ceil(K / group_size).
     """
     K, N = W.shape
@@ -253,6 +252,3 @@ def fake_quantized_weight(grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling:
     return s_rows * (q - z)
 
 
-def row_align(bits: int) -> int:
-    """Rows per whole run of packed words: codes are packed along K in int32 words."""
-    return 32 // math.gcd(bits, 32)

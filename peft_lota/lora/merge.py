@@ -354,8 +354,8 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
         raise MergeRefused("merge_lora: pass either a PeftModel, or a base model with lora=<folder>, not both.")
     base = model.get_base_model() if lora is None else model
     if formats.model_format(base) is None and not any(formats.is_quantized_layer(m) for m in base.modules()):
-        raise MergeRefused("merge_lora merges into a quantized model (GPTQ, AWQ, compressed-tensors, LLM.int8); this one "
-                         "is full precision: use PEFT's merge_and_unload().")
+        raise MergeRefused(f"merge_lora merges into a quantized model ({formats.format_list()}); this one is full "
+                           "precision: use PEFT's merge_and_unload().")
     batches = _calibration(base, calibration, tokenizer, seq_len, batch_size)
     if eval_batches is None:
         eval_batches = max(1, len(batches) // 8) if len(batches) >= 2 else 0

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from ..peft_types import LOTA_PEFT_TYPE
+from ..tuner import BASE_LAYERS_HELP, check_common_config
 from .ternary import OFFSET_MODES
 
 TRAIN_MODES = ("latent", "ternary")
@@ -14,9 +16,9 @@ TRAIN_MODES = ("latent", "ternary")
 
 @dataclass
 class LotaConfig(PeftConfig):
-    """Configuration of a LoTA-QAF adapter (ternary adaptation of GPTQ integer codes).
+    """Configuration of a LoTA-QAF adapter (arXiv 2505.18724: ternary adaptation of a quantized model's integer codes).
 
-    Each targeted GPTQ layer gets ternary `A` [in, r] and `B` [r, out]; where the integer product
+    Each targeted quantized layer (any format of formats/) gets ternary `A` [in, r] and `B` [r, out]; where the integer product
     `A @ B` passes the threshold `omega`, the layer's integer code moves by one step on its
     quantization grid. There is no `lora_alpha`: a step is always exactly one quantization step.
     """
@@ -35,14 +37,15 @@ class LotaConfig(PeftConfig):
         metadata={
             "help": "Offset factor mode. 'none': integer grid only, merges exactly. 'float': the paper's "
             "fractional offset mu (one float per group and output column); cannot be merged exactly into "
-            "a GPTQ checkpoint. 'integer': mu rounded to an integer zero-point shift in the forward pass "
-            "(straight-through gradient), so the trained model is exactly what a GPTQ checkpoint holds."
+            "a quantized checkpoint. 'integer': mu rounded to an integer zero-point shift in the forward pass "
+            "(straight-through gradient), so the trained model is exactly what a quantized checkpoint holds (formats without zero points, "
+            "compressed-tensors and LLM.int8, take 'none' only)."
         },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Names of the GPTQ layers to adapt: a list of name suffixes (e.g. ['q_proj', 'v_proj']), a "
+            "help": "Names of the quantized layers to adapt: a list of name suffixes (e.g. ['q_proj', 'v_proj']), a "
             "regex matched against the full module name, or 'all-linear' for every quantized linear layer "
             "except the output head. Defaults to all-linear."
         },
@@ -113,13 +116,7 @@ class LotaConfig(PeftConfig):
             "(the paper trains A and B only; if set, create_lota_optimizer's AdamW trains them)."
         },
     )
-    base_layers: Optional[dict] = field(
-        default=None,
-        metadata={"help": "Filled in by get_peft_model: what each adapted layer of the base looked like (format, "
-                          "shape, bits, groups, a fingerprint of its scales or weight). Loading the adapter onto a "
-                          "base that differs is refused with a message naming both; set it to None in "
-                          "adapter_config.json to skip the check."},
-    )
+    base_layers: Optional[dict] = field(default=None, metadata={"help": BASE_LAYERS_HELP})
     init_seed: Optional[int] = field(
         default=None,
         metadata={"help": "Seed for the ternary initialisation of A (None: use torch's global generator)."},
@@ -127,21 +124,8 @@ class LotaConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from ..registry import LOTA_PEFT_TYPE
-
         self.peft_type = LOTA_PEFT_TYPE
-        if self.task_type is None:  # LoTA is for GPTQ LLMs: give users PeftModelForCausalLM unless they say otherwise
-            self.task_type = "CAUSAL_LM"
-        if self.target_modules is None:
-            self.target_modules = "all-linear"
-        if isinstance(self.target_modules, (list, set, tuple)):
-            if not self.target_modules:
-                raise ValueError("LotaConfig: target_modules is empty; give layer names, a regex or 'all-linear'.")
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LotaConfig: r must be a positive integer, got r={self.r!r}.")
+        check_common_config(self, "LotaConfig")
         if self.omega is None:
             self.omega = int(round(0.75 * self.r))
         if self.r < 2:
@@ -176,10 +160,13 @@ class LotaConfig(PeftConfig):
             self.train_scales = self.train_mode == "latent"
         if not isinstance(self.train_scales, bool):
             raise ValueError(f"LotaConfig: train_scales must be True or False, got {self.train_scales!r}.")
-        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
-            raise ValueError(f"LotaConfig: init_seed must be an integer or None, got {self.init_seed!r}.")
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("LotaConfig: layers_pattern only makes sense together with layers_to_transform.")
+
+    @staticmethod
+    def describe_settings(config: dict) -> list[tuple[str, object]]:
+        """(key, value) rows of a saved LotaConfig (adapter_config.json), for the command line's inspect."""
+        return [("omega", config.get("omega")), ("offset", config.get("offset")),
+                ("train mode", config.get("train_mode")), ("max step", config.get("max_step")),
+                ("trained scales", config.get("train_scales"))]
 
     def layer_settings(self):
         """What each LoTA layer needs of this config."""

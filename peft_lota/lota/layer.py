@@ -14,18 +14,18 @@ Two ways to hold A and B (`LotaConfig.train_mode`):
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
 from ..numerics import LOTA_SCALE_UNIT, scale_multiplier
-from ..tuner import check_rank, merged_training_error, refuse_non_finite, refuse_non_finite_adapters
-from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, lota_linear
+from ..tuner import refuse_non_finite, refuse_non_finite_adapters
+from ..tuner_layer import QuantLayer, RoundToStoredSTE
+from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, is_ternary, lota_linear
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class NotTernaryError(ValueError):
 def float_offset_merge_message(adapter_name: str) -> str:
     return (
         f"LoTA adapter {adapter_name!r} was trained with offset='float'. Its offset mu is a fraction of a "
-        "quantization step per group and output column, while a GPTQ checkpoint stores integer zero points, so "
+        "quantization step per group and output column, while a quantized checkpoint stores integer zero points, so "
         "it cannot be merged without changing the model. Alternatives: (1) keep it unmerged and run the "
         "PeftModel; (2) train with LotaConfig(offset='integer') (exactly mergeable) or offset='none'; "
         "(3) pass round_float_offset=True to merge mu rounded to the nearest integer zero-point shift "
@@ -68,7 +68,7 @@ class AdapterSettings:
     offset: str = "none"
     max_step: int = 1
     train_mode: str = "latent"
-    latent_threshold: float = 1e-3
+    latent_threshold: float = 1e-4  # LotaConfig's default
     train_scales: bool = False
 
     @property
@@ -92,43 +92,19 @@ def ternarize(latent: torch.Tensor, threshold: float) -> torch.Tensor:
     return (latent > threshold).to(latent.dtype) - (latent < -threshold).to(latent.dtype)
 
 
-def is_ternary(t: torch.Tensor) -> bool:
-    return bool(((t == 0) | (t.abs() == 1)).all())
-
-
-class RoundToStoredSTE(torch.autograd.Function):
-    """A float32 tensor rounded to the dtype a checkpoint stores (fp16 scales), kept in float32; STE gradient."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(dtype).float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class LotaLayer(nn.Module, BaseTunerLayer):
+class LotaLayer(QuantLayer):
     adapter_layer_names = ("lota_A", "lota_B", "lota_scales")
     other_param_names = ("settings",)
+    method_title = "LoTA"
 
     def __init__(self, base_layer: nn.Module, quant: QuantWeights, adapter_name: str, settings: AdapterSettings, *,
                  init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.quant = quant  # how this layer's codes are read and written (formats/)
+        super().__init__(base_layer, quant, adapter_name, current_key)
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
         self.lota_scales = nn.ParameterDict({})  # u of the trained scales s0 * (1 + LOTA_SCALE_UNIT * u)
         self.settings: dict[str, AdapterSettings] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._unmerged_snapshot: Optional[dict[str, torch.Tensor]] = None  # raw buffers before the first merge
         self.merge_reports: dict[str, dict] = {}
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self._current_key = current_key
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, settings, init_seed=init_seed)
 
     # ---- adapters ----------------------------------------------------------------------------
@@ -137,10 +113,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"LotaConfig(offset={settings.offset!r}) moves zero points, and {self._current_key} is a "
                              f"{self.quant.format_name} layer, which is symmetric with no zero points to move: use "
                              "offset='none' (the default).")
-        check_rank(self, settings.r, "LotaConfig")
-        generator = None
-        if init_seed is not None:  # one reproducible stream per layer, independent of creation order
-            generator = torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))
+        generator = self._new_adapter(adapter_name, settings.r, init_seed)
         device = self.quant.device
         A = init_ternary_A(self.in_features, settings.r, generator)
         if settings.train_mode == "latent":  # each entry in the middle of its ternary level
@@ -193,19 +166,7 @@ class LotaLayer(nn.Module, BaseTunerLayer):
             s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT), base_scales.dtype)
         return s
 
-    def _unmerged_active(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.lota_A and a not in self.merged_adapters]
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged and self.training and torch.is_grad_enabled():
-            raise merged_training_error("LoTA", self._current_key)
-        active = self._unmerged_active()
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         # Same shapes, dtypes and op order as the format's stock kernel (2-D matmul, then bias), so a fresh
         # adapter, or the merged model, gives bit-identical outputs to it.
         x2 = self.quant.kernel_input(x.reshape(-1, x.shape[-1]))
@@ -219,20 +180,9 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     # ---- deltas ------------------------------------------------------------------------------
-    def _base_state(self) -> QuantState:
-        """The layer's codes without any merged adapter."""
-        if self._unmerged_snapshot is None:
-            return self.quant.read()
-        current = self.quant.snapshot()
-        self.quant.restore(self._unmerged_snapshot)
-        try:
-            return self.quant.read()
-        finally:
-            self.quant.restore(current)
-
     def _adapted(self, adapter_name: str):
         """(state before, codes', zeros', mu, D) of this adapter alone on the unmerged codes (reference maths)."""
-        state = self._base_state()
+        state = self.base_state()
         s = self.settings[adapter_name]
         codes, zeros, mu, (D,) = apply_adapters(state, [self.product(adapter_name)], [s.omega], [s.offset],
                                                 [s.max_step])
@@ -302,10 +252,8 @@ class LotaLayer(nn.Module, BaseTunerLayer):
         trained_scales = any(n in self.lota_scales for n in adapter_names)
         buffers = self.quant.encode(step.codes, step.zeros, step.scales if trained_scales else None)
         if safe_merge:
-            self._check_merge(buffers, step)
-        if self._unmerged_snapshot is None:
-            self._unmerged_snapshot = self.quant.snapshot()  # aliases: the merge swaps new buffers in
-        self.quant.restore(buffers)
+            self.check_encoded(buffers, step.codes, step.zeros, step.scales)
+        self.write_merged(buffers)
         self.merged_adapters.extend(adapter_names)
 
     def _rounding_report(self, step: QuantState, name: str, new_codes, new_zeros) -> dict:
@@ -319,33 +267,6 @@ class LotaLayer(nn.Module, BaseTunerLayer):
                        name, self._current_key or "a layer", report["max_abs_weight_change"])
         return report
 
-    def _check_merge(self, buffers, expected: QuantState) -> None:
-        """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
-        current = self.quant.snapshot()
-        self.quant.restore(buffers)
-        try:  # compared before restoring: the state aliases the layer's buffers
-            written = self.quant.read()
-            same = (torch.equal(written.codes, expected.codes)
-                    and torch.equal(written.zeros.to(torch.int32), expected.zeros.to(torch.int32))
-                    and torch.equal(written.scales, expected.scales))
-        finally:
-            self.quant.restore(current)
-        if not same:
-            raise ValueError(f"safe_merge: the packed merge of {self._current_key or 'a layer'} does not decode to "
-                             "the adapted codes; nothing was written.")
-
-    def release_unmerged(self) -> None:
-        """Forget the pre-merge buffers (merge_and_unload: no unmerge follows, so they are freed now)."""
-        self._unmerged_snapshot = None
-
     def unmerge(self) -> None:
-        if not self.merged:
-            logger.warning("Already unmerged. Nothing to do.")
-            return
-        self.quant.restore(self._unmerged_snapshot)
-        self._unmerged_snapshot = None
-        self.merged_adapters = []
+        super().unmerge()
         self.merge_reports = {}
-
-    def __repr__(self) -> str:
-        return "lota." + super().__repr__()

@@ -67,7 +67,7 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
     `steps` (from _scale_steps) describe: the saved `latent` multipliers (exact resume) if given, else ones made
     from the steps. Refuses steps that do not fit this base's scales, and latents that disagree with them."""
     from ..numerics import LOTA_SCALE_UNIT
-    from .layer import RoundToStoredSTE
+    from ..tuner_layer import RoundToStoredSTE
 
     base = layer.quant.read().scales
     if steps.shape != base.shape:
@@ -96,7 +96,8 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
 
 
 class LotaModel(QuantTuner):
-    """Creates a LoTA-QAF model from a GPTQ- or AWQ-quantized transformers model (use `peft.get_peft_model`)."""
+    """Creates a LoTA-QAF model from a quantized transformers model of any format of formats/ (use
+    `peft.get_peft_model`); `merge_and_unload()` returns the model in the same format, its codes moved."""
 
     prefix: str = "lota_"
     tuner_layer_cls = LotaLayer
@@ -104,8 +105,8 @@ class LotaModel(QuantTuner):
 
     def _all_linear_error(self) -> str:
         return ("LotaConfig(target_modules='all-linear') found no quantized linear layer in this model. LoTA adapts "
-                "integer-quantized models: load a GPTQ, AWQ, compressed-tensors or LLM.int8 checkpoint (peft_lota.load_model), or train L4Q on the "
-                "full-precision model.")
+                f"integer-quantized models: load a {formats.format_list(sep=', ')} checkpoint (peft_lota.load_model), "
+                "or train L4Q on the full-precision model.")
 
     def _create_and_replace(self, lota_config: LotaConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
@@ -116,8 +117,8 @@ class LotaModel(QuantTuner):
         if quant is None:
             raise TypeError(
                 f"LoTA cannot adapt module {current_key!r} of type {type(target).__name__}: it adapts quantized "
-                "(GPTQ, AWQ, compressed-tensors, LLM.int8) linear layers only (their integer codes are what LoTA moves). Remove it from "
-                "target_modules, or use target_modules='all-linear' to pick every quantized layer."
+                f"({formats.format_list()}) linear layers only (their integer codes are what LoTA moves). Remove it "
+                "from target_modules, or use target_modules='all-linear' to pick every quantized layer."
             )
         self._check_base(lota_config, current_key, target, quant)
         new_module = LotaLayer(target, quant, adapter_name, lota_config.layer_settings(),
@@ -127,9 +128,6 @@ class LotaModel(QuantTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     # ---- merge / unload ----------------------------------------------------------------------
-    def _lota_layers(self):
-        return self._tuner_layers()
-
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
                       round_float_offset: bool = False) -> None:
         """Merge adapters into the integer codes (Q + D), keeping them in memory so unmerge_adapter can restore."""
@@ -191,7 +189,8 @@ class LotaModel(QuantTuner):
                 if getattr(config, "save_latents", True):
                     out[f"{base}{LATENT_SUFFIX}.{adapter}"] = value.detach().float().contiguous()
             else:
-                from .layer import NotTernaryError, is_ternary, not_ternary_message
+                from .layer import NotTernaryError, not_ternary_message
+                from .ternary import is_ternary
 
                 if not is_ternary(value):
                     raise NotTernaryError(not_ternary_message(adapter_name, "save"))

@@ -30,6 +30,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..tuner import NonFiniteCallback
+from .ternary import is_ternary
 
 logger = logging.getLogger(__name__)
 
@@ -133,17 +134,10 @@ class TSignSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             group["total_steps"] = total_steps
 
-    def current_quantile(self, group_index: int = 0) -> float:
-        """q_t the next step will use in the given group."""
-        g = self.param_groups[group_index]
-        if g["total_steps"] is None:
-            raise RuntimeError("total_steps is not set")
-        return tsign_quantile(g["step"], g["total_steps"], g["q_start"], g["q_mid"], g["q_end"], g["split"])
-
     def _check_ternary(self) -> None:
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if not bool(((p == 0) | (p.abs() == 1)).all()):
+                if not is_ternary(p):
                     names = group.get("param_names")
                     what = names[pi] if names else f"param {pi} of group {gi} (shape {tuple(p.shape)})"
                     raise ValueError(f"TSignSGD only updates ternary tensors; {what} has values not in {{-1, 0, 1}}")
@@ -278,7 +272,7 @@ def create_lota_optimizer(
         if not p.requires_grad:
             continue
         if _LOTA_PARAM.search(name):
-            if not bool(((p == 0) | (p.abs() == 1)).all()):
+            if not is_ternary(p):
                 raise ValueError(f"LoTA parameter {name} has values outside {{-1, 0, 1}}")
             ternary.append(p)
         else:

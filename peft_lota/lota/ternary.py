@@ -27,8 +27,13 @@ from ..numerics import Scratch, adapted_weight, add_group_sums_, compute_dtype, 
 OFFSET_MODES = ("none", "float", "integer")
 
 
+def is_ternary(t: torch.Tensor) -> bool:
+    """Whether every entry is -1, 0 or 1."""
+    return bool(((t == 0) | (t.abs() == 1)).all())
+
+
 def init_ternary_A(in_features: int, r: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Kaiming-normal A, ternarised at 0.75 * mean|A| (spec section 2). Returns float32 [K, r]."""
+    """Kaiming-normal A, ternarised at 0.75 * mean|A| (LoTA-QAF, arXiv 2505.18724). Returns float32 [K, r]."""
     # Kaiming normal with fan_in = r (the same as nn.init.kaiming_normal_ on an [K, r] tensor).
     std = math.sqrt(2.0) / math.sqrt(r)
     a = torch.randn(in_features, r, generator=generator) * std
@@ -64,17 +69,18 @@ def offset_mu(P: torch.Tensor, D: torch.Tensor, omega: int, g_idx: torch.Tensor,
     return group_mean(P - omega * D.to(P.dtype), g_idx, counts) / omega
 
 
-def shift_zeros(zeros: torch.Tensor, mu: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer offset: move each zero point by round(mu), kept inside the storable range.
+def shift_zeros(zeros: torch.Tensor, mu: torch.Tensor, zero_range: tuple[int, int]) -> torch.Tensor:
+    """Integer offset: move each zero point by round(mu), kept inside the range the format stores.
 
-    W = s * (Q - z + mu) ~ s * (Q - (z - round(mu))). The new zero point must stay storable in both
-    GPTQ formats: v1 stores z - 1 (so z >= 1) and gptqmodel's v1 -> v2 load is a packed add (so
-    z <= maxq). A zero point that already sits at 0 (v2 checkpoints) may stay there.
+    W = s * (Q - z + mu) ~ s * (Q - (z - round(mu))). `zero_range` is the format's (QuantState.zero_range: GPTQ's
+    classic checkpoints store z - 1, so [1, maxq]). A zero point that already sits below it (a GPTQ v2 checkpoint's
+    0) may stay there.
     """
+    lowest, highest = zero_range
     z = zeros.to(torch.int32)
     target = z - torch.round(mu).to(torch.int32)
-    lo = torch.minimum(z, torch.ones_like(z))
-    return torch.clamp(torch.maximum(target, lo), max=maxq)
+    lo = torch.clamp(z, max=lowest)
+    return torch.clamp(torch.maximum(target, lo), max=highest)
 
 
 def apply_adapters(state: QuantState, Ps, omegas, offset_modes, max_steps=None):
@@ -95,7 +101,7 @@ def apply_adapters(state: QuantState, Ps, omegas, offset_modes, max_steps=None):
             continue
         mu = offset_mu(P, D, omega, state.g_idx, state.counts)
         if mode == "integer":
-            zeros = shift_zeros(zeros, mu, state.maxq)
+            zeros = shift_zeros(zeros, mu, state.zero_range)
         else:
             mu_total = mu if mu_total is None else mu_total + mu
     return codes, zeros, mu_total, deltas
@@ -204,7 +210,7 @@ def adapt_codes(state: QuantState, factors, omegas, offset_modes, max_steps=None
             continue
         step_mu = total / state.counts.clamp_min(1)[:, None] / omega  # = offset_mu: integer sums are exact
         if mode == "integer":
-            zeros = shift_zeros(zeros, step_mu, state.maxq)
+            zeros = shift_zeros(zeros, step_mu, state.zero_range)
         else:
             mu = step_mu if mu is None else mu + step_mu
     return codes, zeros, mu
@@ -308,7 +314,7 @@ class LotaLinearFunction(torch.autograd.Function):
     tensors, and rebuilds W' in backward: less than the dequantized weight that a LoRA layer on
     GPTQ keeps alive for its input gradient.
 
-    Backward (spec section 2): the threshold and edge mask pass gradients through unchanged, so
+    Backward (the paper's straight-through estimator): the threshold and edge mask pass gradients through unchanged, so
     dL/dP = s[g] * dL/dW' (factor_grads), plus, with an offset, the path through mu (add_offset_grads);
     then dL/dA = dL/dP @ B^T and dL/dB = A^T @ dL/dP. Neither dL/dW' nor dL/dP is held for a whole
     layer on CPU.
