@@ -35,7 +35,9 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "examples"), str(HERE)]
@@ -525,14 +527,10 @@ def max_logit_diff(a, b, probe: torch.Tensor) -> float:
 
 def codes_moved_pct(model) -> float:
     """Share of the adapted layers' integer codes that the adapter moves, in %."""
-    import peft_lota
+    from peft_lota.tuner_layer import codes_moved
 
-    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
-    codes = [layer.get_delta_codes(layer.active_adapters[0]) for layer in layers]
-    codes = [c for c in codes if c is not None]
-    if not codes:
-        return None
-    return round(100 * sum(int((c != 0).sum()) for c in codes) / sum(c.numel() for c in codes), 3)
+    moved = codes_moved(model)
+    return None if moved is None else round(100 * moved[0] / moved[1], 3)
 
 
 def merged_exactly(model, probe: torch.Tensor) -> tuple[object, dict]:
@@ -545,110 +543,168 @@ def merged_exactly(model, probe: torch.Tensor) -> tuple[object, dict]:
     return merged, {"max_logit_diff_merged_vs_adapter": diff}
 
 
+def setting_data(setting: str, cfg: dict, dirs: dict, tok, validation: bool = False):
+    """(training batches, scoring function, loss function) of a setting: recovery scores held-out perplexity,
+    task the exact match of greedy decodes. validation=True: the pilot's held-out training data."""
+    if setting == "recovery":
+        batches, blocks = recovery_data(dirs["fp"], cfg, cfg["recovery_steps"], cfg["recovery_batch"],
+                                        validation=validation)
+        return batches, (lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))), recovery_loss
+    batches, items = task_data(dirs["fp"], cfg, validation=validation)
+    return batches, (lambda m: exact_match(m, tok, items)), task_loss
+
+
+@dataclass
+class SettingRun:
+    """What every run of one setting shares: its data, loss and scoring, learning rates, and where results go."""
+
+    setting: str
+    cfg: dict
+    dirs: dict
+    batches: list
+    score: Callable
+    loss_fn: Callable
+    res: dict  # results[setting]: {method: {bits: result}}
+    save: Callable
+    work: Path  # scratch folder of the LoRA merge routes
+    probe: torch.Tensor = field(init=False)  # two training sequences: merged and adapter logits are compared on them
+
+    def __post_init__(self) -> None:
+        self.probe = (self.batches[0] if self.setting == "recovery" else self.batches[0][0])[:2].to(device())
+
+    @property
+    def lrs(self) -> dict:
+        return self.cfg["lrs"][self.setting]
+
+    def lr_of(self, method: str) -> float | None:
+        """A method's learning rate; LoTA's variants without their own take LoTA's."""
+        return self.lrs.get(method, self.lrs["lota"] if method.startswith("lota") else None)
+
+    def record(self, method: str, bits, out: dict) -> None:
+        self.res.setdefault(method, {})[str(bits)] = out
+        self.save()
+
+    def done(self, *methods: str, bits) -> bool:
+        """Already in the results (--resume): not run again."""
+        return all(str(bits) in self.res.get(m, {}) for m in methods)
+
+    def evaluate(self, model) -> dict:
+        t0 = time.time()
+        out = self.score(model)
+        out["eval_s"] = round(time.time() - t0, 1)
+        return out
+
+
+def run_fp_lora(run: SettingRun) -> None:
+    """The ceiling: this fine-tuning without quantization (LoRA on the full-precision model)."""
+    m = make_adapter_model("fp_lora", run.dirs, None, run.cfg)
+    log = train(m, "fp_lora", run.batches, run.loss_fn, run.lrs["fp_lora"], f"{run.setting} fp+LoRA")
+    run.record("fp_lora", "fp", dict(**run.evaluate(m), **log, lr=run.lrs["fp_lora"]))
+
+
+def run_lora(run: SettingRun, method: str, bits: int) -> None:
+    """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route."""
+    m = make_adapter_model(method, run.dirs, bits, run.cfg)
+    log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method]))
+    if method == "lora":  # the same trained adapter, merged the way users can today ...
+        lora_by_requantizing(run, m, bits)
+        lora_by_merge_lora(run, m, bits)  # ... by merge_lora onto the base's own grid ...
+        lora_through_l4q(run, m, bits)  # ... and through L4Q
+
+
+def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
+    """lora_requant: the trained LoRA merged by dequantizing, adding its delta and quantizing with GPTQ again."""
+    q, info, tmp = lora_requantize(m, run.dirs, bits, run.cfg, run.work, run.probe)
+    run.record("lora_requant", bits, dict(**run.evaluate(q), **info))
+    for d in tmp:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def lora_by_merge_lora(run: SettingRun, m, bits: int) -> None:
+    """MERGE_VARIANTS: the saved LoRA merged by merge_lora onto the base's own grid (a fresh copy of the base each
+    time), calibrated on the LoRA's own training data."""
+    lora_dir = run.work / "lora"
+    m.save_pretrained(lora_dir)
+    calib = [b if run.setting == "recovery" else b[0] for b in run.batches]  # the LoRA's training data
+    for variant, options in MERGE_VARIANTS.items():
+        options = {k: (len(calib) if v is None else v) for k, v in options.items()}
+        merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
+        run.record(variant, bits, dict(**run.evaluate(merged), **info))
+        del merged
+
+
+def lora_through_l4q(run: SettingRun, m, bits: int) -> None:
+    """lora_l4q: the same A, B inside L4Q's quantizer, a short quantization-aware run, merged exactly."""
+    import peft_lota
+
+    short = run.batches[: max(1, round(run.cfg["l4q_from_lora_fraction"] * len(run.batches)))]
+    l4q = peft_lota.l4q_from_lora(m)
+    fresh = run.evaluate(l4q)
+    log = train(l4q, "lora_l4q", short, run.loss_fn, run.lrs["lora_l4q"], f"{run.setting} {bits}-bit lora->l4q")
+    merged, info = merged_exactly(l4q, run.probe)
+    run.record("lora_l4q", bits, dict(**run.evaluate(merged), **log, **info, lr=run.lrs["lora_l4q"],
+                                      steps=len(short), before_qat=fresh, codes_moved_pct=None))
+
+
+def run_exact(run: SettingRun, method: str, bits: int) -> None:
+    """A LoTA or L4Q variant trained, merged exactly and scored (lota_float: scored unmerged, then rounded)."""
+    m = make_adapter_model(method, run.dirs, bits, run.cfg)
+    lr = run.lr_of(method)
+    log = train(m, method, run.batches, run.loss_fn, lr, f"{run.setting} {bits}-bit {method}")
+    log.update(lr=lr, codes_moved_pct=codes_moved_pct(m))
+    if method == "lota_float":  # not exactly mergeable: scored unmerged, then merged with rounding
+        run.record(method, bits, dict(**run.evaluate(m), **log))
+        run.record("lota_float_rounded", bits, merged_with_rounding(run, m))
+    else:
+        merged, info = merged_exactly(m, run.probe)
+        run.record(method, bits, dict(**run.evaluate(merged), **log, **info))
+
+
+def merged_with_rounding(run: SettingRun, m) -> dict:
+    """lota_float_rounded: the float offset rounded into the codes; its score, how far the logits moved from the
+    unmerged model and the largest weight change the rounding made."""
+    with torch.no_grad():
+        before = m(input_ids=run.probe).logits
+    m.base_model.merge_adapter(round_float_offset=True)  # layers keep their rounding reports
+    reports = [r for layer in m.base_model._tuner_layers() for r in layer.merge_reports.values()]
+    merged = m.merge_and_unload(round_float_offset=True)  # already merged: unloads
+    out = run.evaluate(merged)
+    with torch.no_grad():
+        out["max_logit_change_vs_unmerged"] = float((merged(input_ids=run.probe).logits - before).abs().max())
+    out["max_abs_weight_change"] = max(r["max_abs_weight_change"] for r in reports)
+    return out
+
+
 def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known: dict | None = None) -> None:
     """Every method at every bit width for one setting; fills results[setting][method][bits].
     `known`: scores already measured for the un-fine-tuned models ({"fp": {...}, "4": {...}})."""
     from transformers import AutoTokenizer
 
-    import peft_lota
-
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
-    if setting == "recovery":
-        batches, blocks = recovery_data(dirs["fp"], cfg, cfg["recovery_steps"], cfg["recovery_batch"])
-        score = lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))  # noqa: E731
-        loss_fn = recovery_loss
-    else:
-        batches, items = task_data(dirs["fp"], cfg)
-        score = lambda m: exact_match(m, tok, items)  # noqa: E731
-        loss_fn = task_loss
-    probe = (batches[0] if setting == "recovery" else batches[0][0])[:2].to(device())
-    res = results.setdefault(setting, {})
-    lrs = cfg["lrs"][setting]
-    lr_of = lambda method: lrs.get(method, lrs["lota"] if method.startswith("lota") else None)  # noqa: E731
-    work = Path(tempfile.mkdtemp(prefix="bench_acc_"))
-    short = batches[: max(1, round(cfg["l4q_from_lora_fraction"] * len(batches)))]
-
-    def record(method, bits, out):
-        res.setdefault(method, {})[str(bits)] = out
-        save()
-
-    def done(*methods, bits):  # already in the results (--resume): not run again
-        return all(str(bits) in res.get(m, {}) for m in methods)
-
-    def evaluate(model):
-        t0 = time.time()
-        out = score(model)
-        out["eval_s"] = round(time.time() - t0, 1)
-        return out
-
+    batches, score, loss_fn = setting_data(setting, cfg, dirs, tok)
+    run = SettingRun(setting, cfg, dirs, batches, score, loss_fn, results.setdefault(setting, {}), save,
+                     Path(tempfile.mkdtemp(prefix="bench_acc_")))
     try:
         known = known or {}
         methods = cfg.get("setting_methods", {}).get(setting, cfg["methods"])
-        run = lambda method: method in methods  # noqa: E731
-        if not done("fp", bits="fp"):
-            record("fp", "fp", known.get("fp") or evaluate(load_fp(dirs["fp"])))
-        if run("fp_lora") and not done("fp_lora", bits="fp"):  # the ceiling: this fine-tuning without quantization
-            m = make_adapter_model("fp_lora", dirs, None, cfg)
-            log = train(m, "fp_lora", batches, loss_fn, lrs["fp_lora"], f"{setting} fp+LoRA")
-            record("fp_lora", "fp", dict(**evaluate(m), **log, lr=lrs["fp_lora"]))
+        if not run.done("fp", bits="fp"):
+            run.record("fp", "fp", known.get("fp") or run.evaluate(load_fp(dirs["fp"])))
+        if "fp_lora" in methods and not run.done("fp_lora", bits="fp"):
+            run_fp_lora(run)
         for bits in cfg.get("setting_bits", {}).get(setting, cfg["bits"]):
-            tag = f"{setting} {bits}-bit"
-            if not done("gptq", bits=bits):
-                record("gptq", bits, known.get(str(bits)) or evaluate(load_quant(dirs[bits])))
+            if not run.done("gptq", bits=bits):
+                run.record("gptq", bits, known.get(str(bits)) or run.evaluate(load_quant(dirs[bits])))
             at_bits = cfg.get("bits_methods", {}).get(bits, methods)
-            run = lambda method: method in methods and method in at_bits  # noqa: E731
-            for method in filter(run, ("lora", "lora_r16", "qalora")):
-                if done(method, *(("lora_requant", *MERGE_VARIANTS, "lora_l4q") if method == "lora" else ()), bits=bits):
-                    continue
-                m = make_adapter_model(method, dirs, bits, cfg)
-                log = train(m, method, batches, loss_fn, lrs[method], f"{tag} {method}")
-                record(method, bits, dict(**evaluate(m), **log, lr=lrs[method]))
-                if method == "lora":  # the same trained adapter, merged the way users can today ...
-                    q, info, tmp = lora_requantize(m, dirs, bits, cfg, work, probe)
-                    record("lora_requant", bits, dict(**evaluate(q), **info))
-                    for d in tmp:
-                        shutil.rmtree(d, ignore_errors=True)
-                    # ... by merge_lora onto the base's own grid (a fresh copy of the base each time) ...
-                    lora_dir = work / "lora"
-                    m.save_pretrained(lora_dir)
-                    calib = [b if setting == "recovery" else b[0] for b in batches]  # the LoRA's training data
-                    for variant, options in MERGE_VARIANTS.items():
-                        options = {k: (len(calib) if v is None else v) for k, v in options.items()}
-                        merged, info = lora_merged(dirs[bits], lora_dir, calib, options)
-                        record(variant, bits, dict(**evaluate(merged), **info))
-                        del merged
-                    # ... and through L4Q: the same A, B inside the quantizer, a short quantization-aware run
-                    l4q = peft_lota.l4q_from_lora(m)
-                    fresh = evaluate(l4q)
-                    log = train(l4q, "lora_l4q", short, loss_fn, lrs["lora_l4q"], f"{tag} lora->l4q")
-                    merged, info = merged_exactly(l4q, probe)
-                    record("lora_l4q", bits, dict(**evaluate(merged), **log, **info, lr=lrs["lora_l4q"],
-                                                  steps=len(short), before_qat=fresh, codes_moved_pct=None))
-                    del l4q, merged
-                del m
-            for method in [m for m in methods if m.startswith(("lota", "l4q")) and run(m) and not done(m, bits=bits)]:
-                m = make_adapter_model(method, dirs, bits, cfg)
-                lr = lr_of(method)
-                log = train(m, method, batches, loss_fn, lr, f"{tag} {method}")
-                log.update(lr=lr, codes_moved_pct=codes_moved_pct(m))
-                if method == "lota_float":  # not exactly mergeable: scored unmerged, then merged with rounding
-                    record(method, bits, dict(**evaluate(m), **log))
-                    with torch.no_grad():
-                        before = m(input_ids=probe).logits
-                    m.base_model.merge_adapter(round_float_offset=True)  # layers keep their rounding reports
-                    reports = [r for layer in m.base_model._lota_layers() for r in layer.merge_reports.values()]
-                    merged = m.merge_and_unload(round_float_offset=True)  # already merged: unloads
-                    out = evaluate(merged)
-                    with torch.no_grad():
-                        out["max_logit_change_vs_unmerged"] = float((merged(input_ids=probe).logits - before).abs().max())
-                    out["max_abs_weight_change"] = max(r["max_abs_weight_change"] for r in reports)
-                    record("lota_float_rounded", bits, out)
-                else:
-                    merged, info = merged_exactly(m, probe)
-                    record(method, bits, dict(**evaluate(merged), **log, **info))
-                del m, merged
+            chosen = [m for m in methods if m in at_bits]  # what this setting runs at these bits
+            for method in (m for m in ("lora", "lora_r16", "qalora") if m in chosen):
+                routes = ("lora_requant", *MERGE_VARIANTS, "lora_l4q") if method == "lora" else ()
+                if not run.done(method, *routes, bits=bits):
+                    run_lora(run, method, bits)
+            for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
+                run_exact(run, method, bits)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(run.work, ignore_errors=True)
 
 
 def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
@@ -662,13 +718,7 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
     bits = cfg["tune_bits"]
     for setting in cfg["settings"]:
-        if setting == "recovery":
-            batches, blocks = recovery_data(dirs["fp"], cfg, cfg["recovery_steps"], cfg["recovery_batch"],
-                                            validation=True)
-            score, loss_fn = (lambda m: dict(ppl=round(dm.perplexity(m, blocks), 3))), recovery_loss
-        else:
-            batches, items = task_data(dirs["fp"], cfg, validation=True)
-            score, loss_fn = (lambda m: exact_match(m, tok, items)), task_loss
+        batches, score, loss_fn = setting_data(setting, cfg, dirs, tok, validation=True)
         short = batches[: max(1, round(cfg["l4q_from_lora_fraction"] * len(batches)))]
         res = results.setdefault(setting, {})
         res.setdefault("fp", {})["-"] = score(load_fp(dirs["fp"]))
@@ -812,7 +862,8 @@ def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (--help)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS))
     ap.add_argument("--root", default=None, help="model cache (default: demo_out, shared with examples/demo.py; the "
@@ -843,19 +894,18 @@ def main(argv=None) -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="write the markdown and plot of accuracy-<preset>[-<tag>].json as it is (an interrupted run's "
                          "results), running nothing")
-    args = ap.parse_args(argv)
-    if args.report_only:
-        return report_only(args)
+    return ap.parse_args(argv)
 
-    quiet()
-    torch.compiler.set_stance("force_eager")  # gptqmodel compiles its dequantization: slower than eager here
+
+def preset_config(args: argparse.Namespace) -> dict:
+    """The preset's configuration with the command line's overrides (bits, omega, learning rates, steps, ...)."""
     cfg = dict(BENCH_PRESETS[args.preset])
     if args.bits:
         cfg["bits"] = tuple(args.bits)
     if args.paper_omega is not None:
         cfg["paper_omega"] = args.paper_omega
     if args.lr:
-        cfg["lrs"] = {k: dict(v) for k, v in cfg["lrs"].items()}
+        cfg["lrs"] = {k: dict(v) for k, v in cfg["lrs"].items()}  # a copy: the preset's table stays as it is
         for item in args.lr:
             method, _, value = item.partition("=")
             for setting in cfg["lrs"].values():
@@ -868,6 +918,62 @@ def main(argv=None) -> None:
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
+    return cfg
+
+
+def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
+    """{"fp": full-precision folder, bits: quantized folder}: built or taken from the cache under `root`."""
+    if cfg.get("source") == "real":
+        from transformers import AutoTokenizer
+
+        dirs = {"fp": real_model.float_checkpoint(root, cfg["layers"])}
+        ANSWER[0] = "{}" + AutoTokenizer.from_pretrained(dirs["fp"]).eos_token  # the answer ends the chat turn
+        dirs.update({b: real_model.quantized(cfg["variants"][b], root, cfg["layers"]) for b in bits})
+        return dirs
+    return dm.build(cfg["model"], root, bits=bits)
+
+
+def resume(record: dict, previous: Path) -> None:
+    """--resume: keep the results (and quantization gap) of an earlier run of the same configuration."""
+    old = json.loads(previous.read_text())
+    if old["config"] != json.loads(json.dumps(record["config"], default=str)):
+        sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
+                 "(or with the same preset, options and --lr) to start over")
+    results = record["results"]
+    results.update(old["results"])
+    record["gap"] = old.get("gap")
+    record["machine"]["resumed_from"] = old["machine"]
+    print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
+
+
+def quantization_gap(cfg: dict, dirs: dict, record: dict) -> dict:
+    """Held-out perplexity of the full-precision and every quantized model, before any fine-tuning (kept in
+    record["gap"], and returned as {key: score} for run_setting): if GPTQ costs nothing there is nothing to recover."""
+    real = cfg.get("source") == "real"
+    blocks = real_recovery_blocks(dirs["fp"], cfg)[1] if real else dm.eval_blocks(dirs["fp"], cfg["model"])
+    known = {k: dict(ppl=v) for k, v in (record.get("gap") or {}).items()}
+    for key, load in [("fp", lambda: load_fp(dirs["fp"]))] + [(str(b), lambda b=b: load_quant(dirs[b]))
+                                                              for b in cfg["bits"]]:
+        if key in known:
+            continue
+        t0 = time.time()
+        known[key] = dict(ppl=round(dm.perplexity(load(), blocks), 3))
+        known[key]["eval_s"] = round(time.time() - t0, 1)
+    gap = record["gap"] = {k: v["ppl"] for k, v in known.items()}
+    print("quantization gap (held-out perplexity): " + ", ".join(
+        f"{k}{'' if k == 'fp' else '-bit'} {v:.2f}" for k, v in gap.items()), flush=True)
+    return known
+
+
+def main(argv=None) -> None:
+    """Run a preset's benchmark (or its pilot, --tune) and write its results, report and plot."""
+    args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
+
+    quiet()
+    torch.compiler.set_stance("force_eager")  # gptqmodel compiles its dequantization: slower than eager here
+    cfg = preset_config(args)
     THREADS[0] = args.threads or cfg.get("threads") or (max(1, (os.cpu_count() or 2) // 2) if device().type == "cpu"
                                                         else os.cpu_count())
     real = cfg.get("source") == "real"
@@ -879,15 +985,7 @@ def main(argv=None) -> None:
 
     wall, t_start = {}, time.time()
     t0 = time.time()
-    bits = cfg["bits"] if not args.tune else (cfg["tune_bits"],)
-    if real:
-        from transformers import AutoTokenizer
-
-        dirs = {"fp": real_model.float_checkpoint(root, cfg["layers"])}
-        ANSWER[0] = "{}" + AutoTokenizer.from_pretrained(dirs["fp"]).eos_token  # the answer ends the chat turn
-        dirs.update({b: real_model.quantized(cfg["variants"][b], root, cfg["layers"]) for b in bits})
-    else:
-        dirs = dm.build(cfg["model"], root, bits=bits)
+    dirs = build_models(cfg, root, cfg["bits"] if not args.tune else (cfg["tune_bits"],))
     wall["build_s"] = round(time.time() - t0, 1)
     print(f"models: {dirs['fp'].parent} (ready in {wall['build_s']:.0f} s)", flush=True)
 
@@ -900,14 +998,7 @@ def main(argv=None) -> None:
     record["machine"] = machine_info()  # once: the commit measured, before the run
     previous = out_dir / f"{stem}.json"
     if args.resume and previous.exists():
-        old = json.loads(previous.read_text())
-        if old["config"] != json.loads(json.dumps(record["config"], default=str)):
-            sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
-                     "(or with the same preset, options and --lr) to start over")
-        results.update(old["results"])
-        record["gap"] = old.get("gap")
-        record["machine"]["resumed_from"] = old["machine"]
-        print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
+        resume(record, previous)
 
     def save():
         record["machine"]["wall_s"] = dict(wall, total_s=round(time.time() - t_start, 1))
@@ -918,19 +1009,7 @@ def main(argv=None) -> None:
         save()
         text = format_tune(results, cfg)
     else:
-        # The quantization gap first: if GPTQ costs nothing there is nothing to recover.
-        blocks = real_recovery_blocks(dirs["fp"], cfg)[1] if real else dm.eval_blocks(dirs["fp"], cfg["model"])
-        known = {k: dict(ppl=v) for k, v in (record.get("gap") or {}).items()}
-        for key, load in [("fp", lambda: load_fp(dirs["fp"]))] + [(str(b), lambda b=b: load_quant(dirs[b]))
-                                                                  for b in cfg["bits"]]:
-            if key in known:
-                continue
-            t0 = time.time()
-            known[key] = dict(ppl=round(dm.perplexity(load(), blocks), 3))
-            known[key]["eval_s"] = round(time.time() - t0, 1)
-        gap = record["gap"] = {k: v["ppl"] for k, v in known.items()}
-        print("quantization gap (held-out perplexity): " + ", ".join(
-            f"{k}{'' if k == 'fp' else '-bit'} {v:.2f}" for k, v in gap.items()), flush=True)
+        known = quantization_gap(cfg, dirs, record)
         for setting in args.settings:
             t0 = time.time()
             run_setting(setting, cfg, dirs, results, save, known if setting == "recovery" else None)

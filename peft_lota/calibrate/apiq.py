@@ -146,11 +146,7 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], *, bits: int = 
     are kept on that device between blocks (one block trains at a time). If it fails (or is interrupted), the
     model is put back as it was.
     """
-    stages = tuple(stages) if stages is not None else (STAGES if saliency_reg else ("outputs",))
-    bad = [s for s in stages if s not in STAGES]
-    if bad or (not saliency_reg and set(stages) != {"outputs"}):
-        raise ValueError(f"calibrate: stages must be among {STAGES}, and 'weights'/'mixed' need saliency_reg=True; "
-                         f"got {stages}.")
+    stages = _check_stages(stages, saliency_reg)
     check_batches(model, batches)
     with _restored_on_failure(model):  # an error or an interrupt: the model is given back as it was
         from peft import get_peft_model
@@ -176,30 +172,11 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], *, bits: int = 
                 targets = [block(h, *a, **kw) for h, (_, a, kw) in zip(fp_inputs, inputs)]
             q_in = [(h, a, kw) for h, (_, a, kw) in zip(q_inputs, inputs)]
             l4q = {n: m for n, m in block.named_modules() if isinstance(m, L4QLayer)}
-            factors = [p for m in l4q.values() for p in (m.l4q_A["default"], m.l4q_B["default"])]
-            scales = [m.l4q_scales["default"] for m in l4q.values() if "default" in m.l4q_scales]
-            for p in factors + scales:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW([{"params": factors, "lr": lr}, {"params": scales, "lr": scale_lr}],
-                                    weight_decay=weight_decay)
+            trained, opt = _block_optimizer(l4q, lr, scale_lr, weight_decay)
             before = _block_mse(block, q_in, targets)
-            losses = {}
             index = {n: f"{i}.{n}" for n in l4q}  # names in `saliency`'s map: relative to the list of blocks
-            for stage in stages:
-                for _ in range(epochs):
-                    total = 0.0
-                    for (h, a, kw), target in zip(q_in, targets):
-                        loss = h.new_zeros((), dtype=torch.float32)
-                        if stage != "weights":
-                            loss = loss + torch.nn.functional.mse_loss(block(h, *a, **kw).float(), target.float())
-                        if stage != "outputs":
-                            loss = loss + lambda_reg * _saliency_penalty(l4q, G2, index)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                        total += loss.item()
-                    losses.setdefault(stage, []).append(total / len(q_in))
-            for p in factors + scales:
+            losses = _train_block(block, l4q, opt, q_in, targets, stages, epochs, lambda_reg, G2, index)
+            for p in trained:
                 p.requires_grad_(False)
             after = _block_mse(block, q_in, targets)
             with torch.no_grad():  # the next block sees what this quantized block makes of the quantized inputs
@@ -213,6 +190,53 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], *, bits: int = 
                 on_block(report)
         model.train(was_training)
         return peft.merge_and_unload() if merge else peft
+
+
+def _check_stages(stages: Optional[Sequence[str]], saliency_reg: bool) -> tuple[str, ...]:
+    """The stages to run (default: all three with saliency, else the output MSE alone); refuses unknown ones."""
+    stages = tuple(stages) if stages is not None else (STAGES if saliency_reg else ("outputs",))
+    bad = [s for s in stages if s not in STAGES]
+    if bad or (not saliency_reg and set(stages) != {"outputs"}):
+        raise ValueError(f"calibrate: stages must be among {STAGES}, and 'weights'/'mixed' need saliency_reg=True; "
+                         f"got {stages}.")
+    return stages
+
+
+def _block_optimizer(l4q: dict[str, L4QLayer], lr: float, scale_lr: float, weight_decay: float):
+    """(trained tensors, AdamW) of one block: its layers' LoRA factors and scales (ApiQ: the scales at their own,
+    faster rate), their gradients turned on."""
+    factors = [p for m in l4q.values() for p in (m.l4q_A["default"], m.l4q_B["default"])]
+    scales = [m.l4q_scales["default"] for m in l4q.values() if "default" in m.l4q_scales]
+    for p in factors + scales:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": factors, "lr": lr}, {"params": scales, "lr": scale_lr}],
+                            weight_decay=weight_decay)
+    return factors + scales, opt
+
+
+def _train_block(block: nn.Module, l4q: dict[str, L4QLayer], opt: torch.optim.Optimizer, q_in: list, targets: list,
+                 stages: Sequence[str], epochs: int, lambda_reg: float, G2: dict[str, torch.Tensor],
+                 index: dict[str, str]) -> dict[str, list[float]]:
+    """Each stage's epochs over the block's inputs, one step per batch; {stage: mean loss of each epoch}.
+
+    The loss: the output MSE against the full-precision block ("outputs"), the saliency penalty ("weights"), or
+    both ("mixed")."""
+    losses = {}
+    for stage in stages:
+        for _ in range(epochs):
+            total = 0.0
+            for (h, a, kw), target in zip(q_in, targets):
+                loss = h.new_zeros((), dtype=torch.float32)
+                if stage != "weights":
+                    loss = loss + torch.nn.functional.mse_loss(block(h, *a, **kw).float(), target.float())
+                if stage != "outputs":
+                    loss = loss + lambda_reg * _saliency_penalty(l4q, G2, index)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total += loss.item()
+            losses.setdefault(stage, []).append(total / len(q_in))
+    return losses
 
 
 def check_batches(model: nn.Module, batches) -> None:

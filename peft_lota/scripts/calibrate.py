@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool from the core count; fails on 2 cores
-
-import torch  # noqa: E402
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # demo_model.py, in a source checkout
 
@@ -66,7 +63,8 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     return math.exp(nll / count)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (--help: the flags below and the module's description)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name_or_path", required=True, help="a full-precision causal LM (folder or Hub id)")
@@ -98,13 +96,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.baseline and not (args.stdlib or args.eval_file):
         ap.error("--baseline is measured on the evaluation text: give --eval_file (or --stdlib).")
+    return args
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import peft_lota
-
-    t_start = time.time()
-    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+def load_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """(calibration texts, evaluation texts or None): the given files, or the standard library's split (--stdlib)."""
     if args.stdlib:
         if not (EXAMPLES / "demo_model.py").exists():
             raise SystemExit("calibrate: --stdlib uses examples/demo_model.py, which needs a source checkout; give "
@@ -112,34 +108,22 @@ def main(argv=None) -> dict:
         sys.path.insert(0, str(EXAMPLES))
         import demo_model as dm
 
-        calib_texts, eval_texts = dm.corpus_texts("train"), dm.corpus_texts("eval")
-    else:
-        calib_texts = read_texts(args.calib_file, args.text_column)
-        eval_texts = read_texts(args.eval_file, args.text_column) if args.eval_file else None
-    windows = token_windows(tok, calib_texts, args.samples, args.seq_len, args.seed)
-    batches = list(windows.split(args.batch_size))
-    eval_blocks = token_windows(tok, eval_texts, 256, args.seq_len, seed=1) if eval_texts else None
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
-    summary = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "saliency": args.saliency,
-               "samples": len(windows), "seq_len": args.seq_len, "epochs": args.epochs}
-    if eval_blocks is not None:
-        summary["ppl_fp"] = perplexity(model, eval_blocks)
-        print(f"full precision: perplexity {summary['ppl_fp']:.3f}", flush=True)
+        return dm.corpus_texts("train"), dm.corpus_texts("eval")
+    calib_texts = read_texts(args.calib_file, args.text_column)
+    return calib_texts, read_texts(args.eval_file, args.text_column) if args.eval_file else None
 
-    def show(report):
-        print(f"block {report.index}: output MSE {report.mse_before:.4g} -> {report.mse_after:.4g} "
-              f"({report.seconds:.1f} s)", flush=True)
 
-    t0 = time.time()
-    calibrated = peft_lota.calibrate(model, batches, bits=args.bits, group_size=args.group_size, sym=args.sym,
-                                     r=args.r, epochs=args.epochs, lr=args.lr, scale_lr=args.scale_lr,
-                                     saliency_reg=args.saliency, lambda_reg=args.lambda_reg, merge=False,
-                                     on_block=show, seed=args.seed)
-    summary["calibration_seconds"] = round(time.time() - t0, 1)
-    out = Path(args.output_dir)
-    if args.keep_adapter:
-        calibrated.save_pretrained(out / "adapter")
-    probe = windows[:2]
+def print_block(report) -> None:
+    """calibrate's on_block: one line per calibrated block, as it finishes."""
+    print(f"block {report.index}: output MSE {report.mse_before:.4g} -> {report.mse_after:.4g} "
+          f"({report.seconds:.1f} s)", flush=True)
+
+
+def merge_save_reload(calibrated, tok, probe: torch.Tensor, out: Path, dtype: torch.dtype):
+    """Merge the calibrated model, save it with the tokenizer, reload it with the layout-keeping kernel; checks that
+    the merged and the reloaded model give the calibrated model's logits exactly. Returns (reloaded, checks)."""
+    import peft_lota
+
     with torch.no_grad():
         adapter_logits = calibrated(input_ids=probe).logits
     merged = calibrated.merge_and_unload()
@@ -147,19 +131,61 @@ def main(argv=None) -> dict:
         merged_logits = merged(input_ids=probe).logits
     merged.save_pretrained(out)
     tok.save_pretrained(out)
-    reloaded = peft_lota.load_model(str(out), dtype=getattr(torch, args.dtype))  # the layout-keeping kernel
+    reloaded = peft_lota.load_model(str(out), dtype=dtype)  # the layout-keeping kernel
     with torch.no_grad():
         reloaded_logits = reloaded(input_ids=probe).logits
-    summary.update(merged_equals_calibrated=bool(torch.equal(merged_logits, adapter_logits)),
-                   reloaded_equals_merged=bool(torch.equal(reloaded_logits, merged_logits)), output_dir=str(out))
+    return reloaded, dict(merged_equals_calibrated=bool(torch.equal(merged_logits, adapter_logits)),
+                          reloaded_equals_merged=bool(torch.equal(reloaded_logits, merged_logits)))
+
+
+def baseline_rows(baseline: str, eval_blocks: torch.Tensor, dtype: torch.dtype, ppl_fp: float,
+                  ppl_calibrated: float) -> dict:
+    """--baseline's perplexity, and the share of its gap to full precision that the calibration closed."""
+    import peft_lota
+
+    ppl = perplexity(peft_lota.load_model(baseline, dtype=dtype), eval_blocks)
+    gap = ppl - ppl_fp
+    return {"ppl_baseline": ppl, "baseline_gap_closed": round((ppl - ppl_calibrated) / gap, 3) if gap > 0 else None}
+
+
+def main(argv=None) -> dict:
+    """Calibrate, merge, save, reload and compare; prints and writes (calibration_summary.json) the summary."""
+    args = parse_args(argv)
+
+    # peft_lota before transformers: it sets gptqmodel's worker count before anything can import gptqmodel
+    import peft_lota
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    calib_texts, eval_texts = load_texts(args)
+    windows = token_windows(tok, calib_texts, args.samples, args.seq_len, args.seed)
+    batches = list(windows.split(args.batch_size))
+    eval_blocks = token_windows(tok, eval_texts, 256, args.seq_len, seed=1) if eval_texts else None
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    summary = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "saliency": args.saliency,
+               "samples": len(windows), "seq_len": args.seq_len, "epochs": args.epochs}
+    if eval_blocks is not None:
+        summary["ppl_fp"] = perplexity(model, eval_blocks)
+        print(f"full precision: perplexity {summary['ppl_fp']:.3f}", flush=True)
+
+    t0 = time.time()
+    calibrated = peft_lota.calibrate(model, batches, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                                     r=args.r, epochs=args.epochs, lr=args.lr, scale_lr=args.scale_lr,
+                                     saliency_reg=args.saliency, lambda_reg=args.lambda_reg, merge=False,
+                                     on_block=print_block, seed=args.seed)
+    summary["calibration_seconds"] = round(time.time() - t0, 1)
+    out = Path(args.output_dir)
+    if args.keep_adapter:
+        calibrated.save_pretrained(out / "adapter")
+    reloaded, checks = merge_save_reload(calibrated, tok, windows[:2], out, dtype)
+    summary.update(checks, output_dir=str(out))
     if eval_blocks is not None:
         summary["ppl_calibrated"] = perplexity(reloaded, eval_blocks)
         if args.baseline:
-            summary["ppl_baseline"] = perplexity(peft_lota.load_model(args.baseline, dtype=getattr(torch, args.dtype)),
-                                                 eval_blocks)
-            gap = summary["ppl_baseline"] - summary["ppl_fp"]
-            summary["baseline_gap_closed"] = round((summary["ppl_baseline"] - summary["ppl_calibrated"]) / gap, 3) \
-                if gap > 0 else None
+            summary.update(baseline_rows(args.baseline, eval_blocks, dtype, summary["ppl_fp"],
+                                         summary["ppl_calibrated"]))
     summary["total_seconds"] = round(time.time() - t_start, 1)
     (out / "calibration_summary.json").write_text(json.dumps(summary, indent=1))
     for key, value in summary.items():

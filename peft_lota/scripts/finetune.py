@@ -1,19 +1,21 @@
 r"""Fine-tune a quantized model with LoTA or L4Q through a stock `transformers.Trainer`, merge, save, verify.
 
     python examples/finetune.py \
-        --model_name_or_path path/to/gptq-model --train_file train.jsonl --validation_file val.jsonl \
+        --model_name_or_path path/to/quantized-model --train_file train.jsonl --validation_file val.jsonl \
         --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --learning_rate 3e-5
 
-Methods (`--method`): `lota` (the default: ternary adapters that move the GPTQ codes by whole steps, here trained
-by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q` (a LoRA trained
-through a learnable quantizer, from a GPTQ model or from a full-precision model, which the merge then turns into
-a GPTQ checkpoint with `--bits/--group_size/--sym`).
+Methods (`--method`): `lota` (the default: ternary adapters that move a quantized model's integer codes by whole
+steps, here trained by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q`
+(a LoRA trained through a learnable quantizer, from a quantized model or from a full-precision model, which the merge
+then turns into a GPTQ checkpoint with `--bits/--group_size/--sym`). Quantized models: GPTQ, AWQ, compressed-tensors
+or LLM.int8 checkpoints.
 
 Every `transformers.TrainingArguments` flag works (bf16, gradient_accumulation_steps, gradient_checkpointing,
 save_steps, resume_from_checkpoint, ...), and so does `accelerate launch --num_processes N examples/finetune.py ...`.
 After training the adapter is merged exactly and the merged model is written to `--merged_dir` (default
-`<output_dir>/merged`) as a standard GPTQ checkpoint; it is then reloaded with stock transformers and compared
-with the merged model (codes and logits). `--merged_hub_model_id me/model-gptq` also pushes it.
+`<output_dir>/merged`) as a standard checkpoint of the base's format (GPTQ from full precision); it is then reloaded
+with stock transformers and compared with the merged model (codes and logits). `--merged_hub_model_id me/model-gptq`
+also pushes it.
 (`--push_to_hub` is Trainer's own flag: it uploads the adapter checkpoints during training.)
 
 Data (`datasets`): local JSON/JSONL/CSV/text files (`--train_file`, `--validation_file`) or a Hub
@@ -41,11 +43,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel sizes a pool from the core count; fails on 2 cores
+# peft_lota first, even when this file is run directly (as a package module it is loaded first anyway): it registers
+# the methods with PEFT and sets gptqmodel's worker count before anything can import gptqmodel (loading.py).
+import peft_lota  # isort: skip
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+import transformers
+from peft import get_peft_model
+from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
@@ -54,11 +59,11 @@ from transformers import (  # noqa: E402
     default_data_collator,
 )
 
-import peft_lota  # noqa: E402  (registers LOTA with PEFT)
-from peft import get_peft_model  # noqa: E402
-from peft_lota.cli import UsageError, _quantization  # noqa: E402
-from peft_lota.formats import config_format  # noqa: E402
-from peft_lota.loading import quantization_config  # noqa: E402
+from peft_lota.cli import UsageError, _quantization
+from peft_lota.formats import config_format, quantized_tensors, same_quantized_tensors
+from peft_lota.loading import quantization_config
+from peft_lota.registry import METHODS, tuner_layer_classes
+from peft_lota.tuner_layer import codes_moved
 
 logger = logging.getLogger("finetune")
 
@@ -101,9 +106,10 @@ class DataArguments:
 @dataclass
 class MethodArguments:
     method: str = field(default="lota", metadata={
-        "help": "lota: ternary adapters on a GPTQ model (merge moves its codes); l4q: LoRA through a learnable "
-                "quantizer, from a GPTQ or a full-precision model (merge writes a GPTQ checkpoint).",
-        "choices": ["lota", "l4q"]})
+        "help": "lota: ternary adapters on a quantized model (merge moves its codes); l4q: LoRA through a learnable "
+                "quantizer, from a quantized or a full-precision model (merge writes a quantized checkpoint: GPTQ "
+                "from full precision).",
+        "choices": [m.cli_name for m in METHODS]})
     r: Optional[int] = field(default=None, metadata={"help": "Adapter rank (default: 64 for lota, 16 for l4q)."})
     target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated layer names, a regex, or all-linear."})
@@ -358,16 +364,16 @@ def perplexity(model, dataset, collator, batch_size: int = 8) -> tuple[float, to
 
 def adapter_digest(model) -> str:
     """sha256 of every adapter tensor, in name order: equal digests mean identical adapters."""
+    parts = tuple(f".{m.prefix}" for m in METHODS)  # ".lota_", ".l4q_": the methods' parameter names
     h = hashlib.sha256()
-    for name, p in sorted((n, p) for n, p in model.named_parameters() if ".lota_" in n or ".l4q_" in n):
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if any(part in n for part in parts)):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
 def quant_buffers(model) -> dict[str, torch.Tensor]:
-    from peft_lota.formats import quantized_tensors
-
+    """{name: tensor} of the model's quantized tensors (codes, zeros, scales, ...; formats.quantized_tensors)."""
     return quantized_tensors(model)
 
 
@@ -391,6 +397,112 @@ def setup_logging(training_args: TrainingArguments) -> None:
         pass
 
 
+def load_tokenizer(path: str):
+    """The model's tokenizer; one without a pad token pads with EOS (batches of uneven sequences need one)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def adapted_model(model_args: ModelArguments, method_args: MethodArguments, training_args: TrainingArguments,
+                  quantized: bool, dtype: torch.dtype, device_map):
+    """The base model with the method's fresh adapter injected, ready for the Trainer."""
+    config = method_args.peft_config(model_args.model_name_or_path, quantized)
+    model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
+    if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
+        model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
+    if training_args.should_log:
+        model.print_trainable_parameters()
+    return model
+
+
+def make_trainer(model, tokenizer, train_ds, eval_ds, collator, method_args: MethodArguments,
+                 training_args: TrainingArguments) -> Trainer:
+    """A stock Trainer: its own optimizer, except the paper's t-SignSGD for LoTA's ternary mode."""
+    extra = dict(callbacks=[peft_lota.NonFiniteCallback()])  # stop at the first NaN/inf, before a save
+    if method_args.method == "lota" and method_args.train_mode == "ternary":
+        # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
+        optimizer = peft_lota.create_lota_optimizer(
+            model, ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
+            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
+        extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
+    return Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                   data_collator=collator, processing_class=tokenizer, **extra)
+
+
+def check_ranks_agree(model) -> bool:
+    """True when every process ended with the same adapter; raises otherwise (the merge would depend on the rank)."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([adapter_digest(model)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the processes ended with different adapters ({digests}); not merging.")
+    return True
+
+
+def train_adapter(trainer: Trainer, model, training_args: TrainingArguments) -> dict:
+    """Train and save the adapter to output_dir; the summary's training rows (time, loss, steps, processes)."""
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out = {"train_seconds": round(time.time() - t0, 1), "train_loss": result.training_loss,
+           "steps": trainer.state.global_step}
+    trainer.save_model()  # the adapter (LoTA's ternary tensors at 2 bits per value) in output_dir
+    trainer.log_metrics("train", result.metrics)
+    out["world_size"] = training_args.world_size
+    if torch.distributed.is_initialized():
+        out["distributed_backend"] = torch.distributed.get_backend()
+    if training_args.world_size > 1:  # DDP averages gradients, so t-SignSGD must have made the same moves everywhere
+        out["ranks_agree"] = check_ranks_agree(model)
+    return out
+
+
+def evaluate_adapter(model, eval_ds, collator, batch_size: int) -> tuple[dict, torch.Tensor]:
+    """Perplexity with the adapter and, from a quantized base, how many codes it moves; also its first logits."""
+    ppl, logits = perplexity(model, eval_ds, collator, batch_size)
+    layers = [m for m in model.modules() if isinstance(m, tuner_layer_classes())]
+    out = {"ppl_adapter": ppl, "weights": sum(layer.in_features * layer.out_features for layer in layers)}
+    moved = codes_moved(model)
+    if moved is not None:  # from a quantized model: how many of its integer codes the adapter changes
+        out["codes_moved"] = moved[0]
+        logger.info("perplexity with the adapter: %.3f (%d of %d codes moved)", out["ppl_adapter"],
+                    out["codes_moved"], out["weights"])
+    else:
+        logger.info("perplexity with the adapter: %.3f", out["ppl_adapter"])
+    return out, logits
+
+
+def merge_and_save(model, tokenizer, eval_ds, collator, batch_size: int, adapter_logits: torch.Tensor,
+                   method_args: MethodArguments, training_args: TrainingArguments):
+    """Merge into the quantized weights, compare with the adapter model, save with the tokenizer.
+
+    Returns (merged model, its first logits, the summary's merge rows)."""
+    rounded = method_args.method == "lota" and method_args.offset == "float"
+    if rounded:
+        logger.warning("offset='float' cannot be merged exactly; merging with round_float_offset=True.")
+    t0 = time.time()
+    merged = model.merge_and_unload(**({"round_float_offset": True} if rounded else {}))
+    out = {"merge_seconds": round(time.time() - t0, 2)}
+    out["ppl_merged"], merged_logits = perplexity(merged, eval_ds, collator, batch_size)
+    out["merged_equals_adapter"] = bool(torch.equal(merged_logits, adapter_logits))
+    merged_dir = Path(method_args.merged_dir or Path(training_args.output_dir) / "merged")
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    out["merged_dir"] = str(merged_dir)
+    logger.info("merged model: perplexity %.3f, saved to %s", out["ppl_merged"], merged_dir)
+    return merged, merged_logits, out
+
+
+def verify_reload(merged, merged_logits: torch.Tensor, merged_dir: str, model_args: ModelArguments,
+                  dtype: torch.dtype, device_map, eval_ds, collator, batch_size: int) -> dict:
+    """Reload the saved checkpoint as a user would; compare its quantized tensors and logits with the merged model."""
+    reloaded = load_model(merged_dir, model_args.backend, dtype, device_map)
+    out = {"reloaded_buffers_equal": same_quantized_tensors(merged, reloaded)}
+    _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch_size, max_batches=1)
+    out["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
+    return out
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         training_args: TrainingArguments) -> dict:
     """Train, merge, save and verify; returns a summary (on the main process; {} elsewhere)."""
@@ -400,94 +512,36 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     transformers.set_seed(training_args.seed)
     quantized = _quantization(model_args.model_name_or_path) is not None  # a missing or damaged model: one line
     raw = load_raw_datasets(data_args)  # the data's mistakes, before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_ds, eval_ds, collator = tokenize_datasets(raw, tokenizer, data_args, training_args)
     logger.info("data: %d training and %d evaluation sequences", len(train_ds), len(eval_ds))
 
     dtype = resolve_dtype(model_args.dtype)
     device_map = {"": training_args.device} if training_args.device.type != "cpu" else None
-    config = method_args.peft_config(model_args.model_name_or_path, quantized)
-    model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
-    if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
-        model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
-    if training_args.should_log:
-        model.print_trainable_parameters()
-
-    extra = dict(callbacks=[peft_lota.NonFiniteCallback()])  # stop at the first NaN/inf, before a save
-    if method_args.method == "lota" and method_args.train_mode == "ternary":
-        # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
-        optimizer = peft_lota.create_lota_optimizer(
-            model, ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
-            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
-        extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, processing_class=tokenizer, **extra)
+    model = adapted_model(model_args, method_args, training_args, quantized, dtype, device_map)
+    trainer = make_trainer(model, tokenizer, train_ds, eval_ds, collator, method_args, training_args)
 
     summary: dict = {"train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}
-    main = training_args.process_index == 0
+    is_main = training_args.process_index == 0
     batch = training_args.per_device_eval_batch_size
-    if method_args.eval_base and main:
+    if method_args.eval_base and is_main:
         with model.disable_adapter():
             summary["ppl_base"], _ = perplexity(model, eval_ds, collator, batch)
         logger.info("perplexity before fine-tuning: %.3f", summary["ppl_base"])
-
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    summary["train_seconds"] = round(time.time() - t0, 1)
-    summary["train_loss"] = result.training_loss
-    summary["steps"] = trainer.state.global_step
-    trainer.save_model()  # the adapter (ternary tensors at 2 bits per value) in output_dir
-    trainer.log_metrics("train", result.metrics)
-    summary["world_size"] = training_args.world_size
-    if torch.distributed.is_initialized():
-        summary["distributed_backend"] = torch.distributed.get_backend()
-    if training_args.world_size > 1:  # DDP averages gradients, so t-SignSGD must have made the same moves everywhere
-        from accelerate.utils import gather_object
-
-        digests = gather_object([adapter_digest(model)])
-        summary["ranks_agree"] = len(set(digests)) == 1
-        if not summary["ranks_agree"]:
-            raise RuntimeError(f"the processes ended with different adapters ({digests}); not merging.")
-    if not main:  # every rank holds the same adapter; the main process merges and writes
+    summary.update(train_adapter(trainer, model, training_args))
+    if not is_main:  # every rank holds the same adapter; the main process merges and writes
         return {}
 
-    summary["ppl_adapter"], adapter_logits = perplexity(model, eval_ds, collator, batch)
-    layers = [m for m in model.modules() if isinstance(m, (peft_lota.LotaLayer, peft_lota.L4QLayer))]
-    deltas = [d for layer in layers for d in [layer.get_delta_codes(layer.active_adapters[0])] if d is not None]
-    summary["weights"] = sum(layer.in_features * layer.out_features for layer in layers)
-    if deltas:  # from a GPTQ model: how many of its integer codes the adapter changes
-        summary["codes_moved"] = sum(int((d != 0).sum()) for d in deltas)
-        logger.info("perplexity with the adapter: %.3f (%d of %d codes moved)", summary["ppl_adapter"],
-                    summary["codes_moved"], summary["weights"])
-    else:
-        logger.info("perplexity with the adapter: %.3f", summary["ppl_adapter"])
+    adapter_rows, adapter_logits = evaluate_adapter(model, eval_ds, collator, batch)
+    summary.update(adapter_rows)
     if not method_args.merge:
         return summary
-    rounded = method_args.method == "lota" and method_args.offset == "float"
-    if rounded:
-        logger.warning("offset='float' cannot be merged exactly; merging with round_float_offset=True.")
-
-    t0 = time.time()
-    merged = model.merge_and_unload(**({"round_float_offset": True} if rounded else {}))
-    summary["merge_seconds"] = round(time.time() - t0, 2)
-    summary["ppl_merged"], merged_logits = perplexity(merged, eval_ds, collator, batch)
-    summary["merged_equals_adapter"] = bool(torch.equal(merged_logits, adapter_logits))
-    merged_dir = Path(method_args.merged_dir or Path(training_args.output_dir) / "merged")
-    merged.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    summary["merged_dir"] = str(merged_dir)
-    logger.info("merged model: perplexity %.3f, saved to %s", summary["ppl_merged"], merged_dir)
-
+    merged, merged_logits, merge_rows = merge_and_save(model, tokenizer, eval_ds, collator, batch, adapter_logits,
+                                                       method_args, training_args)
+    summary.update(merge_rows)
     if method_args.verify:
-        reloaded = load_model(str(merged_dir), model_args.backend, dtype, device_map)
-        mine, theirs = quant_buffers(merged), quant_buffers(reloaded)
-        summary["reloaded_buffers_equal"] = mine.keys() == theirs.keys() and all(
-            torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
-        _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch, max_batches=1)
-        summary["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
-        del reloaded
+        summary.update(verify_reload(merged, merged_logits, summary["merged_dir"], model_args, dtype, device_map,
+                                     eval_ds, collator, batch))
     if method_args.merged_hub_model_id:
         merged.push_to_hub(method_args.merged_hub_model_id)
         summary["pushed_to"] = method_args.merged_hub_model_id
@@ -521,7 +575,7 @@ def short_help() -> str:
                                   "Every `transformers")[0].strip(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.usage = ("finetune.py --model_name_or_path PATH (--train_file FILE | --dataset_name NAME) --output_dir DIR "
-                    "[--method lota|l4q] [options]")
+                    f"[--method {'|'.join(m.cli_name for m in METHODS)}] [options]")
     for action in parser._actions:  # HfArgumentParser gives --no_x the help of --x
         negated = [o for o in action.option_strings if o.startswith("--no_")]
         if negated:
