@@ -370,16 +370,7 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
     if lora is None:
         _check_peft(model)
     model, factors, info, dense = _from_peft(model) if lora is None else _from_folder(model, lora)
-    quant = {n: formats.dispatch(model.get_submodule(n), n) for n in factors}
-    block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
-    block_layers = {}  # block index -> {name: module} of its layers to merge
-    for n in factors:
-        module = model.get_submodule(n)
-        block_layers.setdefault(block_of.get(id(module)), {})[n] = module
-    stray = sorted(block_layers.get(None, {}))
-    if stray:
-        raise MergeRefused(f"merge_lora merges quantized layers inside the decoder blocks; {stray[0]} is outside them. "
-                         "Leave it out of the LoRA's target_modules.")
+    block_layers = _layers_by_block(model, factors, blocks)
     held_out = eval_batches > 0
     calib, evals = (batches[:-eval_batches], batches[-eval_batches:]) if held_out else (batches, batches)
     device = next(p for p in model.parameters()).device
@@ -393,31 +384,8 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
         loss_lora, tokens, teacher, _ = _score(model, evals, device)
         targets = _top_k(model, calib, device, distill_top_k) if distill_steps else None
         inputs = capture_block_inputs(model, blocks, calib, device)
-        report_layers = {}
-        bar = tqdm(list(enumerate(blocks)), desc="merge_lora", disable=not progress, unit="block")
-        with torch.no_grad():
-            for i, block in bar:
-                own = block_layers.get(i, {})
-                hessians = _Hessians(own)
-                try:
-                    outputs = []
-                    for h, a, kw in inputs:  # the unmerged LoRA block: its layers' inputs and its outputs
-                        out = block(h, *a, **kw)
-                        outputs.append(out[0] if isinstance(out, tuple) else out)
-                    H = {n: hessians.of(n) for n in own}
-                finally:
-                    hessians.close()
-                for n in own:
-                    if H[n] is None:
-                        raise RuntimeError(f"merge_lora: {n} saw no input while its block ran; is it used by the model?")
-                    t0 = time.time()
-                    factors[n].detach()
-                    report_layers[n] = _merge_layer(quant[n], factors[n].delta(), H.pop(n), key=n,
-                                                    train_scales=train_scales, rounds=rounds, damp=damp,
-                                                    act_order=act_order)
-                    report_layers[n]["seconds"] = round(time.time() - t0, 3)
-                inputs = [(o, a, kw) for o, (_, a, kw) in zip(outputs, inputs)]
-                bar.set_postfix(layers=len(report_layers))
+        report_layers = _merge_blocks(blocks, block_layers, factors, inputs, progress, train_scales=train_scales,
+                                      rounds=rounds, damp=damp, act_order=act_order)
         del inputs
     finally:
         for f in factors.values():
@@ -437,6 +405,50 @@ def merge_lora(model: nn.Module, calibration: Union[Sequence[torch.Tensor], Sequ
     model.merge_lora_report = report
     logger.info(report.summary())
     return model
+
+
+def _layers_by_block(model: nn.Module, factors: dict, blocks) -> dict:
+    """{decoder block index: {name: module}} of the layers to merge; one outside every block is refused."""
+    block_of = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+    block_layers = {}
+    for n in factors:
+        module = model.get_submodule(n)
+        block_layers.setdefault(block_of.get(id(module)), {})[n] = module
+    stray = sorted(block_layers.get(None, {}))
+    if stray:
+        raise MergeRefused(f"merge_lora merges quantized layers inside the decoder blocks; {stray[0]} is outside them. "
+                           "Leave it out of the LoRA's target_modules.")
+    return block_layers
+
+
+@torch.no_grad()
+def _merge_blocks(blocks, block_layers: dict, factors: dict, inputs: list, progress: bool, **settings) -> dict:
+    """Block by block: run the unmerged LoRA block on its cached inputs (its layers' Hessians add up on the way), merge
+    its layers, and hand its unmerged outputs to the next block. Returns each layer's report."""
+    report_layers = {}
+    bar = tqdm(list(enumerate(blocks)), desc="merge_lora", disable=not progress, unit="block")
+    for i, block in bar:
+        own = block_layers.get(i, {})
+        hessians = _Hessians(own)
+        try:
+            outputs = []
+            for h, a, kw in inputs:  # the unmerged LoRA block: its layers' inputs and its outputs
+                out = block(h, *a, **kw)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+            H = {n: hessians.of(n) for n in own}
+        finally:
+            hessians.close()
+        for n, module in own.items():
+            if H[n] is None:
+                raise RuntimeError(f"merge_lora: {n} saw no input while its block ran; is it used by the model?")
+            t0 = time.time()
+            factors[n].detach()
+            report_layers[n] = _merge_layer(formats.dispatch(module, n), factors[n].delta(), H.pop(n), key=n,
+                                            **settings)
+            report_layers[n]["seconds"] = round(time.time() - t0, 3)
+        inputs[:] = [(o, a, kw) for o, (_, a, kw) in zip(outputs, inputs)]
+        bar.set_postfix(layers=len(report_layers))
+    return report_layers
 
 
 @torch.no_grad()
