@@ -115,9 +115,9 @@ def _own_dtype(path: str) -> str:
     return value if value in DTYPES else "float32"
 
 
-def load_model(path: str, dtype: Optional[str] = None):
-    """A quantized checkpoint with its layout-keeping kernel (what adapters read and merge into), or a
-    full-precision model; dtype None: the checkpoint's own."""
+def _load(path: str, dtype: Optional[str] = None):
+    """peft_lota.load_model for the command line: dtype None is the checkpoint's own, and a missing or damaged
+    model is a one-line usage error."""
     import torch
     from safetensors import SafetensorError
 
@@ -328,7 +328,7 @@ def _save_and_reload(args, merged, dtype: str, ids, merged_logits):
     out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
     merged.save_pretrained(out)
     _copy_tokenizer(out, [args.adapter, args.base])
-    reloaded = load_model(str(out), dtype)
+    reloaded = _load(str(out), dtype)
     same_codes = _same_buffers(merged, reloaded)
     same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -374,7 +374,7 @@ def cmd_merge_lora(args) -> int:
     batches = _calibration_blocks(args, [args.adapter, args.base])
     dtype = args.dtype or _own_dtype(args.base)
     try:  # the adapter read from its files, so that every format works (PEFT cannot wrap packed compressed-tensors)
-        merged = merge_lora(load_model(args.base, dtype), batches, lora=args.adapter, train_scales=not args.keep_scales)
+        merged = merge_lora(_load(args.base, dtype), batches, lora=args.adapter, train_scales=not args.keep_scales)
     except MergeRefused as err:
         raise UsageError(str(err)) from None
     report = merged.merge_lora_report
@@ -414,7 +414,7 @@ def cmd_merge(args) -> int:
                          "--calib_file and --keep_scales are for LoRA adapters only. Drop them.")
     _check_base(adapter_cfg, args.base)
     dtype = args.dtype or _own_dtype(args.base)
-    model = _apply_adapter(load_model(args.base, dtype), args.adapter)
+    model = _apply_adapter(_load(args.base, dtype), args.adapter)
     model.eval()
     ids = _probe(model)
     adapter_logits = _logits(model, ids)
@@ -464,7 +464,7 @@ def cmd_inspect(args) -> int:
         rows.append(("files", ", ".join(f"{p.name} {_human(p.stat().st_size)}" for p in files)))
         if args.base:
             _check_base(cfg, args.base)
-            model = _apply_adapter(load_model(args.base), args.path)
+            model = _apply_adapter(_load(args.base), args.path)
             moved = _codes_moved(model)
             rows.append(("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "-"))
             _print_table(rows)
@@ -511,17 +511,17 @@ def cmd_verify(args) -> int:
     if cfg:
         _check_base(cfg, base)
     dtype = args.dtype or _own_dtype(args.checkpoint)  # compare as the checkpoint loads by default
-    checkpoint = load_model(args.checkpoint, dtype)
+    checkpoint = _load(args.checkpoint, dtype)
     ids = _probe(checkpoint)
     if cfg:
-        reference = _apply_adapter(load_model(base, dtype), args.against)
+        reference = _apply_adapter(_load(base, dtype), args.against)
         reference.eval()
         rows = [("checkpoint", args.checkpoint), ("against", f"{cfg['peft_type']} adapter {args.against} on {base}"),
                 ("dtype", dtype)]
         ok = bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
         rows.append(("logits == the adapter model's", ok))
     else:
-        reference = load_model(args.against, dtype)
+        reference = _load(args.against, dtype)
         same = _same_buffers(checkpoint, reference)
         ok = same and bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
         rows = [("checkpoint", args.checkpoint), ("against", args.against), ("dtype", dtype),

@@ -55,7 +55,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was refused")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(cli, "_load", refuse)
 
 
 @pytest.mark.parametrize("case", ["out is base", "out is adapter", "out links to base", "out is a file"])

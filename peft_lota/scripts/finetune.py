@@ -320,9 +320,8 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(path: str, backend: Optional[str] = None, dtype: torch.dtype = torch.float32, device_map=None):
-    """A quantized checkpoint with a kernel that keeps its layout (what LoTA and L4Q read and merge into), or a
-    full-precision model (L4Q from full precision)."""
+def load_base(path: str, backend: Optional[str] = None, dtype: torch.dtype = torch.float32, device_map=None):
+    """peft_lota.load_model with finetune's --backend (a kernel of the checkpoint's format) and device map."""
     kwargs = {"device_map": device_map}
     qc = quantization_config(path)
     if qc is not None and backend is not None:
@@ -409,7 +408,7 @@ def adapted_model(model_args: ModelArguments, method_args: MethodArguments, trai
                   quantized: bool, dtype: torch.dtype, device_map):
     """The base model with the method's fresh adapter injected, ready for the Trainer."""
     config = method_args.peft_config(model_args.model_name_or_path, quantized)
-    model = get_peft_model(load_model(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
+    model = get_peft_model(load_base(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
     if training_args.should_log:
@@ -496,7 +495,7 @@ def merge_and_save(model, tokenizer, eval_ds, collator, batch_size: int, adapter
 def verify_reload(merged, merged_logits: torch.Tensor, merged_dir: str, model_args: ModelArguments,
                   dtype: torch.dtype, device_map, eval_ds, collator, batch_size: int) -> dict:
     """Reload the saved checkpoint as a user would; compare its quantized tensors and logits with the merged model."""
-    reloaded = load_model(merged_dir, model_args.backend, dtype, device_map)
+    reloaded = load_base(merged_dir, model_args.backend, dtype, device_map)
     out = {"reloaded_buffers_equal": same_quantized_tensors(merged, reloaded)}
     _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch_size, max_batches=1)
     out["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
