@@ -42,6 +42,17 @@ def randomize(model, seed=0, strength=0.05):
                 m.copy_(0.1 * (torch.rand(m.shape, generator=g) - 0.5))  # multipliers 0.95..1.05
 
 
+def train_two_steps(model):
+    """Two AdamW steps at a high rate (codes and scales move), then eval mode."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=X, labels=X).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 # ---- the maths -----------------------------------------------------------------------------------
 
 def _problem(layout: str, seed=0, K=64, N=24, G=4, bits=3, r=4, scales_dtype=torch.float32):
@@ -176,13 +187,7 @@ def test_full_precision_start_becomes_an_exact_gptq_checkpoint(fp_dir, tmp_path,
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                            L4QConfig(r=4, bits=bits, group_size=group_size, sym=sym, init_seed=0))
     assert len(l4q_layers(model)) == 14  # every projection, not the output head
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        model(input_ids=X, labels=X).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    train_two_steps(model)
     expected = logits(model)
     merged = model.merge_and_unload()
     assert len(gptq.gptq_layers(merged)) == 14 and torch.equal(logits(merged), expected)
@@ -261,13 +266,7 @@ def test_full_precision_start_into_awq_is_exact(fp_dir, tmp_path, bits, group_si
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
                            L4QConfig(r=4, bits=bits, group_size=group_size, sym=sym, format="awq", init_seed=0))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        model(input_ids=X, labels=X).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    train_two_steps(model)
     expected = logits(model)
     merged = model.merge_and_unload(safe_merge=True)
     assert len(awq.awq_layers(merged)) == 14 and not gptq.gptq_layers(merged)
