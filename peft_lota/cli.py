@@ -141,9 +141,9 @@ def _adapter_config(path: str) -> dict:
     config = _read_json(file)
     from peft import PeftConfig
 
-    from peft_lota.registry import METHODS, method  # (importing peft_lota registers its methods with PEFT)
+    from peft_lota.registry import METHODS  # (importing peft_lota registers its methods with PEFT)
 
-    if config.get("peft_type") != "LORA" and method(str(config.get("peft_type"))) is None:
+    if config.get("peft_type") not in {"LORA", *(m.name for m in METHODS)}:
         raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges "
                          f"{', '.join(m.title for m in METHODS)} and LoRA adapters.")
 

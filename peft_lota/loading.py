@@ -8,10 +8,11 @@ import os
 import warnings
 from pathlib import Path
 
-# gptqmodel sizes a worker pool from the CPU count at import and fails to start it on 2-core machines; 2 workers are
-# all a layer-at-a-time CPU job uses. Set before anything imports gptqmodel (this module is peft_lota's first import);
-# a value the user set wins.
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# gptqmodel sizes a worker pool from the CPU count at import and fails to start it on 2-core machines: there, 2
+# workers. Set before anything imports gptqmodel (this module is peft_lota's first import); larger machines keep
+# gptqmodel's own sizing, and a value the user set always wins.
+if (os.cpu_count() or 1) <= 2:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 # Messages printed on every run by the stack underneath, that nobody can act on: gptqmodel's start-up banner, its
 # notes that the GIL is enabled, that it set two environment variables and ran gc, that it compiles a kernel, picked

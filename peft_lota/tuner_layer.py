@@ -46,6 +46,7 @@ class QuantLayer(nn.Module, BaseTunerLayer):
     """A PEFT tuner layer on a quantized layer (or on an nn.Linear a merge quantizes)."""
 
     method_title: str = "?"  # how messages name the method ("LoTA")
+    config_name: str = "?"  # its config class, as messages name it ("LotaConfig")
 
     def __init__(self, base_layer: nn.Module, quant: Optional[QuantWeights], adapter_name: str,
                  current_key: str = "") -> None:
@@ -65,7 +66,7 @@ class QuantLayer(nn.Module, BaseTunerLayer):
     def _new_adapter(self, adapter_name: str, r: int, init_seed: Optional[int]) -> Optional[torch.Generator]:
         """Checks a new adapter's rank; returns its initialisation's generator: one reproducible stream per layer and
         adapter, independent of the order layers are created in (None: torch's global one)."""
-        check_rank(self, r, f"{self.method_title}Config")
+        check_rank(self, r, self.config_name)
         if init_seed is None:
             return None
         return torch.Generator().manual_seed(init_seed + zlib.crc32(f"{self._current_key}/{adapter_name}".encode()))

@@ -257,14 +257,15 @@ def test_l4q_from_lora_starts_from_the_lora_and_merges_exactly(gptq_dir, tmp_pat
 
 # ---- the format a full-precision start is written in -------------------------------------------------------
 
-@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, False), (8, 64, True)])
-def test_full_precision_start_into_awq_is_exact(fp_dir, tmp_path, bits, group_size, sym):
+@pytest.mark.parametrize("bits,group_size,sym,dtype", [(4, 32, False, torch.float32), (8, 64, True, torch.float32),
+                                                      (4, 32, True, torch.bfloat16)])
+def test_full_precision_start_into_awq_is_exact(fp_dir, tmp_path, bits, group_size, sym, dtype):
     """L4QConfig(format="awq"): trained through AWQ's kernel semantics, merged into AWQ layers, saved as a standard
     AWQ checkpoint that a stock AwqConfig load reads with the same codes and logits as the model that trained."""
     from peft_lota.formats import awq, quantized_tensors
     from tiny_models import load_awq
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=dtype),
                            L4QConfig(r=4, bits=bits, group_size=group_size, sym=sym, format="awq", init_seed=0))
     train_two_steps(model)
     expected = logits(model)
@@ -274,7 +275,7 @@ def test_full_precision_start_into_awq_is_exact(fp_dir, tmp_path, bits, group_si
     merged.save_pretrained(tmp_path / "merged")
     qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["zero_point"]) == ("awq", bits, group_size, not sym)
-    reloaded = load_awq(tmp_path / "merged")
+    reloaded = load_awq(tmp_path / "merged", dtype=dtype)
     before, after = quantized_tensors(merged), quantized_tensors(reloaded)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(logits(reloaded), expected)
@@ -314,3 +315,7 @@ def test_a_format_that_cannot_hold_the_grid_or_build_layers_is_refused(fp_dir):
                        L4QConfig(format="awq", group_size=48))
     with pytest.raises(ValueError, match="format must be one of"):
         L4QConfig(format="nf4")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),
+                           L4QConfig(r=4, format="awq", group_size=32))
+    with pytest.raises(ValueError, match="share its grid and format"):  # a second adapter cannot ask for GPTQ
+        model.add_adapter("other", L4QConfig(r=4, group_size=32))

@@ -49,7 +49,7 @@ def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
         codes=torch.randint(0, maxq + 1, (K, N), generator=g, dtype=torch.uint8),
         zeros=torch.randint(1, maxq + 1, (G, N), generator=g),
         scales=torch.rand(G, N, generator=g) * 0.1 + 0.01,  # fp32: the reference below works in fp32
-        g_idx=g_idx, maxq=maxq, bias=torch.randn(N, generator=g),
+        g_idx=g_idx, maxq=maxq, bias=torch.randn(N, generator=g), zero_range=(1, maxq),  # GPTQ's
     )
     A = torch.randint(-1, 2, (K, r), generator=g).float().requires_grad_()
     B = torch.randint(-1, 2, (r, N), generator=g).float().requires_grad_()

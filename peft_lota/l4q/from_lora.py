@@ -1,14 +1,14 @@
 """An L4Q model that starts from a LoRA you already trained, so that a short quantization-aware run ends in an
-exactly merged GPTQ checkpoint.
+exactly merged quantized checkpoint.
 
-A LoRA trained on a GPTQ model cannot be merged into it (PEFT refuses), and merging it into the dequantized
+A LoRA trained on a quantized model cannot be merged into it (PEFT refuses), and merging it into the dequantized
 weights and quantizing again loses much of what it learned at low bit widths. `l4q_from_lora` puts the same
 A and B inside L4Q's quantizer on the same base: the model then computes W_q = Q(W0 + scaling B A) on the
 base's own grid, and training it for a fraction of the LoRA's steps teaches A, B and the scales to live with
 the rounding; `merge_and_unload()` then writes exactly what was trained.
 
 To ship a LoRA as it is, `peft_lota.merge_lora` does better (benchmarks/README.md: the conversion re-rounds every
-weight GPTQ placed with error feedback, while merge_lora rounds the LoRA's update with error feedback onto the
+weight the quantizer (e.g. GPTQ) placed with error feedback, while merge_lora rounds the LoRA's update with error feedback onto the
 base's grid). This route is for going on training on the grid from a LoRA's starting point.
 """
 
@@ -32,8 +32,8 @@ def l4q_from_lora(model: nn.Module, lora: Union[None, str, os.PathLike, nn.Modul
     """Build an L4Q PeftModel whose LoRA starts as the given LoRA adapter, on the same base model.
 
     Args:
-        model: a PeftModel holding a LoRA adapter (then `lora` is None), or the base model (GPTQ or full
-            precision) that the LoRA adapter in `lora` was trained on.
+        model: a PeftModel holding a LoRA adapter (then `lora` is None), or the base model (quantized or
+            full precision) that the LoRA adapter in `lora` was trained on.
         lora: None, or the folder of a saved LoRA adapter (what `PeftModel.save_pretrained` wrote), or a PeftModel.
         adapter_name: which LoRA adapter to start from (default: the active one).
         learn_scales, config_kwargs: passed to L4QConfig (e.g. bits/group_size/sym for a full-precision base).

@@ -42,6 +42,7 @@ class L4QLayer(QuantLayer):
     adapter_layer_names = ("l4q_A", "l4q_B", "l4q_scales")
     other_param_names = ("settings",)
     method_title = "L4Q"
+    config_name = "L4QConfig"
 
     def __init__(self, base_layer: nn.Module, quant: Optional[QuantWeights], adapter_name: str,
                  settings: L4QSettings, *, quantizer: Optional[tuple[int, int, bool]] = None,
@@ -54,7 +55,7 @@ class L4QLayer(QuantLayer):
         self.l4q_B = nn.ParameterDict({})
         self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)
         self.settings: dict[str, L4QSettings] = {}
-        self.target_format: Optional[Format] = None  # nn.Linear base: the format a merge builds
+        self.target_format_name: Optional[str] = None  # nn.Linear base: the format a merge builds (a name: picklable)
         if quant is None:
             self._init_dense_grid(*quantizer, target_format or formats.by_name("gptq"))
         self.update_layer(adapter_name, settings, init_seed=init_seed)
@@ -68,7 +69,7 @@ class L4QLayer(QuantLayer):
                 f"L4Q cannot quantize {self._current_key or 'a layer'} (in_features={K}, out_features="
                 f"{self.out_features}) into a {bits}-bit {target_format.title} layer: {problem} Choose other bits or "
                 "group_size, another format, or exclude the layer.")
-        self.target_format = target_format
+        self.target_format_name = target_format.name
         # A tiny layer of that format (32 x 32 codes fill whole words at every width; no bias): how its kernel treats
         # activations and bias, which the adapted forward follows so that it computes what the merged layer will.
         n = 32
@@ -96,6 +97,10 @@ class L4QLayer(QuantLayer):
         return Grid.from_dense(base.weight.detach(), bias,
                                self.l4q_grid_scales, self.l4q_grid_zeros, self.l4q_grid_g_idx, (1 << bits) - 1,
                                word_rows(bits))
+
+    @property
+    def target_format(self) -> Optional[Format]:
+        return None if self.target_format_name is None else formats.by_name(self.target_format_name)
 
     @property
     def bits(self) -> int:
@@ -134,6 +139,10 @@ class L4QLayer(QuantLayer):
         # The dtypes and bias of the format's kernel: the base's, or (nn.Linear base) the one a merge builds.
         kernel = self.quant if self.quant is not None else self._kernel
         x2 = kernel.kernel_input(x.reshape(-1, x.shape[-1]))  # (it may convert its scales, as the kernel does)
+        if self.quant is None:  # ... and then the merged layer would hold them so: the grid's scales follow
+            dtype = kernel.read().scales.dtype
+            if self.l4q_grid_scales.dtype != dtype:
+                self.l4q_grid_scales = self.l4q_grid_scales.to(dtype)
         grid = self.grid()
         settings = self.settings[name]
         bias = grid.state.bias

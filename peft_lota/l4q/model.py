@@ -47,10 +47,12 @@ class L4QModel(QuantTuner):
     def _create_and_replace(self, config: L4QConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
         if isinstance(target, L4QLayer):
-            if target.quant is None and target.quantizer != config.quantizer():
+            if target.quant is None and (target.quantizer, target.target_format_name) != (
+                    config.quantizer(), self._target_format(config).name):
                 raise ValueError(f"L4Q adapter {adapter_name!r} asks for a (bits, group_size, sym) = "
-                                 f"{config.quantizer()} grid on {current_key}, which already has {target.quantizer}: "
-                                 "adapters on one layer share its grid.")
+                                 f"{config.quantizer()} {self._target_format(config).name} grid on {current_key}, "
+                                 f"which already has {target.quantizer} {target.target_format_name}: adapters on one "
+                                 "layer share its grid and format.")
             target.update_layer(adapter_name, self._settings(config), init_seed=config.init_seed)
             return
         quant = formats.dispatch(target, current_key)
@@ -106,9 +108,9 @@ class L4QModel(QuantTuner):
         """From full precision, the unloaded model now holds quantized layers: give it the config loaders read."""
         if formats.model_format(model) is not None:
             return
-        config = self.peft_config[self.active_adapters[0]]
-        fmt = self._target_format(config)
-        if any(fmt.is_layer(m) for m in model.modules()):
+        config = self.peft_config[self.active_adapters[0]]  # (adapters on one layer share its grid and format)
+        fmt = next((f for f in formats.FORMATS if any(f.is_layer(m) for m in model.modules())), None)
+        if fmt is not None:
             model.config.quantization_config = fmt.new_config(*config.quantizer())
 
     def _method_card(self, config: Optional[L4QConfig]) -> dict:

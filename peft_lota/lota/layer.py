@@ -96,6 +96,7 @@ class LotaLayer(QuantLayer):
     adapter_layer_names = ("lota_A", "lota_B", "lota_scales")
     other_param_names = ("settings",)
     method_title = "LoTA"
+    config_name = "LotaConfig"
 
     def __init__(self, base_layer: nn.Module, quant: QuantWeights, adapter_name: str, settings: AdapterSettings, *,
                  init_seed: Optional[int] = None, current_key: str = "", **kwargs) -> None:

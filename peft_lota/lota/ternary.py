@@ -311,8 +311,8 @@ class LotaLinearFunction(torch.autograd.Function):
     """y = x @ W'(A_1 B_1, ..., A_m B_m; s) + bias, with straight-through gradients to each A_i, B_i (and s).
 
     Forward stores only the adapted codes (uint8, one byte per weight) and the small zero/offset
-    tensors, and rebuilds W' in backward: less than the dequantized weight that a LoRA layer on
-    GPTQ keeps alive for its input gradient.
+    tensors, and rebuilds W' in backward: less than the dequantized weight that a LoRA layer on a
+    quantized base keeps alive for its input gradient.
 
     Backward (the paper's straight-through estimator): the threshold and edge mask pass gradients through unchanged, so
     dL/dP = s[g] * dL/dW' (factor_grads), plus, with an offset, the path through mu (add_offset_grads);
