@@ -7,13 +7,13 @@ r"""Fine-tune a quantized model with LoTA or L4Q through a stock `transformers.T
 Methods (`--method`): `lota` (the default: ternary adapters that move a quantized model's integer codes by whole
 steps, here trained by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q`
 (a LoRA trained through a learnable quantizer, from a quantized model or from a full-precision model, which the merge
-then turns into a GPTQ checkpoint with `--bits/--group_size/--sym`). Quantized models: GPTQ, AWQ, compressed-tensors
+then turns into a GPTQ (or `--format awq`) checkpoint with `--bits/--group_size/--sym`). Quantized models: GPTQ, AWQ, compressed-tensors
 or LLM.int8 checkpoints.
 
 Every `transformers.TrainingArguments` flag works (bf16, gradient_accumulation_steps, gradient_checkpointing,
 save_steps, resume_from_checkpoint, ...), and so does `accelerate launch --num_processes N examples/finetune.py ...`.
 After training the adapter is merged exactly and the merged model is written to `--merged_dir` (default
-`<output_dir>/merged`) as a standard checkpoint of the base's format (GPTQ from full precision); it is then reloaded
+`<output_dir>/merged`) as a standard checkpoint of the base's format (from full precision: `--format`, GPTQ by default); it is then reloaded
 with stock transformers and compared with the merged model (codes and logits). `--merged_hub_model_id me/model-gptq`
 also pushes it.
 (`--push_to_hub` is Trainer's own flag: it uploads the adapter checkpoints during training.)
@@ -60,7 +60,7 @@ from transformers import (
 )
 
 from peft_lota.cli import UsageError, _quantization
-from peft_lota.formats import config_format, quantized_tensors, same_quantized_tensors
+from peft_lota.formats import FORMATS, config_format, quantized_tensors, same_quantized_tensors
 from peft_lota.loading import quantization_config
 from peft_lota.registry import METHODS, tuner_layer_classes
 from peft_lota.tuner_layer import codes_moved
@@ -132,7 +132,10 @@ class MethodArguments:
     # L4Q
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "l4q: LoRA alpha (default: r)."})
     bits: Optional[int] = field(default=None, metadata={
-        "help": "l4q from full precision: bits of the GPTQ checkpoint to make (default 4).", "choices": [2, 3, 4, 8]})
+        "help": "l4q from full precision: bits of the checkpoint to make (default 4).", "choices": [2, 3, 4, 8]})
+    format: Optional[str] = field(default=None, metadata={
+        "help": "l4q from full precision: the format of the checkpoint to make (default gptq).",
+        "choices": [f.name for f in FORMATS if f.can_build]})
     group_size: Optional[int] = field(default=None, metadata={"help": "l4q from full precision: group size (default 128)."})
     sym: Optional[bool] = field(default=None, metadata={"help": "l4q from full precision: symmetric grid (default yes)."})
     learn_scales: bool = field(default=True, metadata={"help": "l4q: train the quantization scales."})
@@ -162,7 +165,7 @@ class MethodArguments:
                                         init_seed=self.init_seed, train_mode=self.train_mode, max_step=self.max_step,
                                         base_model_name_or_path=base_model, **kw)
         r = self.r or 16
-        kw = {k: v for k, v in dict(bits=self.bits, group_size=self.group_size, sym=self.sym,
+        kw = {k: v for k, v in dict(bits=self.bits, group_size=self.group_size, sym=self.sym, format=self.format,
                                     scale_gradient=self.scale_gradient).items() if v is not None}
         return peft_lota.L4QConfig(r=r, lora_alpha=self.lora_alpha or r, target_modules=targets,
                                    init_seed=self.init_seed, learn_scales=self.learn_scales,
@@ -408,7 +411,11 @@ def adapted_model(model_args: ModelArguments, method_args: MethodArguments, trai
                   quantized: bool, dtype: torch.dtype, device_map):
     """The base model with the method's fresh adapter injected, ready for the Trainer."""
     config = method_args.peft_config(model_args.model_name_or_path, quantized)
-    model = get_peft_model(load_base(model_args.model_name_or_path, model_args.backend, dtype, device_map), config)
+    base = load_base(model_args.model_name_or_path, model_args.backend, dtype, device_map)
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as err:  # a config this model cannot take (a grid its layers or the format cannot hold, ...)
+        raise UsageError(str(err).splitlines()[0]) from None
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpointed blocks
     if training_args.should_log:
