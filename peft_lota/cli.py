@@ -4,6 +4,7 @@
     peft-lota merge BASE LORA_ADAPTER OUT --calib_file FILE [--keep_scales]
     peft-lota inspect ADAPTER_OR_CHECKPOINT [--base BASE]
     peft-lota verify CHECKPOINT --against ADAPTER_OR_MODEL [--base BASE]
+    peft-lota convert CHECKPOINT OUT --to FORMAT
     peft-lota finetune ...     (examples/finetune.py's flags)
     peft-lota calibrate ...    (examples/calibrate.py's flags)
 
@@ -431,6 +432,47 @@ def cmd_merge(args) -> int:
     return _push_and_print(args, merged, out, fmt, qc, rows, exact and same_codes and same_logits)
 
 
+def cmd_convert(args) -> int:
+    from peft_lota.convert import convert_model, same_grid
+    from peft_lota.export import check_target
+
+    _check_out(args.out, {"checkpoint": args.checkpoint})
+    check_target(args.out)
+    qc = _quantization(args.checkpoint)
+    if qc is None:
+        raise UsageError(f"{args.checkpoint} is a full-precision model: convert repacks a quantized checkpoint "
+                         "(to quantize one, train L4Q from it or run peft-lota calibrate).")
+    source_name = _format(qc).name
+    dtype = args.dtype or _own_dtype(args.checkpoint)
+    source = _load(args.checkpoint, dtype)
+    from peft_lota import formats
+
+    formats.prepare_model(source)  # read as stored (a compressed-tensors model would decompress at its first forward)
+    ids = _probe(source)
+    source_logits = _logits(source, ids)
+    try:
+        converted = convert_model(_load(args.checkpoint, dtype), args.to)
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    converted.save_pretrained(args.out)
+    _copy_tokenizer(Path(args.out), [args.checkpoint])
+    reloaded = _load(args.out, dtype)
+    same = same_grid(source, reloaded)
+    diff = float((_logits(reloaded, ids).float() - source_logits.float()).abs().max())
+    out_qc = json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]
+    fmt = _format(out_qc)
+    rows = [("converted", f"{args.checkpoint} ({source_name}) -> {args.out} ({fmt.name})"), ("dtype", dtype),
+            ("codes, zeros, scales, group order, bias equal", same),
+            ("largest logit difference, each format's own kernel", f"{diff:.3g}" + (
+                " (identical)" if diff == 0 else " (the kernels round differently; the weights are the same)")),
+            ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(out_qc) if ok) or "none known")]
+    note = fmt.fast_path_note(out_qc)
+    if note:
+        rows.append(("note", note))
+    _print_table(rows)
+    return EXIT_OK if same else EXIT_FAILED
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -642,6 +684,17 @@ def main(argv=None) -> int:
     v.add_argument("--base", help="the adapter's base model (default: the one its adapter_config.json names)")
     v.add_argument("--dtype", choices=DTYPES, help=dtype_help)
     v.set_defaults(func=cmd_verify)
+    c = sub.add_parser("convert", help="repack a quantized checkpoint into another format, losslessly (e.g. for a "
+                                       "server that takes only one)",
+                       description="Read every quantized layer's codes, zero points, scales and group order and write "
+                                   "them in the target format; refused with the reason where the target cannot hold "
+                                   "them. The result is reloaded and compared layer by layer.")
+    c.add_argument("checkpoint")
+    c.add_argument("out", help="where to write the converted checkpoint (a folder apart from CHECKPOINT)")
+    c.add_argument("--to", required=True, metavar="FORMAT", help="the target format's name (gptq, awq: the formats "
+                   "peft_lota builds layers of)")
+    c.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    c.set_defaults(func=cmd_convert)
     sub.add_parser("finetune", help="fine-tune a quantized model through a stock Trainer, merge, save, verify "
                                     "(examples/finetune.py; peft-lota finetune --help)", add_help=False)
     sub.add_parser("calibrate", help="calibrate a full-precision model into a low-bit GPTQ checkpoint (ApiQ; "

@@ -163,9 +163,12 @@ def model_is_awq(model: nn.Module) -> bool:
     return qc is not None and qc.get("quant_method") == "awq"
 
 
-def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> Optional[str]:
+def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 act_order: bool = False) -> Optional[str]:
     """Why a new AWQ GEMM layer [in_features, out_features] with this grid cannot be stored, or None."""
     gs = in_features if group_size in (-1, 0) else group_size
+    if act_order:
+        return "AWQ's groups are contiguous runs of input rows: act-order (a permuted g_idx) cannot be stored."
     if bits not in SUPPORTED_BITS:
         return f"AWQ layers here hold {SUPPORTED_BITS}-bit codes, not {bits}."
     if (out_features * bits) % 32:

@@ -345,8 +345,8 @@ class Format:
     fast_path_note(qc): why the checkpoint misses the fast GPU kernels, or None.
 
     Building new layers (a method that quantizes a full-precision model writes them), for formats that can:
-    grid_problem(in_features, out_features, bits, group_size, sym): why a layer with this grid cannot be
-        stored in this format, or None;
+    grid_problem(in_features, out_features, bits, group_size, sym, act_order=False): why a layer with this
+        grid cannot be stored in this format, or None;
     build_layer(codes, zeros, scales, g_idx, bias, bits, group_size, sym): a layer of the format's trainable
         kernel holding exactly these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype) and bias;
     new_config(bits, group_size, sym): the quantization_config (dict) of a model of such layers.
@@ -365,7 +365,7 @@ class Format:
     fast_path_note: Callable[[dict], Optional[str]] = lambda qc: None
     # whether a quantization_config (dict) is of this format; default: its quant_method is ours
     config_matches: Optional[Callable[[dict], bool]] = None
-    grid_problem: Optional[Callable[[int, int, int, int, bool], Optional[str]]] = None
+    grid_problem: Optional[Callable[..., Optional[str]]] = None
     build_layer: Optional[Callable[..., nn.Module]] = None
     new_config: Optional[Callable[[int, int, bool], dict]] = None
 

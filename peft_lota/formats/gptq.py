@@ -149,7 +149,8 @@ def checkpoint_format(model: nn.Module) -> str:
     return (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
 
 
-def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> Optional[str]:
+def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 act_order: bool = False) -> Optional[str]:
     """Why a new GPTQ layer [in_features, out_features] with this grid cannot be stored, or None."""
     if bits not in SUPPORTED_BITS:
         return f"GPTQ layers here hold {SUPPORTED_BITS}-bit codes, not {bits}."

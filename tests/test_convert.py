@@ -1,0 +1,77 @@
+"""Lossless conversion between formats (peft_lota.convert, `peft-lota convert`): the same integer grid written in
+another format, read back by a stock load; what the target cannot hold is refused before anything changes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from peft_lota import cli, formats, load_model
+from peft_lota.convert import convert_model, same_grid
+from tiny_models import AwqSpec, CtSpec, Spec
+
+X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _source(kind, spec, gptq_dir, awq_dir, ct_dir):
+    return {"gptq": gptq_dir, "awq": awq_dir, "ct": ct_dir}[kind](spec)
+
+
+CASES = [("awq", AwqSpec("llama", 4, False, 32), "gptq"),  # zero points of 0: written as gptq_v2
+         ("gptq", Spec("qwen2", 4, True, False, "gptq_v2"), "awq"),  # bias
+         ("gptq", Spec("llama", 2, False, False, "gptq_v2"), "awq"),
+         ("ct", CtSpec("llama", 4, 32), "awq"),
+         ("ct", CtSpec("qwen2", 8, None), "gptq")]  # channel-wise: one group per column
+
+
+@pytest.mark.parametrize("kind,spec,to", CASES, ids=[f"{k}-{s.slug()}-to-{t}" for k, s, t in CASES])
+def test_conversion_keeps_the_grid_through_a_stock_reload(gptq_dir, awq_dir, ct_dir, tmp_path, kind, spec, to):
+    path = _source(kind, spec, gptq_dir, awq_dir, ct_dir)
+    source = load_model(path)
+    formats.prepare_model(source)
+    converted = convert_model(load_model(path), to)
+    assert formats.model_format(converted).name == to and same_grid(source, converted)
+    converted.save_pretrained(tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == to
+    reloaded = load_model(tmp_path / "out")
+    assert formats.model_format(reloaded).name == to
+    assert same_grid(source, reloaded)  # codes, zero points, scales, g_idx, bias: the same values
+    with torch.no_grad():  # the weights are the same; the kernels may round the products differently
+        a, b = source(input_ids=X).logits, reloaded(input_ids=X).logits
+    assert torch.allclose(a, b, atol=1e-2, rtol=0)
+
+
+def test_what_the_target_cannot_hold_is_refused_before_anything_changes(gptq_dir, fp_dir):
+    act_order = load_model(gptq_dir(Spec("llama", 4, False, True, "gptq")))
+    formats.prepare_model(act_order)
+    before = formats.quantized_tensors(act_order)
+    with pytest.raises(ValueError, match="act-order"):
+        convert_model(act_order, "awq")
+    after = formats.quantized_tensors(act_order)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert formats.model_format(act_order).name == "gptq"
+    with pytest.raises(ValueError, match="GPTQ already"):
+        convert_model(act_order, "gptq")
+    with pytest.raises(ValueError, match="cannot build compressed-tensors layers"):
+        convert_model(act_order, "compressed-tensors")
+    with pytest.raises(ValueError, match="unknown format"):
+        convert_model(act_order, "nf4")
+    with pytest.raises(ValueError, match="full precision"):
+        convert_model(load_model(fp_dir("llama")), "gptq")
+
+
+def test_the_command_line_converts_verifies_and_refuses_in_one_line(awq_dir, tmp_path, capsys):
+    path = awq_dir(AwqSpec("qwen2", 4, True, 64))
+    out = tmp_path / "gptq"
+    assert cli.main(["convert", str(path), str(out), "--to", "gptq"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"codes, zeros, scales, group order, bias equal +True", printed)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert cli.main(["convert", str(path), str(path), "--to", "gptq"]) == 2  # OUT is the input
+    assert cli.main(["convert", str(path), str(tmp_path / "x"), "--to", "awq"]) == 2  # AWQ already
+    err = capsys.readouterr().err
+    assert "would write over it" in err and "AWQ already" in err and not (tmp_path / "x").exists()
