@@ -408,6 +408,8 @@ def cmd_merge(args) -> int:
 
         check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
     adapter_cfg = _adapter_config(args.adapter)
+    if args.stream:
+        return cmd_merge_stream(args, adapter_cfg)
     if adapter_cfg["peft_type"] == "LORA":
         return cmd_merge_lora(args)
     if args.calib_file or args.keep_scales:
@@ -471,6 +473,43 @@ def cmd_convert(args) -> int:
         rows.append(("note", note))
     _print_table(rows)
     return EXIT_OK if same else EXIT_FAILED
+
+
+def cmd_merge_stream(args, adapter_cfg: dict) -> int:
+    """merge --stream: file by file, the model never built; the logits check only for a base below --check_below GiB."""
+    import torch
+
+    from peft_lota.stream import merge_checkpoint
+
+    if adapter_cfg["peft_type"] == "LORA" or args.calib_file or args.push or args.dtype:
+        raise UsageError("--stream merges an adapter of peft_lota's own methods into local files: drop --calib_file, "
+                         "--push and --dtype (a LoRA: merge without --stream; push the written folder afterwards).")
+    if not Path(args.base).is_dir():
+        raise UsageError(f"--stream reads the base's files: {args.base} is not a local folder.")
+    try:
+        report = merge_checkpoint(args.base, args.adapter, args.out)
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    _copy_tokenizer(Path(args.out), [args.adapter, args.base])
+    size = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors")) / 2**30
+    rows = [("method", f"{adapter_cfg['peft_type']} (streamed: shard by shard, the model never built)"),
+            ("adapter", args.adapter), ("base", args.base), ("written", f"{args.out} ({report.checkpoint_format})"),
+            ("codes moved", f"{report.codes_moved:,} of {report.codes:,} in {report.layers} layers"),
+            ("shards", f"{report.shards} in {report.seconds:.0f} s, peak RSS {report.peak_rss_mib:,.0f} MiB "
+                       f"(base {size:.2f} GiB)"),
+            ("merged tensors read back == computed", f"True ({report.verified_tensors})")]
+    ok = True
+    if size <= args.check_below:
+        adapter_model = _apply_adapter(_load(args.base), args.adapter).eval()
+        ids = _probe(adapter_model)
+        expected = _logits(adapter_model, ids)
+        del adapter_model
+        ok = bool(torch.equal(_logits(_load(args.out), ids), expected))
+        rows.append(("reloaded logits == adapter logits", ok))
+    else:
+        rows.append(("logits check", f"skipped: the base is {size:.1f} GiB, above --check_below {args.check_below:g}"))
+    _print_table(rows)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _human(n: int) -> str:
@@ -656,6 +695,11 @@ def main(argv=None) -> int:
                                           "(optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
+    m.add_argument("--stream", action="store_true", help="merge file by file without building the model (peak memory "
+                   "about one shard: for checkpoints larger than this machine's memory); the base must be a local "
+                   "folder of safetensors")
+    m.add_argument("--check_below", type=float, default=4.0, metavar="GIB", help="with --stream: compare the "
+                   "reloaded logits with the adapter model's when the base's weights are at most this many GiB (4)")
     m.add_argument("--dtype", choices=DTYPES, help=dtype_help.replace("checkpoint's", "base's") +
                    "; the merged config records it.")
     lora = m.add_argument_group("LoRA adapters (merged onto the base's grid with GPTQ error feedback)")

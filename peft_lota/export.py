@@ -497,6 +497,18 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
     _check_save_kwargs(save_kwargs)
     if not save_kwargs.pop("is_main_process", True):
         return Path(save_directory)  # like transformers: only the main process writes
+
+    def write(staged: Path, write_card: bool) -> None:
+        _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
+               save_kwargs=save_kwargs)
+
+    return commit_checkpoint(save_directory, write, card=card_info is not None, overwrite_readme=overwrite_readme)
+
+
+def commit_checkpoint(save_directory, write, *, card: bool = False, overwrite_readme: bool = False) -> Path:
+    """Stage a checkpoint inside `save_directory` with `write(staged_folder, write_card)`, then commit it file by file
+    (the comment above `MANIFEST`): what every peft_lota save goes through. `card`: whether the writer makes a model
+    card; `write_card` tells it whether it may (an existing README.md it did not write is kept)."""
     target = Path(save_directory).absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory.")
@@ -511,13 +523,12 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
         write_card = (overwrite_readme or not os.path.lexists(existing_card)
                       or (_regular(existing_card)
                           and CARD_MARKER in existing_card.read_text(encoding="utf-8", errors="replace")))
-        if card_info is not None and not write_card:
+        if card and not write_card:
             logger.warning("peft_lota: %s already has a README.md that peft_lota did not write; keeping it "
                            "(pass overwrite_readme=True to replace it with the model card).", target)
         staged = Path(tempfile.mkdtemp(prefix=STAGING, dir=target))
         try:
-            _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
-                   save_kwargs=save_kwargs)
+            write(staged, write_card)
             _commit(staged, target)
         except BaseException:
             if not (target / JOURNAL).exists():  # a journal means: moving in; recover() finishes it

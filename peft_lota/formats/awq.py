@@ -338,6 +338,14 @@ def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
         raise ValueError(f"This model's AWQ config says format {fmt!r}; peft_lota writes the GEMM layout only.")
 
     still_sym = all(bool((unpack_columns(m.qzeros, bits) == 1 << (bits - 1)).all()) for _, m in layers)
+    qc, extra, facts = checkpoint_config(qc, True, still_sym)
+    return model.state_dict(), qc, extra, facts
+
+
+def checkpoint_config(qc: dict, fits: bool, still_sym: bool) -> tuple[dict, dict, dict]:
+    """(quantization_config, extra files, facts) of a checkpoint written from a model loaded with `qc` whose zero points
+    are all still centred (still_sym); AWQ stores any zero point (`fits` is for the formats' common signature)."""
+    bits = int(qc["bits"])
     was_sym = not bool(qc.get("zero_point", True))  # `sym` in transformers' AwqConfig is GPTQConfig's default
     sym = was_sym and still_sym
     if was_sym and not sym:
@@ -355,7 +363,38 @@ def awq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                + (", ".join(serving) or "none known") + ".")
     facts = {"format": "AWQ", "bits": bits, "group_size": qc["group_size"], "desc_act": False, "sym": sym,
              "checkpoint_format": "gemm", "loaders": loaders, "kernels": serving, "fast_path_note": None}
-    return model.state_dict(), qc, extra, facts
+    return qc, extra, facts
+
+
+# ---- streaming: one layer from a checkpoint's tensors, and back ------------------------------------------
+
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "bias")
+
+
+def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
+    """An AwqTorchLinear holding one layer's checkpoint tensors ({"qweight": ..., "qzeros": ..., ...})."""
+    _, AwqTorchLinear = _classes()
+    bits = int(qc["bits"])
+    qweight = tensors["qweight"]
+    K, N = qweight.shape[0], qweight.shape[1] * 32 // bits
+    layer = AwqTorchLinear(bits=bits, group_size=int(qc["group_size"]), sym=not qc.get("zero_point", True),
+                           desc_act=False, in_features=K, out_features=N, bias="bias" in tensors,
+                           pack_dtype=torch.int32, register_buffers=True)
+    for name in LAYER_TENSORS:
+        if name in tensors:
+            setattr(layer, name, tensors[name])
+    layer.post_init()
+    return layer
+
+
+def layer_tensors(layer: nn.Module, qc_out: dict) -> dict:
+    """One layer's tensors as an AWQ checkpoint stores them (as they are in memory)."""
+    return {name: getattr(layer, name) for name in LAYER_TENSORS if getattr(layer, name, None) is not None}
+
+
+def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
+    """Zero points [G, N] (uint8) from a layer's stored tensors."""
+    return unpack_columns(tensors["qzeros"], int(qc["bits"]))
 
 
 # vLLM (checked against its awq / awq_marlin quantization configs): 4-bit GEMM checkpoints, Marlin when the
@@ -394,4 +433,6 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=dispatch_awq,
                 prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
+                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

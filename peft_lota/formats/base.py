@@ -368,6 +368,20 @@ class Format:
     grid_problem: Optional[Callable[..., Optional[str]]] = None
     build_layer: Optional[Callable[..., nn.Module]] = None
     new_config: Optional[Callable[[int, int, bool], dict]] = None
+    # Streaming a checkpoint file by file, one layer at a time (formats that can; stream.py):
+    # layer_tensor_names: the tensors of one layer, by suffix; layer_from_tensors(tensors, qc): a trainable,
+    # layout-keeping layer holding them; layer_tensors(layer, qc_out): its tensors as a checkpoint with qc_out stores
+    # them; true_zeros_of(tensors, qc): its true zero points; checkpoint_config(qc, fits_classic, still_sym):
+    # (quantization_config, extra files, facts) of the written checkpoint.
+    layer_tensor_names: tuple = ()
+    layer_from_tensors: Optional[Callable[[dict, dict], nn.Module]] = None
+    layer_tensors: Optional[Callable[[nn.Module, dict], dict]] = None
+    true_zeros_of: Optional[Callable[[dict, dict], torch.Tensor]] = None
+    checkpoint_config: Optional[Callable[[dict, bool, bool], tuple]] = None
+
+    @property
+    def can_stream(self) -> bool:
+        return self.layer_from_tensors is not None
 
     @property
     def title(self) -> str:

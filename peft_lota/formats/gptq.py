@@ -361,7 +361,14 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     for name, _ in layers:
         z = true_zeros[name]
         state_dict[f"{name}.qzeros" if name else "qzeros"] = zeros_v2_to_v1(z, bits) if fmt == "gptq" else z
+    qc, extra, facts = checkpoint_config(qc, fits_v1, still_sym)
+    return state_dict, qc, extra, facts
 
+
+def checkpoint_config(qc: dict, fits_v1: bool, still_sym: bool) -> tuple[dict, dict, dict]:
+    """(quantization_config, extra files, facts) of a checkpoint written from a model loaded with `qc` whose true zero
+    points all fit the classic format (fits_v1) and are all still centred (still_sym)."""
+    fmt = "gptq" if fits_v1 else "gptq_v2"
     was_sym = bool(qc.get("sym", True))
     qc.update(format=fmt, checkpoint_format=fmt, sym=was_sym and still_sym,
               backend="auto",  # what stock loading picks anyway; never pin a training kernel
@@ -382,7 +389,49 @@ def gptq_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     loaders += " Kernels that can serve it: " + (", ".join(serving) or "none known") + "." + (f" {note}" if note else "")
     facts = {"format": "GPTQ", "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc.get("desc_act"),
              "sym": qc["sym"], "checkpoint_format": fmt, "loaders": loaders, "kernels": serving, "fast_path_note": note}
-    return state_dict, qc, extra, facts
+    return qc, extra, facts
+
+
+# ---- streaming: one layer from a checkpoint's tensors, and back ------------------------------------------
+
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
+    """A TorchLinear holding one layer's checkpoint tensors ({"qweight": ..., "qzeros": ..., ...}, as stored under
+    `qc`), with true (v2) zero points in memory, as prepare_gptq_model leaves a loaded layer."""
+    _, TorchLinear = _qlinear_classes()
+    bits = int(qc["bits"])
+    qweight = tensors["qweight"]
+    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    layer = TorchLinear(bits=bits, group_size=int(qc["group_size"]), sym=bool(qc.get("sym", True)),
+                        desc_act=bool(qc.get("desc_act")), in_features=K, out_features=N,
+                        bias="bias" in tensors, pack_dtype=torch.int32, register_buffers=True)
+    for name in LAYER_TENSORS:
+        if name in tensors:
+            setattr(layer, name, tensors[name])
+    v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower() == "gptq"
+    layer.qzero_format(format=1 if v1 else 2)
+    _normalise_zero_format(layer, zeros_may_be_v1=v1)
+    layer.post_init()
+    return layer
+
+
+def layer_tensors(layer: nn.Module, qc_out: dict) -> dict:
+    """One layer's tensors as a checkpoint with `qc_out` (checkpoint_config's) stores them."""
+    v1 = qc_out["checkpoint_format"] == "gptq"
+    out = {name: getattr(layer, name) for name in LAYER_TENSORS if getattr(layer, name, None) is not None}
+    out["qzeros"] = zeros_v2_to_v1(layer.qzeros.data, layer.bits) if v1 else layer.qzeros.data
+    return out
+
+
+def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
+    """True zero points [G, N] (uint8) from a layer's stored tensors, as loading makes them: a classic (v1) stored
+    maxq wraps to 0 (gptqmodel's packed-word add), so such a layer does not fit the classic format again."""
+    bits = int(qc["bits"])
+    z = unpack_qzeros(tensors["qzeros"], bits)[:, : tensors["qweight"].shape[1]]
+    v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower() == "gptq"
+    return ((z.to(torch.int16) + 1) & ((1 << bits) - 1)).to(torch.uint8) if v1 else z
 
 
 def _quantize_config_json(qc: dict) -> dict:
@@ -451,4 +500,6 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch=dispatch_gptq,
                 prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
+                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

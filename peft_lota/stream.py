@@ -1,0 +1,268 @@
+"""Merging an adapter into a quantized checkpoint file by file, without building the model (70B on a small machine).
+
+The base's safetensors files are read through memory maps, one shard at a time. The adapted layers whose tensors
+sit in a shard are rebuilt alone from those tensors (`Format.layer_from_tensors`), wrapped by the adapter's own
+method exactly as `get_peft_model` wraps them in a whole model, given their part of the adapter file, and merged by
+the method's own `merge_and_unload`: the merged tensors are the in-memory merge's, bit for bit. Every other tensor
+is copied as it is. The result keeps the base's shard names and index, and its config gains only what the merge
+changes (the format's `checkpoint_config`); it is written through export's staged, atomic commit. Peak memory: about
+one shard, plus the adapter tensors of that shard's layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import formats
+from .loading import quantization_config
+
+logger = logging.getLogger(__name__)
+
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "tokenizer.model", "chat_template.jinja")
+
+
+@dataclass
+class StreamReport:
+    """What a streaming merge did: layers merged, codes moved, shards written, time and peak memory of the process."""
+
+    layers: int = 0
+    codes_moved: int = 0
+    codes: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    checkpoint_format: Optional[str] = None
+    per_shard_seconds: list = field(default_factory=list)
+    verified_tensors: int = 0  # merged tensors read back from the written files, equal to what was computed
+
+
+def _weight_map(base: Path) -> dict:
+    """{tensor name: shard file} of a checkpoint folder (sharded or single-file)."""
+    from safetensors import safe_open
+
+    if (base / INDEX).is_file():
+        return dict(json.loads((base / INDEX).read_text())["weight_map"])
+    if not (base / SINGLE).is_file():
+        raise ValueError(f"{base} holds no {SINGLE} or {INDEX}: the streaming merge reads safetensors checkpoints.")
+    with safe_open(str(base / SINGLE), "pt") as f:
+        return {k: SINGLE for k in f.keys()}
+
+
+def _adapter_layers(adapter: Path, prefix: str) -> dict:
+    """{layer name in the base: [adapter tensor keys]} from the adapter file's keys ("base_model.model.<layer>.<prefix>...")."""
+    from safetensors import safe_open
+
+    layers = {}
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            head, sep, _ = key.partition(f".{prefix}")
+            if not sep:
+                continue
+            layers.setdefault(head.removeprefix("base_model.model."), []).append(key)
+    return layers
+
+
+class _Tree(nn.Module):
+    """An empty model holding modules at dotted paths (what PEFT's injection and key mapping expect)."""
+
+    def place(self, name: str, module: nn.Module) -> None:
+        parent = self
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+
+
+def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, qc: dict, fmt, safe: bool):
+    """Merge the adapter into these layers, rebuilt alone from their tensors; returns ({name: merged layer}, moved,
+    codes)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import PretrainedConfig
+
+    from .tuner_layer import codes_moved
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    tree = _Tree()
+    tree.name_or_path = config.base_model_name_or_path  # (PEFT records it from the model)
+    tree.config = PretrainedConfig()
+    tree.config.quantization_config = dict(qc)
+    for name in names:
+        tree.place(name, fmt.layer_from_tensors(tensors[name], qc))
+    config.target_modules = set(names)  # exactly these layers, by full name
+    config.layers_to_transform = config.layers_pattern = None
+    config.task_type = None  # a plain PeftModel around the tree
+    config.inference_mode = True
+    model = get_peft_model(tree, config)
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for n in names for k in adapter_keys[n]}
+    set_peft_model_state_dict(model, state)
+    moved = codes_moved(model) or (0, 0)
+    merged = model.merge_and_unload(safe_merge=safe)
+    return {n: merged.get_submodule(n) for n in names}, moved
+
+
+def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool = True) -> StreamReport:
+    """Merge the saved adapter (a method of peft_lota's, trained on the quantized checkpoint `base`) into `base`'s
+    files, shard by shard, and write the merged checkpoint into `out` (its own folder: never `base`).
+
+    The merged tensors equal those of `merge_and_unload()` on the loaded model, saved: the method's own merge runs on
+    each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
+    StreamReport (also logged). Formats: those with `Format.can_stream` (GPTQ, AWQ); others are refused with the way
+    out (`peft-lota merge` without --stream).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .export import commit_checkpoint
+    from .registry import method as method_named
+
+    started = time.time()
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    if out.resolve() == base.resolve() or out.resolve() == adapter.resolve():
+        raise ValueError(f"{out} is an input folder: write the merged checkpoint to a folder of its own.")
+    qc = quantization_config(base)
+    if qc is None:
+        raise ValueError(f"{base} is a full-precision model: the streaming merge reads a quantized checkpoint's codes "
+                         "(merge an adapter trained from full precision in memory: peft-lota merge without --stream).")
+    fmt = formats.config_format(qc)
+    if not fmt.can_stream:
+        raise ValueError(f"the streaming merge does not read {fmt.title} checkpoints yet; merge in memory (peft-lota "
+                         "merge without --stream).")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    method = method_named(str(adapter_config.get("peft_type")))
+    if method is None:
+        raise ValueError(f"{adapter} holds a {adapter_config.get('peft_type')} adapter; the streaming merge merges "
+                         "peft_lota's own methods exactly (a LoRA: peft-lota merge --calib_file).")
+    weight_map = _weight_map(base)
+    layers = _adapter_layers(adapter, method.prefix)
+    missing = [n for n in layers if f"{n}.{fmt.layer_tensor_names[0]}" not in weight_map]
+    if missing:
+        raise ValueError(f"the adapter adapts {missing[0]}, which {base} has no {fmt.title} layer of: it was made for "
+                         "another base model.")
+    # Each adapted layer is merged with the first shard (in writing order) that holds any of its tensors; a layer whose
+    # tensors straddle shards keeps its merged tensors for the later ones (`pending`).
+    order = sorted(set(weight_map.values()))
+    by_shard: dict = {}
+    for name in layers:
+        shards_of = [weight_map[f"{name}.{s}"] for s in fmt.layer_tensor_names if f"{name}.{s}" in weight_map]
+        by_shard.setdefault(min(shards_of, key=order.index), []).append(name)
+    bits = int(qc["bits"])
+    center = 1 << (bits - 1)
+
+    # The checkpoint format is decided before any shard is written, from the base's zero points (cheap to read):
+    # merges keep every zero point inside the format's storable range, so one that fits stays fitting.
+    fits, still_sym = True, True  # (whether the base was symmetric: the format's checkpoint_config knows)
+    with _Shards(base) as shards:
+        for name in sorted({k.rsplit(".", 1)[0] for k in weight_map if k.endswith(".qzeros")}):
+            tensors = shards.layer(name, fmt.layer_tensor_names, weight_map)
+            fits = fits and int(fmt.true_zeros_of(tensors, qc).min()) >= 1
+        qc_out, extra, facts = fmt.checkpoint_config(dict(qc), fits, True)  # sym: settled after the merge
+        report = StreamReport(checkpoint_format=facts.get("checkpoint_format"))
+
+        def write(staged: Path, write_card: bool) -> None:
+            nonlocal still_sym
+            pending = {}  # merged tensors of layers merged with an earlier shard
+            for shard in tqdm(order, desc="merging shards", disable=not progress, unit="shard"):
+                t0 = time.time()
+                names = by_shard.get(shard, [])
+                merged, moved = ({}, (0, 0)) if not names else _merge_group(
+                    names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter, layers,
+                    qc, fmt, safe)
+                for n, layer in merged.items():
+                    written = fmt.layer_tensors(layer, qc_out)
+                    still_sym = still_sym and bool((fmt.true_zeros_of(written, qc_out) == center).all())
+                    pending.update({f"{n}.{k}": v.contiguous() for k, v in written.items()})
+                    digests.update({f"{n}.{k}": _digest(v) for k, v in written.items()})
+                keys = [k for k, s in weight_map.items() if s == shard]
+                tensors = {k: pending.pop(k) if k in pending else shards.get(k, weight_map) for k in keys}
+                save_file(tensors, str(staged / shard), metadata={"format": "pt"})
+                report.layers += len(merged)
+                report.codes_moved += moved[0]
+                report.codes += moved[1]
+                report.shards += 1
+                report.per_shard_seconds.append(round(time.time() - t0, 2))
+                del tensors, merged
+            if pending:
+                raise RuntimeError(f"merged tensors {sorted(pending)[:3]} were never written: a bug in peft_lota.")
+            if (base / INDEX).is_file():
+                (staged / INDEX).write_text((base / INDEX).read_text())
+            final_qc, final_extra, _ = fmt.checkpoint_config(dict(qc), fits, still_sym)
+            config = json.loads((base / "config.json").read_text())
+            config["quantization_config"] = final_qc
+            (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name, text in final_extra.items():
+                (staged / name).write_text(text)
+            for name in COPIED:
+                if (base / name).is_file():
+                    (staged / name).write_bytes((base / name).read_bytes())
+
+        digests: dict = {}
+        commit_checkpoint(out, write)
+    report.verified_tensors = _verify(out, digests)
+    report.seconds = round(time.time() - started, 1)
+    report.peak_rss_mib = _peak_rss_mib()
+    logger.info("peft_lota: streamed %d layers over %d shards in %.0f s (peak RSS %.0f MiB).", report.layers,
+                report.shards, report.seconds, report.peak_rss_mib)
+    return report
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
+
+
+def _verify(out: Path, digests: dict) -> int:
+    """Read every merged tensor back from the written checkpoint and compare it with what the merge computed."""
+    weight_map = _weight_map(out)
+    with _Shards(out) as shards:
+        bad = [k for k, d in digests.items() if _digest(shards.get(k, weight_map)) != d]
+    if bad:
+        raise RuntimeError(f"{out}: the written {bad[0]} differs from the merged one (disk or filesystem trouble?); "
+                           "write the checkpoint again.")
+    return len(digests)
+
+
+class _Shards:
+    """The base's shard files, opened once each (memory-mapped) for reading tensors by name."""
+
+    def __init__(self, base: Path):
+        self.base, self.open = base, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.open.values():
+            f.__exit__(None, None, None)
+        self.open.clear()
+
+    def get(self, key: str, weight_map: dict) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = weight_map[key]
+        if shard not in self.open:
+            self.open[shard] = safe_open(str(self.base / shard), "pt").__enter__()
+        return self.open[shard].get_tensor(key)
+
+    def layer(self, name: str, suffixes: tuple, weight_map: dict) -> dict:
+        return {s: self.get(f"{name}.{s}", weight_map) for s in suffixes if f"{name}.{s}" in weight_map}
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
