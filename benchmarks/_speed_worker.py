@@ -432,7 +432,53 @@ def run_merge_lora(job: dict) -> dict:
                 per_layer_s=sum(x["seconds"] for x in r.layers.values()) / max(len(r.layers), 1))
 
 
-JOBS = {"train": run_train, "infer": run_infer, "merged_checkpoint": make_merged_checkpoint, "merge": run_merge,
+def run_stream_prep(job: dict) -> dict:
+    """A LoTA adapter with random ternary A, B on the checkpoint, saved (for the two merges below)."""
+    from peft import get_peft_model
+
+    import peft_lota
+
+    model = load_model(job["model_dir"], job, backend="trainable")
+    model = get_peft_model(model, peft_lota.LotaConfig(r=job["rank"], target_modules=LORA_TARGETS, init_seed=0))
+    randomize_lota(model, seed=2, dense=False)
+    model.save_pretrained(job["adapter_dir"])
+    return {}
+
+
+def run_merge_in_memory(job: dict) -> dict:
+    """What `peft-lota merge` does without --stream: load, apply the adapter, merge_and_unload, save."""
+    import shutil
+
+    from peft import PeftModel
+
+    shutil.rmtree(job["out_dir"], ignore_errors=True)
+    reset_peak_rss()
+    rss_start = rss_mib()
+    t0 = time.perf_counter()
+    model = PeftModel.from_pretrained(load_model(job["model_dir"], job, backend="trainable"), job["adapter_dir"])
+    model.merge_and_unload().save_pretrained(job["out_dir"])
+    seconds = time.perf_counter() - t0
+    return dict(seconds=seconds, peak_rss_mib=peak_rss_mib(), start_rss_mib=rss_start)
+
+
+def run_merge_stream(job: dict) -> dict:
+    """peft_lota.stream.merge_checkpoint: shard by shard, the model never built."""
+    import shutil
+
+    from peft_lota.stream import merge_checkpoint
+
+    shutil.rmtree(job["out_dir"], ignore_errors=True)
+    reset_peak_rss()
+    rss_start = rss_mib()
+    t0 = time.perf_counter()
+    report = merge_checkpoint(job["model_dir"], job["adapter_dir"], job["out_dir"], progress=False)
+    seconds = time.perf_counter() - t0
+    return dict(seconds=seconds, peak_rss_mib=peak_rss_mib(), start_rss_mib=rss_start, layers=report.layers,
+                shards=report.shards, per_shard_s=report.per_shard_seconds)
+
+
+JOBS = {"stream_prep": run_stream_prep, "merge_in_memory": run_merge_in_memory, "merge_stream": run_merge_stream,
+        "train": run_train, "infer": run_infer, "merged_checkpoint": make_merged_checkpoint, "merge": run_merge,
         "merge_lora_layer": run_merge_lora_layer, "merge_lora": run_merge_lora}
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,9 @@ SMOLLM2 = ModelShape("SmolLM2-135M shapes (all 30 layers)", hidden=576, intermed
                      kv_heads=3, vocab=49152, group_size=64, dtype="bfloat16")
 LLAMA3_8B = ModelShape("Llama-3-8B linear shapes", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                        vocab=256, dtype="float16")
+# Llama-3-70B's linear shapes, as many layers as the stream part writes (80 in the model: the rest extrapolated).
+LLAMA3_70B_4 = ModelShape("Llama-3-70B linear shapes, 4 of 80 layers", hidden=8192, intermediate=28672, layers=4,
+                          heads=64, kv_heads=8, vocab=256, dtype="float16")
 
 PRESETS: dict[str, dict] = {
     # CI: minutes on 2 cores; checks that every part runs, its numbers are not meant to be read.
@@ -79,27 +83,32 @@ PRESETS: dict[str, dict] = {
                   infer=dict(shape=TINY, prompt=32, warmup=1, repeats=3, decode_steps=5),
                   merge=dict(shape=ModelShape("Llama-3-8B linear shapes, 1 of 32 layers", 4096, 14336, 1, 32, 8, 256,
                                               dtype="float16"), save=True),
-                  merge_lora=dict(layers=TINY, model=TINY, calib=(4, 2, 32))),
+                  merge_lora=dict(layers=TINY, model=TINY, calib=(4, 2, 32)),
+                  stream=dict(shapes=[ModelShape("Llama-3-8B linear shapes, 2 of 32 layers", 4096, 14336, 2, 32, 8,
+                                                 256, dtype="float16")], in_memory=True)),
     # 2 CPU cores, ~8-12 min (most of it the 8B-shaped merge part): the numbers the README quotes.
     "cpu": dict(device="cpu", dtype="float32", compile="off", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=3, steps=20),
                        dict(shape=MID_CPU, batch=1, seq=256, warmup=2, steps=8, ranks=(64, 16))],
                 infer=dict(shape=MID_CPU, prompt=128, warmup=2, repeats=20, decode_steps=32),
                 merge=dict(shape=LLAMA3_8B, save=True, dense=True),
-                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512))),
+                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512)),
+                stream=dict(shapes=[LLAMA3_8B], in_memory=True, extrapolate=[(LLAMA3_70B_4, 80)])),
     # 2 CPU cores, ~15 min: the real model's shapes (bench_accuracy --preset real's step: 4 x 128 tokens).
     "real": dict(device="cpu", dtype="float32", compile="off", rank=64,
                  train=[dict(shape=SMOLLM2, batch=4, seq=128, warmup=2, steps=6, ranks=(64, 16))],
                  infer=dict(shape=SMOLLM2, prompt=128, warmup=2, repeats=10, decode_steps=32),
                  merge=dict(shape=SMOLLM2, save=True, dense=True),
-                 merge_lora=dict(layers=SMOLLM2, model=SMOLLM2, calib=(30, 4, 128))),
+                 merge_lora=dict(layers=SMOLLM2, model=SMOLLM2, calib=(30, 4, 128)),
+                 stream=dict(shapes=[SMOLLM2], in_memory=True)),
     # One CUDA GPU (UNTESTED: no GPU was available when this was written).
     "gpu": dict(device="cuda", dtype="bfloat16", compile="on", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=5, steps=30),
                        dict(shape=MID_GPU, batch=8, seq=512, warmup=5, steps=20)],
                 infer=dict(shape=MID_GPU, prompt=512, warmup=3, repeats=20, decode_steps=64),
                 merge=dict(shape=LLAMA3_8B, save=True, dense=True),
-                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512))),
+                merge_lora=dict(layers=LLAMA3_8B, model=None, calib=(128, 1, 512)),
+                stream=dict(shapes=[LLAMA3_8B], in_memory=True)),
 }
 
 TRAIN_METHODS = {
@@ -121,6 +130,8 @@ TARGETS = {
     "infer_base": ("merged inference within 1% of the base model", 0.01, "-"),
     "infer_lora": ("merged inference >= 1.7x faster than unmerged LoRA", 1.70, "1.7-2.0x"),
     "merge": ("merge of an 8B-shaped model < 60 s", 60.0, "-"),
+    "stream_rss": ("streaming merge: peak RSS <= 1/4 of the checkpoint", 0.25, "-"),
+    "stream_time": ("streaming merge: time <= the in-memory merge's (load, merge, save)", 1.0, "-"),
 }
 FORMATS = ("gptq", "awq", "ct", "int8")
 
@@ -214,6 +225,63 @@ def bench_merge(cfg: dict, work: Path, env: dict, log) -> dict:
         result[f"{fmt}_merge_s"] = run_worker(other_job, env, log)["merge_s"]
         result[f"{fmt}_merge_l4q_s"] = run_worker(dict(other_job, method="l4q"), env, log)["merge_s"]
     return result
+
+
+def bench_stream(cfg: dict, work: Path, env: dict, log) -> dict:
+    """The streaming merge (merge --stream) against the in-memory one (load, merge_and_unload, save), each in a fresh
+    process: time and whole-process peak RSS, for a LoTA adapter with random ternary A, B on every projection. Shapes
+    with an extrapolation count are merged streaming only and scaled to that many layers (shards of one layer)."""
+    spec, out = cfg["stream"], []
+    runs = [(s, None) for s in spec["shapes"]] + list(spec.get("extrapolate", []))
+    for shape, full_layers in runs:
+        path = write_random_gptq(shape, work / slug(shape))
+        size = _dir_bytes(path, "*.safetensors")
+        log(f"stream: {shape.describe()} ({size / 2**30:.2f} GiB of weights)")
+        job = dict(model_dir=str(path), adapter_dir=str(work / "stream-adapter"), out_dir=str(work / "stream-out"),
+                   device="cpu", dtype="float16", rank=cfg["rank"], threads=cfg.get("threads"))
+        run_worker(dict(job, kind="stream_prep"), env, log)
+        row = dict(model=shape.describe(), layers=shape.layers, checkpoint_bytes=size,
+                   stream=run_worker(dict(job, kind="merge_stream"), env, log))
+        if spec.get("in_memory") and full_layers is None:
+            row["in_memory"] = run_worker(dict(job, kind="merge_in_memory"), env, log)
+        if full_layers is not None:
+            row["extrapolated_to_layers"] = full_layers
+        out.append(row)
+        shutil.rmtree(work / "stream-out", ignore_errors=True)
+        shutil.rmtree(work / "stream-adapter", ignore_errors=True)
+    return dict(rows=out)
+
+
+def _dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
+
+
+def stream_table(r: dict, targets: list) -> str:
+    lines = ["| checkpoint | weights (GiB) | in-memory: s / peak RSS (GiB) | streaming: s / peak RSS (GiB) | "
+             "stream peak RSS / checkpoint | stream time / in-memory |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        gib = row["checkpoint_bytes"] / 2**30
+        s = row["stream"]
+        mem = row.get("in_memory")
+        rss_ratio = s["peak_rss_mib"] / 1024 / gib
+        time_ratio = s["seconds"] / mem["seconds"] if mem else None
+        name = row["model"]
+        if row.get("extrapolated_to_layers"):
+            scale = row["extrapolated_to_layers"] / row["layers"]
+            name += (f"; all {row['extrapolated_to_layers']} layers, extrapolated: {gib * scale:.1f} GiB, "
+                     f"~{s['seconds'] * scale / 60:.0f} min, peak RSS about the same (one shard at a time)")
+        lines.append(f"| {name} | {gib:.2f} | " + (f"{mem['seconds']:.0f} / {mem['peak_rss_mib'] / 1024:.2f}" if mem
+                                                    else "-") +
+                     f" | {s['seconds']:.0f} / {s['peak_rss_mib'] / 1024:.2f} | {rss_ratio:.2f} | " +
+                     (f"{time_ratio:.2f}" if time_ratio is not None else "-") + " |")
+        if not row.get("extrapolated_to_layers"):
+            targets.append((TARGETS["stream_rss"][0] + f" ({row['model']})", "-", f"{rss_ratio:.2f}",
+                            status(rss_ratio <= TARGETS["stream_rss"][1])))
+            if time_ratio is not None:
+                targets.append((TARGETS["stream_time"][0] + f" ({row['model']})", "-", f"{time_ratio:.2f}x",
+                                status(time_ratio <= TARGETS["stream_time"][1])))
+    return "\n".join(lines) + ("\n\nPeak RSS is the whole worker process's (VmHWM), imports included (about 0.5 GiB of "
+                               "torch and transformers).")
 
 
 def bench_merge_lora(cfg: dict, work: Path, env: dict, log) -> dict:
@@ -444,12 +512,14 @@ def render(record: dict) -> str:
         parts += ["## Merge and adapter size", "", merge_table(record["merge"], targets), ""]
     if "merge_lora" in record:
         parts += ["## merge_lora (a PEFT LoRA onto the base's grid)", "", merge_lora_table(record["merge_lora"]), ""]
+    if "stream" in record:
+        parts += ["## Streaming merge (merge --stream) vs in memory", "", stream_table(record["stream"], targets), ""]
     parts += ["## Targets", "", "| target | paper | measured | status |", "|---|---|---|---|"]
     parts += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
     return "\n".join(parts) + "\n"
 
 
-PARTS = ("train", "infer", "merge", "merge_lora")
+PARTS = ("train", "infer", "merge", "merge_lora", "stream")
 
 
 def main(argv=None) -> None:
@@ -488,6 +558,8 @@ def main(argv=None) -> None:
         record["merge"] = bench_merge(cfg, work, env, log)
     if "merge_lora" in args.only:
         record["merge_lora"] = bench_merge_lora(cfg, work, env, log)
+    if "stream" in args.only:
+        record["stream"] = bench_stream(cfg, work, env, log)
     record["wall_s"] = time.time() - t_start
     record["machine"]["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 

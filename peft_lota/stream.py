@@ -92,15 +92,16 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, 
     from safetensors import safe_open
     from transformers import PretrainedConfig
 
-    from .tuner_layer import codes_moved
-
     config = PeftConfig.from_pretrained(str(adapter))
     tree = _Tree()
     tree.name_or_path = config.base_model_name_or_path  # (PEFT records it from the model)
     tree.config = PretrainedConfig()
     tree.config.quantization_config = dict(qc)
+    before = {}
     for name in names:
-        tree.place(name, fmt.layer_from_tensors(tensors[name], qc))
+        layer = fmt.layer_from_tensors(tensors[name], qc)
+        tree.place(name, layer)
+        before[name] = formats.dispatch(layer, name).read()  # holds the base's packed codes, whatever the merge swaps
     config.target_modules = set(names)  # exactly these layers, by full name
     config.layers_to_transform = config.layers_pattern = None
     config.task_type = None  # a plain PeftModel around the tree
@@ -109,9 +110,17 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         state = {k: f.get_tensor(k) for n in names for k in adapter_keys[n]}
     set_peft_model_state_dict(model, state)
-    moved = codes_moved(model) or (0, 0)
     merged = model.merge_and_unload(safe_merge=safe)
-    return {n: merged.get_submodule(n) for n in names}, moved
+    layers = {n: merged.get_submodule(n) for n in names}
+    moved = codes = 0
+    for n, layer in layers.items():  # decoded before and after, a few rows at a time (memory), and compared
+        after, base = formats.dispatch(layer, n).read(), before.pop(n)
+        step = base.row_align * max(1, 1024 // base.row_align)
+        for k0 in range(0, base.in_features, step):
+            k1 = min(k0 + step, base.in_features)
+            moved += int((after.codes_rows(k0, k1) != base.codes_rows(k0, k1)).sum())
+        codes += base.in_features * base.scales.shape[1]
+    return layers, (moved, codes)
 
 
 def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool = True) -> StreamReport:
@@ -169,6 +178,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool =
         for name in sorted({k.rsplit(".", 1)[0] for k in weight_map if k.endswith(".qzeros")}):
             tensors = shards.layer(name, fmt.layer_tensor_names, weight_map)
             fits = fits and int(fmt.true_zeros_of(tensors, qc).min()) >= 1
+        shards.close()  # (pages of a memory map count as resident while it is open)
         qc_out, extra, facts = fmt.checkpoint_config(dict(qc), fits, True)  # sym: settled after the merge
         report = StreamReport(checkpoint_format=facts.get("checkpoint_format"))
 
@@ -195,6 +205,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool =
                 report.shards += 1
                 report.per_shard_seconds.append(round(time.time() - t0, 2))
                 del tensors, merged
+                shards.close()
             if pending:
                 raise RuntimeError(f"merged tensors {sorted(pending)[:3]} were never written: a bug in peft_lota.")
             if (base / INDEX).is_file():
@@ -222,7 +233,8 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool =
 def _digest(t: torch.Tensor) -> str:
     import hashlib
 
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy of the tensor
+    return hashlib.sha256(memoryview(data)).hexdigest() + str(t.dtype)
 
 
 def _verify(out: Path, digests: dict) -> int:
@@ -246,6 +258,9 @@ class _Shards:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
         for f in self.open.values():
             f.__exit__(None, None, None)
         self.open.clear()
