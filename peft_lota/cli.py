@@ -359,6 +359,22 @@ def _push_and_print(args, merged, out: Path, fmt, qc: dict, rows: list, ok: bool
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _to_format(args, merged):
+    """The merged model in --format's format (the same grid, repacked: convert.py), or as it is without --format."""
+    if not args.format:
+        return merged
+    from peft_lota import formats
+    from peft_lota.convert import convert_model
+
+    if formats.model_format(merged).name == args.format:
+        return merged
+    try:
+        return convert_model(merged, args.format)
+    except ValueError as err:
+        raise UsageError(f"--format {args.format}: {str(err).splitlines()[0]} (nothing was written; merge without "
+                         "--format).") from None
+
+
 def cmd_merge_lora(args) -> int:
     from peft_lota import merge_lora
     from peft_lota.lora.merge import MergeRefused
@@ -379,6 +395,7 @@ def cmd_merge_lora(args) -> int:
     except MergeRefused as err:
         raise UsageError(str(err)) from None
     report = merged.merge_lora_report
+    merged = _to_format(args, merged)
     ids = _probe(merged)
     out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, _logits(merged, ids))
     moved = sum(r["codes_moved"] for r in report.layers.values())
@@ -425,6 +442,9 @@ def cmd_merge(args) -> int:
     merged = model.merge_and_unload(safe_merge=args.safe)
     merged_logits = _logits(merged, ids)
     exact = bool(torch.equal(merged_logits, adapter_logits))
+    if args.format:  # the same grid, repacked; its kernel may round the products differently
+        merged = _to_format(args, merged)
+        merged_logits = _logits(merged, ids)
     out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, merged_logits)
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
             ("dtype", dtype if args.dtype else f"{dtype} (the base's; --dtype to change)"),
@@ -481,13 +501,14 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
 
     from peft_lota.stream import merge_checkpoint
 
-    if adapter_cfg["peft_type"] == "LORA" or args.calib_file or args.push or args.dtype:
-        raise UsageError("--stream merges an adapter of peft_lota's own methods into local files: drop --calib_file, "
-                         "--push and --dtype (a LoRA: merge without --stream; push the written folder afterwards).")
+    if adapter_cfg["peft_type"] == "LORA" or args.calib_file or args.push or args.dtype or args.format:
+        raise UsageError("--stream merges an adapter of peft_lota's own methods into local files in the base's "
+                         "format: drop --calib_file, --push, --dtype and --format (a LoRA: merge without --stream; "
+                         "push the written folder afterwards; peft-lota convert changes the format).")
     if not Path(args.base).is_dir():
         raise UsageError(f"--stream reads the base's files: {args.base} is not a local folder.")
     try:
-        report = merge_checkpoint(args.base, args.adapter, args.out)
+        report = merge_checkpoint(args.base, args.adapter, args.out, count_codes=True)
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     _copy_tokenizer(Path(args.out), [args.adapter, args.base])
@@ -695,6 +716,8 @@ def main(argv=None) -> int:
                                           "(optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
+    m.add_argument("--format", metavar="FORMAT", help="write the merged model in this format (gptq, awq) instead of "
+                   "the base's: the same grid repacked, refused where the format cannot hold it (peft-lota convert)")
     m.add_argument("--stream", action="store_true", help="merge file by file without building the model (peak memory "
                    "about one shard: for checkpoints larger than this machine's memory); the base must be a local "
                    "folder of safetensors")

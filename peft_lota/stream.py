@@ -85,9 +85,10 @@ class _Tree(nn.Module):
         parent.add_module(leaf, module)
 
 
-def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, qc: dict, fmt, safe: bool):
-    """Merge the adapter into these layers, rebuilt alone from their tensors; returns ({name: merged layer}, moved,
-    codes)."""
+def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, qc: dict, fmt, safe: bool,
+                 count: bool):
+    """Merge the adapter into these layers, rebuilt alone from their tensors; returns ({name: merged layer},
+    (codes moved, codes)), the counts only if `count` (decoding every code twice costs about as much as the merge)."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from safetensors import safe_open
     from transformers import PretrainedConfig
@@ -101,7 +102,8 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, 
     for name in names:
         layer = fmt.layer_from_tensors(tensors[name], qc)
         tree.place(name, layer)
-        before[name] = formats.dispatch(layer, name).read()  # holds the base's packed codes, whatever the merge swaps
+        if count:  # the state holds the base's packed codes, whatever the merge swaps in
+            before[name] = formats.dispatch(layer, name).read()
     config.target_modules = set(names)  # exactly these layers, by full name
     config.layers_to_transform = config.layers_pattern = None
     config.task_type = None  # a plain PeftModel around the tree
@@ -113,23 +115,24 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, 
     merged = model.merge_and_unload(safe_merge=safe)
     layers = {n: merged.get_submodule(n) for n in names}
     moved = codes = 0
-    for n, layer in layers.items():  # decoded before and after, a few rows at a time (memory), and compared
+    for n, layer in layers.items() if count else ():  # decoded before and after, a few rows at a time (memory), and compared
         after, base = formats.dispatch(layer, n).read(), before.pop(n)
         step = base.row_align * max(1, 1024 // base.row_align)
         for k0 in range(0, base.in_features, step):
             k1 = min(k0 + step, base.in_features)
-            moved += int((after.codes_rows(k0, k1) != base.codes_rows(k0, k1)).sum())
+            moved += int(torch.count_nonzero(after.codes_rows(k0, k1) != base.codes_rows(k0, k1)))
         codes += base.in_features * base.scales.shape[1]
     return layers, (moved, codes)
 
 
-def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool = True) -> StreamReport:
+def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: bool = False,
+                     progress: bool = True) -> StreamReport:
     """Merge the saved adapter (a method of peft_lota's, trained on the quantized checkpoint `base`) into `base`'s
     files, shard by shard, and write the merged checkpoint into `out` (its own folder: never `base`).
 
     The merged tensors equal those of `merge_and_unload()` on the loaded model, saved: the method's own merge runs on
     each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
-    StreamReport (also logged). Formats: those with `Format.can_stream` (GPTQ, AWQ); others are refused with the way
+    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ); others are refused with the way
     out (`peft-lota merge` without --stream).
     """
     from safetensors.torch import save_file
@@ -190,7 +193,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool =
                 names = by_shard.get(shard, [])
                 merged, moved = ({}, (0, 0)) if not names else _merge_group(
                     names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter, layers,
-                    qc, fmt, safe)
+                    qc, fmt, safe, count_codes)
                 for n, layer in merged.items():
                     written = fmt.layer_tensors(layer, qc_out)
                     still_sym = still_sym and bool((fmt.true_zeros_of(written, qc_out) == center).all())
@@ -230,18 +233,23 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, progress: bool =
     return report
 
 
-def _digest(t: torch.Tensor) -> str:
-    import hashlib
+def _digest(t: torch.Tensor) -> tuple:
+    """A CRC-32 of the tensor's bytes (a check against what the disk returns, not against an adversary), its dtype
+    and shape."""
+    import zlib
 
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy of the tensor
-    return hashlib.sha256(memoryview(data)).hexdigest() + str(t.dtype)
+    return zlib.crc32(memoryview(data)), str(t.dtype), tuple(t.shape)
 
 
 def _verify(out: Path, digests: dict) -> int:
     """Read every merged tensor back from the written checkpoint and compare it with what the merge computed."""
     weight_map = _weight_map(out)
+    bad = []
     with _Shards(out) as shards:
-        bad = [k for k, d in digests.items() if _digest(shards.get(k, weight_map)) != d]
+        for shard in sorted({weight_map[k] for k in digests}):  # one shard mapped at a time (resident pages)
+            bad += [k for k, d in digests.items() if weight_map[k] == shard and _digest(shards.get(k, weight_map)) != d]
+            shards.close()
     if bad:
         raise RuntimeError(f"{out}: the written {bad[0]} differs from the merged one (disk or filesystem trouble?); "
                            "write the checkpoint again.")

@@ -75,3 +75,26 @@ def test_the_command_line_converts_verifies_and_refuses_in_one_line(awq_dir, tmp
     assert cli.main(["convert", str(path), str(tmp_path / "x"), "--to", "awq"]) == 2  # AWQ already
     err = capsys.readouterr().err
     assert "would write over it" in err and "AWQ already" in err and not (tmp_path / "x").exists()
+
+
+def test_merge_writes_the_merged_model_in_another_format(gptq_dir, tmp_path, capsys):
+    """merge --format: the exact merge, then the same grid repacked; reloaded, its codes equal the merged ones."""
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig
+
+    path = gptq_dir(Spec("qwen2", 4, True, False, "gptq_v2"))
+    model = get_peft_model(load_model(path), LotaConfig(r=4, init_seed=0))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 1e-3)
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "awq"
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out), "--format", "awq"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"reloaded codes, zeros, scales == merged +True", printed)
+    assert re.search(r"merged logits == adapter logits +True", printed)  # checked before the repacking
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "x"), "--format", "awq",
+                     "--stream"]) == 2

@@ -78,7 +78,7 @@ def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_di
     path = (gptq_dir if kind == "gptq" else awq_dir)(spec)
     merged, dtype = _trained_adapter(path, method, offset, tmp_path)
     base = _reshard(path, tmp_path / "sharded") if sharded else path
-    report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "streamed", progress=False)
+    report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "streamed", count_codes=True, progress=False)
     assert report.layers == 14 and report.shards == (3 if sharded else 1) and report.codes_moved > 0
     assert report.verified_tensors >= 14 * 3  # every merged tensor read back from the files
     expected, got = _tensors(tmp_path / "in-memory"), _tensors(tmp_path / "streamed")
