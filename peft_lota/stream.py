@@ -11,6 +11,7 @@ one shard, plus the adapter tensors of that shard's layers.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -114,6 +115,9 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, 
     set_peft_model_state_dict(model, state)
     merged = model.merge_and_unload(safe_merge=safe)
     layers = {n: merged.get_submodule(n) for n in names}
+    for n in names:  # out of the tree, whose reference cycles (PEFT's, export's) would keep them until a collection
+        parent, _, leaf = n.rpartition(".")
+        delattr(merged.get_submodule(parent) if parent else merged, leaf)
     moved = codes = 0
     for n, layer in layers.items() if count else ():  # decoded before and after, a few rows at a time (memory), and compared
         after, base = formats.dispatch(layer, n).read(), before.pop(n)
@@ -209,6 +213,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                 report.per_shard_seconds.append(round(time.time() - t0, 2))
                 del tensors, merged
                 shards.close()
+                gc.collect()  # the shard's PEFT model is a graph of reference cycles: free its buffers now
             if pending:
                 raise RuntimeError(f"merged tensors {sorted(pending)[:3]} were never written: a bug in peft_lota.")
             if (base / INDEX).is_file():
@@ -224,7 +229,11 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                     (staged / name).write_bytes((base / name).read_bytes())
 
         digests: dict = {}
-        commit_checkpoint(out, write)
+        gc.freeze()  # what exists now is never garbage: the collection after each shard scans only the new objects
+        try:
+            commit_checkpoint(out, write)
+        finally:
+            gc.unfreeze()
     report.verified_tensors = _verify(out, digests)
     report.seconds = round(time.time() - started, 1)
     report.peak_rss_mib = _peak_rss_mib()
