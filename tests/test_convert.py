@@ -98,3 +98,10 @@ def test_merge_writes_the_merged_model_in_another_format(gptq_dir, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "x"), "--format", "awq",
                      "--stream"]) == 2
+
+
+def test_an_asymmetric_4_bit_gptq_checkpoint_is_told_the_conversion_a_fast_kernel_takes():
+    note = formats.by_name("gptq").fast_path_note
+    assert "--to awq" in note({"bits": 4, "sym": False, "desc_act": False, "group_size": 128})
+    assert "--to awq" not in note({"bits": 4, "sym": False, "desc_act": True, "group_size": 128})  # AWQ: no act-order
+    assert note({"bits": 4, "sym": True, "desc_act": False, "group_size": 128}) is None

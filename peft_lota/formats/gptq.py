@@ -477,9 +477,13 @@ def fast_path_note(qc: dict) -> Optional[str]:
     if qc["bits"] not in (4, 8):
         return f"{qc['bits']}-bit GPTQ has no Marlin kernel: on GPUs it runs on slower kernels (Triton, vLLM's gptq)."
     if not qc["sym"]:
-        return ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: vLLM and gptqmodel run it "
-                "on slower kernels. A fine-tune that moves zero points makes a symmetric base asymmetric; one that "
-                "keeps them keeps it symmetric.")
+        note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: vLLM and gptqmodel run it "
+                "on slower kernels, where they run it at all. A fine-tune that moves zero points makes a symmetric base "
+                "asymmetric; one that keeps them keeps it symmetric.")
+        if qc["bits"] == 4 and not qc.get("desc_act"):  # AWQ's Marlin kernels take zero points (4 bits, in order)
+            note += (" `peft-lota convert CHECKPOINT OUT --to awq` writes the same grid as AWQ, whose Marlin kernel "
+                     "(vLLM's awq_marlin) takes zero points.")
+        return note
     return None
 
 
