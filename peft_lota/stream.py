@@ -60,7 +60,9 @@ def _weight_map(base: Path) -> dict:
 
 
 def _adapter_layers(adapter: Path, prefix: str) -> dict:
-    """{layer name in the base: [adapter tensor keys]} from the adapter file's keys ("base_model.model.<layer>.<prefix>...")."""
+    """{layer name in the base: [adapter tensor keys]} from the adapter file's keys ("base_model.model.<layer>.<prefix>...").
+    Any other tensor (modules_to_save: whole modules trained in full precision) is refused: this merge writes only the
+    adapted layers' codes."""
     from safetensors import safe_open
 
     layers = {}
@@ -68,7 +70,8 @@ def _adapter_layers(adapter: Path, prefix: str) -> dict:
         for key in f.keys():
             head, sep, _ = key.partition(f".{prefix}")
             if not sep:
-                continue
+                raise ValueError(f"the adapter also holds {key} (a module trained whole: modules_to_save), which the "
+                                 "streaming merge does not write; merge in memory (peft-lota merge without --stream).")
             layers.setdefault(head.removeprefix("base_model.model."), []).append(key)
     return layers
 

@@ -109,6 +109,15 @@ def test_streaming_refuses_before_writing_anything(gptq_dir, ct_dir, tmp_path):
     other = gptq_dir(Spec("qwen2", 4, True, False, "gptq_v2"))
     with pytest.raises(ValueError, match="made for a base"):  # same names, other layers: the fingerprint check
         merge_checkpoint(other, tmp_path / "adapter", tmp_path / "b", progress=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "adapter_config.json").write_bytes((tmp_path / "adapter" / "adapter_config.json").read_bytes())
+    save_file({**saved, "base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(2, 2)},
+              str(tmp_path / "extra" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        merge_checkpoint(path, tmp_path / "extra", tmp_path / "d", progress=False)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
@@ -116,7 +125,7 @@ def test_streaming_refuses_before_writing_anything(gptq_dir, ct_dir, tmp_path):
         (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="LORA adapter"):
         merge_checkpoint(path, tmp_path / "lora", tmp_path / "c", progress=False)
-    assert not any((tmp_path / n).exists() for n in ("a", "b", "c"))
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))
 
 
 def test_merge_stream_on_the_command_line_checks_what_it_wrote(gptq_dir, tmp_path, capsys):
