@@ -89,15 +89,17 @@ class _Tree(nn.Module):
         parent.add_module(leaf, module)
 
 
-def _merge_group(names: list, tensors: dict, adapter: Path, adapter_keys: dict, qc: dict, fmt, safe: bool,
-                 count: bool):
+def _merge_group(names: list, tensors: dict, adapter: Path, adapter_config, adapter_keys: dict, qc: dict, fmt,
+                 safe: bool, count: bool):
     """Merge the adapter into these layers, rebuilt alone from their tensors; returns ({name: merged layer},
     (codes moved, codes)), the counts only if `count` (decoding every code twice costs about as much as the merge)."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
     from safetensors import safe_open
     from transformers import PretrainedConfig
 
-    config = PeftConfig.from_pretrained(str(adapter))
+    config = copy.deepcopy(adapter_config)  # (get_peft_model writes into it)
     tree = _Tree()
     tree.name_or_path = config.base_model_name_or_path  # (PEFT records it from the model)
     tree.config = PretrainedConfig()
@@ -165,6 +167,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
     if method is None:
         raise ValueError(f"{adapter} holds a {adapter_config.get('peft_type')} adapter; the streaming merge merges "
                          "peft_lota's own methods exactly (a LoRA: peft-lota merge --calib_file).")
+    peft_config = method.config_class.from_pretrained(str(adapter))  # read once, copied for each shard
     weight_map = _weight_map(base)
     layers = _adapter_layers(adapter, method.prefix)
     missing = [n for n in layers if f"{n}.{fmt.layer_tensor_names[0]}" not in weight_map]
@@ -189,7 +192,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
             tensors = shards.layer(name, fmt.layer_tensor_names, weight_map)
             fits = fits and int(fmt.true_zeros_of(tensors, qc).min()) >= 1
         shards.close()  # (pages of a memory map count as resident while it is open)
-        qc_out, extra, facts = fmt.checkpoint_config(dict(qc), fits, True)  # sym: settled after the merge
+        qc_out, _, facts = fmt.checkpoint_config(dict(qc), fits, True)  # sym: settled after the merge
         report = StreamReport(checkpoint_format=facts.get("checkpoint_format"))
 
         def write(staged: Path, write_card: bool) -> None:
@@ -199,8 +202,8 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                 t0 = time.time()
                 names = by_shard.get(shard, [])
                 merged, moved = ({}, (0, 0)) if not names else _merge_group(
-                    names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter, layers,
-                    qc, fmt, safe, count_codes)
+                    names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter,
+                    peft_config, layers, qc, fmt, safe, count_codes)
                 for n, layer in merged.items():
                     written = fmt.layer_tensors(layer, qc_out)
                     still_sym = still_sym and bool((fmt.true_zeros_of(written, qc_out) == center).all())
