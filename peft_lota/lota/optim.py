@@ -121,6 +121,13 @@ class TSignSGD(torch.optim.Optimizer):
         )  # fmt: skip
         super().__init__(params, defaults)
         self._checked_ternary = False
+        # Every tensor has state from the start, a step count like torch's own optimizers keep.
+        # torch.distributed.checkpoint (FSDP2's and accelerate's save and resume) creates the state of an
+        # optimizer whose state is empty by running one step on zero gradients: that step would move nothing
+        # but would advance the schedule, and the resumed run would no longer match an uninterrupted one.
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["step"] = torch.tensor(float(group["step"]))
 
     @staticmethod
     def _check_total_steps(total_steps) -> int:
@@ -194,6 +201,8 @@ class TSignSGD(torch.optim.Optimizer):
                     mask &= a <= _lower_quantile(a, group["guard_quantile"])
                 p.sub_(g.sign().mul_(mask.view_as(g))).clamp_(-1, 1)
             group["step"] = t + 1
+            for p in group["params"]:  # a checkpoint saved by an earlier release has no per-tensor count
+                self.state[p]["step"] = torch.tensor(float(t + 1))
         return loss
 
 
