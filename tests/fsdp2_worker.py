@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft import get_peft_model  # noqa: E402
 
 from peft_lota import L4QConfig, LotaConfig, create_lota_optimizer  # noqa: E402
+from peft_lota.sharded import gather_adapter, is_sharded, load_adapter  # noqa: E402
 from tiny_models import load_awq, load_gptq  # noqa: E402
 
 MICRO = 2
@@ -78,16 +79,19 @@ def train(model, optimizer, blocks: torch.Tensor, start: int, stop: int, sharded
         optimizer.zero_grad()
 
 
-def save_adapter(model, out: Path, sharded: bool) -> None:
-    """The trained adapter as a standard PEFT adapter directory, gathered from the shards on rank 0."""
+def save_adapter(model, job: dict, out: Path, sharded: bool) -> None:
+    """The trained adapter as a standard PEFT adapter directory. Sharded, the way finetune.py does it: gathered from
+    the shards, loaded on rank 0 into an unsharded model built the same way, saved from there."""
     if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        assert is_sharded(model)
+        state = gather_adapter(model)
         if dist.get_rank() == 0:
-            model.save_pretrained(out, state_dict=state)
+            model, _ = build(job, 1, sharded=False)
+            load_adapter(model, state)
+        else:
+            assert state == {}
         dist.barrier()
-    else:
+    if not sharded or dist.get_rank() == 0:
         model.save_pretrained(out)
 
 
@@ -102,7 +106,7 @@ def run_job(job: dict, blocks: torch.Tensor, steps: int, stop_at: int, sharded: 
     out = Path(job["out"])
     model, optimizer = build(job, steps, sharded)
     train(model, optimizer, blocks, 0, steps, sharded)
-    save_adapter(model, out / ("full" if sharded else "single"), sharded)
+    save_adapter(model, job, out / ("full" if sharded else "single"), sharded)
     if not sharded:
         return
 
@@ -117,7 +121,7 @@ def run_job(job: dict, blocks: torch.Tensor, steps: int, stop_at: int, sharded: 
     dcp.load(state, checkpoint_id=str(out / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     train(model, optimizer, blocks, stop_at, steps, sharded)
-    save_adapter(model, out / "resumed", sharded)
+    save_adapter(model, job, out / "resumed", sharded)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainingArguments
 
 from peft_lota.lota.optim import (
     LotaCallback,
@@ -386,3 +387,33 @@ def test_zero_gradient_state_init_does_not_advance_the_schedule():
     opt.zero_grad(set_to_none=True)
     _init_optim_state(opt)
     assert [g["step"] for g in opt.ternary.param_groups] == [1]
+
+
+def test_callback_refuses_engines_that_flatten_tensors(tmp_path):
+    """FSDP1 and DeepSpeed ZeRO give the optimizer flat shards across tensors, where a per-tensor threshold depends
+    on the sharding: the run is refused at start with the alternatives (FSDP2 keeps tensors: test_sharded.py)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from peft_lota.lota.optim import sharding_problem
+
+    model = TinyLota()
+    opt = create_lota_optimizer(model, total_steps=2)
+    assert sharding_problem(model, opt) is None
+
+    class ZeroOptimizer:  # stands for DeepSpeed's ZeRO wrapper, found by its module like the real one
+        __module__ = "deepspeed.runtime.zero.stage_1_and_2"
+
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert "DeepSpeed ZeRO" in sharding_problem(model, ZeroOptimizer(opt))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model.head = FullyShardedDataParallel(model.head, device_id=torch.device("cpu"), use_orig_params=True)
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+        with pytest.raises(ValueError, match=r"FSDP1 .* Shard with FSDP2 instead"):
+            LotaCallback().on_train_begin(args, None, None, optimizer=opt, model=model)
+    finally:
+        dist.destroy_process_group()

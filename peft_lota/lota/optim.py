@@ -295,6 +295,32 @@ def create_lota_optimizer(
     return LotaOptimizer(TSignSGD(ternary, **kwargs), other_opt)
 
 
+def sharding_problem(model: torch.nn.Module | None, optimizer=None) -> str | None:
+    """Why t-SignSGD cannot run under the engine that wraps `model` / `optimizer`, or None.
+
+    t-SignSGD thresholds each LoTA tensor's whole gradient. FSDP2 (`fully_shard`) keeps every tensor a tensor
+    (a DTensor, whose quantile is taken over all its shards) and DDP keeps it whole; FSDP1 and DeepSpeed ZeRO
+    hand the optimizer flat shards that cut across tensors, so the moves would depend on the number of processes.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    engine = None
+    if model is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        engine = "FSDP1 (FullyShardedDataParallel)"
+    for _ in range(8):  # accelerate's and DeepSpeed's wrappers keep the wrapped optimizer in `.optimizer`
+        if optimizer is None or isinstance(optimizer, (TSignSGD, LotaOptimizer)):
+            break
+        if type(optimizer).__module__.startswith("deepspeed"):
+            engine = "DeepSpeed ZeRO"
+        optimizer = getattr(optimizer, "optimizer", None)
+    if engine is None:
+        return None
+    return (f"{engine} hands the optimizer flat shards that cut across tensors, and t-SignSGD thresholds each LoTA "
+            "tensor's whole gradient: its moves would depend on the number of processes. Shard with FSDP2 instead "
+            "(`accelerate launch --use_fsdp --fsdp_version 2`, or fsdp_config={'version': 2}), or train on DDP, or use "
+            "LotaConfig(train_mode='latent'), which trains under any optimizer and engine.")
+
+
 def _unwrap(optimizer) -> TSignSGD | LotaOptimizer | None:
     # Trainer hands callbacks accelerate's AcceleratedOptimizer; wrappers keep the real one in `.optimizer`.
     for _ in range(8):
@@ -323,7 +349,10 @@ class LotaCallback(NonFiniteCallback):
     def __init__(self, optimizer=None):
         self.optimizer = optimizer
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        problem = sharding_problem(model, optimizer)
+        if problem:
+            raise ValueError(problem)
         opt = _unwrap(self.optimizer if self.optimizer is not None else optimizer)
         if opt is None:
             raise ValueError(

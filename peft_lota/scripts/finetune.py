@@ -63,6 +63,7 @@ from peft_lota.cli import UsageError, _quantization
 from peft_lota.formats import FORMATS, config_format, quantized_tensors, same_quantized_tensors
 from peft_lota.loading import quantization_config
 from peft_lota.registry import METHODS, tuner_layer_classes
+from peft_lota.sharded import gather_adapter, is_sharded, load_adapter
 from peft_lota.tuner_layer import codes_moved
 
 logger = logging.getLogger("finetune")
@@ -458,7 +459,8 @@ def train_adapter(trainer: Trainer, model, training_args: TrainingArguments) -> 
     out["world_size"] = training_args.world_size
     if torch.distributed.is_initialized():
         out["distributed_backend"] = torch.distributed.get_backend()
-    if training_args.world_size > 1:  # DDP averages gradients, so t-SignSGD must have made the same moves everywhere
+    if training_args.world_size > 1 and not is_sharded(model):
+        # DDP averages gradients, so t-SignSGD must have made the same moves everywhere (FSDP2's ranks hold shards)
         out["ranks_agree"] = check_ranks_agree(model)
     return out
 
@@ -509,10 +511,21 @@ def verify_reload(merged, merged_logits: torch.Tensor, merged_dir: str, model_ar
     return out
 
 
+def engine_note(training_args: TrainingArguments) -> None:
+    """Say out loud that accelerate trains with DDP on CPU whatever the launch asked for (it shards on GPUs only)."""
+    if training_args.world_size < 2 or training_args.device.type != "cpu" or training_args.process_index != 0:
+        return
+    for env, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "").lower() == "true":
+            logger.warning("accelerate runs %s on GPUs only: on CPU this run is DDP, and every process holds the whole "
+                           "model.", engine)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         training_args: TrainingArguments) -> dict:
     """Train, merge, save and verify; returns a summary (on the main process; {} elsewhere)."""
     setup_logging(training_args)
+    engine_note(training_args)
     if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step
         training_args.ddp_find_unused_parameters = False
     transformers.set_seed(training_args.seed)
@@ -535,6 +548,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
             summary["ppl_base"], _ = perplexity(model, eval_ds, collator, batch)
         logger.info("perplexity before fine-tuning: %.3f", summary["ppl_base"])
     summary.update(train_adapter(trainer, model, training_args))
+    if is_sharded(model):  # FSDP2: the main process evaluates and merges an unsharded copy with the gathered adapter
+        state = gather_adapter(model)
+        if is_main:
+            model = adapted_model(model_args, method_args, training_args, quantized, dtype, device_map)
+            load_adapter(model, state)
     if not is_main:  # every rank holds the same adapter; the main process merges and writes
         return {}
 
