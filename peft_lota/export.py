@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from . import formats
@@ -49,9 +50,27 @@ def _prepare(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     if fmt is None:
         raise ValueError("This model is not quantized in a format peft_lota writes (its config has no "
                          "quantization_config peft_lota knows); save it with its own save_pretrained.")
-    state_dict, qc, extra_files, facts = fmt.checkpoint(model)
+    state_dict, qc, extra_files, facts = _onload(model, *fmt.checkpoint(model))
     refuse_non_finite_checkpoint(state_dict)  # a base that held NaN already, or a model edited after merging
     return state_dict, qc, extra_files, facts
+
+
+def _onload(model: nn.Module, state_dict: dict, *rest) -> tuple:
+    """Weights a device map offloaded (to disk or CPU) are meta tensors in the model: read them where accelerate
+    keeps them, as transformers' own save does. (The packed codes are buffers, which accelerate does not offload.)"""
+    meta = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    if meta:
+        from transformers.integrations.accelerate import load_offloaded_parameter
+
+        state_dict = dict(state_dict)
+        for name in meta:
+            try:
+                state_dict[name] = load_offloaded_parameter(model, name)
+            except ValueError:
+                raise ValueError(f"{name} is on the meta device and accelerate holds no copy of it: load the model "
+                                 "again with its device map and offload_folder, or without offloading, and save "
+                                 "that.") from None
+    return (state_dict, *rest)
 
 
 def _refuse_unmerged(model: nn.Module) -> None:

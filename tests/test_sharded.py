@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_lota
 from peft_lota.tuner_layer import codes_moved
-from tiny_models import AwqSpec, Spec, calibration_texts
+from tiny_models import AwqSpec, Spec, calibration_texts, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
@@ -87,3 +87,33 @@ def test_adapter_saved_from_shards_merges_exactly(runs, gptq_dir, awq_dir, fmt):
         adapted = model(input_ids=x).logits
         assert codes_moved(model)[0] > 0
         assert torch.equal(model.merge_and_unload()(input_ids=x).logits, adapted)
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_device_map_with_disk_offload_trains_and_merges_as_without(gptq_dir, tmp_path, method):
+    """A model placed by a device map that offloads a decoder layer to disk (what device_map="auto" does when the
+    devices are full) trains, merges and saves exactly as the same model held whole. The packed codes are buffers,
+    which accelerate keeps on the execution device; the offloaded layer's float weights come back for its forward."""
+    path = gptq_dir(GPTQ)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    config = {"lota": lambda: peft_lota.LotaConfig(r=4, init_seed=0), "l4q": lambda: peft_lota.L4QConfig(r=4, init_seed=0)}
+    x = torch.arange(SEQ)[None] % 200 + 3
+    results = []
+    for placement in (device_map, None):
+        kwargs = {"device_map": placement, "offload_folder": str(tmp_path / "offload")} if placement else {}
+        base = peft_lota.load_model(str(path), **kwargs)
+        assert (placement is None) or base.model.layers[1].input_layernorm.weight.device.type == "meta"
+        model = get_peft_model(base, config[method]())
+        train_steps(model, x, steps=2)
+        with torch.no_grad():
+            adapted = model(input_ids=x).logits
+            merged = model.merge_and_unload()
+            assert torch.equal(merged(input_ids=x).logits, adapted)
+        out = tmp_path / f"merged-{len(results)}"
+        merged.save_pretrained(out)
+        results.append((adapted, load_file(out / "model.safetensors")))
+    (offloaded, saved_offloaded), (whole, saved_whole) = results
+    assert torch.equal(offloaded, whole)
+    assert saved_offloaded.keys() == saved_whole.keys()
+    assert all(torch.equal(saved_offloaded[k], saved_whole[k]) for k in saved_whole)
