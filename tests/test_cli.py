@@ -42,7 +42,7 @@ def test_merge_writes_a_verified_checkpoint_and_inspect_and_verify_agree(base, t
     assert cli.main(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"merged logits == adapter logits\s+True", out) and re.search(r"reloaded logits == merged\s+True", out)
-    assert "codes moved" in out and "gptq_marlin (fast)" in out  # a symmetric 4-bit checkpoint stays on Marlin
+    assert "codes moved" in out and "auto_gptq (Marlin)" in out  # a symmetric 4-bit checkpoint stays on Marlin
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["sym"] is True
 
     assert cli.main(["inspect", str(adapter), "--base", str(base)]) == 0
@@ -50,7 +50,7 @@ def test_merge_writes_a_verified_checkpoint_and_inspect_and_verify_agree(base, t
     assert f"{method.upper()} adapter" in out and "per layer (codes moved):" in out
     assert cli.main(["inspect", str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out
-    assert "GPTQ checkpoint" in out and "yes  vLLM gptq_marlin (fast)" in out
+    assert "GPTQ checkpoint" in out and "yes  vLLM 0.33 auto_gptq (Marlin)" in out
 
     assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(adapter), "--base", str(base)]) == 0
     assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(tmp_path / "merged")]) == 0

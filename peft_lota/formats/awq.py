@@ -397,10 +397,10 @@ def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
     return unpack_columns(tensors["qzeros"], int(qc["bits"]))
 
 
-# vLLM (checked against its awq / awq_marlin quantization configs): 4-bit GEMM checkpoints, Marlin when the
-# GPU supports it; it reads `zero_point` and runs both.
-VLLM_KERNELS = (("vLLM awq_marlin (fast)", lambda qc: qc["bits"] == 4 and qc["group_size"] in (-1, 32, 64, 128)),
-                ("vLLM awq", lambda qc: qc["bits"] == 4))
+# vLLM 0.33.0 (its auto_awq config and linear method; tests/test_vllm_rules.py asks an installed vLLM): AWQ runs on
+# Marlin, which takes 4-bit weights with zero points in groups of 32, 64, 128 or one per row.
+VLLM = ("vLLM 0.33 auto_awq (Marlin)", lambda qc: qc["bits"] == 4 and qc.get("zero_point", True) is not False
+        and qc["group_size"] in (-1, 32, 64, 128))
 GPTQMODEL_MODULES = ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq")
 GPTQMODEL_KERNELS = ("AwqMarlinLinear", "AwqGEMMLinear", "TorchFusedAwqLinear", "TorchAtenAwqLinear", "AwqTorchLinear")
 
@@ -412,9 +412,7 @@ def kernels(qc: dict) -> list[tuple[str, str, bool]]:
         return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
                 and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]]))
 
-    out = gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports)
-    out += [(name, "cuda", bool(rule(qc))) for name, rule in VLLM_KERNELS]
-    return out
+    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + [(VLLM[0], "cuda", VLLM[1](qc))]
 
 
 def load_config(qc: dict):

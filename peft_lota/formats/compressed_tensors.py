@@ -276,18 +276,25 @@ def _weight_args(qc: dict) -> list[dict]:
     return [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
 
 
+def _vllm_takes(w: dict) -> bool:
+    """vLLM 0.33.0's WNA16 scheme (tests/test_vllm_rules.py asks an installed vLLM): 2- to 8-bit integer weights,
+    symmetric or with zero points, in groups or per channel, static; act-order only as static ("weight") order."""
+    grouped = w.get("strategy") == "channel" or (w.get("strategy") == "group" and (w.get("group_size") or -1) > 0)
+    return (w.get("type", "int") == "int" and 2 <= int(w.get("num_bits") or 0) <= 8 and grouped
+            and not w.get("dynamic") and w.get("actorder") not in ("group", "dynamic"))
+
+
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
-    """(kernel, devices, can serve) for a pack-quantized config: transformers' dense fallback everywhere; vLLM's
-    W4A16 / W8A16 kernels (Marlin, Machete) take symmetric 4- and 8-bit group or channel weights."""
+    """(kernel, devices, can serve) for a pack-quantized config: transformers' dense fallback everywhere, and vLLM's
+    WNA16 scheme (Marlin, Machete or another of its mixed-precision kernels, chosen on the GPU)."""
     ws = _weight_args(qc)
-    fast = bool(ws) and all(w.get("num_bits") in (4, 8) and w.get("symmetric", True) for w in ws)
     return [("transformers (decompressed to dense on first forward)", "cpu, cuda", True),
-            ("vLLM compressed-tensors WNA16 (Marlin / Machete)", "cuda", fast)]
+            ("vLLM 0.33 compressed-tensors WNA16", "cuda", bool(ws) and all(_vllm_takes(w) for w in ws))]
 
 
 def fast_path_note(qc: dict) -> Optional[str]:
-    if any(w.get("num_bits") not in (4, 8) for w in _weight_args(qc)):
-        return "vLLM's WNA16 kernels take 4- and 8-bit weights only: this checkpoint runs decompressed."
+    if not all(_vllm_takes(w) for w in _weight_args(qc)):
+        return "vLLM (0.33) refuses these weights (it takes 2- to 8-bit integer groups or channels): they run decompressed."
     return None
 
 

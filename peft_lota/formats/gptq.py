@@ -450,40 +450,43 @@ def _quantize_config_json(qc: dict) -> dict:
 GPTQMODEL_MODULES = ("marlin", "machete", "exllamav2", "tritonv2", "torch_fused", "torch_aten_kernel", "torch")
 GPTQMODEL_KERNELS = ("MarlinLinear", "MacheteLinear", "ExllamaV2Linear", "TritonV2Linear", "TorchFusedLinear",
                      "TorchAtenLinear", "TorchLinear")
-# vLLM (0.x, checked against its gptq / gptq_marlin quantization configs): the Marlin kernels take symmetric
-# 4/8-bit GPTQ; anything else falls back to the slower exllama-based gptq kernel. Both read the classic format.
-VLLM_KERNELS = (("vLLM gptq_marlin (fast)", lambda qc: qc["sym"] and qc["bits"] in (4, 8)
-                 and qc["group_size"] in (-1, 32, 64, 128)),
-                ("vLLM gptq (exllama, slower)", lambda qc: qc["bits"] in (2, 3, 4, 8)))
+# vLLM 0.33.0 (its auto_gptq config and linear method; tests/test_vllm_rules.py asks an installed vLLM): GPTQ runs
+# on Marlin only, which takes symmetric 4- and 8-bit weights in groups of 32, 64, 128 or one per row; act-order
+# (desc_act) with groups is refused. Symmetric weights need no zero points, so vLLM reads v1 and v2 alike.
+VLLM = ("vLLM 0.33 auto_gptq (Marlin)", lambda qc: bool(qc["sym"]) and qc["bits"] in (4, 8)
+        and qc["group_size"] in (-1, 32, 64, 128) and not (qc.get("desc_act") and qc["group_size"] != -1))
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     """(kernel, devices, can serve) for a GPTQ quantization config: gptqmodel's (from the installed kernels' own
-    declarations) and vLLM's (a table). gptq_v2 checkpoints load only through gptqmodel."""
+    declarations) and vLLM's (its rules, above)."""
     def supports(cls) -> bool:
         return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
                 and bool(qc["sym"]) in getattr(cls, "SUPPORTS_SYM", [True, False])
                 and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]])
                 and bool(qc.get("desc_act")) in getattr(cls, "SUPPORTS_DESC_ACT", [True, False]))
 
-    out = gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports)
-    v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq") == "gptq"
-    out += [(name, "cuda", v1 and bool(rule(qc))) for name, rule in VLLM_KERNELS]
-    return out
+    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + [(VLLM[0], "cuda", VLLM[1](qc))]
 
 
 def fast_path_note(qc: dict) -> Optional[str]:
-    """Why this checkpoint misses the fast GPU kernels (Marlin), or None if it does not."""
+    """Why this checkpoint misses the fast GPU kernels (Marlin), which are all vLLM 0.33 runs GPTQ on, or None."""
     if qc["bits"] not in (4, 8):
-        return f"{qc['bits']}-bit GPTQ has no Marlin kernel: on GPUs it runs on slower kernels (Triton, vLLM's gptq)."
+        return (f"{qc['bits']}-bit GPTQ has no Marlin kernel: gptqmodel runs it on slower GPU kernels (Triton), and "
+                "vLLM (0.33) refuses it.")
     if not qc["sym"]:
-        note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: vLLM and gptqmodel run it "
-                "on slower kernels, where they run it at all. A fine-tune that moves zero points makes a symmetric base "
+        note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: gptqmodel runs it on slower "
+                "GPU kernels, and vLLM (0.33) refuses it. A fine-tune that moves zero points makes a symmetric base "
                 "asymmetric; one that keeps them keeps it symmetric.")
-        if qc["bits"] == 4 and not qc.get("desc_act"):  # AWQ's Marlin kernels take zero points (4 bits, in order)
+        if qc["bits"] == 4 and not qc.get("desc_act") and qc["group_size"] in (-1, 32, 64, 128):
             note += (" `peft-lota convert CHECKPOINT OUT --to awq` writes the same grid as AWQ, whose Marlin kernel "
-                     "(vLLM's awq_marlin) takes zero points.")
+                     "takes zero points (vLLM's auto_awq).")
         return note
+    if qc.get("desc_act") and qc["group_size"] != -1:
+        return ("act-order GPTQ (desc_act) with groups: gptqmodel's Marlin kernel runs it, vLLM (0.33) refuses it; "
+                "no format vLLM takes holds its group order.")
+    if qc["group_size"] not in (-1, 32, 64, 128):
+        return f"Marlin takes groups of 32, 64 or 128 (or one per row), not {qc['group_size']}: vLLM (0.33) refuses it."
     return None
 
 
