@@ -716,7 +716,7 @@ def main(argv=None) -> int:
                                           "(optional with --push)")
     m.add_argument("--push", metavar="REPO", help="also push the checkpoint to this Hub repo")
     m.add_argument("--safe", action="store_true", help="decode every packed layer before writing it (safe_merge)")
-    m.add_argument("--format", metavar="FORMAT", help="write the merged model in this format (gptq, awq) instead of "
+    m.add_argument("--format", metavar="FORMAT", help="write the merged model in this format (gptq, awq, compressed-tensors) instead of "
                    "the base's: the same grid repacked, refused where the format cannot hold it (peft-lota convert)")
     m.add_argument("--stream", action="store_true", help="merge file by file without building the model (peak memory "
                    "about one shard: for checkpoints larger than this machine's memory); the base must be a local "
@@ -758,8 +758,8 @@ def main(argv=None) -> int:
                                    "them. The result is reloaded and compared layer by layer.")
     c.add_argument("checkpoint")
     c.add_argument("out", help="where to write the converted checkpoint (a folder apart from CHECKPOINT)")
-    c.add_argument("--to", required=True, metavar="FORMAT", help="the target format's name (gptq, awq: the formats "
-                   "peft_lota builds layers of)")
+    c.add_argument("--to", required=True, metavar="FORMAT", help="the target format's name (gptq, awq, compressed-tensors: "
+                   "the formats peft_lota builds layers of)")
     c.add_argument("--dtype", choices=DTYPES, help=dtype_help)
     c.set_defaults(func=cmd_convert)
     sub.add_parser("finetune", help="fine-tune a quantized model through a stock Trainer, merge, save, verify "

@@ -59,6 +59,8 @@ def convert_model(model: nn.Module, to: str) -> nn.Module:
         state, grid = quant.read(), quant.grid_settings()
         if state.scales.shape[0] == 1:  # one group per output column, however the format counts its size
             grid = {**grid, "group_size": -1}
+        # symmetric is what the zero points are (all 2^(bits-1)), whatever the layer's flag says
+        grid = {**grid, "sym": bool((state.zeros.long() == 1 << (grid["bits"] - 1)).all())}
         problem = conversion_problem(name, state, grid, target)
         if problem:
             problems.append(problem)
@@ -78,7 +80,11 @@ def convert_model(model: nn.Module, to: str) -> nn.Module:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new.to(state.scales.device))
     bits, group_size = grids.pop()
     sym = all(g["sym"] for _, _, g in plans)
-    model.config.quantization_config = target.new_config(bits, group_size, sym)
+    qc = target.new_config(bits, group_size, sym)
+    if "ignore" in qc:  # compressed-tensors targets every Linear: name the ones that stay in full precision
+        qc["ignore"] = [n for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and not formats.is_quantized_layer(m)]
+    model.config.quantization_config = qc
     from .export import attach_export
 
     return attach_export(model)

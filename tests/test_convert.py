@@ -24,7 +24,10 @@ CASES = [("awq", AwqSpec("llama", 4, False, 32), "gptq"),  # zero points of 0: w
          ("gptq", Spec("qwen2", 4, True, False, "gptq_v2"), "awq"),  # bias
          ("gptq", Spec("llama", 2, False, False, "gptq_v2"), "awq"),
          ("ct", CtSpec("llama", 4, 32), "awq"),
-         ("ct", CtSpec("qwen2", 8, None), "gptq")]  # channel-wise: one group per column
+         ("ct", CtSpec("qwen2", 8, None), "gptq"),  # channel-wise: one group per column
+         ("gptq", Spec("llama", 3, True, False, "gptq"), "compressed-tensors"),  # 3 bits: vLLM takes it only as CT
+         ("gptq", Spec("qwen2", 4, True, False, "gptq_v2"), "compressed-tensors"),  # bias
+         ("awq", AwqSpec("qwen2", 4, True, 64), "compressed-tensors")]
 
 
 @pytest.mark.parametrize("kind,spec,to", CASES, ids=[f"{k}-{s.slug()}-to-{t}" for k, s, t in CASES])
@@ -56,8 +59,11 @@ def test_what_the_target_cannot_hold_is_refused_before_anything_changes(gptq_dir
     assert formats.model_format(act_order).name == "gptq"
     with pytest.raises(ValueError, match="GPTQ already"):
         convert_model(act_order, "gptq")
-    with pytest.raises(ValueError, match="cannot build compressed-tensors layers"):
+    with pytest.raises(ValueError, match="actorder='group'"):
         convert_model(act_order, "compressed-tensors")
+    asymmetric = load_model(gptq_dir(Spec("llama", 2, False, False, "gptq_v2")))
+    with pytest.raises(ValueError, match="zero points, and transformers .* cannot load an asymmetric"):
+        convert_model(asymmetric, "compressed-tensors")
     with pytest.raises(ValueError, match="unknown format"):
         convert_model(act_order, "nf4")
     with pytest.raises(ValueError, match="full precision"):

@@ -44,6 +44,7 @@ def _configs() -> list[dict]:
                 qc["checkpoint_format"] = qc["format"] = "gptq_v2"
                 out.append(qc)
                 out.append(awq.new_config(bits, group_size, sym))
+            out.append(formats.by_name("compressed-tensors").new_config(bits, group_size, True))  # what convert writes
     ct_weights = {"dynamic": False, "group_size": 32, "num_bits": 4, "strategy": "group", "symmetric": True,
                   "type": "int", "actorder": None}
     ct = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

@@ -362,7 +362,7 @@ def checkpoint_config(qc: dict, fits: bool, still_sym: bool) -> tuple[dict, dict
     loaders = ("Needs `gptqmodel` installed (transformers loads AWQ through it). Kernels that can serve it: "
                + (", ".join(serving) or "none known") + ".")
     facts = {"format": "AWQ", "bits": bits, "group_size": qc["group_size"], "desc_act": False, "sym": sym,
-             "checkpoint_format": "gemm", "loaders": loaders, "kernels": serving, "fast_path_note": None}
+             "checkpoint_format": "gemm", "loaders": loaders, "kernels": serving, "fast_path_note": fast_path_note(qc)}
     return qc, extra, facts
 
 
@@ -415,6 +415,21 @@ def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + [(VLLM[0], "cuda", VLLM[1](qc))]
 
 
+def fast_path_note(qc: dict) -> Optional[str]:
+    """Why vLLM (0.33), which runs AWQ on Marlin only, would refuse this checkpoint, and the convert that helps; or None."""
+    if VLLM[1](qc):
+        return None
+    if qc["bits"] != 4:
+        note = f"vLLM (0.33) runs AWQ at 4 bits only, not {qc['bits']}."
+        if qc.get("zero_point") is False:
+            note += " `peft-lota convert CHECKPOINT OUT --to compressed-tensors` writes the same grid in a format it takes."
+        return note
+    if qc.get("zero_point") is False:
+        return ("vLLM's (0.33) AWQ Marlin kernel needs zero points, and this checkpoint is symmetric: "
+                "`peft-lota convert CHECKPOINT OUT --to gptq` writes the same grid as symmetric GPTQ, which it serves.")
+    return f"Marlin takes groups of 32, 64 or 128 (or one per row), not {qc['group_size']}: vLLM (0.33) refuses it."
+
+
 def load_config(qc: dict):
     """AwqConfig that loads a checkpoint with AwqTorchLinear ("torch_awq"); the rest comes from its config.json."""
     from transformers import AwqConfig
@@ -430,7 +445,7 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 
 FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=dispatch_awq,
                 prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe,
+                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
                 layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

@@ -134,18 +134,90 @@ def prepare_ct_model(model: nn.Module) -> int:
         if hook is not None:
             hook.remove()
             delattr(m, "ct_decompress_hook")
-    changed = 0
-    for _, module in layers:
-        module.weight_scale.requires_grad_(False)  # transformers makes it a trainable Parameter
-        if getattr(module, _FORWARD_TAG, False):
-            continue
-        module._peft_lota_weights = CTWeights(module)
-        module.forward = types.MethodType(_compressed_forward, module)
-        setattr(module, _FORWARD_TAG, True)
-        changed += 1
+    changed = sum(_keep_compressed(module) for _, module in layers)
     if changed:
         logger.info("peft_lota: %d compressed-tensors layers stay compressed (computed from their codes).", changed)
     return changed
+
+
+def _keep_compressed(module: nn.Module) -> bool:
+    """Give a compressed layer the exact forward from its codes; False if it has it already."""
+    module.weight_scale.requires_grad_(False)  # transformers makes it a trainable Parameter
+    if getattr(module, _FORWARD_TAG, False):
+        return False
+    module._peft_lota_weights = CTWeights(module)
+    module.forward = types.MethodType(_compressed_forward, module)
+    setattr(module, _FORWARD_TAG, True)
+    return True
+
+
+# ---- building a layer (convert into compressed-tensors) ----------------------------------------------------
+
+def grid_problem(in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 act_order: bool = False) -> Optional[str]:
+    """Why a new pack-quantized layer [in_features, out_features] with this grid cannot be stored, or None."""
+    gs = in_features if group_size in (-1, 0) else group_size
+    if act_order:
+        return ("act-order (a permuted g_idx) is compressed-tensors' actorder='group', which peft_lota does not write "
+                "and vLLM (0.33) refuses.")
+    if not sym:
+        return ("it has zero points, and transformers (5.23) cannot load an asymmetric pack-quantized checkpoint (its "
+                "packed zero points do not fit the shapes it allocates), so the result could not be checked by a stock "
+                "reload. For vLLM, 4-bit grids with zero points convert to AWQ (--to awq).")
+    if bits not in SUPPORTED_BITS:
+        return f"compressed-tensors layers here hold {SUPPORTED_BITS}-bit codes, not {bits}."
+    if (in_features * bits) % 32:
+        return (f"pack-quantized packs codes along the input, and {in_features} rows of {bits} bits do not fill int32 "
+                "words.")
+    if in_features % gs:
+        return f"groups are whole runs of input rows, and in_features={in_features} is not a multiple of {gs}."
+    return None
+
+
+def _weights_args(bits: int, group_size: int) -> dict:
+    strategy = dict(strategy="channel", group_size=None) if group_size in (-1, 0) else dict(strategy="group",
+                                                                                             group_size=group_size)
+    return dict(num_bits=bits, type="int", symmetric=True, dynamic=False, actorder=None, **strategy)
+
+
+def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bias,
+                bits: int, group_size: int, sym: bool) -> nn.Module:
+    """A pack-quantized layer (as transformers loads one, kept compressed) holding these codes [K, N], scales
+    [G, N] and bias; the zero points must be the symmetric 2^(bits-1) and `g_idx` the contiguous k // group_size."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
+
+    K, N = codes.shape
+    gs = K if group_size in (-1, 0) else group_size
+    if not torch.equal(g_idx.long().cpu(), torch.arange(K) // gs):
+        raise ValueError("compressed-tensors layers here have contiguous groups of input rows: this grid's g_idx "
+                         "(act-order) cannot be stored.")
+    if not bool((zeros.long() == 1 << (bits - 1)).all()):
+        raise ValueError("compressed-tensors layers here are symmetric: this grid's zero points cannot be stored.")
+    layer = nn.Linear(K, N, bias=bias is not None, device="meta")
+    del layer.weight
+    frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731 - transformers holds them as Parameters
+    layer.weight_packed = frozen(pack_weight(codes, bits).to(codes.device))
+    layer.weight_scale = frozen(scales.detach().t().contiguous())
+    layer.weight_shape = frozen(torch.tensor([N, K], dtype=torch.int64))
+    layer.bias = None if bias is None else frozen(bias.detach().clone().to(scales.dtype))
+    layer.quantization_scheme = QuantizationScheme(targets=["Linear"],
+                                                   weights=QuantizationArgs(**_weights_args(bits, group_size)))
+    layer.quantization_status = QuantizationStatus.COMPRESSED
+    _keep_compressed(layer)
+    return layer.eval()
+
+
+def new_config(bits: int, group_size: int, sym: bool) -> dict:
+    """The `config.quantization_config` of a pack-quantized model made by peft_lota (what llm-compressor writes for
+    W4A16, every Linear but lm_head; convert names the full-precision layers it finds in `ignore`)."""
+    import compressed_tensors
+
+    group = {"format": "pack-quantized", "targets": ["Linear"], "input_activations": None,
+             "output_activations": None, "weights": _weights_args(bits, group_size)}
+    return {"quant_method": QUANT_METHOD, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+            "version": compressed_tensors.__version__}
 
 
 # ---- reading and writing one layer ---------------------------------------------------------------------
@@ -312,4 +384,5 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 
 FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, dispatch=dispatch_compressed_tensors,
                 prepare_model=prepare_ct_model, model_is=model_is_ct, checkpoint=ct_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note)
+                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)

@@ -472,8 +472,12 @@ def kernels(qc: dict) -> list[tuple[str, str, bool]]:
 def fast_path_note(qc: dict) -> Optional[str]:
     """Why this checkpoint misses the fast GPU kernels (Marlin), which are all vLLM 0.33 runs GPTQ on, or None."""
     if qc["bits"] not in (4, 8):
-        return (f"{qc['bits']}-bit GPTQ has no Marlin kernel: gptqmodel runs it on slower GPU kernels (Triton), and "
+        note = (f"{qc['bits']}-bit GPTQ has no Marlin kernel: gptqmodel runs it on slower GPU kernels (Triton), and "
                 "vLLM (0.33) refuses it.")
+        if qc["sym"] and not qc.get("desc_act"):  # vLLM's compressed-tensors WNA16 takes 2-8 bits
+            note += (" `peft-lota convert CHECKPOINT OUT --to compressed-tensors` writes the same grid in the format "
+                     "vLLM serves at 2 to 8 bits.")
+        return note
     if not qc["sym"]:
         note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: gptqmodel runs it on slower "
                 "GPU kernels, and vLLM (0.33) refuses it. A fine-tune that moves zero points makes a symmetric base "
