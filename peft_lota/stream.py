@@ -141,7 +141,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
 
     The merged tensors equal those of `merge_and_unload()` on the loaded model, saved: the method's own merge runs on
     each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
-    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ); others are refused with the way
+    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors); others are refused with the way
     out (`peft-lota merge` without --stream).
     """
     from safetensors.torch import save_file
@@ -181,8 +181,6 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
     for name in layers:
         shards_of = [weight_map[f"{name}.{s}"] for s in fmt.layer_tensor_names if f"{name}.{s}" in weight_map]
         by_shard.setdefault(min(shards_of, key=order.index), []).append(name)
-    bits = int(qc["bits"])
-    center = 1 << (bits - 1)
 
     # The checkpoint format is decided before any shard is written, from the base's zero points (cheap to read):
     # merges keep every zero point inside the format's storable range, so one that fits stays fitting.
@@ -206,6 +204,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                     peft_config, layers, qc, fmt, safe, count_codes)
                 for n, layer in merged.items():
                     written = fmt.layer_tensors(layer, qc_out)
+                    center = (formats.dispatch(layer, n).maxq + 1) // 2
                     still_sym = still_sym and bool((fmt.true_zeros_of(written, qc_out) == center).all())
                     pending.update({f"{n}.{k}": v.contiguous() for k, v in written.items()})
                     digests.update({f"{n}.{k}": _digest(v) for k, v in written.items()})

@@ -68,14 +68,16 @@ CASES = [("gptq", Spec("llama", 4, False, True, "gptq"), "lota", "integer"),  # 
          ("gptq", Spec("qwen2", 3, False, True, "gptq_v2"), "l4q", None),
          ("gptq", Spec("llama", 8, True, True, "gptq_v2"), "lota", "none"),
          ("awq", AwqSpec("llama", 4, False, 32), "lota", "integer"),
-         ("awq", AwqSpec("qwen2", 4, True, 64), "l4q", None)]
+         ("awq", AwqSpec("qwen2", 4, True, 64), "l4q", None),
+         ("ct", CtSpec("llama", 4, 32), "lota", "none"),
+         ("ct", CtSpec("qwen2", 8, None), "l4q", None)]  # channel-wise
 
 
 @pytest.mark.parametrize("kind,spec,method,offset", CASES, ids=[f"{k}-{s.slug()}-{m}" for k, s, m, _ in CASES])
 @pytest.mark.parametrize("sharded", [False, True])
-def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_dir, tmp_path, kind, spec, method,
-                                                                 offset, sharded):
-    path = (gptq_dir if kind == "gptq" else awq_dir)(spec)
+def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_dir, ct_dir, tmp_path, kind, spec,
+                                                                 method, offset, sharded):
+    path = {"gptq": gptq_dir, "awq": awq_dir, "ct": ct_dir}[kind](spec)
     merged, dtype = _trained_adapter(path, method, offset, tmp_path)
     base = _reshard(path, tmp_path / "sharded") if sharded else path
     report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "streamed", count_codes=True, progress=False)
@@ -99,13 +101,13 @@ def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_di
                            merged(input_ids=X).logits)
 
 
-def test_streaming_refuses_before_writing_anything(gptq_dir, ct_dir, tmp_path):
+def test_streaming_refuses_before_writing_anything(gptq_dir, fp_dir, tmp_path):
     path = gptq_dir(Spec("llama", 4, True, False, "gptq"))
     _trained_adapter(path, "lota", "none", tmp_path)
     with pytest.raises(ValueError, match="input folder"):
         merge_checkpoint(path, tmp_path / "adapter", path, progress=False)
-    with pytest.raises(ValueError, match="does not read compressed-tensors"):
-        merge_checkpoint(ct_dir(CtSpec("llama", 4, 32)), tmp_path / "adapter", tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="full-precision model"):
+        merge_checkpoint(fp_dir("llama"), tmp_path / "adapter", tmp_path / "a", progress=False)
     other = gptq_dir(Spec("qwen2", 4, True, False, "gptq_v2"))
     with pytest.raises(ValueError, match="made for a base"):  # same names, other layers: the fingerprint check
         merge_checkpoint(other, tmp_path / "adapter", tmp_path / "b", progress=False)

@@ -193,18 +193,66 @@ def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, 
                          "(act-order) cannot be stored.")
     if not bool((zeros.long() == 1 << (bits - 1)).all()):
         raise ValueError("compressed-tensors layers here are symmetric: this grid's zero points cannot be stored.")
-    layer = nn.Linear(K, N, bias=bias is not None, device="meta")
+    return _layer({"weight_packed": pack_weight(codes, bits).to(codes.device),
+                   "weight_scale": scales.detach().t().contiguous(),
+                   "weight_shape": torch.tensor([N, K], dtype=torch.int64),
+                   **({} if bias is None else {"bias": bias.detach().clone().to(scales.dtype)})},
+                  _weights_args(bits, group_size))
+
+
+def _layer(tensors: dict, weights: dict) -> nn.Module:
+    """A compressed layer, as transformers loads one and kept compressed, holding a layer's checkpoint tensors."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
+
+    N, K = (int(v) for v in tensors["weight_shape"])
+    layer = nn.Linear(K, N, bias="bias" in tensors, device="meta")
     del layer.weight
-    frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731 - transformers holds them as Parameters
-    layer.weight_packed = frozen(pack_weight(codes, bits).to(codes.device))
-    layer.weight_scale = frozen(scales.detach().t().contiguous())
-    layer.weight_shape = frozen(torch.tensor([N, K], dtype=torch.int64))
-    layer.bias = None if bias is None else frozen(bias.detach().clone().to(scales.dtype))
-    layer.quantization_scheme = QuantizationScheme(targets=["Linear"],
-                                                   weights=QuantizationArgs(**_weights_args(bits, group_size)))
+    for name, t in tensors.items():  # transformers holds them as Parameters
+        setattr(layer, name, nn.Parameter(t, requires_grad=False))
+    layer.quantization_scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
     layer.quantization_status = QuantizationStatus.COMPRESSED
     _keep_compressed(layer)
     return layer.eval()
+
+
+# ---- streaming (merge --stream): one layer from, and back to, its checkpoint tensors -------------------------
+
+LAYER_TENSORS = ("weight_packed", "weight_scale", "weight_shape", "bias")
+
+
+def _only_weights(qc: dict) -> dict:
+    ws = _weight_args(qc)
+    if len(ws) != 1:
+        raise ValueError(f"this checkpoint has {len(ws)} quantization groups; the streaming merge reads one "
+                         "(what llm-compressor's W4A16 / W8A16 write): merge in memory.")
+    return {k: v for k, v in ws[0].items() if v is not None}
+
+
+def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
+    """A compressed layer holding one layer's checkpoint tensors ({"weight_packed": ..., "weight_scale": ...})."""
+    layer = _layer({k: v for k, v in tensors.items() if k in LAYER_TENSORS}, _only_weights(qc))
+    problem = layout_problem("this layer", layer)
+    if problem:
+        raise ValueError(problem)
+    return layer
+
+
+def layer_tensors(layer: nn.Module, qc_out: dict) -> dict:
+    """One layer's tensors as a pack-quantized checkpoint stores them (as they are in memory)."""
+    return {name: getattr(layer, name).data for name in LAYER_TENSORS if getattr(layer, name, None) is not None}
+
+
+def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
+    """Zero points [G, N]: all 2^(bits-1) (symmetric layers store none)."""
+    N, G = tensors["weight_scale"].shape
+    return torch.full((G, N), 1 << (int(_only_weights(qc)["num_bits"]) - 1), dtype=torch.uint8)
+
+
+def checkpoint_config(qc: dict, fits: bool, still_sym: bool) -> tuple[dict, dict, dict]:
+    """(quantization_config, extra files, facts) of a checkpoint written from a model loaded with `qc`: the same
+    config (symmetric layers hold no zero points, so a merge cannot have moved one)."""
+    qc["quantization_status"] = "compressed"
+    return qc, {}, {"format": "compressed-tensors", "fast_path_note": fast_path_note(qc)}
 
 
 def new_config(bits: int, group_size: int, sym: bool) -> dict:
@@ -385,4 +433,6 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, dispatch=dispatch_compressed_tensors,
                 prepare_model=prepare_ct_model, model_is=model_is_ct, checkpoint=ct_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config)
+                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
+                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
