@@ -184,8 +184,6 @@ def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, 
                 bits: int, group_size: int, sym: bool) -> nn.Module:
     """A pack-quantized layer (as transformers loads one, kept compressed) holding these codes [K, N], scales
     [G, N] and bias; the zero points must be the symmetric 2^(bits-1) and `g_idx` the contiguous k // group_size."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
-
     K, N = codes.shape
     gs = K if group_size in (-1, 0) else group_size
     if not torch.equal(g_idx.long().cpu(), torch.arange(K) // gs):
