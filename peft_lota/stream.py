@@ -141,7 +141,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
 
     The merged tensors equal those of `merge_and_unload()` on the loaded model, saved: the method's own merge runs on
     each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
-    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors); others are refused with the way
+    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors, LLM.int8); others are refused with the way
     out (`peft-lota merge` without --stream).
     """
     from safetensors.torch import save_file

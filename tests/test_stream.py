@@ -77,7 +77,22 @@ CASES = [("gptq", Spec("llama", 4, False, True, "gptq"), "lota", "integer"),  # 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_dir, ct_dir, tmp_path, kind, spec,
                                                                  method, offset, sharded):
-    path = {"gptq": gptq_dir, "awq": awq_dir, "ct": ct_dir}[kind](spec)
+    _check_stream({"gptq": gptq_dir, "awq": awq_dir, "ct": ct_dir}[kind](spec), tmp_path, method, offset, sharded)
+
+
+@pytest.mark.parametrize("method", ["lota", "l4q"])
+def test_streaming_an_llm_int8_checkpoint(fp_dir, tmp_path, method):
+    """A pre-quantized LLM.int8 checkpoint (as users download them), merged from its files, in 3 shards."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    pytest.importorskip("bitsandbytes")
+    AutoModelForCausalLM.from_pretrained(str(fp_dir("qwen2")), dtype=torch.float32, device_map="cpu",
+                                         quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+                                         ).save_pretrained(tmp_path / "int8")
+    _check_stream(tmp_path / "int8", tmp_path, method, "none", sharded=True)
+
+
+def _check_stream(path: Path, tmp_path: Path, method: str, offset, sharded: bool) -> None:
     merged, dtype = _trained_adapter(path, method, offset, tmp_path)
     base = _reshard(path, tmp_path / "sharded") if sharded else path
     report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "streamed", count_codes=True, progress=False)

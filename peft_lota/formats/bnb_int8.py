@@ -202,6 +202,44 @@ def int8_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
     return state_dict, qc, {}, facts
 
 
+# ---- streaming (merge --stream): one layer from, and back to, its checkpoint tensors -------------------------
+
+LAYER_TENSORS = ("weight", "SCB", "weight_format", "bias")
+
+
+def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
+    """A Linear8bitLt holding one layer's checkpoint tensors (CB as `weight`, SCB), as transformers loads one."""
+    import bitsandbytes as bnb
+
+    cb, scb = tensors["weight"], tensors["SCB"]
+    if cb.dtype != torch.int8:
+        raise ValueError(f"this LLM.int8 layer's weight is {cb.dtype}, not int8 codes: not a pre-quantized checkpoint.")
+    N, K = cb.shape
+    layer = bnb.nn.Linear8bitLt(K, N, bias="bias" in tensors, has_fp16_weights=False,
+                                threshold=float(qc.get("llm_int8_threshold", 6.0)), device="meta")
+    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+    layer.weight.SCB = scb
+    if "bias" in tensors:
+        layer.bias = nn.Parameter(tensors["bias"], requires_grad=False)
+    return layer.eval()
+
+
+def layer_tensors(layer: nn.Module, qc_out: dict) -> dict:
+    """One layer's tensors as an LLM.int8 checkpoint stores them (what int8_checkpoint writes)."""
+    out = {"weight": _cb(layer), "SCB": _scb(layer), "weight_format": torch.tensor(0, dtype=torch.uint8)}
+    return {**out, "bias": layer.bias.data} if layer.bias is not None else out
+
+
+def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
+    """Zero points [1, N]: all 128 (LLM.int8 is symmetric)."""
+    return torch.full((1, tensors["SCB"].shape[0]), ZERO, dtype=torch.uint8)
+
+
+def checkpoint_config(qc: dict, fits: bool, still_sym: bool) -> tuple[dict, dict, dict]:
+    """(quantization_config, extra files, facts): the base's own config (a merge cannot move its zero points)."""
+    return qc, {}, {"format": "bitsandbytes LLM.int8", "fast_path_note": None}
+
+
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     return [("bitsandbytes Linear8bitLt (transformers)", "cpu, cuda, xpu", True)]
 
@@ -217,4 +255,6 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 
 FORMAT = Format(name=NAME, quant_method="bitsandbytes", is_layer=is_int8_layer, dispatch=dispatch_int8,
                 prepare_model=prepare_int8_model, model_is=model_is_int8, checkpoint=int8_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, config_matches=config_is_int8)
+                load_config=load_config, kernels=kernels, describe=describe, config_matches=config_is_int8,
+                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
