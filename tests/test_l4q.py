@@ -293,22 +293,28 @@ def test_a_format_builds_layers_that_read_back_exactly():
     scales = (torch.rand(K // gs, N, generator=g) + 0.5).half()
     g_idx = torch.arange(K, dtype=torch.int32) // gs
     built = [f for f in formats.FORMATS if f.can_build]
-    assert {f.name for f in built} == {"gptq", "awq"}
+    assert {f.name for f in built} == {"gptq", "awq", "compressed-tensors"}
     for fmt in built:
-        assert fmt.grid_problem(K, N, bits, gs, False) is None
-        state = fmt.dispatch(fmt.build_layer(codes, zeros, scales, g_idx, None, bits, gs, False), "x").read()
-        assert torch.equal(state.codes, codes) and torch.equal(state.scales, scales)
-        assert torch.equal(state.zeros.to(torch.int32), zeros)
-        # where a merge may move zero points: GPTQ's classic format stores z - 1, AWQ raw z
-        assert state.zero_range == {"gptq": (1, 15), "awq": (0, 15)}[fmt.name]
-        assert fmt.new_config(bits, gs, False)["quant_method"] == fmt.quant_method
+        sym = fmt.name == "compressed-tensors"  # it holds no zero points: asymmetric grids are refused
+        assert ("zero points" in fmt.grid_problem(K, N, bits, gs, False)) if sym else fmt.grid_problem(K, N, bits, gs,
+                                                                                                      False) is None
+        z = torch.full_like(zeros, 8) if sym else zeros
+        weights = fmt.dispatch(fmt.build_layer(codes, z, scales, g_idx, None, bits, gs, sym), "x")
+        state = weights.read()
+        assert torch.equal(state.codes, codes) and torch.equal(state.scales.to(scales.dtype), scales)
+        assert torch.equal(state.zeros.to(torch.int32), z)
+        if sym:  # compressed-tensors stores no zero points: none can move (LoTA's offsets are refused for it)
+            assert weights.fixed_zero_points
+        else:  # where a merge may move zero points: GPTQ's classic format stores z - 1, AWQ raw z
+            assert state.zero_range == {"gptq": (1, 15), "awq": (0, 15)}[fmt.name]
+        assert fmt.new_config(bits, gs, sym)["quant_method"] == fmt.quant_method
     assert "multiple" in formats.by_name("gptq").grid_problem(20, N, 3, -1, True)  # 3-bit words hold 32 rows
     assert "multiple of 48" in formats.by_name("awq").grid_problem(K, N, bits, 48, True)
 
 
 def test_a_format_that_cannot_hold_the_grid_or_build_layers_is_refused(fp_dir):
     base = AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32)
-    with pytest.raises(ValueError, match="cannot build new compressed-tensors layers"):
+    with pytest.raises(ValueError, match="cannot write compressed-tensors layers; choose one of GPTQ, AWQ"):
         get_peft_model(base, L4QConfig(format="compressed-tensors"))
     with pytest.raises(ValueError, match="into a 4-bit AWQ layer: AWQ groups"):
         get_peft_model(AutoModelForCausalLM.from_pretrained(fp_dir("llama"), dtype=torch.float32),

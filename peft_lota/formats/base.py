@@ -368,6 +368,8 @@ class Format:
     grid_problem: Optional[Callable[..., Optional[str]]] = None
     build_layer: Optional[Callable[..., nn.Module]] = None
     new_config: Optional[Callable[[int, int, bool], dict]] = None
+    # Whether L4Q from full precision may write this format (its trained scales must have a dtype the format stores).
+    l4q_target: bool = True
     # Streaming a checkpoint file by file, one layer at a time (formats that can; stream.py):
     # layer_tensor_names: the tensors of one layer, by suffix; layer_from_tensors(tensors, qc): a trainable,
     # layout-keeping layer holding them; layer_tensors(layer, qc_out): its tensors as a checkpoint with qc_out stores
@@ -391,6 +393,10 @@ class Format:
     @property
     def can_build(self) -> bool:
         return self.build_layer is not None
+
+    @property
+    def l4q_from_full_precision(self) -> bool:
+        return self.can_build and self.l4q_target
 
     def matches(self, qc: dict) -> bool:
         return self.config_matches(qc) if self.config_matches is not None else qc.get("quant_method") == self.quant_method

@@ -115,9 +115,11 @@ def model_is_ct(model: nn.Module) -> bool:
 
 
 def _compressed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the decompressed layer computes, from the codes: F.linear(x, (q - 0) * s, bias) in the scales' dtype."""
+    """What the decompressed layer computes, from the codes: F.linear(x, (q - 0) * s, bias) in the scales' dtype.
+    (A layer peft_lota built holds float32 scales: its weight, exact in float32, is rounded once to x's dtype, which
+    is the product a reload in that dtype computes.)"""
     state = self._peft_lota_weights.read()  # one reader per layer: its zeros/g_idx metadata is decoded once
-    return F.linear(x, state.weight().t().contiguous(), self.bias)
+    return F.linear(x, state.weight().t().contiguous().to(x.dtype), self.bias)
 
 
 def prepare_ct_model(model: nn.Module) -> int:
@@ -192,7 +194,7 @@ def build_layer(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, 
     if not bool((zeros.long() == 1 << (bits - 1)).all()):
         raise ValueError("compressed-tensors layers here are symmetric: this grid's zero points cannot be stored.")
     return _layer({"weight_packed": pack_weight(codes, bits).to(codes.device),
-                   "weight_scale": scales.detach().t().contiguous(),
+                   "weight_scale": scales.detach().t().float().contiguous(),  # exact for fp16 and bf16 scales
                    "weight_shape": torch.tensor([N, K], dtype=torch.int64),
                    **({} if bias is None else {"bias": bias.detach().clone().to(scales.dtype)})},
                   _weights_args(bits, group_size))
@@ -432,5 +434,7 @@ FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, disp
                 prepare_model=prepare_ct_model, model_is=model_is_ct, checkpoint=ct_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
+                # a reload casts the scales to the model's dtype, where L4Q's trained float32 scales would round
+                l4q_target=False,
                 layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

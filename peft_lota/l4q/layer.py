@@ -73,7 +73,8 @@ class L4QLayer(QuantLayer):
         # A tiny layer of that format (32 x 32 codes fill whole words at every width; no bias): how its kernel treats
         # activations and bias, which the adapted forward follows so that it computes what the merged layer will.
         n = 32
-        proto = target_format.build_layer(torch.zeros(n, n, dtype=torch.uint8), torch.zeros(1, n, dtype=torch.int32),
+        centred = torch.full((1, n), 1 << (bits - 1), dtype=torch.int32)  # storable in every format
+        proto = target_format.build_layer(torch.zeros(n, n, dtype=torch.uint8), centred,
                                           torch.ones(1, n, dtype=torch.float16), torch.zeros(n, dtype=torch.int32),
                                           None, bits, -1, sym)
         self._kernel = target_format.dispatch(proto, "")

@@ -80,9 +80,11 @@ class L4QModel(QuantTuner):
     def _target_format(config: L4QConfig):
         """From full precision: the format a merge builds (config.format, GPTQ by default), if it can build layers."""
         fmt = formats.by_name(config.format or "gptq")
-        if not fmt.can_build:
-            raise ValueError(f"L4QConfig(format={config.format!r}): peft_lota cannot build new {fmt.title} layers "
-                             f"from full precision; choose one of {formats.format_list(buildable=True)}.")
+        if not fmt.l4q_from_full_precision:
+            targets = ", ".join(f.title for f in formats.FORMATS if f.l4q_from_full_precision)
+            raise ValueError(f"L4QConfig(format={config.format!r}): L4Q from full precision cannot write {fmt.title} "
+                             f"layers; choose one of {targets} (and `peft-lota convert` the merged model, where the "
+                             "target holds its grid).")
         return fmt
 
     @staticmethod
