@@ -32,14 +32,16 @@ from peft_lota.sharded import gather_adapter, is_sharded, load_adapter  # noqa: 
 from tiny_models import load_awq, load_gptq  # noqa: E402
 
 MICRO = 2
-LOTA = dict(q_start=0.5, q_mid=0.6, q_end=0.7)  # a fast schedule, so that 4 steps move codes in a tiny model
+# a fast schedule, so that 4 steps move codes in a tiny model; momentum, so that the resume restores optimizer state
+LOTA = dict(q_start=0.5, q_mid=0.6, q_end=0.7, momentum=0.5)
 
 
 def build(job: dict, steps: int, sharded: bool):
     """A fresh adapted model (sharded when asked) and its optimizer."""
     base = (load_gptq if job["format"] == "gptq" else load_awq)(job["path"])
-    config = (LotaConfig(r=4, omega=1, init_seed=0, train_mode="ternary") if job["method"] == "lota"
-              else L4QConfig(r=4, init_seed=0))
+    # LoTA also trains a copy of the final norm (modules_to_save): t-SignSGD and AdamW in one optimizer, both resumed
+    config = (LotaConfig(r=4, omega=1, init_seed=0, train_mode="ternary", modules_to_save=["norm"])
+              if job["method"] == "lota" else L4QConfig(r=4, init_seed=0))
     model = get_peft_model(base, config)
     if sharded:
         from torch.distributed.fsdp import fully_shard

@@ -121,13 +121,6 @@ class TSignSGD(torch.optim.Optimizer):
         )  # fmt: skip
         super().__init__(params, defaults)
         self._checked_ternary = False
-        # Every tensor has state from the start, a step count like torch's own optimizers keep.
-        # torch.distributed.checkpoint (FSDP2's and accelerate's save and resume) creates the state of an
-        # optimizer whose state is empty by running one step on zero gradients: that step would move nothing
-        # but would advance the schedule, and the resumed run would no longer match an uninterrupted one.
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["step"] = torch.tensor(float(group["step"]))
 
     @staticmethod
     def _check_total_steps(total_steps) -> int:
@@ -150,6 +143,20 @@ class TSignSGD(torch.optim.Optimizer):
                     raise ValueError(f"TSignSGD only updates ternary tensors; {what} has values not in {{-1, 0, 1}}")
         self._checked_ternary = True
 
+    def _creating_state(self) -> bool:
+        """torch.distributed.checkpoint (FSDP2's and accelerate's save and resume) creates the state of an optimizer
+        whose state is empty by one step on zero gradients at learning rate 0. Such a step moves nothing, and must
+        not advance the schedule either (a resumed run would no longer match an uninterrupted one): create the state
+        a step would (the momentum average, which the checkpoint then loads into) and return True."""
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        if any(p.grad is None or torch.count_nonzero(p.grad) for g in self.param_groups for p in g["params"]):
+            return False
+        for group in self.param_groups:
+            for p in group["params"] if group.get("momentum", 0.0) else ():
+                self.state[p].setdefault("exp_avg", torch.zeros_like(p, dtype=torch.float32))
+        return True
+
     def _global_grad_norm(self) -> float:
         norms = [
             torch.linalg.vector_norm(p.grad, dtype=torch.float32)
@@ -165,6 +172,8 @@ class TSignSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._creating_state():
+            return loss
         if not self._checked_ternary:
             self._check_ternary()
 
@@ -201,8 +210,6 @@ class TSignSGD(torch.optim.Optimizer):
                     mask &= a <= _lower_quantile(a, group["guard_quantile"])
                 p.sub_(g.sign().mul_(mask.view_as(g))).clamp_(-1, 1)
             group["step"] = t + 1
-            for p in group["params"]:  # a checkpoint saved by an earlier release has no per-tensor count
-                self.state[p]["step"] = torch.tensor(float(t + 1))
         return loss
 
 
