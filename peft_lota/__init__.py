@@ -26,7 +26,7 @@ from .formats.gptq import prepare_gptq_model  # noqa: E402
 from .lota.config import LotaConfig  # noqa: E402
 from .lota.layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
 from .lota.model import LotaModel  # noqa: E402
-from .lota.optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
+from .lota.optim import LotaCallback, LotaOptimizer, LotaTrainer, TSignSGD, create_lota_optimizer  # noqa: E402
 from .l4q.config import L4QConfig  # noqa: E402
 from .l4q.from_lora import l4q_from_lora  # noqa: E402
 from .l4q.layer import L4QLayer  # noqa: E402
@@ -47,6 +47,7 @@ __all__ = [
     "LOTA_PEFT_TYPE",
     "FloatOffsetMergeError",
     "LotaCallback",
+    "LotaTrainer",
     "LotaConfig",
     "LotaLayer",
     "LotaModel",

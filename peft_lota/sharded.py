@@ -48,6 +48,7 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the gathered adapter does not fit this model: missing {missing[:3]}, unexpected "
                          f"{extra[:3]}. Build the model with the same base and adapter config as the sharded one.")
     for name, p in params.items():
-        if p.shape != state[name].shape:
-            raise ValueError(f"{name}: gathered shape {tuple(state[name].shape)}, this model's {tuple(p.shape)}")
+        if p.shape != state[name].shape or p.dtype != state[name].dtype:  # a cast would round a trained tensor
+            raise ValueError(f"{name}: gathered {tuple(state[name].shape)} {state[name].dtype}, this model's "
+                             f"{tuple(p.shape)} {p.dtype}: build the copy with the sharded model's dtype.")
         p.copy_(state[name])

@@ -89,6 +89,25 @@ def test_bf16_accumulation_and_checkpointing_train_identically(setup, tmp_path):
         assert torch.equal(merged(input_ids=x).logits, adapted)
 
 
+def test_lota_trainer_builds_t_signsgd_where_the_trainer_builds_its_optimizer(setup, tmp_path):
+    """LotaTrainer (what FSDP needs: transformers refuses an optimizer passed in) trains exactly as a stock Trainer
+    given create_lota_optimizer and LotaCallback."""
+    path, data = setup
+    model, trainer = make_trainer(path, data, tmp_path / "stock")
+    trainer.train()
+    expected = adapter_state(model)
+    model = get_peft_model(load_gptq(path), LotaConfig(r=4, omega=1, init_seed=0, train_mode="ternary"))
+    args = TrainingArguments(output_dir=str(tmp_path / "lota_trainer"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_steps=6, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
+    trainer = peft_lota.LotaTrainer(model=model, args=args, train_dataset=data, lota_kwargs={"ternary_kwargs": FAST})
+    assert trainer.optimizer is None  # built in create_optimizer, on the parameters the Trainer trains
+    trainer.train()
+    assert sum(isinstance(c, LotaCallback) for c in trainer.callback_handler.callbacks) == 1
+    got = adapter_state(model)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_fresh_adapter_under_bf16_autocast_is_bit_identical(setup):
     path, data = setup
     x = data[0]["input_ids"][None]

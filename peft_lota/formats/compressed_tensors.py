@@ -398,7 +398,8 @@ def _weight_args(qc: dict) -> list[dict]:
 
 def _vllm_takes(w: dict) -> bool:
     """vLLM 0.33.0's WNA16 scheme (tests/test_vllm_rules.py asks an installed vLLM): 2- to 8-bit integer weights,
-    symmetric or with zero points, in groups or per channel, static; act-order only as static ("weight") order."""
+    symmetric or with zero points, in groups or per channel, static; act-order only as static ("weight") order.
+    (Checkpoints that also quantize activations are refused by peft_lota before this matters.)"""
     grouped = w.get("strategy") == "channel" or (w.get("strategy") == "group" and (w.get("group_size") or -1) > 0)
     return (w.get("type", "int") == "int" and 2 <= int(w.get("num_bits") or 0) <= 8 and grouped
             and not w.get("dynamic") and w.get("actorder") not in ("group", "dynamic"))
@@ -414,7 +415,8 @@ def kernels(qc: dict) -> list[tuple[str, str, bool]]:
 
 def fast_path_note(qc: dict) -> Optional[str]:
     if not all(_vllm_takes(w) for w in _weight_args(qc)):
-        return "vLLM (0.33) refuses these weights (it takes 2- to 8-bit integer groups or channels): they run decompressed."
+        return ("vLLM (0.33) will not load these weights (it takes 2- to 8-bit integer groups or channels); "
+                "transformers runs them decompressed.")
     return None
 
 

@@ -474,7 +474,7 @@ def fast_path_note(qc: dict) -> Optional[str]:
     if qc["bits"] not in (4, 8):
         note = (f"{qc['bits']}-bit GPTQ has no Marlin kernel: gptqmodel runs it on slower GPU kernels (Triton), and "
                 "vLLM (0.33) refuses it.")
-        if qc["sym"] and not qc.get("desc_act"):  # vLLM's compressed-tensors WNA16 takes 2-8 bits
+        if qc["sym"] and not (qc.get("desc_act") and qc["group_size"] != -1):  # vLLM's compressed-tensors: 2-8 bits
             note += (" `peft-lota convert CHECKPOINT OUT --to compressed-tensors` writes the same grid in the format "
                      "vLLM serves at 2 to 8 bits.")
         return note

@@ -27,14 +27,14 @@ import re
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from ..tuner import NonFiniteCallback
 from .ternary import is_ternary
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TSignSGD", "LotaOptimizer", "create_lota_optimizer", "LotaCallback", "tsign_quantile"]
+__all__ = ["TSignSGD", "LotaOptimizer", "create_lota_optimizer", "LotaCallback", "LotaTrainer", "tsign_quantile"]
 
 # Full parameter names of LoTA tensors end in `lota_A.<adapter>` / `lota_B.<adapter>` (ParameterDicts).
 _LOTA_PARAM = re.compile(r"(^|\.)lota_[AB]\.[^.]+$")
@@ -309,11 +309,12 @@ def sharding_problem(model: torch.nn.Module | None, optimizer=None) -> str | Non
     (a DTensor, whose quantile is taken over all its shards) and DDP keeps it whole; FSDP1 and DeepSpeed ZeRO
     hand the optimizer flat shards that cut across tensors, so the moves would depend on the number of processes.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     engine = None
-    if model is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        engine = "FSDP1 (FullyShardedDataParallel)"
+    if model is not None and torch.distributed.is_available():  # (a torch built without it has no FSDP either)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            engine = "FSDP1 (FullyShardedDataParallel)"
     for _ in range(8):  # accelerate's and DeepSpeed's wrappers keep the wrapped optimizer in `.optimizer`
         if optimizer is None or isinstance(optimizer, (TSignSGD, LotaOptimizer)):
             break
@@ -324,7 +325,7 @@ def sharding_problem(model: torch.nn.Module | None, optimizer=None) -> str | Non
         return None
     return (f"{engine} hands the optimizer flat shards that cut across tensors, and t-SignSGD thresholds each LoTA "
             "tensor's whole gradient: its moves would depend on the number of processes. Shard with FSDP2 instead "
-            "(`accelerate launch --use_fsdp --fsdp_version 2`, or fsdp_config={'version': 2}), or train on DDP, or use "
+            "(`accelerate launch --use_fsdp --fsdp_version 2` with peft_lota.LotaTrainer), or train on DDP, or use "
             "LotaConfig(train_mode='latent'), which trains under any optimizer and engine.")
 
 
@@ -399,3 +400,24 @@ class LotaCallback(NonFiniteCallback):
             )
         return control
 
+
+
+class LotaTrainer(Trainer):
+    """A stock `transformers.Trainer` that trains LoTA's ternary tensors with t-SignSGD: it builds the optimizer with
+    `create_lota_optimizer(model, **lota_kwargs)` where the Trainer builds its own, and adds `LotaCallback`.
+
+    `Trainer(optimizers=(create_lota_optimizer(model), None), callbacks=[LotaCallback()])` does the same, except under
+    FSDP, where transformers refuses an optimizer passed in: it must be built on the parameters it shards.
+    """
+
+    def __init__(self, *args, lota_kwargs: dict | None = None, **kwargs):
+        self.lota_kwargs = dict(lota_kwargs or {})
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, LotaCallback) for c in callbacks):
+            callbacks.append(LotaCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = create_lota_optimizer(model if model is not None else self.model, **self.lota_kwargs)
+        return self.optimizer

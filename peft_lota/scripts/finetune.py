@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import gc
 import hashlib
 import json
 import logging
@@ -427,15 +428,15 @@ def adapted_model(model_args: ModelArguments, method_args: MethodArguments, trai
 def make_trainer(model, tokenizer, train_ds, eval_ds, collator, method_args: MethodArguments,
                  training_args: TrainingArguments) -> Trainer:
     """A stock Trainer: its own optimizer, except the paper's t-SignSGD for LoTA's ternary mode."""
-    extra = dict(callbacks=[peft_lota.NonFiniteCallback()])  # stop at the first NaN/inf, before a save
+    kwargs = dict(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                  data_collator=collator, processing_class=tokenizer)
     if method_args.method == "lota" and method_args.train_mode == "ternary":
-        # the paper's t-SignSGD; every other adapter trains under the Trainer's own optimizer
-        optimizer = peft_lota.create_lota_optimizer(
-            model, ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
-            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay))
-        extra = dict(optimizers=(optimizer, None), callbacks=[peft_lota.LotaCallback()])
-    return Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                   data_collator=collator, processing_class=tokenizer, **extra)
+        # the paper's t-SignSGD, built where the Trainer builds its optimizer (so FSDP works); every other trainable
+        # tensor trains under AdamW with the Trainer's learning rate; LotaCallback also stops at a NaN/inf
+        return peft_lota.LotaTrainer(**kwargs, lota_kwargs=dict(
+            ternary_kwargs=dict(q_start=method_args.q_start, q_mid=method_args.q_mid, q_end=method_args.q_end),
+            other_kwargs=dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay)))
+    return Trainer(**kwargs, callbacks=[peft_lota.NonFiniteCallback()])  # stop at the first NaN/inf, before a save
 
 
 def check_ranks_agree(model) -> bool:
@@ -548,11 +549,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
             summary["ppl_base"], _ = perplexity(model, eval_ds, collator, batch)
         logger.info("perplexity before fine-tuning: %.3f", summary["ppl_base"])
     summary.update(train_adapter(trainer, model, training_args))
-    if is_sharded(model):  # FSDP2: the main process evaluates and merges an unsharded copy with the gathered adapter
+    if is_sharded(model):  # FSDP2: every rank joins the gather; the main process goes on with an unsharded copy
         state = gather_adapter(model)
-        if is_main:
-            model = adapted_model(model_args, method_args, training_args, quantized, dtype, device_map)
-            load_adapter(model, state)
+        trainer.accelerator.free_memory()  # the sharded model and its optimizer, before the copy is built
+        del trainer, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if not is_main:
+            return {}
+        model = adapted_model(model_args, method_args, training_args, quantized, dtype, device_map)
+        load_adapter(model, state)
+        model.save_pretrained(training_args.output_dir)  # a standard adapter, whatever FSDP's state-dict type wrote
     if not is_main:  # every rank holds the same adapter; the main process merges and writes
         return {}
 
