@@ -214,17 +214,17 @@ def _check_base(cfg: dict, base: str) -> None:
                          f"(adapter_config.json names {cfg.get('base_model_name_or_path')!r}).")
 
 
-def _check_out(out: str, inputs: dict) -> None:
+def _check_out(out: str, inputs: dict, action: tuple[str, str] = ("merge", "merged")) -> None:
     """Refuse, before loading anything, an OUT that is a file or that is an input folder itself (real paths: symlinks
     resolved): the merge must never write over the files it reads. A folder inside or around an input is fine (e.g.
     runs/lota/merged next to the adapter in runs/lota): a save writes only its own files into OUT."""
     if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"OUT {out} is an existing file: give a folder for the merged checkpoint.")
+        raise UsageError(f"OUT {out} is an existing file: give a folder for the {action[1]} checkpoint.")
     real_out = Path(out).resolve()
     for what, path in inputs.items():
         if Path(path).exists() and Path(path).resolve() == real_out:  # (a Hub id has nothing local to protect)
-            raise UsageError(f"OUT {out} is the {what} folder {path}: the merge would write over it. Write the merged "
-                             "checkpoint to a folder of its own.")
+            raise UsageError(f"OUT {out} is the {what} folder {path}: the {action[0]} would write over it. Write "
+                             f"the {action[1]} checkpoint to a folder of its own.")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -458,7 +458,7 @@ def cmd_convert(args) -> int:
     from peft_lota.convert import convert_model, same_grid
     from peft_lota.export import check_target
 
-    _check_out(args.out, {"checkpoint": args.checkpoint})
+    _check_out(args.out, {"checkpoint": args.checkpoint}, ("conversion", "converted"))
     check_target(args.out)
     qc = _quantization(args.checkpoint)
     if qc is None:
