@@ -76,8 +76,10 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
     bits = _bits(base) + steps.to(torch.int64).to(base.device)
     width = 8 * base.element_size()
     if bool(((bits < -(1 << (width - 1))) | (bits >= 1 << (width - 1))).any()):
-        raise ValueError(f"Adapter tensor {key} moves scales outside their {base.dtype}: the adapter was made for "
-                         "another base model.")
+        raise ValueError(f"Adapter tensor {key} moves scales outside their {base.dtype}: the adapter was trained on "
+                         "scales of another dtype (compressed-tensors scales follow the dtype the model is loaded in: "
+                         "load or merge it in the dtype it was trained in, e.g. `peft-lota merge --dtype float32`; "
+                         "`merge --stream` reads them in the checkpoint's own dtype), or made for another base model.")
     target = bits.to({2: torch.int16, 4: torch.int32}[base.element_size()]).view(base.dtype).float()
     s0 = base.float()
     if latent is not None:
