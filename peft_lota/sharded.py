@@ -16,6 +16,8 @@ __all__ = ["is_sharded", "gather_adapter", "load_adapter"]
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP2 shards `model`'s parameters (DTensors)."""
+    if not torch.distributed.is_available():  # a torch built without it cannot shard
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
