@@ -401,7 +401,6 @@ class LotaCallback(NonFiniteCallback):
         return control
 
 
-
 class LotaTrainer(Trainer):
     """A stock `transformers.Trainer` that trains LoTA's ternary tensors with t-SignSGD: it builds the optimizer with
     `create_lota_optimizer(model, **lota_kwargs)` where the Trainer builds its own, and adds `LotaCallback`.
