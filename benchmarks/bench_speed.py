@@ -76,16 +76,18 @@ LLAMA3_8B = ModelShape("Llama-3-8B linear shapes", hidden=4096, intermediate=143
 LLAMA3_70B_4 = ModelShape("Llama-3-70B linear shapes, 4 of 80 layers", hidden=8192, intermediate=28672, layers=4,
                           heads=64, kv_heads=8, vocab=256, dtype="float16")
 
+# The smoke's merge and stream shape: every code path of those parts, in seconds (quarter-width Llama-3-8B layers).
+SMOKE_MERGE = ModelShape("Llama-3-8B linear shapes at a quarter of their widths, 2 layers", hidden=1024,
+                         intermediate=3584, layers=2, heads=8, kv_heads=2, vocab=256, dtype="float16")
+
 PRESETS: dict[str, dict] = {
     # CI: minutes on 2 cores; checks that every part runs, its numbers are not meant to be read.
     "smoke": dict(device="cpu", dtype="float32", compile="off", rank=16,
                   train=[dict(shape=TINY, batch=2, seq=64, warmup=1, steps=3)],
                   infer=dict(shape=TINY, prompt=32, warmup=1, repeats=3, decode_steps=5),
-                  merge=dict(shape=ModelShape("Llama-3-8B linear shapes, 1 of 32 layers", 4096, 14336, 1, 32, 8, 256,
-                                              dtype="float16"), save=True),
+                  merge=dict(shape=SMOKE_MERGE, save=True),
                   merge_lora=dict(layers=TINY, model=TINY, calib=(4, 2, 32)),
-                  stream=dict(shapes=[ModelShape("Llama-3-8B linear shapes, 2 of 32 layers", 4096, 14336, 2, 32, 8,
-                                                 256, dtype="float16")], in_memory=True)),
+                  stream=dict(shapes=[SMOKE_MERGE], in_memory=True)),
     # 2 CPU cores, ~8-12 min (most of it the 8B-shaped merge part): the numbers the README quotes.
     "cpu": dict(device="cpu", dtype="float32", compile="off", rank=64,
                 train=[dict(shape=TINY, batch=8, seq=128, warmup=3, steps=20),
