@@ -26,7 +26,7 @@ from .formats.gptq import prepare_gptq_model  # noqa: E402
 from .lota.config import LotaConfig  # noqa: E402
 from .lota.layer import FloatOffsetMergeError, LotaLayer  # noqa: E402
 from .lota.model import LotaModel  # noqa: E402
-from .lota.optim import LotaCallback, LotaOptimizer, LotaTrainer, TSignSGD, create_lota_optimizer  # noqa: E402
+from .lota.optim import LotaCallback, LotaOptimizer, TSignSGD, create_lota_optimizer  # noqa: E402
 from .l4q.config import L4QConfig  # noqa: E402
 from .l4q.from_lora import l4q_from_lora  # noqa: E402
 from .l4q.layer import L4QLayer  # noqa: E402
@@ -38,6 +38,14 @@ from .export import attach_export, push_checkpoint_to_hub, save_checkpoint  # no
 from .registry import register  # noqa: E402
 
 register()
+
+
+def __getattr__(name: str):
+    if name == "LotaTrainer":  # imported on first use: it brings in transformers' Trainer
+        from .lota.trainer import LotaTrainer
+
+        return LotaTrainer
+    raise AttributeError(f"module 'peft_lota' has no attribute {name!r}")
 
 __all__ = [
     "L4QConfig",

@@ -27,14 +27,14 @@ import re
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from ..tuner import NonFiniteCallback
 from .ternary import is_ternary
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TSignSGD", "LotaOptimizer", "create_lota_optimizer", "LotaCallback", "LotaTrainer", "tsign_quantile"]
+__all__ = ["TSignSGD", "LotaOptimizer", "create_lota_optimizer", "LotaCallback", "tsign_quantile"]
 
 # Full parameter names of LoTA tensors end in `lota_A.<adapter>` / `lota_B.<adapter>` (ParameterDicts).
 _LOTA_PARAM = re.compile(r"(^|\.)lota_[AB]\.[^.]+$")
@@ -400,23 +400,3 @@ class LotaCallback(NonFiniteCallback):
             )
         return control
 
-
-class LotaTrainer(Trainer):
-    """A stock `transformers.Trainer` that trains LoTA's ternary tensors with t-SignSGD: it builds the optimizer with
-    `create_lota_optimizer(model, **lota_kwargs)` where the Trainer builds its own, and adds `LotaCallback`.
-
-    `Trainer(optimizers=(create_lota_optimizer(model), None), callbacks=[LotaCallback()])` does the same, except under
-    FSDP, where transformers refuses an optimizer passed in: it must be built on the parameters it shards.
-    """
-
-    def __init__(self, *args, lota_kwargs: dict | None = None, **kwargs):
-        self.lota_kwargs = dict(lota_kwargs or {})
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(c, LotaCallback) for c in callbacks):
-            callbacks.append(LotaCallback())
-        super().__init__(*args, callbacks=callbacks, **kwargs)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            self.optimizer = create_lota_optimizer(model if model is not None else self.model, **self.lota_kwargs)
-        return self.optimizer
