@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .base import (Format, PackedBufferWeights, QuantState, checked_layers, gptqmodel_kernels, group_layout, layers_of,
-                   stamp_quantizer, swap_layers)
+                   stamp_quantizer, swap_layers, MARLIN_GROUP_NOTE, MARLIN_GROUP_SIZES)
 from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
@@ -400,7 +400,7 @@ def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
 # vLLM 0.33.0 (its auto_awq config and linear method; tests/test_vllm_rules.py asks an installed vLLM): AWQ runs on
 # Marlin, which takes 4-bit weights with zero points in groups of 32, 64, 128 or one per row.
 VLLM = ("vLLM 0.33 auto_awq (Marlin)", lambda qc: qc["bits"] == 4 and qc.get("zero_point", True) is not False
-        and qc["group_size"] in (-1, 32, 64, 128))
+        and qc["group_size"] in MARLIN_GROUP_SIZES)
 GPTQMODEL_MODULES = ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq")
 GPTQMODEL_KERNELS = ("AwqMarlinLinear", "AwqGEMMLinear", "TorchFusedAwqLinear", "TorchAtenAwqLinear", "AwqTorchLinear")
 
@@ -427,7 +427,7 @@ def fast_path_note(qc: dict) -> Optional[str]:
     if qc.get("zero_point") is False:
         return ("vLLM's (0.33) AWQ Marlin kernel needs zero points, and this checkpoint is symmetric: "
                 "`peft-lota convert CHECKPOINT OUT --to gptq` writes the same grid as symmetric GPTQ, which it serves.")
-    return f"Marlin takes groups of 32, 64 or 128 (or one per row), not {qc['group_size']}: vLLM (0.33) refuses it."
+    return MARLIN_GROUP_NOTE.format(qc["group_size"])
 
 
 def load_config(qc: dict):

@@ -214,6 +214,11 @@ class QuantWeights:
         raise NotImplementedError
 
 
+# The group sizes Marlin kernels take (-1: one group per row); vLLM runs GPTQ and AWQ on Marlin only.
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MARLIN_GROUP_NOTE = "Marlin takes groups of 32, 64 or 128 (or one per row), not {}: vLLM (0.33) refuses it."
+
+
 def problems_error(what: str, problems: list[str], hint: str) -> ValueError:
     """One error for every layer a format cannot use: the first three problems, how many more, and the way out."""
     more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""

@@ -192,9 +192,7 @@ def int8_checkpoint(model: nn.Module) -> tuple[dict, dict, dict, dict]:
         raise ValueError("This model has no bitsandbytes Linear8bitLt layers; nothing to write as LLM.int8.")
     state_dict = model.state_dict()
     for name, layer in layers:  # CB and SCB from wherever the layer keeps them now
-        state_dict[f"{name}.weight"] = _cb(layer)
-        state_dict[f"{name}.SCB"] = _scb(layer)
-        state_dict[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        state_dict.update({f"{name}.{k}": v for k, v in layer_tensors(layer, qc).items()})
     facts = {"format": "bitsandbytes LLM.int8", "bits": 8, "group_size": -1, "desc_act": False, "sym": True,
              "checkpoint_format": "int8 row-wise",
              "loaders": "Needs `bitsandbytes` installed; transformers loads it with its stored quantization_config.",

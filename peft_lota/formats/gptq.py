@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .base import (Format, PackedBufferWeights, QuantState, checked_layers, clear_kernel_caches, gptqmodel_kernels,
-                   group_layout, layers_of, stamp_quantizer, swap_layers)
+                   group_layout, layers_of, stamp_quantizer, swap_layers, MARLIN_GROUP_NOTE, MARLIN_GROUP_SIZES)
 from .base import model_quantization_config as quantization_config
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes, word_rows
 
@@ -454,7 +454,7 @@ GPTQMODEL_KERNELS = ("MarlinLinear", "MacheteLinear", "ExllamaV2Linear", "Triton
 # on Marlin only, which takes symmetric 4- and 8-bit weights in groups of 32, 64, 128 or one per row; act-order
 # (desc_act) with groups is refused. Symmetric weights need no zero points, so vLLM reads v1 and v2 alike.
 VLLM = ("vLLM 0.33 auto_gptq (Marlin)", lambda qc: bool(qc["sym"]) and qc["bits"] in (4, 8)
-        and qc["group_size"] in (-1, 32, 64, 128) and not (qc.get("desc_act") and qc["group_size"] != -1))
+        and qc["group_size"] in MARLIN_GROUP_SIZES and not (qc.get("desc_act") and qc["group_size"] != -1))
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
@@ -482,15 +482,15 @@ def fast_path_note(qc: dict) -> Optional[str]:
         note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: gptqmodel runs it on slower "
                 "GPU kernels, and vLLM (0.33) refuses it. A fine-tune that moves zero points makes a symmetric base "
                 "asymmetric; one that keeps them keeps it symmetric.")
-        if qc["bits"] == 4 and not qc.get("desc_act") and qc["group_size"] in (-1, 32, 64, 128):
+        if qc["bits"] == 4 and not qc.get("desc_act") and qc["group_size"] in MARLIN_GROUP_SIZES:
             note += (" `peft-lota convert CHECKPOINT OUT --to awq` writes the same grid as AWQ, whose Marlin kernel "
                      "takes zero points (vLLM's auto_awq).")
         return note
     if qc.get("desc_act") and qc["group_size"] != -1:
         return ("act-order GPTQ (desc_act) with groups: gptqmodel's Marlin kernel runs it, vLLM (0.33) refuses it; "
                 "no format vLLM takes holds its group order.")
-    if qc["group_size"] not in (-1, 32, 64, 128):
-        return f"Marlin takes groups of 32, 64 or 128 (or one per row), not {qc['group_size']}: vLLM (0.33) refuses it."
+    if qc["group_size"] not in MARLIN_GROUP_SIZES:
+        return MARLIN_GROUP_NOTE.format(qc["group_size"])
     return None
 
 
