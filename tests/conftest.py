@@ -119,6 +119,13 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_root(tmp_path_factory):
+    """Where the real model's truncated builds (examples/real_model.py) go: one per session, or the persistent cache."""
+    root = os.environ.get("PEFT_LOTA_TEST_CACHE")
+    return Path(root) / "real-model" if root else tmp_path_factory.mktemp("real-model")
+
+
+@pytest.fixture(scope="session")
 def fp_dir(tmp_path_factory):
     """Factory: fp_dir("llama" | "qwen2") -> Path of the tiny full-precision model (with tokenizer)."""
     root = tmp_path_factory.mktemp("float")

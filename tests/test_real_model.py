@@ -9,7 +9,6 @@ scales and logits; from full precision, L4Q and calibration at group 128 end the
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,12 +30,6 @@ CHATS = [("What is the capital of France?", "Paris."), ("Spell 'cat' backwards."
          ("What is 2 + 3?", "5"), ("Name a primary colour.", "Red."), ("Translate 'bonjour' to English.", "Hello."),
          ("What is the opposite of hot?", "Cold."), ("How many legs does a spider have?", "Eight."),
          ("Which planet is called the red planet?", "Mars.")]
-
-
-@pytest.fixture(scope="module")
-def real_root(tmp_path_factory):
-    root = os.environ.get("PEFT_LOTA_TEST_CACHE")
-    return Path(root) / "real-model" if root else tmp_path_factory.mktemp("real-model")
 
 
 def chat_examples(tokenizer) -> list[dict]:
