@@ -115,6 +115,29 @@ BENCH_PRESETS: dict[str, dict] = {
                            "l4q": (3e-4, 1e-3, 3e-3)},
                  tune_methods=("lora", "lora_r16", "lota", "l4q"), tune_omegas=(16,),
                  methods=("fp_lora", "lora", "lora_r16", "lota", "lota_noscales", "lota_paper", "l4q", "l4q_fp")),
+    # A budget a user would recognise (issue 29): 200 optimizer steps of 8 sequences, two seeds (adapter initialisation
+    # and data order), GPTQ 4-bit symmetric and 3-bit asymmetric. The references (unmerged LoRA r16 and r64), the
+    # LoRA r64 merged every way (re-quantized, merge_lora, merge_lora + distillation), LoTA's defaults and its two
+    # ablations (scales only, codes only), L4Q from full precision. Cut to fit 2 cores (~14 h in all, in parts with
+    # --resume): 128-token recovery blocks, the task at 4 bits only, its head computed on the answer tokens only.
+    # Its pilot (--tune): 60 steps, each method's grid bracketing its best. Rates: the 30-step pilot's until its own.
+    "real-long": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct", layers=None,
+                      variants={4: "gptq-4b-sym", 3: "gptq-3b-asym"}, bits=(4, 3), seq_len=128, eval_docs=64,
+                      eval_blocks=48, recovery_steps=200, recovery_batch=8, task_steps=200, task_batch=8, max_test=256,
+                      threads=2, seeds=(0, 1), lrs=_REAL_LRS, setting_bits={"task": (4,)},
+                      methods=("lora", "lora_r16", "lota", "lota_scales_only", "lota_noscales", "l4q_fp"),
+                      tune_bits=4, tune_methods=("lora", "lora_r16", "lota", "lota_scales_only", "lota_noscales", "l4q"),
+                      tune_lrs={"lora": (3e-4, 1e-3, 3e-3), "lora_r16": (3e-4, 1e-3, 3e-3),
+                                "lota": (1e-5, 3e-5, 1e-4), "lota_scales_only": (1e-5, 3e-5, 1e-4),
+                                "lota_noscales": (3e-5, 1e-4, 3e-4), "l4q": (3e-4, 1e-3, 3e-3)}, tune_omegas=(16,)),
+    # The guard of every change to a method (a few minutes; its history: results/real-quick-history.md): the real
+    # model at GPTQ 3-bit asymmetric g64, where code moves weigh most, recovery only, 40 steps of 4 x 128 tokens, one
+    # seed, each method at the real preset's rate: LoRA r16 (the reference), LoTA's defaults, L4Q, every exact one
+    # merged. A figure that moves is a change in what a method learns: say why in the commit that moves it.
+    "real-quick": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct", layers=None,
+                       variants={3: "gptq-3b-asym"}, bits=(3,), seq_len=128, eval_docs=64, eval_blocks=48,
+                       recovery_steps=40, recovery_batch=4, task_steps=40, task_batch=8, max_test=128, threads=2,
+                       lrs=_REAL_LRS, settings=("recovery",), methods=("lora_r16", "lota", "l4q"), history=True),
     # CI: the real model's first 2 layers, a few steps: the real-model path runs (~2 min); the numbers mean nothing.
     "real-smoke": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct, 2 layers", layers=2,
                        variants={4: "gptq-4b-sym"}, bits=(4,), seq_len=64, eval_docs=8, eval_blocks=4,
@@ -132,6 +155,7 @@ BENCH_PRESETS: dict[str, dict] = {
 LOTA_VARIANTS = {
     "lota": ({}, "adamw"),
     "lota_noscales": ({"train_scales": False}, "adamw"),
+    "lota_scales_only": ({"freeze_factors": True}, "adamw"),  # the ternary factors frozen at their start (B = 0)
     "lota_step2": ({"max_step": 2, "omega": 24}, "adamw"),  # two thresholds need 2 omega <= r
     "lota_w16": ({"omega": "paper"}, "adamw"),
     "lota_paper": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign"),
@@ -162,7 +186,10 @@ METHODS = {  # key: (label, description, ships as)
     "l4q_fp": ("L4Q from full precision, merged", "LoRA through a learnable quantizer from the fp weights, the grid "
                "initialised by L4Q (same bits, group size, asymmetric)", "GPTQ, exact"),
     "lota": ("LoTA, defaults (latent A, B + scales, AdamW), merged", "LotaConfig() defaults under AdamW", "GPTQ, exact"),
-    "lota_noscales": ("LoTA latent, no trained scales, merged", "candidate", "GPTQ, exact"),
+    "lota_noscales": ("LoTA latent, codes only (no trained scales), merged", "the ablation: what moved codes learn",
+                      "GPTQ, exact"),
+    "lota_scales_only": ("LoTA latent, scales only (factors frozen), merged", "the ablation: what trained scales "
+                         "learn (no code moves)", "GPTQ, exact"),
     "lota_step2": ("LoTA latent, omega 24, steps of up to 2, merged", "candidate: max_step=2 (omega 0.375 r, so that "
                    "2 omega <= r)", "GPTQ, exact"),
     "lota_w16": ("LoTA latent, omega 16, merged", "candidate: the paper variant's omega under AdamW", "GPTQ, exact"),
@@ -220,7 +247,7 @@ def lota_config(method: str, cfg: dict):
     import peft_lota
 
     fields, _ = LOTA_VARIANTS[method]
-    fields = {k: (cfg["paper_omega"] if v == "paper" else v) for k, v in fields.items()}
+    fields = {k: (cfg["paper_omega"] if v == "paper" else v) for k, v in fields.items() if k != "freeze_factors"}
     return peft_lota.LotaConfig(r=cfg["rank"], target_modules=LORA_TARGETS, init_seed=cfg.get("seed", 0), **fields)
 
 
@@ -254,7 +281,12 @@ def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
         return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
     if method == "l4q":
         return get_peft_model(base, l4q_config(cfg))
-    return get_peft_model(base, lota_config(method, cfg))
+    model = get_peft_model(base, lota_config(method, cfg))
+    if LOTA_VARIANTS[method][0].get("freeze_factors"):  # only the scales train: B stays 0, no code moves
+        for name, p in model.named_parameters():
+            if ".lota_A." in name or ".lota_B." in name:
+                p.requires_grad_(False)
+    return model
 
 
 # ----------------------------------------------------------------------------- training
@@ -265,10 +297,17 @@ def recovery_loss(model, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def task_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The answer tokens' loss. The output head runs on those positions only: on the real model its 49k-wide logits
+    cost more than the rest of a step, and a task's answers are a few tokens of each sequence."""
     ids, labels = (t.to(device()) for t in batch)
-    logits = model(input_ids=ids[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(inner, "model") and hasattr(inner, "lm_head")):  # not a *ForCausalLM: the whole forward
+        logits = model(input_ids=ids[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    hidden = inner.model(input_ids=ids[:, :-1]).last_hidden_state
+    return torch.nn.functional.cross_entropy(inner.lm_head(hidden[keep]).float(), targets[keep])
 
 
 def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: str) -> dict:
@@ -348,7 +387,7 @@ def recovery_data(fp_dir, cfg: dict, steps: int, batch: int, validation: bool = 
     else:
         blocks = dm.finetune_blocks(fp_dir, model_preset)
         evaluation = dm.eval_blocks(fp_dir, model_preset)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.get("data_seed", 0)))
     idx = torch.arange(steps * batch) % len(order)  # wraps around if the split is small (smoke)
     train_blocks = blocks[order[idx]].view(steps, batch, -1)
     return list(train_blocks), evaluation
@@ -748,10 +787,37 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def score_value(r: dict) -> float:
+    return r["ppl"] if "ppl" in r else r["em"]
+
+
 def score_str(r: dict | None) -> str:
+    """A score; over several seeds, their mean +- half their range."""
     if r is None:
         return "-"
-    return f"{r['ppl']:.2f}" if "ppl" in r else f"{r['em']:.1f}"
+    text = f"{r['ppl']:.2f}" if "ppl" in r else f"{r['em']:.1f}"
+    if len(r.get("per_seed", ())) > 1:
+        text += f" ± {(max(r['per_seed']) - min(r['per_seed'])) / 2:.{2 if 'ppl' in r else 1}f}"
+    return text
+
+
+def over_seeds(runs: dict) -> dict:
+    """{seed: results} -> results of the same shape whose scores are the seeds' mean (per_seed: each seed's), and
+    whose other numbers (codes moved, losses, times) are their mean too."""
+    out: dict = {}
+    for results in runs.values():
+        for setting, by_method in results.items():
+            for method, by_bits in by_method.items():
+                for bits, r in by_bits.items():
+                    out.setdefault(setting, {}).setdefault(method, {}).setdefault(bits, []).append(r)
+    for by_method in out.values():
+        for by_bits in by_method.values():
+            for bits, rs in by_bits.items():
+                merged = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]
+                          if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rs)}
+                merged["per_seed"] = [score_value(r) for r in rs]
+                by_bits[bits] = merged
+    return out
 
 
 def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
@@ -844,11 +910,11 @@ def plot(results: dict, bits: tuple, cfg: dict, path: Path) -> None:
                 continue
             r = res[method]
             if "fp" in r:
-                ax.axhline(float(score_str(r["fp"])), ls="--", color="k" if method == "fp" else "grey", label=label)
+                ax.axhline(score_value(r["fp"]), ls="--", color="k" if method == "fp" else "grey", label=label)
                 continue
             xs = [b for b in bits if str(b) in r]
             ls = "-" if method.startswith(("lota", "l4q", "lora_l4q")) else ":" if method == "gptq" else "-."
-            ax.plot(xs, [float(score_str(r[str(b)])) for b in xs], marker="o", ls=ls, label=label)
+            ax.plot(xs, [score_value(r[str(b)]) for b in xs], marker="o", ls=ls, label=label)
         ax.set_xticks(list(bits))
         ax.set_xlabel("GPTQ bits")
         ax.set_ylabel("held-out perplexity (lower is better)" if setting == "recovery"
@@ -869,7 +935,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--root", default=None, help="model cache (default: demo_out, shared with examples/demo.py; the "
                     "real presets: build/real-model, shared with examples/real_model.py and the demo)")
     ap.add_argument("--out", default=str(RESULTS), help="where accuracy-<preset>.{md,json,png} go")
-    ap.add_argument("--settings", nargs="+", default=["recovery", "task"], choices=["recovery", "task"])
+    ap.add_argument("--settings", nargs="+", default=None, choices=["recovery", "task"],
+                    help="default: the preset's (recovery and task for most)")
     ap.add_argument("--bits", type=int, nargs="+", default=None, help="default: the preset's")
     ap.add_argument("--paper-omega", type=int, default=None, help="the paper LoTA variants' omega (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's)")
@@ -879,6 +946,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=None, choices=TRAINED,
                     help="fine-tuned methods to run (default: the preset's; lora_requant and lora_l4q come with lora)")
     ap.add_argument("--seed", type=int, default=0, help="adapter initialisation seed (the data order stays fixed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run every method once per seed (adapter initialisation and data order) and report each "
+                         "score as the seeds' mean +- half their range (default: the preset's seeds, else --seed)")
     ap.add_argument("--tag", default="", help="suffix of the result files: accuracy-<preset>-<tag>.*")
     ap.add_argument("--tune", action="store_true", help="run the pilot (lr and omega) instead")
     ap.add_argument("--tune-lrs", type=float, nargs="+", default=None, help="pilot: learning rates to try")
@@ -912,7 +982,9 @@ def preset_config(args: argparse.Namespace) -> dict:
                 setting[method] = float(value)
     if args.steps is not None:
         cfg["recovery_steps"] = cfg["task_steps"] = args.steps
+    args.settings = list(args.settings or cfg.get("settings") or ("recovery", "task"))
     cfg["settings"], cfg["seed"] = args.settings, args.seed
+    cfg["seeds"] = list(args.seeds or cfg.get("seeds") or ())  # empty: one run at --seed, the data in a fixed order
     if args.methods:
         cfg["methods"] = tuple(args.methods)
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
@@ -941,6 +1013,8 @@ def resume(record: dict, previous: Path) -> None:
                  "(or with the same preset, options and --lr) to start over")
     results = record["results"]
     results.update(old["results"])
+    if "runs" in old:
+        record["runs"] = old["runs"]
     record["gap"] = old.get("gap")
     record["machine"]["resumed_from"] = old["machine"]
     print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
@@ -1010,18 +1084,49 @@ def main(argv=None) -> None:
         text = format_tune(results, cfg)
     else:
         known = quantization_gap(cfg, dirs, record)
+        runs = record.setdefault("runs", {}) if cfg["seeds"] else None  # {seed: results}, when seeds are asked for
         for setting in args.settings:
             t0 = time.time()
-            run_setting(setting, cfg, dirs, results, save, known if setting == "recovery" else None)
+            for seed in cfg["seeds"] or [args.seed]:
+                if runs is None:
+                    run_setting(setting, cfg, dirs, results, save, known if setting == "recovery" else None)
+                    continue
+                print(f"{setting}, seed {seed}", flush=True)
+                run_setting(setting, dict(cfg, seed=seed, data_seed=seed), dirs, runs.setdefault(str(seed), {}),
+                            save, known if setting == "recovery" else None)
             wall[f"{setting}_s"] = round(time.time() - t0, 1)
             print(f"{setting}: {wall[f'{setting}_s']:.0f} s", flush=True)
+        if runs is not None:
+            results.clear()
+            results.update(over_seeds(runs))
         wall["benchmark_s"] = round(time.time() - t_start - wall["build_s"], 1)
         save()
         text = format_tables(results, cfg["bits"], cfg) + "\n" + format_details(results, cfg["bits"]) + "\n"
         plot(results, cfg["bits"], cfg, out_dir / f"{stem}.png")
     write_report(record, args.preset, cfg, text, out_dir / stem, args.note)
+    if cfg.get("history") and not args.tune:
+        append_history(record, cfg, out_dir / f"{args.preset}-history.md", args.note)
     print(text)
     print(f"wrote {out_dir / stem}.{{md,json{',png' if not args.tune else ''}}}; total {time.time() - t_start:.0f} s")
+
+
+def append_history(record: dict, cfg: dict, path: Path, note: str) -> None:
+    """One row per run of a guard preset (real-quick): the commit, each method's score and codes moved, so that a
+    change in what a method learns shows next to the commit that made it."""
+    methods = [m for m in ("gptq", *cfg["methods"]) if m in record["results"].get("recovery", {})]
+    if not path.exists():
+        path.write_text(f"# `{path.stem.removesuffix('-history')}` figures, one row per run\n\nHeld-out perplexity "
+                        "(merged, for the exact methods; codes moved % in brackets). Appended by bench_accuracy.py.\n\n"
+                        "| date | commit | " + " | ".join(methods) + " | note |\n|" + "---|" * (len(methods) + 3) + "\n")
+    res, m = record["results"]["recovery"], record["machine"]
+    bits = str(cfg["bits"][0])
+    cells = []
+    for method in methods:
+        r = res[method].get(bits, {})
+        moved = r.get("codes_moved_pct")
+        cells.append(score_str(r) + (f" ({moved})" if moved is not None else ""))
+    with open(path, "a") as f:
+        f.write(f"| {m['date'][:16]} | {m['git_commit']} | " + " | ".join(cells) + f" | {note} |\n")
 
 
 def report_only(args) -> None:
@@ -1030,6 +1135,8 @@ def report_only(args) -> None:
     out_dir = Path(args.out)
     record = json.loads((out_dir / f"{stem}.json").read_text())
     cfg, results = record["config"], record["results"]
+    if "runs" in record:
+        results = over_seeds(record["runs"])
     bits = tuple(cfg["bits"])
     text = format_tables(results, bits, cfg) + "\n" + format_details(results, bits) + "\n"
     plot(results, bits, cfg, out_dir / f"{stem}.png")
