@@ -1,0 +1,175 @@
+"""One fine-tuning run the way a user runs it, on the real model: a stock `transformers.Trainer`, then an exact merge.
+
+    python benchmarks/bench_trainer.py --method lota --lr 1e-4 --init-seed 0          # ~10 min on 2 cores
+    python benchmarks/bench_trainer.py --method lora --lr 1e-3                        # the reference, unmerged
+    python benchmarks/bench_trainer.py --method lota --code /tmp/old-checkout ...     # another commit's peft_lota
+
+SmolLM2-135M-Instruct at GPTQ 3-bit asymmetric g64 (examples/real_model.py), packed 256-token blocks of standard-library
+docstrings (the first 64 calibrated the quantizer, the next 64 are held out), 40 optimizer steps of 8 blocks, the
+Trainer's own AdamW with bf16 autocast, a cosine schedule after 2 warm-up steps, default clipping. Reports the
+held-out perplexity of the merged model (fp32, outside autocast) and the codes the merge moved, and appends a row to
+benchmarks/results/trainer-runs.jsonl (`--report` turns that file into trainer-runs.md).
+
+This is the recipe of issue 29's report; `--code DIR` puts the peft_lota of another checkout first on the import
+path (e.g. a `git worktree` of an older commit), which is how a suspected regression is bisected: the same
+`--init-seed` at two commits gives the same trajectory if, and only if, the code computes the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RUNS = HERE / "results" / "trainer-runs.jsonl"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=["lota", "lora"], default="lota")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--init-seed", type=int, default=None, help="LotaConfig(init_seed=...); None: torch's global RNG")
+    ap.add_argument("--config", default="{}", help="more LotaConfig fields as JSON, e.g. '{\"train_scales\": false}'; "
+                    "'freeze_factors': true trains the scales only; for LoRA: r and lora_alpha")
+    ap.add_argument("--variant", default="gptq-3b-asym")
+    ap.add_argument("--root", default="build/real-model", help="the real model's cache (examples/real_model.py)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
+    ap.add_argument("--code", default=None, help="a checkout whose peft_lota is imported instead of this one")
+    ap.add_argument("--tag", default="", help="a name for the row")
+    ap.add_argument("--report", action="store_true", help="write trainer-runs.md from trainer-runs.jsonl, run nothing")
+    return ap.parse_args(argv)
+
+
+def report() -> None:
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    lines = ["# Stock-Trainer runs on the real model (`benchmarks/bench_trainer.py`)", "",
+             "SmolLM2-135M-Instruct, GPTQ 3-bit asymmetric g64 unless the row says otherwise; 40 steps x 8 x 256 "
+             "tokens of docstrings, stock Trainer (AdamW, bf16, cosine, 2 warm-up steps); held-out perplexity of the "
+             "merged model (the exact methods) or of the adapter model (LoRA). One row per run, in the order run.", "",
+             "| tag | commit | method | lr | config | init seed | loss every 10 steps | held-out ppl | codes moved | "
+             "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        moved = r.get("codes_moved")
+        lines.append(f"| {r['tag']} | {r['commit']} | {r['method']} | {r['lr']:g} | `{json.dumps(r['config'])}` | "
+                     f"{r['init_seed']} | {' / '.join(f'{x:.2f}' for x in r['losses'])} | {r['ppl']:.2f} | "
+                     f"{'-' if moved is None else f'{moved:,}'} | {r['train_s']} |")
+    base = {(r["variant"], r["seq"]): r["base_ppl"] for r in rows if r.get("base_ppl")}
+    lines += ["", "Untrained: " + "; ".join(f"{v} ({s}-token blocks): {p:.2f}" for (v, s), p in base.items()) + "."]
+    notes: dict = {}
+    for r in rows:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(r["tag"])
+    lines += [""] + [f"- {'; '.join(tags)}: {note}" for note, tags in notes.items()] if notes else []
+    RUNS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        return report()
+    if args.code:
+        sys.path.insert(0, str(Path(args.code).resolve()))
+    sys.path[1:1] = [str(HERE.parent / "examples"), str(HERE)]
+    import peft_lota  # first: it quiets the libraries' start-up notices before they are imported
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    import real_model
+    from _machine import machine_info
+
+    hf_logging.set_verbosity_error()
+    machine = machine_info()
+    fp = real_model.float_checkpoint(args.root)
+    q = real_model.quantized(args.variant, args.root)
+    tok = AutoTokenizer.from_pretrained(fp)
+
+    def pack(texts):
+        ids = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+        return torch.tensor(ids[: len(ids) // args.seq * args.seq]).view(-1, args.seq)
+
+    docs = real_model.prose(10**6, seed=1)[64:]
+    held = pack(docs[:64])
+    held = held[torch.linspace(0, len(held) - 1, min(48, len(held))).long()]
+    train = pack(docs[64:])
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))][: args.steps * args.batch]
+
+    @torch.no_grad()
+    def perplexity(model) -> float:
+        model.eval()
+        nll = count = 0
+        for i in range(0, len(held), 8):
+            b = held[i: i + 8]
+            logits = model(input_ids=b).logits[:, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+            count += b[:, 1:].numel()
+        return math.exp(nll / count)
+
+    config = json.loads(args.config)
+    model = peft_lota.load_model(str(q), dtype=torch.float32)
+    base_ppl = perplexity(model)
+    if args.method == "lora":
+        r = config.get("r", 64)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=config.get("lora_alpha", 2 * r),
+                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+    else:
+        fields = {k: v for k, v in config.items() if k != "freeze_factors"}
+        model = get_peft_model(model, peft_lota.LotaConfig(target_modules=TARGETS, init_seed=args.init_seed, **fields))
+        if config.get("freeze_factors"):
+            for name, p in model.named_parameters():
+                if ".lota_A." in name or ".lota_B." in name:
+                    p.requires_grad_(False)
+
+    data = [{"input_ids": b, "labels": b} for b in train]
+    targs = TrainingArguments(output_dir="/tmp/bench_trainer", max_steps=args.steps, per_device_train_batch_size=args.batch,
+                              learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2, bf16=not args.fp32,
+                              logging_steps=10, save_strategy="no", report_to=[], seed=42, use_cpu=True,
+                              dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=data)
+    t0 = time.time()
+    trainer.train()
+    train_s = round(time.time() - t0)
+    from accelerate.utils import extract_model_from_parallel
+
+    # accelerate's bf16 autocast wrapper of the model's forward outlives training: unwrap it, so that the adapter model
+    # is scored in fp32 like the merged model (which it never wrapped)
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    commit = machine["git_commit"]
+    if args.code:
+        commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or args.code
+    row = dict(tag=args.tag, commit=commit, method=args.method,
+               lr=args.lr, config=config, init_seed=args.init_seed, variant=args.variant, seq=args.seq,
+               losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], train_s=train_s,
+               base_ppl=round(base_ppl, 3), codes_moved=None, date=machine["date"], cpu=machine["cpu"])
+    if args.method == "lota":
+        row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
+                                 if isinstance(layer, peft_lota.LotaLayer) for a in layer.lota_A)
+        adapter_ppl = perplexity(model)
+        model = model.merge_and_unload()
+        row["ppl"] = perplexity(model)
+        assert row["ppl"] == adapter_ppl, "the merged model must score what the adapter model scored"
+    else:
+        row["ppl"] = perplexity(model)
+    with open(RUNS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
