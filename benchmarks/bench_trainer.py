@@ -33,6 +33,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RUNS = HERE / "results" / "trainer-runs.jsonl"
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", choices=["lota", "lora"], default="lota")
@@ -42,9 +49,9 @@ def parse_args(argv=None):
                     "'freeze_factors': true trains the scales only; for LoRA: r and lora_alpha")
     ap.add_argument("--variant", default="gptq-3b-asym")
     ap.add_argument("--root", default="build/real-model", help="the real model's cache (examples/real_model.py)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=positive, default=40)
+    ap.add_argument("--batch", type=positive, default=8)
+    ap.add_argument("--seq", type=positive, default=256)
     ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     ap.add_argument("--code", default=None, help="a checkout whose peft_lota is imported instead of this one")
     ap.add_argument("--tag", default="", help="a name for the row")
@@ -81,6 +88,8 @@ def main(argv=None) -> None:
     if args.report:
         return report()
     if args.code:
+        if not (Path(args.code) / "peft_lota" / "__init__.py").is_file():
+            sys.exit(f"--code {args.code}: no peft_lota package there (give the root of a checkout, e.g. a git worktree)")
         sys.path.insert(0, str(Path(args.code).resolve()))
     sys.path[1:1] = [str(HERE.parent / "examples"), str(HERE)]
     import peft_lota  # first: it quiets the libraries' start-up notices before they are imported
@@ -94,6 +103,8 @@ def main(argv=None) -> None:
     from _machine import machine_info
 
     hf_logging.set_verbosity_error()
+    if args.code and Path(args.code).resolve() not in Path(peft_lota.__file__).resolve().parents:
+        sys.exit(f"--code {args.code}: peft_lota was imported from {peft_lota.__file__} instead")
     machine = machine_info()
     fp = real_model.float_checkpoint(args.root)
     q = real_model.quantized(args.variant, args.root)
@@ -106,6 +117,8 @@ def main(argv=None) -> None:
     docs = real_model.prose(10**6, seed=1)[64:]
     held = pack(docs[:64])
     held = held[torch.linspace(0, len(held) - 1, min(48, len(held))).long()]
+    if not len(held):
+        sys.exit(f"--seq {args.seq}: the held-out docstrings do not fill one block of that length; use a shorter --seq")
     train = pack(docs[64:])
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))][: args.steps * args.batch]
 
