@@ -126,9 +126,11 @@ BENCH_PRESETS: dict[str, dict] = {
                       eval_blocks=48, recovery_steps=200, recovery_batch=8, task_steps=200, task_batch=8, max_test=256,
                       threads=2, seeds=(0, 1), lrs=_REAL_LRS, setting_bits={"task": (4,)},
                       methods=("lora", "lora_r16", "lota", "lota_scales_only", "lota_noscales", "l4q_fp"),
-                      tune_bits=4, tune_methods=("lora", "lora_r16", "lota", "lota_scales_only", "lota_noscales", "l4q"),
+                      tune_bits=4, tune_methods=("lora", "lora_r16", "lota", "lota_slow", "lota_scales_only",
+                                                 "lota_noscales", "l4q"),
                       tune_lrs={"lora": (3e-4, 1e-3, 3e-3), "lora_r16": (3e-4, 1e-3, 3e-3),
-                                "lota": (1e-5, 3e-5, 1e-4), "lota_scales_only": (1e-5, 3e-5, 1e-4),
+                                "lota": (1e-5, 3e-5, 1e-4), "lota_slow": (3e-5, 1e-4, 3e-4),
+                                "lota_scales_only": (3e-5, 1e-4, 3e-4),
                                 "lota_noscales": (3e-5, 1e-4, 3e-4), "l4q": (3e-4, 1e-3, 3e-3)}, tune_omegas=(16,)),
     # The guard of every change to a method (a few minutes; its history: results/real-quick-history.md): the real
     # model at GPTQ 3-bit asymmetric g64, where code moves weigh most, recovery only, 40 steps of 4 x 128 tokens, one
@@ -156,6 +158,7 @@ LOTA_VARIANTS = {
     "lota": ({}, "adamw"),
     "lota_noscales": ({"train_scales": False}, "adamw"),
     "lota_scales_only": ({"freeze_factors": True}, "adamw"),  # the ternary factors frozen at their start (B = 0)
+    "lota_slow": ({"latent_threshold": 1e-3}, "adamw"),  # candidate: factors that need ~10x the steps to flip
     "lota_step2": ({"max_step": 2, "omega": 24}, "adamw"),  # two thresholds need 2 omega <= r
     "lota_w16": ({"omega": "paper"}, "adamw"),
     "lota_paper": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign"),
@@ -190,6 +193,8 @@ METHODS = {  # key: (label, description, ships as)
                       "GPTQ, exact"),
     "lota_scales_only": ("LoTA latent, scales only (factors frozen), merged", "the ablation: what trained scales "
                          "learn (no code moves)", "GPTQ, exact"),
+    "lota_slow": ("LoTA latent, latent_threshold 1e-3, merged", "candidate: an entry of A or B flips after ~10x the "
+                  "steps of a consistent gradient", "GPTQ, exact"),
     "lota_step2": ("LoTA latent, omega 24, steps of up to 2, merged", "candidate: max_step=2 (omega 0.375 r, so that "
                    "2 omega <= r)", "GPTQ, exact"),
     "lota_w16": ("LoTA latent, omega 16, merged", "candidate: the paper variant's omega under AdamW", "GPTQ, exact"),
