@@ -1092,13 +1092,13 @@ def main(argv=None) -> None:
         runs = record.setdefault("runs", {}) if cfg["seeds"] else None  # {seed: results}, when seeds are asked for
         for setting in args.settings:
             t0 = time.time()
-            for seed in cfg["seeds"] or [args.seed]:
-                if runs is None:
-                    run_setting(setting, cfg, dirs, results, save, known if setting == "recovery" else None)
-                    continue
+            gap = known if setting == "recovery" else None
+            if runs is None:
+                run_setting(setting, cfg, dirs, results, save, gap)
+            for seed in cfg["seeds"]:
                 print(f"{setting}, seed {seed}", flush=True)
                 run_setting(setting, dict(cfg, seed=seed, data_seed=seed), dirs, runs.setdefault(str(seed), {}),
-                            save, known if setting == "recovery" else None)
+                            save, gap)
             wall[f"{setting}_s"] = round(time.time() - t0, 1)
             print(f"{setting}: {wall[f'{setting}_s']:.0f} s", flush=True)
         if runs is not None:

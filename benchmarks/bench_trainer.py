@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -99,8 +98,10 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    import demo_model
     import real_model
     from _machine import machine_info
+    from bench_accuracy import pack
 
     hf_logging.set_verbosity_error()
     if args.code and Path(args.code).resolve() not in Path(peft_lota.__file__).resolve().parents:
@@ -110,28 +111,17 @@ def main(argv=None) -> None:
     q = real_model.quantized(args.variant, args.root)
     tok = AutoTokenizer.from_pretrained(fp)
 
-    def pack(texts):
-        ids = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-        return torch.tensor(ids[: len(ids) // args.seq * args.seq]).view(-1, args.seq)
-
     docs = real_model.prose(10**6, seed=1)[64:]
-    held = pack(docs[:64])
+    held = pack(tok, docs[:64], args.seq)
     held = held[torch.linspace(0, len(held) - 1, min(48, len(held))).long()]
     if not len(held):
         sys.exit(f"--seq {args.seq}: the held-out docstrings do not fill one block of that length; use a shorter --seq")
-    train = pack(docs[64:])
+    train = pack(tok, docs[64:], args.seq)
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))][: args.steps * args.batch]
 
-    @torch.no_grad()
     def perplexity(model) -> float:
-        model.eval()
-        nll = count = 0
-        for i in range(0, len(held), 8):
-            b = held[i: i + 8]
-            logits = model(input_ids=b).logits[:, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-            count += b[:, 1:].numel()
-        return math.exp(nll / count)
+        with torch.no_grad():
+            return demo_model.perplexity(model, held, batch_size=8)
 
     config = json.loads(args.config)
     model = peft_lota.load_model(str(q), dtype=torch.float32)
@@ -171,6 +161,7 @@ def main(argv=None) -> None:
                losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], train_s=train_s,
                base_ppl=round(base_ppl, 3), codes_moved=None, date=machine["date"], cpu=machine["cpu"])
     if args.method == "lota":
+        # get_delta_codes, not tuner_layer.codes_moved: older checkouts (--code) predate that module
         row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
                                  if isinstance(layer, peft_lota.LotaLayer) for a in layer.lota_A)
         adapter_ppl = perplexity(model)
