@@ -18,7 +18,11 @@ from __future__ import annotations
 import sys
 
 PTH = "peft_lota_autoload.pth"
-LINE = "import peft_lota_autoload; peft_lota_autoload.activate()\n"
+# The line the .pth holds: it does nothing once this module is gone (`pip uninstall peft_lota` leaves the .pth
+# behind: pip did not install it), so no Python start of the environment ever prints an error because of it.
+LINE = ("import sys; exec('try:\\n import peft_lota_autoload as m\\nexcept ImportError:\\n pass\\n"
+        "else:\\n m.activate()')\n")
+OURS = (LINE, "import peft_lota_autoload; peft_lota_autoload.activate()\n")  # (and the line earlier releases wrote)
 
 
 class _AfterPeft:
@@ -78,6 +82,43 @@ def _site_packages():
     return Path(sysconfig.get_paths()["purelib"])
 
 
+def _ours(pth) -> bool:
+    """Whether the file at `pth` is one this module wrote: a regular file (not a link) holding exactly our line."""
+    try:
+        return not pth.is_symlink() and pth.is_file() and pth.read_text() in OURS
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _install(pth) -> str:
+    import os
+
+    if os.path.lexists(pth) and not _ours(pth):
+        raise RuntimeError(f"{pth} exists and was not written by peft_lota_autoload (a link, or other lines): left "
+                           "as it is. Remove or rename it yourself, then install again.")
+    tmp = pth.with_name(f".{pth.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # O_EXCL: never through a link
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(LINE)
+        os.replace(tmp, pth)  # a link at pth is replaced, never written through
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return f"wrote {pth}: `import peft` now registers LoTA and L4Q in this environment."
+
+
+def _uninstall(pth) -> str:
+    import os
+
+    if not os.path.lexists(pth):
+        return f"{pth}: not installed, nothing to remove."
+    if not _ours(pth):
+        raise RuntimeError(f"{pth} was not written by peft_lota_autoload (a link, or other lines): left as it is.")
+    pth.unlink()
+    return f"removed {pth}"
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -85,15 +126,20 @@ def main(argv=None) -> int:
     ap.add_argument("action", choices=["install", "uninstall", "status"])
     args = ap.parse_args(argv)
     pth = _site_packages() / PTH
-    if args.action == "install":
-        pth.write_text(LINE)
-        print(f"wrote {pth}: `import peft` now registers LoTA and L4Q in this environment.")
-    elif args.action == "uninstall":
-        if pth.exists():
-            pth.unlink()
-        print(f"removed {pth}" if not pth.exists() else f"could not remove {pth}")
-    else:
-        print(f"{pth}: {'installed' if pth.exists() else 'not installed'}")
+    try:
+        if args.action == "install":
+            print(_install(pth))
+        elif args.action == "uninstall":
+            print(_uninstall(pth))
+        else:
+            state = "installed" if _ours(pth) else "not ours (left alone)" if __import__("os").path.lexists(pth) \
+                else "not installed"
+            print(f"{pth}: {state}")
+    except (RuntimeError, OSError) as err:
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"python -m peft_lota_autoload {args.action}: {where}{getattr(err, 'strerror', None) or err}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -215,16 +215,18 @@ def _check_base(cfg: dict, base: str) -> None:
 
 
 def _check_out(out: str, inputs: dict, action: tuple[str, str] = ("merge", "merged")) -> None:
-    """Refuse, before loading anything, an OUT that is a file or that is an input folder itself (real paths: symlinks
-    resolved): the merge must never write over the files it reads. A folder inside or around an input is fine (e.g.
-    runs/lota/merged next to the adapter in runs/lota): a save writes only its own files into OUT."""
+    """Refuse, before loading anything, an OUT that is a file, or that is an input folder, sits inside one or holds
+    one (compared by device and inode: a symlink or a bind mount of an input is that input): the merge must never
+    write over the files it reads. OUT inside the adapter's folder is fine (runs/lota/merged: finetune's own
+    layout); a save writes only its own files into OUT."""
+    from peft_lota.paths import separate_output
+
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"OUT {out} is an existing file: give a folder for the {action[1]} checkpoint.")
-    real_out = Path(out).resolve()
-    for what, path in inputs.items():
-        if Path(path).exists() and Path(path).resolve() == real_out:  # (a Hub id has nothing local to protect)
-            raise UsageError(f"OUT {out} is the {what} folder {path}: the {action[0]} would write over it. Write "
-                             f"the {action[1]} checkpoint to a folder of its own.")
+    try:
+        separate_output(out, inputs, "OUT", may_contain=("adapter",))
+    except ValueError as err:
+        raise UsageError(f"{err} (nothing was written: the {action[0]} is refused)") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -295,28 +297,34 @@ def _print_table(rows) -> None:
 # ---- commands ------------------------------------------------------------------------------------------------
 
 def _calibration_blocks(args, tokenizer_dirs: list) -> list:
-    """--calib_file cut into [calib_batch, calib_len] token blocks (at most calib_blocks of them, spread over the
-    file), tokenized with the adapter's tokenizer (else the base's)."""
+    """--calib_file cut into [calib_batch, calib_len] token blocks (at most calib_blocks of them, spread over what was
+    read), tokenized with the adapter's tokenizer (else the base's). The file is read in pieces only until eight
+    times the tokens kept are in hand: a corpus of any size costs a few MB of memory."""
     import torch
     from transformers import AutoTokenizer
 
-    file = Path(args.calib_file)
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--calib_file {file}: cannot read it as UTF-8 text ({type(err).__name__}: {err}).") from None
+    from peft_lota.paths import read_token_ids
+
     source = next((d for d in tokenizer_dirs if any((Path(d) / n).is_file() for n in TOKENIZER_FILES)), None)
     if source is None:
         raise UsageError("no tokenizer next to the adapter or the base: copy the tokenizer files (tokenizer.json, "
                          "tokenizer_config.json) into one of them.")
-    ids = AutoTokenizer.from_pretrained(source)(text, add_special_tokens=False)["input_ids"]
+    file = Path(args.calib_file)
+    try:
+        ids, read, whole = read_token_ids(AutoTokenizer.from_pretrained(source), file, "--calib_file",
+                                          8 * args.calib_blocks * args.calib_len)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not whole:
+        print(f"peft-lota merge: --calib_file {file}: read its first {_human(read)} ({len(ids):,} tokens, 8x the "
+              f"{args.calib_blocks} blocks of {args.calib_len} kept), not the whole file.", file=sys.stderr)
     n = len(ids) // args.calib_len
     if n < 2:
         raise UsageError(f"--calib_file {file} holds {len(ids):,} tokens: at least two blocks of --calib_len "
                          f"{args.calib_len} are needed (one is held out to score the merge); give more text like the "
                          "LoRA's training data (128 blocks of 512 tokens is typical).")
     blocks = torch.tensor(ids[: n * args.calib_len]).view(n, args.calib_len)
-    if n > args.calib_blocks:  # spread over the whole file, not its first pages
+    if n > args.calib_blocks:  # spread over what was read, not its first pages
         blocks = blocks[torch.linspace(0, n - 1, args.calib_blocks).round().long()]
     return list(blocks.split(max(1, min(args.calib_batch, len(blocks) // 2))))  # two batches at least: one held out
 
@@ -730,7 +738,7 @@ def main(argv=None) -> int:
                       "inputs on it weigh each rounding (required for a LoRA)")
     lora.add_argument("--calib_len", type=_positive, default=512, metavar="T", help="tokens per calibration block (512)")
     lora.add_argument("--calib_blocks", type=_positive, default=128, metavar="N", help="at most N blocks, spread over the "
-                      "file (128); one in eight is held out to score the merge")
+                      "file's first 8 x N x T tokens (128); one in eight is held out to score the merge")
     lora.add_argument("--calib_batch", type=_positive, default=4, metavar="B", help="blocks per forward pass (4)")
     lora.add_argument("--keep_scales", action="store_true", help="keep the base's scales: choose the codes only "
                       "(by default each group's scale is refit too; zero points, bits, group size and g_idx always "

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import formats
+from .paths import plain_name as _plain_name
 from .tuner import refuse_non_finite_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -189,12 +190,6 @@ def _fsync_tree(folder: Path) -> None:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(folder)
-
-
-def _plain_name(name) -> bool:
-    """A file name that stays in its folder: no separator, no '..', not absolute."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\x00" not in name and not os.path.isabs(name))
 
 
 def _regular(path: Path) -> bool:

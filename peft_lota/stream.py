@@ -24,6 +24,8 @@ from torch import nn
 
 from . import formats
 from .loading import quantization_config
+from .paths import checked_shard_names, separate_output
+from .tuner import refuse_non_finite_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +50,28 @@ class StreamReport:
 
 
 def _weight_map(base: Path) -> dict:
-    """{tensor name: shard file} of a checkpoint folder (sharded or single-file)."""
-    from safetensors import safe_open
-
+    """{tensor name: shard file} of a checkpoint folder (sharded or single-file). Every shard name the index gives
+    is checked to be a plain `*.safetensors` name inside `base` before anything is opened (a downloaded index could
+    name any path), and every tensor it maps must be in its shard."""
     if (base / INDEX).is_file():
-        return dict(json.loads((base / INDEX).read_text())["weight_map"])
+        try:
+            index = json.loads((base / INDEX).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{base / INDEX} is not valid JSON ({err}): copy the checkpoint again.") from None
+        weight_map = checked_shard_names(index.get("weight_map") if isinstance(index, dict) else None, base / INDEX)
+        with _Shards(base) as shards:
+            for shard in sorted(set(weight_map.values())):
+                held = shards.keys(shard)
+                lacking = [k for k, s in weight_map.items() if s == shard and k not in held]
+                if lacking:
+                    raise ValueError(f"{base / INDEX} maps {lacking[0]} to {shard}, which does not hold it: the index "
+                                     "and the shards are from different checkpoints; copy the checkpoint again.")
+                shards.close()
+        return weight_map
     if not (base / SINGLE).is_file():
         raise ValueError(f"{base} holds no {SINGLE} or {INDEX}: the streaming merge reads safetensors checkpoints.")
-    with safe_open(str(base / SINGLE), "pt") as f:
-        return {k: SINGLE for k in f.keys()}
+    with _Shards(base) as shards:
+        return {k: SINGLE for k in shards.keys(SINGLE)}
 
 
 def _adapter_layers(adapter: Path, prefix: str) -> dict:
@@ -106,7 +121,10 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_config, adap
     tree.config.quantization_config = dict(qc)
     before = {}
     for name in names:
-        layer = fmt.layer_from_tensors(tensors[name], qc)
+        try:
+            layer = fmt.layer_from_tensors(tensors[name], qc)
+        except ValueError as err:
+            raise ValueError(f"{name}: {str(err).splitlines()[0]}") from None
         tree.place(name, layer)
         if count:  # the state holds the base's packed codes, whatever the merge swaps in
             before[name] = formats.dispatch(layer, name).read()
@@ -152,8 +170,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
 
     started = time.time()
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    if out.resolve() == base.resolve() or out.resolve() == adapter.resolve():
-        raise ValueError(f"{out} is an input folder: write the merged checkpoint to a folder of its own.")
+    separate_output(out, {"base": base, "adapter": adapter}, "OUT", may_contain=("adapter",))
     qc = quantization_config(base)
     if qc is None:
         raise ValueError(f"{base} is a full-precision model: the streaming merge reads a quantized checkpoint's codes "
@@ -199,9 +216,13 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
             for shard in tqdm(order, desc="merging shards", disable=not progress, unit="shard"):
                 t0 = time.time()
                 names = by_shard.get(shard, [])
-                merged, moved = ({}, (0, 0)) if not names else _merge_group(
-                    names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter,
-                    peft_config, layers, qc, fmt, safe, count_codes)
+                try:
+                    merged, moved = ({}, (0, 0)) if not names else _merge_group(
+                        names, {n: shards.layer(n, fmt.layer_tensor_names, weight_map) for n in names}, adapter,
+                        peft_config, layers, qc, fmt, safe, count_codes)
+                except ValueError as err:  # a damaged layer: which file (nothing of OUT is written yet)
+                    message = str(err).splitlines()[0]
+                    raise ValueError(message if str(base) in message else f"{base / shard}: {message}") from None
                 for n, layer in merged.items():
                     written = fmt.layer_tensors(layer, qc_out)
                     center = (formats.dispatch(layer, n).maxq + 1) // 2
@@ -210,6 +231,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                     digests.update({f"{n}.{k}": _digest(v) for k, v in written.items()})
                 keys = [k for k, s in weight_map.items() if s == shard]
                 tensors = {k: pending.pop(k) if k in pending else shards.get(k, weight_map) for k in keys}
+                refuse_non_finite_checkpoint(tensors)  # copied tensors too: the in-memory merge's save refuses them
                 save_file(tensors, str(staged / shard), metadata={"format": "pt"})
                 report.layers += len(merged)
                 report.codes_moved += moved[0]
@@ -287,13 +309,41 @@ class _Shards:
             f.__exit__(None, None, None)
         self.open.clear()
 
+    def _file(self, shard: str):
+        """The opened shard: a regular file (or a link to one: a Hub cache snapshot), its header checked by
+        safetensors; a damaged one is a ValueError naming it."""
+        import os
+        import stat
+
+        from safetensors import SafetensorError, safe_open
+
+        if shard not in self.open:
+            path = self.base / shard
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as err:
+                raise ValueError(f"{path}: {err.strerror or err} (the index names a shard the folder lacks: copy the "
+                                 "checkpoint again).") from None
+            if not regular:
+                raise ValueError(f"{path} is not a regular file: copy the checkpoint again.")
+            try:
+                self.open[shard] = safe_open(str(path), "pt").__enter__()
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"{path} is damaged ({str(err).splitlines()[0]}): copy the checkpoint again.") from None
+        return self.open[shard]
+
+    def keys(self, shard: str) -> set:
+        return set(self._file(shard).keys())
+
     def get(self, key: str, weight_map: dict) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         shard = weight_map[key]
-        if shard not in self.open:
-            self.open[shard] = safe_open(str(self.base / shard), "pt").__enter__()
-        return self.open[shard].get_tensor(key)
+        try:
+            return self._file(shard).get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{self.base / shard}: cannot read {key} ({str(err).splitlines()[0]}): the file is "
+                             "damaged; copy the checkpoint again.") from None
 
     def layer(self, name: str, suffixes: tuple, weight_map: dict) -> dict:
         return {s: self.get(f"{name}.{s}", weight_map) for s in suffixes if f"{name}.{s}" in weight_map}

@@ -404,6 +404,7 @@ def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
     bits = int(qc["bits"])
     qweight = tensors["qweight"]
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    _check_layer_tensors(tensors, K, N, bits, int(qc["group_size"]))
     layer = TorchLinear(bits=bits, group_size=int(qc["group_size"]), sym=bool(qc.get("sym", True)),
                         desc_act=bool(qc.get("desc_act")), in_features=K, out_features=N,
                         bias="bias" in tensors, pack_dtype=torch.int32, register_buffers=True)
@@ -415,6 +416,28 @@ def layer_from_tensors(tensors: dict, qc: dict) -> nn.Module:
     _normalise_zero_format(layer, zeros_may_be_v1=v1)
     layer.post_init()
     return layer
+
+
+def _check_layer_tensors(tensors: dict, K: int, N: int, bits: int, group_size: int) -> None:
+    """A layer's stored tensors agree with each other and with the config (a damaged or edited checkpoint would
+    otherwise fail deep in a kernel, or index out of range): shapes, dtypes, and every g_idx entry a real group."""
+    G = (K + group_size - 1) // group_size if group_size > 0 else 1
+    want = {"qweight": ((K * bits // 32, N), torch.int32), "qzeros": ((G, N * bits // 32), torch.int32),
+            "scales": ((G, N), None)}
+    for name, (shape, dtype) in want.items():
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise ValueError(f"the layer's {name} is {got}, not {shape} as its qweight and the config ({bits}-bit, "
+                             f"group size {group_size}) say: the checkpoint is damaged.")
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None:
+        if tuple(g_idx.shape) != (K,) or g_idx.is_floating_point():
+            raise ValueError(f"the layer's g_idx is {tuple(g_idx.shape)} {g_idx.dtype}, not ({K},) integers: the "
+                             "checkpoint is damaged.")
+        if K and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+            raise ValueError(f"the layer's g_idx names group {int(g_idx.max()) if int(g_idx.max()) >= G else int(g_idx.min())}"
+                             f" of {G}: the checkpoint is damaged.")
 
 
 def layer_tensors(layer: nn.Module, qc_out: dict) -> dict:

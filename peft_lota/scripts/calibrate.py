@@ -25,24 +25,78 @@ from pathlib import Path
 
 import torch
 
+from peft_lota.cli import UsageError
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # demo_model.py, in a source checkout
 
 
-def read_texts(path: str, text_column: str) -> list[str]:
-    p = Path(path)
-    if p.suffix in (".json", ".jsonl"):
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.suffix == ".jsonl" \
-            else json.loads(p.read_text())
-        return [str(r[text_column]) for r in rows]
-    return [p.read_text(encoding="utf-8", errors="replace")]
+EVAL_WINDOWS = 256  # evaluation windows of --seq_len tokens
+JSON_LIMIT = 512 << 20  # a .json file is parsed whole: larger ones are refused (a .jsonl or .txt is read in pieces)
 
 
-def token_windows(tokenizer, texts: list[str], n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """`n` windows of `seq_len` tokens, chosen reproducibly from the texts joined with EOS: [n, seq_len]."""
+def _docs(path: str, text_column: str):
+    """The file's documents, read lazily and bounded: a .txt file in pieces (one document), a .jsonl line by line,
+    a .json whole (at most JSON_LIMIT bytes). Damaged input is a ValueError naming the file."""
+    from peft_lota.paths import regular_text_file, text_pieces
+
+    p = regular_text_file(path, "--calib_file / --eval_file")
+    if p.suffix == ".json":
+        if p.stat().st_size > JSON_LIMIT:
+            raise ValueError(f"{p} is {p.stat().st_size / 2**20:,.0f} MiB of JSON, read whole: give it as .jsonl (one "
+                             "object per line) or plain text, which are read only as far as needed.")
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{p} is not valid UTF-8 JSON ({err}).") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{p} holds a JSON {type(rows).__name__}: give a list of objects with a {text_column!r} field.")
+        yield from (_field(r, text_column, p, i) for i, r in enumerate(rows))
+    elif p.suffix == ".jsonl":
+        with open(p, "rb") as f:
+            for i, line in enumerate(iter(lambda: f.readline(JSON_LIMIT), b"")):
+                if line.strip():
+                    try:
+                        yield _field(json.loads(line), text_column, p, i)
+                    except (ValueError, UnicodeDecodeError) as err:
+                        raise ValueError(f"{p}: line {i + 1} is not a JSON object ({str(err)[:80]}).") from None
+    else:
+        yield from text_pieces(p, "--calib_file / --eval_file", 1 << 40)
+
+
+def _field(row, column: str, path, i: int) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get(column), str):
+        raise ValueError(f"{path}: row {i + 1} has no text field {column!r} (--text_column).")
+    return row[column]
+
+
+def token_stream(tokenizer, docs, want: float) -> list[int]:
+    """The documents' tokens, each followed by EOS, tokenized one at a time and only until `want` tokens are in
+    hand: a corpus of any size costs a few MB."""
     ids: list[int] = []
-    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids += doc + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    stream = torch.tensor(ids)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
+        if len(ids) >= want:
+            break
+    return ids
+
+
+def file_ids(tokenizer, path: str, text_column: str, want: int) -> list[int]:
+    """A calibration or evaluation file's tokens, read only until `want` tokens are in hand (a .txt file is one
+    document, tokenized piece by piece)."""
+    if Path(path).suffix in (".json", ".jsonl"):
+        return token_stream(tokenizer, _docs(path, text_column), want)
+    ids: list[int] = []
+    for piece in _docs(path, text_column):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if len(ids) >= want:
+            return ids
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def token_windows(tokenizer, ids: list[int], n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`n` windows of `seq_len` tokens, chosen reproducibly from the token stream: [n, seq_len]."""
+    stream = torch.tensor(ids, dtype=torch.long)
     blocks = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
     if len(blocks) == 0:
         raise SystemExit(f"calibrate.py: the calibration text has fewer than --seq_len {seq_len} tokens.")
@@ -99,8 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
-    """(calibration texts, evaluation texts or None): the given files, or the standard library's split (--stdlib)."""
+def load_ids(args: argparse.Namespace, tokenizer) -> tuple[list[int], list[int] | None]:
+    """(calibration tokens, evaluation tokens or None): of the given files, each read only as far as eight times the
+    tokens it gives (its windows are drawn from those), or of the standard library's split (--stdlib)."""
     if args.stdlib:
         if not (EXAMPLES / "demo_model.py").exists():
             raise SystemExit("calibrate: --stdlib uses examples/demo_model.py, which needs a source checkout; give "
@@ -108,9 +163,31 @@ def load_texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
         sys.path.insert(0, str(EXAMPLES))
         import demo_model as dm
 
-        return dm.corpus_texts("train"), dm.corpus_texts("eval")
-    calib_texts = read_texts(args.calib_file, args.text_column)
-    return calib_texts, read_texts(args.eval_file, args.text_column) if args.eval_file else None
+        return (token_stream(tokenizer, dm.corpus_texts("train"), math.inf),
+                token_stream(tokenizer, dm.corpus_texts("eval"), math.inf))
+    try:
+        calib = file_ids(tokenizer, args.calib_file, args.text_column, 8 * args.samples * args.seq_len)
+        evals = file_ids(tokenizer, args.eval_file, args.text_column, 8 * EVAL_WINDOWS * args.seq_len) \
+            if args.eval_file else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return calib, evals
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before anything loads: --output_dir is a folder apart from the model, --baseline and the data files (not
+    one of them, inside or around one, compared by device and inode)."""
+    from peft_lota.paths import separate_output
+
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is an existing file: give a folder for the calibrated checkpoint.")
+    inputs = {"model (--model_name_or_path)": args.model_name_or_path, "--baseline": args.baseline,
+              "--calib_file": args.calib_file, "--eval_file": args.eval_file}
+    try:
+        separate_output(out, inputs, "--output_dir")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def print_block(report) -> None:
@@ -151,6 +228,7 @@ def baseline_rows(baseline: str, eval_blocks: torch.Tensor, dtype: torch.dtype, 
 def main(argv=None) -> dict:
     """Calibrate, merge, save, reload and compare; prints and writes (calibration_summary.json) the summary."""
     args = parse_args(argv)
+    check_output(args)
 
     # peft_lota before transformers: it sets gptqmodel's worker count before anything can import gptqmodel
     import peft_lota
@@ -159,10 +237,10 @@ def main(argv=None) -> dict:
     t_start = time.time()
     dtype = getattr(torch, args.dtype)
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    calib_texts, eval_texts = load_texts(args)
-    windows = token_windows(tok, calib_texts, args.samples, args.seq_len, args.seed)
+    calib_ids, eval_ids = load_ids(args, tok)
+    windows = token_windows(tok, calib_ids, args.samples, args.seq_len, args.seed)
     batches = list(windows.split(args.batch_size))
-    eval_blocks = token_windows(tok, eval_texts, 256, args.seq_len, seed=1) if eval_texts else None
+    eval_blocks = token_windows(tok, eval_ids, EVAL_WINDOWS, args.seq_len, seed=1) if eval_ids else None
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
     summary = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "saliency": args.saliency,
                "samples": len(windows), "seq_len": args.seq_len, "epochs": args.epochs}

@@ -63,6 +63,7 @@ from transformers import (
 from peft_lota.cli import UsageError, _quantization
 from peft_lota.formats import FORMATS, config_format, quantized_tensors, same_quantized_tensors
 from peft_lota.loading import quantization_config
+from peft_lota.paths import separate_output
 from peft_lota.registry import METHODS, tuner_layer_classes
 from peft_lota.sharded import gather_adapter, is_sharded, load_adapter
 from peft_lota.tuner_layer import codes_moved
@@ -522,9 +523,41 @@ def engine_note(training_args: TrainingArguments) -> None:
                            "model.", engine)
 
 
+def check_outputs(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
+                  training_args: TrainingArguments) -> None:
+    """Before anything loads: the adapter folder (--output_dir) and the merged checkpoint's (--merged_dir) are never
+    the model folder, inside it or around it, nor hold a data file, and the merged checkpoint has a folder of
+    its own, never the adapter's (inside it is the default: output_dir/merged). Folders compared by device and
+    inode, however they are spelled."""
+    model = {"model (--model_name_or_path)": model_args.model_name_or_path}
+    data = {f"--{k}": getattr(data_args, k) for k in ("train_file", "validation_file") if getattr(data_args, k, None)}
+    outputs = {"--output_dir": training_args.output_dir}
+    if method_args.merge:
+        outputs["--merged_dir"] = method_args.merged_dir or str(Path(training_args.output_dir) / "merged")
+    for flag, out in outputs.items():
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"{flag} {out} is an existing file: give a folder.")
+        try:
+            separate_output(out, {**model, **data}, flag)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if "--merged_dir" in outputs:
+        merged, adapter = Path(os.path.realpath(outputs["--merged_dir"])), Path(os.path.realpath(training_args.output_dir))
+        if merged == adapter or merged in adapter.parents:  # (neither exists yet: compared as real paths)
+            raise UsageError(f"--merged_dir {outputs['--merged_dir']} {'is' if merged == adapter else 'holds'} the "
+                             f"adapter folder (--output_dir) {training_args.output_dir}: give the merged checkpoint a "
+                             "folder of its own (by default output_dir/merged).")
+        try:
+            separate_output(outputs["--merged_dir"], {"adapter folder (--output_dir)": training_args.output_dir},
+                            "--merged_dir", may_contain=("adapter folder (--output_dir)",))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
         training_args: TrainingArguments) -> dict:
     """Train, merge, save and verify; returns a summary (on the main process; {} elsewhere)."""
+    check_outputs(model_args, data_args, method_args, training_args)
     setup_logging(training_args)
     engine_note(training_args)
     if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step

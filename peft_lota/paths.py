@@ -1,0 +1,151 @@
+"""What may be read and written where: names read from files, outputs apart from inputs, bounded text reading.
+
+Pure path logic (no torch). Two rules every command follows:
+
+- A name read from a file (a shard in `model.safetensors.index.json`, a tokenizer file) is a name, never a path: it
+  must be a plain file name that stays in its folder (`plain_name`, `checked_shard_names`).
+- An output folder is never an input folder, inside one, or around one, however either is spelled: folders are
+  compared by device and inode (a symlink, `..`, or a bind mount of the input is still the input), `separate_output`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import stat
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def plain_name(name) -> bool:
+    """A file name that stays in its folder: a non-empty string with no separator, not '.' or '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not os.path.isabs(name))
+
+
+def checked_shard_names(weight_map, index: Path) -> dict:
+    """The {tensor: shard} map of an index file, each shard a plain `*.safetensors` name (not hidden: a name like
+    `.peft_lota-commit.json` is a save's own file). Raises ValueError naming the index and the bad entry."""
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard files, got {type(weight_map).__name__}; "
+                         "the file is damaged: copy the checkpoint again.")
+    for tensor, shard in weight_map.items():
+        if not (plain_name(shard) and shard.endswith(".safetensors") and not shard.startswith(".")):
+            raise ValueError(f"{index} maps {tensor} to {shard!r}, which is not a shard file name inside the folder "
+                             "(a plain name like model-00001-of-00002.safetensors): the index is damaged or was made "
+                             "to point elsewhere; nothing was read or written. Copy the checkpoint again from its "
+                             "source.")
+    return dict(weight_map)
+
+
+def _identity(path: Path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)  # follows links: a link to a folder is that folder
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(path: Path) -> list:
+    """(device, inode) of the path (or, while it does not exist yet, of the folder it would be created in) and of
+    every folder above it, the first entry the path's own (None when it does not exist)."""
+    real = Path(os.path.realpath(path))  # links resolved: its true ancestors
+    own = _identity(real)
+    ids = [own]
+    for parent in real.parents:
+        ident = _identity(parent)
+        if ident is not None:
+            ids.append(ident)
+    return ids
+
+
+def separate_output(out, inputs: dict, what: str = "output", may_contain: tuple = ()) -> None:
+    """Refuse an output folder that is an input, sits inside one, or holds one, compared by device and inode (so a
+    symlink or a bind mount of the input is caught), before anything is loaded or written. `inputs`: {label: path};
+    paths that do not exist locally (a Hub id) have nothing to protect and are skipped. The inputs labelled in
+    `may_contain` may hold the output (an adapter folder with `merged/` inside: the layout `peft-lota finetune`
+    writes; a save writes only into its own folder). Raises ValueError."""
+    out_chain = _chain(Path(out))
+    for label, path in inputs.items():
+        if path is None or not os.path.exists(path):
+            continue
+        in_chain = _chain(Path(path))
+        in_id = in_chain[0]
+        if out_chain[0] is not None and out_chain[0] == in_id:
+            how = "is"
+        elif in_id in out_chain[1:] and label not in may_contain:
+            how = "is inside"
+        elif out_chain[0] is not None and out_chain[0] in in_chain[1:]:
+            how = "holds"
+        else:
+            continue
+        raise ValueError(f"{what} {out} {how} the {label} {path}: writing there could change the files it reads. "
+                         f"Give the {what} a folder of its own, apart from every input.")
+
+
+# ---- text read in bounded pieces --------------------------------------------------------------------------------
+
+PIECE = 1 << 20  # bytes read, decoded and tokenized at a time
+
+
+def regular_text_file(path, flag: str) -> Path:
+    """The path of a regular file (not a FIFO, a device or a folder: reading those can hang or never end)."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as err:
+        raise ValueError(f"{flag} {p}: {err.strerror or err}.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, a device or a socket)"
+        raise ValueError(f"{flag} {p} is {kind}: give a text file.")
+    return p
+
+
+def text_pieces(path, flag: str, max_bytes: int) -> Iterator[str]:
+    """The UTF-8 text of a regular file in pieces of about PIECE bytes, each cut before a line end or a space (a
+    word is never split between pieces; a file of one piece or less is one string, as read whole), at most
+    `max_bytes` read. Refuses text that is not UTF-8 (NUL bytes: UTF-16 or binary data), naming the file."""
+    p = regular_text_file(path, flag)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, read = "", 0
+
+    def chunk(f) -> bytes:
+        nonlocal read
+        raw = f.read(min(PIECE, max_bytes - read)) if read < max_bytes else b""
+        if b"\x00" in raw:
+            raise ValueError(f"{flag} {p} holds NUL bytes, so it is not UTF-8 text (UTF-16 text or binary data?): "
+                             "convert it to UTF-8 (iconv -f UTF-16 -t UTF-8).")
+        read += len(raw)
+        return raw
+
+    with open(p, "rb") as f:
+        raw = chunk(f)
+        while raw:
+            following = chunk(f)  # read ahead: the last piece is not cut
+            try:
+                text = carry + decoder.decode(raw, final=not following)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{flag} {p} is not UTF-8 text ({err.reason} near byte {read:,}); convert it to "
+                                 "UTF-8.") from None
+            cut = max(text.rfind("\n"), text.rfind(" ")) if following else len(text)
+            if cut <= 0:
+                carry = text
+            else:
+                carry = text[cut:]
+                yield text[:cut]
+            raw = following
+    if carry:
+        yield carry
+
+
+def read_token_ids(tokenizer, path, flag: str, want: int, max_bytes: int = 1 << 30) -> tuple[list, int, bool]:
+    """Token ids of a UTF-8 text file, tokenized piece by piece and read only until `want` tokens are kept (memory
+    bounded whatever the file's size). Returns (ids, bytes read, whether the whole file was read)."""
+    ids: list = []
+    read = 0
+    for piece in text_pieces(path, flag, max_bytes):
+        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        read += len(piece.encode("utf-8"))
+        if len(ids) >= want:
+            break
+    return ids, read, read >= os.stat(path).st_size
