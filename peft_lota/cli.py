@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import traceback
-import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -61,6 +60,8 @@ def _read_json(file: Path) -> dict:
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise UsageError(f"{file} is not valid JSON ({err}): it is damaged or cut short; copy it again from where "
                          "it came from.") from None
+    except RecursionError:
+        raise UsageError(f"{file} nests its JSON too deeply to be a config: it is damaged; copy it again.") from None
     except OSError as err:
         raise UsageError(f"cannot read {file}: {err.strerror or err}.") from None
     if not isinstance(data, dict):
@@ -152,6 +153,7 @@ def _adapter_config(path: str) -> dict:
         PeftConfig.from_peft_type(**config)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{file}: {str(err).splitlines()[0]} Fix the file, or save the adapter again.") from None
+    _check_target_pattern(config.get("target_modules"), file)
     if config["peft_type"] == "LORA":
         _adapter_weights(folder)
         return config
@@ -165,6 +167,28 @@ def _adapter_config(path: str) -> dict:
                          "or be null; save the adapter again.")
     _adapter_weights(folder)
     return config
+
+
+def _check_target_pattern(targets, file: Path) -> None:
+    """A target_modules regular expression is matched by PEFT against every module name with Python's `re`, which
+    has no time limit: a pattern like `(.|.)*Z` backtracks for hours. It is tried first in a child process given two
+    seconds, on a module name longer than real ones."""
+    if not isinstance(targets, str):
+        return
+    import re
+    import subprocess
+
+    try:
+        re.compile(targets)
+    except re.error as err:
+        raise UsageError(f"{file}: target_modules {targets!r:.60} is not a regular expression ({err}).") from None
+    probe = "model.layers.123.self_attn.q_proj.base_layer.lora_A.default_x"
+    try:
+        subprocess.run([sys.executable, "-I", "-S", "-c", "import re, sys; re.fullmatch(sys.argv[1], sys.argv[2])",
+                        targets, probe], timeout=2.0, capture_output=True)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{file}: target_modules {targets!r:.60} takes seconds to match one module name (a pattern "
+                         "that backtracks: PEFT would hang on it). Write a simpler pattern, or list the names.") from None
 
 
 def _adapter_weights(folder: Path) -> None:
@@ -234,22 +258,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _copy_tokenizer(out: Path, sources: list) -> None:
     """The tokenizer files next to the merged checkpoint (the adapter's, else the base's), each written to a new
-    file in OUT and renamed over its name: a (dangling) symlink there is replaced, never written through."""
+    file in OUT and renamed over its name (a dangling symlink there is replaced, never written through), with the
+    source's permissions. A source that links out of its folder is not copied (paths.own_file)."""
+    from peft_lota.paths import copy_into, own_file
+
     for name in TOKENIZER_FILES:
         if (out / name).exists():  # the user's own file, or a link to one: kept
             continue
-        src = next((Path(d) / name for d in sources if (Path(d) / name).is_file()), None)
-        if src is None:
-            continue
-        tmp = out / f".{name}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never through a link
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(src.read_bytes())
-            os.replace(tmp, out / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        found = [(Path(d) / name, own_file(Path(d), name)) for d in sources if (Path(d) / name).is_file()]
+        for path, own in found[:1]:
+            if own is None:
+                print(f"note: {path} links out of its folder (to {os.path.realpath(path)}): not copied into {out}.",
+                      file=sys.stderr)
+            else:
+                copy_into(own, out, name)
 
 
 def _probe(model, seq: int = 32):
@@ -593,18 +615,20 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"{args.path} is neither a saved adapter nor a quantized ({format_list()}) checkpoint.")
     fmt = _format(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
-    try:
+    try:  # (a damaged config: a string or null where an object or a number belongs)
         described = fmt.describe(qc)
-    except (KeyError, TypeError, ValueError) as err:
+        meta = qc.get("meta") if isinstance(qc.get("meta"), dict) else {}
+        made_by = meta.get("quantizer") if isinstance(meta.get("quantizer"), list) else []
+        kernels = fmt.kernels(qc)
+        note = fmt.fast_path_note(qc)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UsageError(f"{args.path}/config.json: its quantization_config is incomplete or damaged ({type(err).__name__}: "
                          f"{err}); copy the checkpoint again.") from None
-    rows = described + [("made by", ", ".join((qc.get("meta") or {}).get("quantizer", [])) or "-"),
-                               ("weights", _human(weights) if weights else "-")]
+    rows = described + [("made by", ", ".join(map(str, made_by)) or "-"), ("weights", _human(weights) if weights else "-")]
     _print_table(rows)
     print("\nkernels:")
-    for name, devices, ok in fmt.kernels(qc):
+    for name, devices, ok in kernels:
         print(f"  {'yes' if ok else 'no ':3s}  {name} ({devices})")
-    note = fmt.fast_path_note(qc)
     if note:
         print(f"\nnote: {note}")
     return EXIT_OK

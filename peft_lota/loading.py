@@ -94,8 +94,20 @@ def quantization_config(path) -> dict | None:
         raise ValueError(f"{path}: config.json's quantization_config is {qc!r}, not an object: the file is damaged.")
     if config_format(qc) is None:
         raise ValueError(f"{path}: {unsupported_reason(qc)}")
+    if qc.get("quant_method") == "compressed-tensors":
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights"), (dict, type(None)))
+                                                   for g in groups.values()):
+            raise ValueError(f"{path}: config.json's quantization_config has config_groups {groups!r:.60}, not a map of "
+                             "groups with their weights' scheme: the file is damaged.")
+        for name, group in groups.items():
+            nbits = (group.get("weights") or {}).get("num_bits", 0 if group.get("weights") else None)
+            if group.get("weights") and (isinstance(nbits, bool) or nbits not in SUPPORTED_BITS):
+                raise ValueError(f"{path}: config.json's quantization group {name} has {nbits!r}-bit weights; "
+                                 f"peft_lota reads {', '.join(map(str, SUPPORTED_BITS))}-bit integer weights (a value "
+                                 "like 0, null or 2^40 means the file is damaged).")
     bits = qc.get("bits")
-    if qc.get("quant_method") in ("gptq", "awq") and bits not in SUPPORTED_BITS:
+    if qc.get("quant_method") in ("gptq", "awq") and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
         # transformers refuses them at load (gptqmodel writes 5-7 bits in its own planar layout)
         raise ValueError(f"{path}: a {bits}-bit {qc['quant_method'].upper()} checkpoint; transformers and peft_lota "
                          f"read {', '.join(map(str, SUPPORTED_BITS))} bits: quantize the model at one of those.")

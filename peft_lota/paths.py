@@ -83,6 +83,36 @@ def separate_output(out, inputs: dict, what: str = "output", may_contain: tuple 
                          f"Give the {what} a folder of its own, apart from every input.")
 
 
+def own_file(folder: Path, name: str) -> Optional[Path]:
+    """`folder / name` if it is a regular file of that folder's own: a link is followed only to a file inside the
+    folder, or to the blob of a Hugging Face cache snapshot (snapshots/<rev>/x -> ../../blobs/<hash>). A link to
+    anything else (say ~/.ssh/id_rsa, from a cloned repo) is not the checkpoint's file; None then, or when absent."""
+    path = Path(folder) / name
+    if not path.is_file():  # (follows links; a FIFO or device is no file)
+        return None
+    if not path.is_symlink():
+        return path
+    real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    return path if any(real.is_relative_to(a) for a in allowed) else None
+
+
+def copy_into(src: Path, folder: Path, name: str) -> None:
+    """Copy a file into `folder` under `name` through a new file renamed over the name (a link there is replaced,
+    never written through), with the source's permission bits (never readable by more people than the source)."""
+    import uuid
+
+    tmp = Path(folder) / f".{name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.stat(src).st_mode & 0o666)  # O_EXCL: no link followed
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(src).read_bytes())
+        os.replace(tmp, Path(folder) / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 # ---- text read in bounded pieces --------------------------------------------------------------------------------
 
 PIECE = 1 << 20  # bytes read, decoded and tokenized at a time

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import formats
 from .loading import quantization_config
-from .paths import checked_shard_names, separate_output
+from .paths import checked_shard_names, copy_into, own_file, separate_output
 from .tuner import refuse_non_finite_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -252,8 +252,9 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
             for name, text in final_extra.items():
                 (staged / name).write_text(text)
             for name in COPIED:
-                if (base / name).is_file():
-                    (staged / name).write_bytes((base / name).read_bytes())
+                source = own_file(base, name)  # (a link out of the base's folder is not its file)
+                if source is not None:
+                    copy_into(source, staged, name)
 
         digests: dict = {}
         gc.freeze()  # what exists now is never garbage: the collection after each shard scans only the new objects

@@ -119,7 +119,7 @@ def _check_stream(path: Path, tmp_path: Path, method: str, offset, sharded: bool
 def test_streaming_refuses_before_writing_anything(gptq_dir, fp_dir, tmp_path):
     path = gptq_dir(Spec("llama", 4, True, False, "gptq"))
     _trained_adapter(path, "lota", "none", tmp_path)
-    with pytest.raises(ValueError, match="input folder"):
+    with pytest.raises(ValueError, match="is the base"):
         merge_checkpoint(path, tmp_path / "adapter", path, progress=False)
     with pytest.raises(ValueError, match="full-precision model"):
         merge_checkpoint(fp_dir("llama"), tmp_path / "adapter", tmp_path / "a", progress=False)

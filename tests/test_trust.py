@@ -6,6 +6,7 @@ not write. Every refusal is one line and exit 2, with nothing written."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -358,3 +359,112 @@ def test_autoload_round_trip_and_a_read_only_site_packages(site, capsys):
         assert "Permission denied" in one_line(capsys.readouterr().err)
     finally:
         site.chmod(0o755)
+
+
+# ---- 7. damaged inputs: one line naming the file, exit 2 -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_adapter(made, tmp_path_factory):  # noqa: F811
+    """A PEFT LoRA (random B, so it changes the model) saved for the GPTQ fixture, and calibration text."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import calibration_texts, load_gptq
+
+    folder = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    model = get_peft_model(load_gptq(made[0]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.save_pretrained(folder / "lora")
+    (folder / "calib.txt").write_text("\n".join(calibration_texts(24, seed=3, chars=600)))
+    return folder / "lora", folder / "calib.txt"
+
+
+@pytest.mark.parametrize("case", ["lora_alpha NaN", "lora_alpha 1e300", "lora_alpha '16'", "alpha_pattern null",
+                                  "r disagrees, rank_pattern {}", "rank_pattern a list"])
+def test_merge_lora_with_a_damaged_config_is_one_line(made, lora_adapter, tmp_path, capsys, case):  # noqa: F811
+    lora, calib = lora_adapter
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes((lora / "adapter_model.safetensors").read_bytes())
+    config = json.loads((lora / "adapter_config.json").read_text())
+    key, value = {"lora_alpha NaN": ("lora_alpha", math.nan), "lora_alpha 1e300": ("lora_alpha", 1e300),
+                  "lora_alpha '16'": ("lora_alpha", "16"), "alpha_pattern null": ("alpha_pattern", None),
+                  "r disagrees, rank_pattern {}": ("r", 8), "rank_pattern a list": ("rank_pattern", [4])}[case]
+    config[key] = value
+    if case == "r disagrees, rank_pattern {}":
+        config["rank_pattern"] = {}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    rc = cli.main(["merge", str(made[0]), str(adapter), str(tmp_path / "out"), "--calib_file", str(calib),
+                   "--calib_len", "32"])
+    captured = capsys.readouterr()
+    if case == "alpha_pattern null":  # PEFT's own default when absent: merges as {}
+        assert rc == 0, captured.err
+        return
+    assert rc == 2
+    err = one_line(captured.err)
+    assert {"lora_alpha NaN": "lora_alpha is nan", "lora_alpha 1e300": "lora_alpha is 1e+300",
+            "lora_alpha '16'": "lora_alpha is '16'", "r disagrees, rank_pattern {}": "says r=8",
+            "rank_pattern a list": "rank_pattern is [4]"}[case] in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_target_pattern_that_backtracks_is_refused_not_hung_on(inputs, capsys):  # noqa: F811
+    _, adapter = inputs
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = "(.|.)*Z"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert cli.main(["inspect", str(adapter)]) == 2
+    assert "takes seconds to match" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case", ["200,000 deep", "meta a string", "ct bits 0", "ct bits null", "ct bits 2^40",
+                                  "ct groups a string"])
+def test_inspect_on_a_damaged_config_is_one_line(made, ct_dir, tmp_path, capsys, case):  # noqa: F811
+    from tiny_models import CtSpec
+
+    folder = tmp_path / "model"
+    source = Path(ct_dir(CtSpec()) if case.startswith("ct") else made[0])
+    folder.mkdir()
+    (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    qc = config["quantization_config"]
+    if case == "200,000 deep":
+        (folder / "config.json").write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    else:
+        if case == "meta a string":
+            qc["meta"] = "x"
+        elif case == "ct groups a string":
+            qc["config_groups"] = "x"
+        else:
+            for group in qc["config_groups"].values():
+                group["weights"]["num_bits"] = {"ct bits 0": 0, "ct bits null": None, "ct bits 2^40": 2**40}[case]
+        (folder / "config.json").write_text(json.dumps(config))
+    rc = cli.main(["inspect", str(folder)])
+    captured = capsys.readouterr()
+    if case == "meta a string":  # nothing to describe in it, the rest is whole
+        assert rc == 0 and "made by" in captured.out, captured.err
+        return
+    assert rc == 2 and str(folder) in last_line(captured.err)
+    assert "yes" not in captured.out  # never described as servable
+
+
+def test_tokenizer_files_keep_their_permissions_and_never_come_from_outside(inputs, tmp_path, capsys):  # noqa: F811
+    """A tokenizer file that links out of the base's folder (a cloned repo's link to a private file) is not copied
+    into OUT (which a --push would upload); one that is the base's own keeps its permission bits."""
+    base, adapter = inputs
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        for folder in (base, adapter):
+            (folder / name).unlink(missing_ok=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"private": true}')
+    secret.chmod(0o600)
+    (base / "tokenizer.json").symlink_to(secret)
+    (base / "tokenizer_config.json").write_text("{}")
+    (base / "tokenizer_config.json").chmod(0o600)
+    out = tmp_path / "out"
+    assert cli.main(["merge", str(base), str(adapter), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "links out of its folder" in err and not (out / "tokenizer.json").exists()
+    assert (out / "tokenizer_config.json").stat().st_mode & 0o777 == 0o600

@@ -114,6 +114,28 @@ def _check_config(config, what: str) -> None:
     if get("use_qalora"):
         raise MergeRefused(f"{what} is a QA-LoRA (use_qalora): its A acts on pooled inputs; merge_lora merges a plain "
                          "LoRA.")
+    if not isinstance(config, dict):
+        return  # a live LoraConfig: PEFT checked it
+    for key in ("r", "lora_alpha"):
+        if key in config and not _number(config[key], integer=key == "r"):
+            raise MergeRefused(f"{what}: adapter_config.json's {key} is {config[key]!r}, not a "
+                               f"{'positive integer' if key == 'r' else 'finite number up to 1e6'}: the file is "
+                               "damaged; save the adapter again.")
+    for key, integer in (("alpha_pattern", False), ("rank_pattern", True)):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(isinstance(k, str) and _number(v, integer)
+                                                                        for k, v in pattern.items())):
+            raise MergeRefused(f"{what}: adapter_config.json's {key} is {pattern!r}, not a map of layer name patterns "
+                               f"to {'ranks' if integer else 'alphas'}: the file is damaged; save the adapter again.")
+
+
+def _number(value, integer: bool) -> bool:
+    """A LoRA rank (a positive integer) or alpha (a finite number, at most 1e6 in size), never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if integer:
+        return isinstance(value, int) and 0 < value < 2**20
+    return math.isfinite(value) and abs(value) <= 1e6
 
 
 def _from_peft(model: nn.Module) -> tuple[nn.Module, dict, dict, list]:
@@ -195,10 +217,13 @@ def _from_folder(model: nn.Module, folder) -> tuple[nn.Module, dict, dict, list]
         for part, what in ((A, "lora_A"), (B, "lora_B")):
             refuse_non_finite(part, f"LoRA {name} ({what})", "merge")
         r = A.shape[0]
-        a = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}).keys(), name), alpha)
+        alphas, ranks = config.get("alpha_pattern") or {}, config.get("rank_pattern") or {}
+        a = alphas.get(get_pattern_key(alphas.keys(), name), alpha)
         scaling = a / math.sqrt(r) if config.get("use_rslora") else a / r
-        if config.get("rank_pattern") is None and r != r0:
-            raise MergeRefused(f"the LoRA's {name} has rank {r} but adapter_config.json says r={r0}: the file is damaged.")
+        r_said = ranks.get(get_pattern_key(ranks.keys(), name), r0)
+        if r != r_said:  # the scaling would be computed from the wrong rank
+            raise MergeRefused(f"the LoRA's {name} has rank {r} but adapter_config.json says r={r_said}: the file is "
+                               "damaged; save the adapter again.")
         f = _Factors()
         device = next(iter(module.buffers()), next(module.parameters(), torch.empty(0))).device
         f.parts = [(A.to(device), B.to(device), scaling)]
