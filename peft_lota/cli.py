@@ -720,7 +720,12 @@ def _guarded(command: str, run) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"peft-lota {command}: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001
+        if type(err).__name__ == "SafetensorError" and "I/O error" in str(err):  # safetensors' write failed (disk full)
+            reason = str(err).split("I/O error:", 1)[1].strip()
+            print(f"peft-lota {command}: cannot write the checkpoint: {reason}; nothing was changed (the output "
+                  "keeps what it held). Free some space, or write elsewhere.", file=sys.stderr)
+            return EXIT_USAGE
         traceback.print_exc()
         print(f"peft-lota {command}: this is a bug in peft_lota, not a mistake of yours: please report it to the "
               "peft_lota issue tracker with this traceback.", file=sys.stderr)

@@ -80,7 +80,7 @@ def test_the_command_line_converts_verifies_and_refuses_in_one_line(awq_dir, tmp
     assert cli.main(["convert", str(path), str(path), "--to", "gptq"]) == 2  # OUT is the input
     assert cli.main(["convert", str(path), str(tmp_path / "x"), "--to", "awq"]) == 2  # AWQ already
     err = capsys.readouterr().err
-    assert "would write over it" in err and "AWQ already" in err and not (tmp_path / "x").exists()
+    assert "is the checkpoint" in err and "AWQ already" in err and not (tmp_path / "x").exists()
 
 
 def test_merge_writes_the_merged_model_in_another_format(gptq_dir, tmp_path, capsys):

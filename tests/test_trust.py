@@ -468,3 +468,21 @@ def test_tokenizer_files_keep_their_permissions_and_never_come_from_outside(inpu
     err = capsys.readouterr().err
     assert "links out of its folder" in err and not (out / "tokenizer.json").exists()
     assert (out / "tokenizer_config.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_full_disk_is_one_line_and_leaves_out_as_it_was(made, tmp_path, capsys, stream):  # noqa: F811
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs privileges this machine does not give")
+    try:
+        (disk / "out").mkdir()
+        (disk / "out" / "notes.txt").write_text("mine")
+        base, adapter = made
+        assert cli.main(["merge", str(base), str(adapter), str(disk / "out"), *(["--stream"] if stream else [])]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+        assert sorted(p.name for p in (disk / "out").iterdir()) == ["notes.txt"]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
