@@ -10,7 +10,7 @@ injects adapters and `merge_and_unload()` merges them into the integer codes wit
 - `merge_lora`: a PEFT LoRA trained on a quantized model, merged into the base's own grid with GPTQ's error
   feedback (and optionally refit scales): a standard checkpoint in the base's format.
 
-Layout (README, "Architecture"): pure numerics (`numerics.py`, `feedback.py`), `formats/` (how each quantized format
+Layout (docs/architecture.md): pure numerics (`numerics.py`, `feedback.py`), `formats/` (how each quantized format
 stores codes), the method-agnostic tuner and layer (`tuner.py`, `tuner_layer.py`), one folder per method (`lota/`,
 `l4q/`, `lora/`, `calibrate/`), `registry.py`, and `export.py` and `cli.py` on top.
 """
