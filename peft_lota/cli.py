@@ -25,13 +25,11 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Optional
+
+from . import inputs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
+UsageError = inputs.UsageError  # (what the scripts raised before inputs.py)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -53,251 +51,10 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON object from a file; a damaged or unreadable file is a usage mistake naming the file."""
-    try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise UsageError(f"{file} is not valid JSON ({err}): it is damaged or cut short; copy it again from where "
-                         "it came from.") from None
-    except RecursionError:
-        raise UsageError(f"{file} nests its JSON too deeply to be a config: it is damaged; copy it again.") from None
-    except OSError as err:
-        raise UsageError(f"cannot read {file}: {err.strerror or err}.") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{file} holds a JSON {type(data).__name__}, not an object: it is damaged; copy it again.")
-    return data
-
-
-def _config(path: str) -> dict:
-    """config.json of a local folder or a Hub repo."""
-    folder = Path(path)
-    if folder.is_file():
-        raise UsageError(f"{path} is a file, not a model folder (a folder with config.json and the weights).")
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"{path} has no config.json: it is not a model folder.")
-        return _read_json(folder / "config.json")
-    if os.path.lexists(path):
-        raise UsageError(f"{path} is a broken symbolic link (to {os.readlink(path)}): point it at the model folder.")
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path).to_dict()
-    except Exception as err:  # noqa: BLE001
-        raise UsageError(f"{path}: no such folder, and not a model on the Hub ({type(err).__name__}); check the "
-                         "path.") from None
-
-
-def _quantization(path: str) -> Optional[dict]:
-    """The checkpoint's quantization_config in a format peft_lota reads, None for full precision."""
-    from peft_lota.loading import quantization_config
-
-    _config(path)  # a clear error for a path that is no model
-    try:
-        return quantization_config(path)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def _format(qc: dict):
-    from peft_lota.formats import config_format
-
-    return config_format(qc)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _own_dtype(path: str) -> str:
-    """The dtype a checkpoint loads in by default (its config's dtype, or legacy torch_dtype; float32 if none): what
-    the merge and its checks run in unless --dtype says otherwise, so the merged config keeps the base's dtype."""
-    config = _config(path)
-    value = config.get("dtype") or config.get("torch_dtype")
-    return value if value in DTYPES else "float32"
-
-
-def _load(path: str, dtype: Optional[str] = None):
-    """peft_lota.load_model for the command line: dtype None is the checkpoint's own, and a missing or damaged
-    model is a one-line usage error."""
-    import torch
-    from safetensors import SafetensorError
-
-    from peft_lota.loading import load_model as load
-
-    _quantization(path)
-    try:
-        return load(path, dtype=getattr(torch, dtype or _own_dtype(path)))
-    except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, a config transformers refuses
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load the model in {path}: {first.rstrip('.')}. Check that its files are complete "
-                         "(copy or download them again).") from None
-
-
-def _adapter_config(path: str) -> dict:
-    """The adapter's config, checked as its method's config class checks it, and its weights file's header."""
-    folder = Path(path)
-    file = folder / "adapter_config.json"
-    if not file.is_file():
-        raise UsageError(f"{path} has no adapter_config.json: it is not a saved adapter.")
-    config = _read_json(file)
-    from peft import PeftConfig
-
-    from peft_lota.registry import METHODS  # (importing peft_lota registers its methods with PEFT)
-
-    if config.get("peft_type") not in {"LORA", *(m.name for m in METHODS)}:
-        raise UsageError(f"{path} is a {config.get('peft_type')} adapter; peft-lota merges "
-                         f"{', '.join(m.title for m in METHODS)} and LoRA adapters.")
-
-    try:
-        PeftConfig.from_peft_type(**config)
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"{file}: {str(err).splitlines()[0]} Fix the file, or save the adapter again.") from None
-    _check_target_pattern(config.get("target_modules"), file)
-    if config["peft_type"] == "LORA":
-        _adapter_weights(folder)
-        return config
-    targets, layers = config.get("target_modules"), config.get("base_layers")
-    if not (targets is None or isinstance(targets, str) or (isinstance(targets, list)
-                                                            and all(isinstance(t, str) for t in targets))):
-        raise UsageError(f"{file}: target_modules must be a layer name pattern or a list of names, got {targets!r}.")
-    if not (layers is None or (isinstance(layers, dict) and all(isinstance(v, list) and len(v) >= 5
-                                                                  for v in layers.values()))):
-        raise UsageError(f"{file}: base_layers must map layer names to what the adapter was made for (as saved), "
-                         "or be null; save the adapter again.")
-    _adapter_weights(folder)
-    return config
-
-
-def _check_target_pattern(targets, file: Path) -> None:
-    """A target_modules regular expression is matched by PEFT against every module name with Python's `re`, which
-    has no time limit: a pattern like `(.|.)*Z` backtracks for hours. It is tried first in a child process given two
-    seconds, on a module name longer than real ones."""
-    if not isinstance(targets, str):
-        return
-    import re
-    import subprocess
-
-    try:
-        re.compile(targets)
-    except re.error as err:
-        raise UsageError(f"{file}: target_modules {targets!r:.60} is not a regular expression ({err}).") from None
-    probe = "model.layers.123.self_attn.q_proj.base_layer.lora_A.default_x"
-    try:
-        subprocess.run([sys.executable, "-I", "-S", "-c", "import re, sys; re.fullmatch(sys.argv[1], sys.argv[2])",
-                        targets, probe], timeout=2.0, capture_output=True)
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"{file}: target_modules {targets!r:.60} takes seconds to match one module name (a pattern "
-                         "that backtracks: PEFT would hang on it). Write a simpler pattern, or list the names.") from None
-
-
-def _adapter_weights(folder: Path) -> None:
-    """adapter_model.safetensors must be there and its header whole; a pickle (.bin) is refused, not loaded."""
-    from safetensors import SafetensorError, safe_open
-
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise UsageError(f"{folder} holds adapter_model.bin, a pickle file (loading one can run code): peft-lota "
-                             "reads only adapter_model.safetensors; save the adapter with save_pretrained (its "
-                             "default writes safetensors).")
-        raise UsageError(f"{folder} has no adapter_model.safetensors (the adapter's weights): copy it there, or "
-                         "save the adapter again.")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as err:
-        raise UsageError(f"{weights} is damaged ({err}): copy it again, or save the adapter again.") from None
-
-
-def _apply_adapter(base, adapter: str):
-    """PeftModel.from_pretrained, with an adapter made for another base refused in one line."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, adapter)
-    except ValueError as err:  # the tuner's "made for a base whose layer ... is ..."; PEFT's "target modules not found"
-        raise UsageError(str(err).splitlines()[0]) from None
-    except RuntimeError as err:  # torch's "size mismatch for ...": a LoRA of another model
-        if "size mismatch" not in str(err):
-            raise
-        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        raise UsageError(f"the adapter {adapter} does not fit this base ({first.rstrip('.')}): it was trained on "
-                         "another model. Give the base it was trained on (adapter_config.json names it in "
-                         "base_model_name_or_path).") from None
-
-
-def _check_base(cfg: dict, base: str) -> None:
-    """Before loading: an adapter of a method that moves a quantized base's integer codes needs that base."""
-    from peft_lota.registry import method
-
-    m = method(cfg["peft_type"])
-    if m is not None and m.needs_quantized_base and _quantization(base) is None:
-        raise UsageError(f"{base} is a full-precision model, and a {m.title} adapter moves the integer codes of the "
-                         "quantized checkpoint it was trained on: give that checkpoint as the base "
-                         f"(adapter_config.json names {cfg.get('base_model_name_or_path')!r}).")
-
-
-def _check_out(out: str, inputs: dict, action: tuple[str, str] = ("merge", "merged")) -> None:
-    """Refuse, before loading anything, an OUT that is a file, or that is an input folder, sits inside one or holds
-    one (compared by device and inode: a symlink or a bind mount of an input is that input): the merge must never
-    write over the files it reads. OUT inside the adapter's folder is fine (runs/lota/merged: finetune's own
-    layout); a save writes only its own files into OUT."""
-    from peft_lota.paths import separate_output
-
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"OUT {out} is an existing file: give a folder for the {action[1]} checkpoint.")
-    try:
-        separate_output(out, inputs, "OUT", may_contain=("adapter",))
-    except ValueError as err:
-        raise UsageError(f"{err} (nothing was written: the {action[0]} is refused)") from None
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def _copy_tokenizer(out: Path, sources: list) -> None:
-    """The tokenizer files next to the merged checkpoint (the adapter's, else the base's), each written to a new
-    file in OUT and renamed over its name (a dangling symlink there is replaced, never written through), with the
-    source's permissions. A source that links out of its folder is not copied (paths.own_file)."""
-    from peft_lota.paths import copy_into, own_file
-
-    for name in TOKENIZER_FILES:
-        if (out / name).exists():  # the user's own file, or a link to one: kept
-            continue
-        found = [(Path(d) / name, own_file(Path(d), name)) for d in sources if (Path(d) / name).is_file()]
-        for path, own in found[:1]:
-            if own is None:
-                print(f"note: {path} links out of its folder (to {os.path.realpath(path)}): not copied into {out}.",
-                      file=sys.stderr)
-            else:
-                copy_into(own, out, name)
-
-
-def _probe(model, seq: int = 32):
-    import torch
-
-    vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
-
-
 def _logits(model, ids):
-    import torch
+    from peft_lota import verify
 
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def _same_buffers(a, b) -> bool:
-    from peft_lota.formats import same_quantized_tensors
-
-    return same_quantized_tensors(a, b)
-
-
-def _codes_moved(model) -> Optional[tuple[int, int]]:
-    from peft_lota.tuner_layer import codes_moved
-
-    return codes_moved(model)
+    return verify.logits(model, ids)
 
 
 def _positive(text: str) -> int:
@@ -318,56 +75,20 @@ def _print_table(rows) -> None:
 
 # ---- commands ------------------------------------------------------------------------------------------------
 
-def _calibration_blocks(args, tokenizer_dirs: list) -> list:
-    """--calib_file cut into [calib_batch, calib_len] token blocks (at most calib_blocks of them, spread over what was
-    read), tokenized with the adapter's tokenizer (else the base's). The file is read in pieces only until eight
-    times the tokens kept are in hand: a corpus of any size costs a few MB of memory."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from peft_lota.paths import read_token_ids
-
-    source = next((d for d in tokenizer_dirs if any((Path(d) / n).is_file() for n in TOKENIZER_FILES)), None)
-    if source is None:
-        raise UsageError("no tokenizer next to the adapter or the base: copy the tokenizer files (tokenizer.json, "
-                         "tokenizer_config.json) into one of them.")
-    file = Path(args.calib_file)
-    try:
-        ids, read, whole = read_token_ids(AutoTokenizer.from_pretrained(source), file, "--calib_file",
-                                          8 * args.calib_blocks * args.calib_len)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if not whole:
-        print(f"peft-lota merge: --calib_file {file}: read its first {_human(read)} ({len(ids):,} tokens, 8x the "
-              f"{args.calib_blocks} blocks of {args.calib_len} kept), not the whole file.", file=sys.stderr)
-    n = len(ids) // args.calib_len
-    if n < 2:
-        raise UsageError(f"--calib_file {file} holds {len(ids):,} tokens: at least two blocks of --calib_len "
-                         f"{args.calib_len} are needed (one is held out to score the merge); give more text like the "
-                         "LoRA's training data (128 blocks of 512 tokens is typical).")
-    blocks = torch.tensor(ids[: n * args.calib_len]).view(n, args.calib_len)
-    if n > args.calib_blocks:  # spread over what was read, not its first pages
-        blocks = blocks[torch.linspace(0, n - 1, args.calib_blocks).round().long()]
-    return list(blocks.split(max(1, min(args.calib_batch, len(blocks) // 2))))  # two batches at least: one held out
-
-
 def _save_and_reload(args, merged, dtype: str, ids, merged_logits):
-    """Save the merged model (to OUT, or a temporary folder when only --push is given) with the tokenizer, reload it
-    and compare: (out, its format, its quantization_config, the table rows this adds, both checks passed)."""
-    import torch
+    """Save the merged model (to OUT, or a temporary folder when only --push is given) with the tokenizer (the
+    adapter's, else the base's: verify.tokenizer_files), reload it and compare: (out, its format, its
+    quantization_config, the table rows this adds, both checks passed)."""
+    from peft_lota import verify
 
     out = Path(tempfile.mkdtemp()) / "checkpoint" if args.push and not args.out else Path(args.out)
-    merged.save_pretrained(out)
-    _copy_tokenizer(out, [args.adapter, args.base])
-    reloaded = _load(str(out), dtype)
-    same_codes = _same_buffers(merged, reloaded)
-    same_logits = bool(torch.equal(_logits(reloaded, ids), merged_logits))
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    fmt = _format(qc)
+    check = verify.save_checked(merged, out, ids, merged_logits, lambda folder: inputs.load_checked(str(folder), dtype),
+                                tokenizer_from=[args.adapter, args.base])
+    qc, fmt = check.quantization_config, check.format()
     settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
     rows = [("written", f"{out} ({fmt.name}: {settings})"),
             ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known")]
-    return out, fmt, qc, rows, (same_codes, same_logits)
+    return out, fmt, qc, rows, (check.same_tensors, check.same_logits)
 
 
 def _push_and_print(args, merged, out: Path, fmt, qc: dict, rows: list, ok: bool) -> int:
@@ -401,32 +122,32 @@ def _to_format(args, merged):
     try:
         return convert_model(merged, args.format)
     except ValueError as err:
-        raise UsageError(f"--format {args.format}: {str(err).splitlines()[0]} (nothing was written; merge without "
+        raise inputs.UsageError(f"--format {args.format}: {str(err).splitlines()[0]} (nothing was written; merge without "
                          "--format).") from None
 
 
 def cmd_merge_lora(args) -> int:
-    from peft_lota import merge_lora
+    from peft_lota import merge_lora, verify
     from peft_lota.lora.merge import MergeRefused
 
     if not args.calib_file:
-        raise UsageError(f"{args.adapter} is a LoRA: it is merged onto the base's own grid, each layer's codes chosen "
+        raise inputs.UsageError(f"{args.adapter} is a LoRA: it is merged onto the base's own grid, each layer's codes chosen "
                          "with GPTQ's error feedback, which needs the layers' inputs on real text. Give --calib_file "
                          "FILE (UTF-8 text like the LoRA's training data).")
-    if _quantization(args.base) is None:
+    if inputs.quantization(args.base) is None:
         from peft_lota.formats import format_list
 
-        raise UsageError(f"{args.base} is a full-precision model: merge a LoRA into it with PEFT's merge_and_unload(). "
+        raise inputs.UsageError(f"{args.base} is a full-precision model: merge a LoRA into it with PEFT's merge_and_unload(). "
                          f"peft-lota merges a LoRA into a quantized ({format_list()}) base.")
-    batches = _calibration_blocks(args, [args.adapter, args.base])
-    dtype = args.dtype or _own_dtype(args.base)
+    batches = inputs.calibration_blocks(args, [args.adapter, args.base])
+    dtype = args.dtype or inputs.own_dtype(args.base)
     try:  # the adapter read from its files, so that every format works (PEFT cannot wrap packed compressed-tensors)
-        merged = merge_lora(_load(args.base, dtype), batches, lora=args.adapter, train_scales=not args.keep_scales)
+        merged = merge_lora(inputs.load_checked(args.base, dtype), batches, lora=args.adapter, train_scales=not args.keep_scales)
     except MergeRefused as err:
-        raise UsageError(str(err)) from None
+        raise inputs.UsageError(str(err)) from None
     report = merged.merge_lora_report
     merged = _to_format(args, merged)
-    ids = _probe(merged)
+    ids = verify.probe_ids(merged)
     out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, _logits(merged, ids))
     moved = sum(r["codes_moved"] for r in report.layers.values())
     held = len(batches) - max(1, len(batches) // 8)  # merge_lora's default split
@@ -447,31 +168,27 @@ def cmd_merge_lora(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    import torch
+    from peft_lota import verify
 
     if args.out:
-        _check_out(args.out, {"base": args.base, "adapter": args.adapter})
+        inputs.check_output(args.out, {"base": args.base, "adapter": args.adapter})
         from peft_lota.export import check_target
 
         check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
-    adapter_cfg = _adapter_config(args.adapter)
+    adapter_cfg = inputs.adapter_config(args.adapter)
     if args.stream:
         return cmd_merge_stream(args, adapter_cfg)
     if adapter_cfg["peft_type"] == "LORA":
         return cmd_merge_lora(args)
     if args.calib_file or args.keep_scales:
-        raise UsageError(f"{args.adapter} is a {adapter_cfg['peft_type']} adapter, which merges exactly as trained: "
+        raise inputs.UsageError(f"{args.adapter} is a {adapter_cfg['peft_type']} adapter, which merges exactly as trained: "
                          "--calib_file and --keep_scales are for LoRA adapters only. Drop them.")
-    _check_base(adapter_cfg, args.base)
-    dtype = args.dtype or _own_dtype(args.base)
-    model = _apply_adapter(_load(args.base, dtype), args.adapter)
-    model.eval()
-    ids = _probe(model)
-    adapter_logits = _logits(model, ids)
-    moved = _codes_moved(model)
-    merged = model.merge_and_unload(safe_merge=args.safe)
-    merged_logits = _logits(merged, ids)
-    exact = bool(torch.equal(merged_logits, adapter_logits))
+    inputs.check_base(adapter_cfg, args.base)
+    dtype = args.dtype or inputs.own_dtype(args.base)
+    model = inputs.apply_adapter(inputs.load_checked(args.base, dtype), args.adapter)
+    ids = verify.probe_ids(model)
+    check = verify.merge_checked(model, ids, safe_merge=args.safe)
+    merged, merged_logits, moved, exact = check.model, check.merged_logits, check.codes_moved, check.exact
     if args.format:  # the same grid, repacked; its kernel may round the products differently
         merged = _to_format(args, merged)
         merged_logits = _logits(merged, ids)
@@ -485,34 +202,34 @@ def cmd_merge(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from peft_lota import verify
     from peft_lota.convert import convert_model, same_grid
     from peft_lota.export import check_target
 
-    _check_out(args.out, {"checkpoint": args.checkpoint}, ("conversion", "converted"))
+    inputs.check_output(args.out, {"checkpoint": args.checkpoint}, ("conversion", "converted"))
     check_target(args.out)
-    qc = _quantization(args.checkpoint)
+    qc = inputs.quantization(args.checkpoint)
     if qc is None:
-        raise UsageError(f"{args.checkpoint} is a full-precision model: convert repacks a quantized checkpoint "
+        raise inputs.UsageError(f"{args.checkpoint} is a full-precision model: convert repacks a quantized checkpoint "
                          "(to quantize one, train L4Q from it or run peft-lota calibrate).")
-    source_name = _format(qc).name
-    dtype = args.dtype or _own_dtype(args.checkpoint)
-    source = _load(args.checkpoint, dtype)
+    source_name = inputs.format_of(qc).name
+    dtype = args.dtype or inputs.own_dtype(args.checkpoint)
+    source = inputs.load_checked(args.checkpoint, dtype)
     from peft_lota import formats
 
     formats.prepare_model(source)  # read as stored (a compressed-tensors model would decompress at its first forward)
-    ids = _probe(source)
+    ids = verify.probe_ids(source)
     source_logits = _logits(source, ids)
     try:
-        converted = convert_model(_load(args.checkpoint, dtype), args.to)
+        converted = convert_model(inputs.load_checked(args.checkpoint, dtype), args.to)
     except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-    converted.save_pretrained(args.out)
-    _copy_tokenizer(Path(args.out), [args.checkpoint])
-    reloaded = _load(args.out, dtype)
+        raise inputs.UsageError(str(err).splitlines()[0]) from None
+    converted.save_pretrained(args.out, extra_files=verify.tokenizer_files([args.checkpoint]))
+    reloaded = inputs.load_checked(args.out, dtype)
     same = same_grid(source, reloaded)
     diff = float((_logits(reloaded, ids).float() - source_logits.float()).abs().max())
     out_qc = json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]
-    fmt = _format(out_qc)
+    fmt = inputs.format_of(out_qc)
     rows = [("converted", f"{args.checkpoint} ({source_name}) -> {args.out} ({fmt.name})"), ("dtype", dtype),
             ("codes, zeros, scales, group order, bias equal", same),
             ("largest logit difference, each format's own kernel", f"{diff:.3g}" + (
@@ -529,19 +246,19 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
     """merge --stream: file by file, the model never built; the logits check only for a base below --check_below GiB."""
     import torch
 
+    from peft_lota import verify
     from peft_lota.stream import merge_checkpoint
 
     if adapter_cfg["peft_type"] == "LORA" or args.calib_file or args.push or args.dtype or args.format:
-        raise UsageError("--stream merges an adapter of peft_lota's own methods into local files in the base's "
+        raise inputs.UsageError("--stream merges an adapter of peft_lota's own methods into local files in the base's "
                          "format: drop --calib_file, --push, --dtype and --format (a LoRA: merge without --stream; "
                          "push the written folder afterwards; peft-lota convert changes the format).")
     if not Path(args.base).is_dir():
-        raise UsageError(f"--stream reads the base's files: {args.base} is not a local folder.")
+        raise inputs.UsageError(f"--stream reads the base's files: {args.base} is not a local folder.")
     try:
         report = merge_checkpoint(args.base, args.adapter, args.out, count_codes=True)
     except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-    _copy_tokenizer(Path(args.out), [args.adapter, args.base])
+        raise inputs.UsageError(str(err).splitlines()[0]) from None
     size = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors")) / 2**30
     rows = [("method", f"{adapter_cfg['peft_type']} (streamed: shard by shard, the model never built)"),
             ("adapter", args.adapter), ("base", args.base), ("written", f"{args.out} ({report.checkpoint_format})"),
@@ -551,11 +268,11 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
             ("merged tensors read back == computed", f"True ({report.verified_tensors})")]
     ok = True
     if size <= args.check_below:
-        adapter_model = _apply_adapter(_load(args.base), args.adapter).eval()
-        ids = _probe(adapter_model)
+        adapter_model = inputs.apply_adapter(inputs.load_checked(args.base), args.adapter).eval()
+        ids = verify.probe_ids(adapter_model)
         expected = _logits(adapter_model, ids)
         del adapter_model
-        ok = bool(torch.equal(_logits(_load(args.out), ids), expected))
+        ok = bool(torch.equal(_logits(inputs.load_checked(args.out), ids), expected))
         rows.append(("reloaded logits == adapter logits", ok))
     else:
         rows.append(("logits check", f"skipped: the base is {size:.1f} GiB, above --check_below {args.check_below:g}"))
@@ -563,25 +280,17 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_inspect(args) -> int:
     path = Path(args.path)
     if (path / "adapter_config.json").exists():
-        cfg = _adapter_config(args.path)
+        cfg = inputs.adapter_config(args.path)
         rows = [("kind", f"{cfg['peft_type']} adapter"), ("base it was made for", cfg.get("base_model_name_or_path")),
                 ("rank r", cfg.get("r")), ("target modules", cfg.get("target_modules"))]
         if cfg["peft_type"] == "LORA":
             rows += [("lora_alpha", cfg.get("lora_alpha")), ("DoRA", bool(cfg.get("use_dora"))),
                      ("merge it", "peft-lota merge BASE ADAPTER OUT --calib_file FILE (onto the base's own grid)")]
             if args.base:
-                raise UsageError("--base counts the codes an adapter of peft_lota's methods moves; a LoRA moves none until it is "
+                raise inputs.UsageError("--base counts the codes an adapter of peft_lota's methods moves; a LoRA moves none until it is "
                                  "merged: peft-lota merge BASE ADAPTER OUT --calib_file FILE reports them.")
         else:
             from peft_lota.registry import method
@@ -593,11 +302,13 @@ def cmd_inspect(args) -> int:
             rows.append(("adapted layers", f"{len(layers)} ({first[0]}, e.g. {first[3]}-bit with {first[4]} groups)"
                          if first[0] != "dense" else f"{len(layers)} (full precision)"))
         files = sorted(p for p in path.iterdir() if p.is_file())
-        rows.append(("files", ", ".join(f"{p.name} {_human(p.stat().st_size)}" for p in files)))
+        rows.append(("files", ", ".join(f"{p.name} {inputs.human_size(p.stat().st_size)}" for p in files)))
         if args.base:
-            _check_base(cfg, args.base)
-            model = _apply_adapter(_load(args.base), args.path)
-            moved = _codes_moved(model)
+            inputs.check_base(cfg, args.base)
+            model = inputs.apply_adapter(inputs.load_checked(args.base), args.path)
+            from peft_lota.tuner_layer import codes_moved
+
+            moved = codes_moved(model)
             rows.append(("codes moved", f"{moved[0]:,} of {moved[1]:,}" if moved else "-"))
             _print_table(rows)
             print("\nper layer (codes moved):")
@@ -608,12 +319,12 @@ def cmd_inspect(args) -> int:
             return EXIT_OK
         _print_table(rows)
         return EXIT_OK
-    qc = _quantization(args.path)
+    qc = inputs.quantization(args.path)
     if qc is None:
         from peft_lota.formats import format_list
 
-        raise UsageError(f"{args.path} is neither a saved adapter nor a quantized ({format_list()}) checkpoint.")
-    fmt = _format(qc)
+        raise inputs.UsageError(f"{args.path} is neither a saved adapter nor a quantized ({format_list()}) checkpoint.")
+    fmt = inputs.format_of(qc)
     weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.exists() else None
     try:  # (a damaged config: a string or null where an object or a number belongs)
         described = fmt.describe(qc)
@@ -622,9 +333,9 @@ def cmd_inspect(args) -> int:
         kernels = fmt.kernels(qc)
         note = fmt.fast_path_note(qc)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UsageError(f"{args.path}/config.json: its quantization_config is incomplete or damaged ({type(err).__name__}: "
+        raise inputs.UsageError(f"{args.path}/config.json: its quantization_config is incomplete or damaged ({type(err).__name__}: "
                          f"{err}); copy the checkpoint again.") from None
-    rows = described + [("made by", ", ".join(map(str, made_by)) or "-"), ("weights", _human(weights) if weights else "-")]
+    rows = described + [("made by", ", ".join(map(str, made_by)) or "-"), ("weights", inputs.human_size(weights) if weights else "-")]
     _print_table(rows)
     print("\nkernels:")
     for name, devices, ok in kernels:
@@ -637,26 +348,30 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
+    from peft_lota import verify
+
     against = Path(args.against)
-    cfg = _adapter_config(args.against) if (against / "adapter_config.json").exists() else None
+    cfg = inputs.adapter_config(args.against) if (against / "adapter_config.json").exists() else None
     base = (args.base or cfg.get("base_model_name_or_path")) if cfg else None
     if cfg and not base:
-        raise UsageError("the adapter does not name its base model: pass --base.")
+        raise inputs.UsageError("the adapter does not name its base model: pass --base.")
     if cfg:
-        _check_base(cfg, base)
-    dtype = args.dtype or _own_dtype(args.checkpoint)  # compare as the checkpoint loads by default
-    checkpoint = _load(args.checkpoint, dtype)
-    ids = _probe(checkpoint)
+        inputs.check_base(cfg, base)
+    dtype = args.dtype or inputs.own_dtype(args.checkpoint)  # compare as the checkpoint loads by default
+    checkpoint = inputs.load_checked(args.checkpoint, dtype)
+    ids = verify.probe_ids(checkpoint)
     if cfg:
-        reference = _apply_adapter(_load(base, dtype), args.against)
+        reference = inputs.apply_adapter(inputs.load_checked(base, dtype), args.against)
         reference.eval()
         rows = [("checkpoint", args.checkpoint), ("against", f"{cfg['peft_type']} adapter {args.against} on {base}"),
                 ("dtype", dtype)]
         ok = bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
         rows.append(("logits == the adapter model's", ok))
     else:
-        reference = _load(args.against, dtype)
-        same = _same_buffers(checkpoint, reference)
+        reference = inputs.load_checked(args.against, dtype)
+        from peft_lota.formats import same_quantized_tensors
+
+        same = same_quantized_tensors(checkpoint, reference)
         ok = same and bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
         rows = [("checkpoint", args.checkpoint), ("against", args.against), ("dtype", dtype),
                 ("codes, zeros, scales equal", same), ("logits equal", ok)]
@@ -665,12 +380,16 @@ def cmd_verify(args) -> int:
 
 
 def _script(name: str):
-    import importlib
-
+    """The script module behind `peft-lota finetune` / `calibrate` (scripts import nothing of the command line)."""
     try:
-        return importlib.import_module(f"peft_lota.scripts.{name}")
+        if name == "finetune":
+            from peft_lota.scripts import finetune as script
+        else:
+            from peft_lota.scripts import calibrate as script
     except ImportError as err:
-        raise UsageError(f"{err}. peft-lota {name} needs the extras: pip install 'peft_lota[examples]'.") from None
+        raise inputs.UsageError(f"{err}. peft-lota {name} needs the extras: pip install \".[examples]\" (from a "
+                                "clone of peft_lota).") from None
+    return script
 
 
 # The entries of a script's summary that are checks (each must be True); every perplexity and loss must be finite
@@ -707,7 +426,7 @@ def _guarded(command: str, run) -> int:
 
     try:
         return run()
-    except UsageError as err:
+    except inputs.UsageError as err:
         print(f"peft-lota {command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (UnsafeFolderError, NonFiniteError) as err:  # a folder or an adapter that cannot be used as it is
@@ -760,7 +479,7 @@ def main(argv=None) -> int:
                    "folder of safetensors")
     m.add_argument("--check_below", type=float, default=4.0, metavar="GIB", help="with --stream: compare the "
                    "reloaded logits with the adapter model's when the base's weights are at most this many GiB (4)")
-    m.add_argument("--dtype", choices=DTYPES, help=dtype_help.replace("checkpoint's", "base's") +
+    m.add_argument("--dtype", choices=inputs.DTYPES, help=dtype_help.replace("checkpoint's", "base's") +
                    "; the merged config records it.")
     lora = m.add_argument_group("LoRA adapters (merged onto the base's grid with GPTQ error feedback)")
     lora.add_argument("--calib_file", metavar="FILE", help="UTF-8 text like the LoRA's training data: the layers' "
@@ -786,7 +505,7 @@ def main(argv=None) -> int:
     v.add_argument("checkpoint")
     v.add_argument("--against", required=True, help="a saved adapter folder, or another checkpoint")
     v.add_argument("--base", help="the adapter's base model (default: the one its adapter_config.json names)")
-    v.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    v.add_argument("--dtype", choices=inputs.DTYPES, help=dtype_help)
     v.set_defaults(func=cmd_verify)
     c = sub.add_parser("convert", help="repack a quantized checkpoint into another format, losslessly (e.g. for a "
                                        "server that takes only one)",
@@ -797,7 +516,7 @@ def main(argv=None) -> int:
     c.add_argument("out", help="where to write the converted checkpoint (a folder apart from CHECKPOINT)")
     c.add_argument("--to", required=True, metavar="FORMAT", help="the target format's name (gptq, awq, compressed-tensors: "
                    "the formats peft_lota builds layers of)")
-    c.add_argument("--dtype", choices=DTYPES, help=dtype_help)
+    c.add_argument("--dtype", choices=inputs.DTYPES, help=dtype_help)
     c.set_defaults(func=cmd_convert)
     sub.add_parser("finetune", help="fine-tune a quantized model through a stock Trainer, merge, save, verify "
                                     "(examples/finetune.py; peft-lota finetune --help)", add_help=False)

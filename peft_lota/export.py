@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import formats
+from .paths import copy_into
 from .paths import plain_name as _plain_name
 from .tuner import refuse_non_finite_checkpoint
 
@@ -291,7 +292,7 @@ def _plan(staged: Path, target: Path) -> dict:
     aside = [n for n in configs if os.path.lexists(target / n)
              and not (_regular(target / n) and (target / n).read_bytes() == (staged / n).read_bytes())]
     first = [n for n in new if n not in (switch, *configs)]
-    stale = {n for n in previous if n not in (SINGLE, CARD_NAME) and _ours(target, n, previous)}
+    stale = {n for n in previous if n not in (SINGLE, CARD_NAME) and _REMOVABLE.fullmatch(n) and _ours(target, n, previous)}
     stale = sorted((stale | _old_shards(target)) - set(new))
     drop_single = sharded and _ours(target, SINGLE, previous)
     # What a replay after a crash may remove is pinned to the very files seen now, and the staging folder to itself:
@@ -375,14 +376,16 @@ def _apply(plan: dict, target: Path) -> None:
 
 
 def _keep_mode(old: Path, new: Path) -> None:
-    """A file that replaces one of the same name keeps that file's permissions (a new one gets the umask's)."""
+    """A file that replaces one of the same name keeps that file's permissions (a new one gets the umask's; an extra
+    file, a tokenizer copied in, never more than its source's, which it was staged with)."""
     try:
         mode = old.stat(follow_symlinks=False).st_mode
     except OSError:
         if _regular(new):
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(new, 0o666 & ~umask)
+            extra = not _REMOVABLE.fullmatch(new.name) and new.name != CARD_NAME
+            os.chmod(new, 0o666 & ~umask & (stat.S_IMODE(new.stat().st_mode) if extra else 0o666))
         return
     if stat.S_ISREG(mode) and _regular(new):
         os.chmod(new, stat.S_IMODE(mode))
@@ -488,7 +491,8 @@ def _recover(target: Path) -> bool:
 
 
 def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dict] = None,
-                    max_shard_size: int | str = "50GB", overwrite_readme: bool = False, **save_kwargs) -> Path:
+                    max_shard_size: int | str = "50GB", overwrite_readme: bool = False,
+                    extra_files: Optional[dict] = None, **save_kwargs) -> Path:
     """Write `model` (a merged quantized transformers model) as a standard checkpoint into `save_directory`.
 
     The checkpoint holds exactly the in-memory codes, zero points, scales, g_idx and bias, and loads with
@@ -500,6 +504,8 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
             `merge_and_unload` fills it in.
         overwrite_readme: an existing README.md in `save_directory` that peft_lota did not write is kept
             unless this is True (a card we wrote earlier is always refreshed).
+        extra_files: {file name: source path} copied into the checkpoint in the same commit (the tokenizer:
+            `verify.tokenizer_files`); each name a plain file name.
         save_kwargs: passed to transformers' save_pretrained (e.g. `is_main_process`).
             `safe_serialization=False`, `state_dict`, `variant` and `push_to_hub` are refused.
 
@@ -512,9 +518,17 @@ def save_checkpoint(model: nn.Module, save_directory, *, card_info: Optional[dic
     if not save_kwargs.pop("is_main_process", True):
         return Path(save_directory)  # like transformers: only the main process writes
 
+    extra = dict(extra_files or {})
+    bad = [n for n in extra if not _plain_name(n) or n.startswith(".") or _REMOVABLE.fullmatch(n) or n == CARD_NAME]
+    if bad:
+        raise ValueError(f"extra_files: {bad[0]!r} is not a name an extra file may have (a plain name, not one the "
+                         "checkpoint itself writes).")
+
     def write(staged: Path, write_card: bool) -> None:
         _write(model, staged, card_info=card_info, write_card=write_card, max_shard_size=max_shard_size,
                save_kwargs=save_kwargs)
+        for name, source in extra.items():
+            copy_into(Path(source), staged, name)
 
     return commit_checkpoint(save_directory, write, card=card_info is not None, overwrite_readme=overwrite_readme)
 

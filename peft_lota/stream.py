@@ -26,12 +26,12 @@ from . import formats
 from .loading import quantization_config
 from .paths import checked_shard_names, copy_into, own_file, separate_output
 from .tuner import refuse_non_finite_checkpoint
+from .verify import tokenizer_files
 
 logger = logging.getLogger(__name__)
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
-COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-          "tokenizer.model", "chat_template.jinja")
+COPIED = ("generation_config.json",)  # the tokenizer: verify.tokenizer_files, as every merge path ships it
 
 
 @dataclass
@@ -153,13 +153,15 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_config, adap
 
 
 def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: bool = False,
-                     progress: bool = True) -> StreamReport:
+                     progress: bool = True, tokenizer_from: Optional[list] = None) -> StreamReport:
     """Merge the saved adapter (a method of peft_lota's, trained on the quantized checkpoint `base`) into `base`'s
     files, shard by shard, and write the merged checkpoint into `out` (its own folder: never `base`).
 
     The merged tensors equal those of `merge_and_unload()` on the loaded model, saved: the method's own merge runs on
     each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
-    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors, LLM.int8); others are refused with the way
+    StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). The
+    tokenizer written with it, in the same commit: `verify.tokenizer_files(tokenizer_from)`, by default the
+    adapter's folder's, else the base's (what the in-memory merge ships). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors, LLM.int8); others are refused with the way
     out (`peft-lota merge` without --stream).
     """
     from safetensors.torch import save_file
@@ -185,6 +187,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
         raise ValueError(f"{adapter} holds a {adapter_config.get('peft_type')} adapter; the streaming merge merges "
                          "peft_lota's own methods exactly (a LoRA: peft-lota merge --calib_file).")
     peft_config = method.config_class.from_pretrained(str(adapter))  # read once, copied for each shard
+    tokenizer = tokenizer_files(tokenizer_from if tokenizer_from is not None else [adapter, base])
     weight_map = _weight_map(base)
     layers = _adapter_layers(adapter, method.prefix)
     missing = [n for n in layers if f"{n}.{fmt.layer_tensor_names[0]}" not in weight_map]
@@ -255,6 +258,8 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                 source = own_file(base, name)  # (a link out of the base's folder is not its file)
                 if source is not None:
                     copy_into(source, staged, name)
+            for name, source in tokenizer.items():
+                copy_into(source, staged, name)
 
         digests: dict = {}
         gc.freeze()  # what exists now is never garbage: the collection after each shard scans only the new objects

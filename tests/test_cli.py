@@ -105,8 +105,10 @@ def test_merge_keeps_the_base_dtype(base, tmp_path, capsys, monkeypatch):
     assert {p.dtype for p in stock.parameters()} == {torch.bfloat16}
     adapter = saved_adapter(bf16, tmp_path / "adapter", "lota")
     compared = []
-    logits = cli._logits
-    monkeypatch.setattr(cli, "_logits", lambda model, ids: compared.append(logits(model, ids)) or compared[-1])
+    from peft_lota import verify
+
+    logits = verify.logits
+    monkeypatch.setattr(verify, "logits", lambda model, ids: compared.append(logits(model, ids)) or compared[-1])
 
     assert cli.main(["merge", str(bf16), str(adapter), str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out

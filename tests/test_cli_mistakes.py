@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from peft_lota import cli
+from peft_lota import inputs as checks
 from peft_lota.scripts import finetune
 from test_cli import SPEC, saved_adapter
 from tiny_models import Spec
@@ -55,7 +56,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was refused")
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(checks, "load_checked", refuse)
 
 
 @pytest.mark.parametrize("case", ["out is base", "out is adapter", "out links to base", "out is a file"])

@@ -1,5 +1,5 @@
 """TRL's SFTTrainer with peft_config=LotaConfig(...) / L4QConfig(...): it builds the PEFT model and its own optimizer,
-and the result merges exactly. TRL is an optional extra (pip install 'peft_lota[trl]')."""
+and the result merges exactly. TRL is an optional extra (pip install ".[trl]" from a clone)."""
 
 from __future__ import annotations
 

@@ -486,3 +486,25 @@ def test_a_full_disk_is_one_line_and_leaves_out_as_it_was(made, tmp_path, capsys
         assert sorted(p.name for p in (disk / "out").iterdir()) == ["notes.txt"]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_both_merge_paths_ship_the_same_tokenizer_inside_the_commit(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The in-memory merge and --stream ship the same tokenizer files, all from one folder: the adapter's when it
+    holds a tokenizer (what training used), else the base's; written inside the checkpoint's commit (a manifest
+    entry), not after it."""
+    from peft_lota import export
+
+    base, adapter = inputs
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).write_bytes((base / name).read_bytes())
+    config = json.loads((adapter / "tokenizer_config.json").read_text())
+    (adapter / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<unk>"}))
+    outs = {kind: tmp_path / kind for kind in ("memory", "stream")}
+    assert cli.main(["merge", str(base), str(adapter), str(outs["memory"])]) == 0
+    assert cli.main(["merge", str(base), str(adapter), str(outs["stream"]), "--stream"]) == 0
+    capsys.readouterr()
+    for out in outs.values():
+        manifest = json.loads((out / export.MANIFEST).read_text())
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (out / name).read_bytes() == (adapter / name).read_bytes(), (out, name)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from peft_lota.cli import UsageError
+from peft_lota.inputs import UsageError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # demo_model.py, in a source checkout
 
@@ -104,17 +104,10 @@ def token_windows(tokenizer, ids: list[int], n: int, seq_len: int, seed: int = 0
     return blocks[pick]
 
 
-@torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    model.eval()
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        b = blocks[i:i + batch_size].to(device)
-        logits = model(input_ids=b).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-        count += b[:, 1:].numel()
-    return math.exp(nll / count)
+    from peft_lota import verify
+
+    return verify.perplexity(model, blocks, batch_size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,21 +191,15 @@ def print_block(report) -> None:
 
 def merge_save_reload(calibrated, tok, probe: torch.Tensor, out: Path, dtype: torch.dtype):
     """Merge the calibrated model, save it with the tokenizer, reload it with the layout-keeping kernel; checks that
-    the merged and the reloaded model give the calibrated model's logits exactly. Returns (reloaded, checks)."""
+    the merged and the reloaded model give the calibrated model's logits exactly (verify). Returns (reloaded,
+    checks)."""
     import peft_lota
+    from peft_lota import verify
 
-    with torch.no_grad():
-        adapter_logits = calibrated(input_ids=probe).logits
-    merged = calibrated.merge_and_unload()
-    with torch.no_grad():
-        merged_logits = merged(input_ids=probe).logits
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
-    reloaded = peft_lota.load_model(str(out), dtype=dtype)  # the layout-keeping kernel
-    with torch.no_grad():
-        reloaded_logits = reloaded(input_ids=probe).logits
-    return reloaded, dict(merged_equals_calibrated=bool(torch.equal(merged_logits, adapter_logits)),
-                          reloaded_equals_merged=bool(torch.equal(reloaded_logits, merged_logits)))
+    merged = verify.merge_checked(calibrated, probe)
+    reloaded = verify.save_checked(merged.model, out, probe, merged.merged_logits,
+                                   lambda folder: peft_lota.load_model(str(folder), dtype=dtype), tokenizer=tok)
+    return reloaded.model, dict(merged_equals_calibrated=merged.exact, reloaded_equals_merged=reloaded.same_logits)
 
 
 def baseline_rows(baseline: str, eval_blocks: torch.Tensor, dtype: torch.dtype, ppl_fp: float,

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,8 +61,9 @@ from transformers import (
     default_data_collator,
 )
 
-from peft_lota.cli import UsageError, _quantization
-from peft_lota.formats import FORMATS, config_format, quantized_tensors, same_quantized_tensors
+from peft_lota import verify
+from peft_lota.inputs import UsageError, quantization
+from peft_lota.formats import FORMATS, config_format, quantized_tensors
 from peft_lota.loading import quantization_config
 from peft_lota.paths import separate_output
 from peft_lota.registry import METHODS, tuner_layer_classes
@@ -484,9 +486,10 @@ def evaluate_adapter(model, eval_ds, collator, batch_size: int) -> tuple[dict, t
 
 def merge_and_save(model, tokenizer, eval_ds, collator, batch_size: int, adapter_logits: torch.Tensor,
                    method_args: MethodArguments, training_args: TrainingArguments):
-    """Merge into the quantized weights, compare with the adapter model, save with the tokenizer.
+    """Merge into the quantized weights, compare with the adapter model on the evaluation data, save with the
+    tokenizer the adapter was trained with (in the checkpoint's commit).
 
-    Returns (merged model, its first logits, the summary's merge rows)."""
+    Returns (merged model, the summary's merge rows)."""
     rounded = method_args.method == "lota" and method_args.offset == "float"
     if rounded:
         logger.warning("offset='float' cannot be merged exactly; merging with round_float_offset=True.")
@@ -496,21 +499,20 @@ def merge_and_save(model, tokenizer, eval_ds, collator, batch_size: int, adapter
     out["ppl_merged"], merged_logits = perplexity(merged, eval_ds, collator, batch_size)
     out["merged_equals_adapter"] = bool(torch.equal(merged_logits, adapter_logits))
     merged_dir = Path(method_args.merged_dir or Path(training_args.output_dir) / "merged")
-    merged.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
+    with tempfile.TemporaryDirectory() as work:
+        merged.save_pretrained(merged_dir, extra_files=verify.tokenizer_from_object(tokenizer, Path(work)))
     out["merged_dir"] = str(merged_dir)
     logger.info("merged model: perplexity %.3f, saved to %s", out["ppl_merged"], merged_dir)
-    return merged, merged_logits, out
+    return merged, out
 
 
-def verify_reload(merged, merged_logits: torch.Tensor, merged_dir: str, model_args: ModelArguments,
-                  dtype: torch.dtype, device_map, eval_ds, collator, batch_size: int) -> dict:
-    """Reload the saved checkpoint as a user would; compare its quantized tensors and logits with the merged model."""
-    reloaded = load_base(merged_dir, model_args.backend, dtype, device_map)
-    out = {"reloaded_buffers_equal": same_quantized_tensors(merged, reloaded)}
-    _, _, reloaded_logits = token_nll(reloaded, eval_ds, collator, batch_size, max_batches=1)
-    out["reloaded_logits_equal"] = bool(torch.equal(reloaded_logits, merged_logits))
-    return out
+def verify_reload(merged, merged_dir: str, model_args: ModelArguments, dtype: torch.dtype, device_map) -> dict:
+    """Reload the saved checkpoint as a user would; compare its quantized tensors and logits with the merged model
+    (verify.reload_checked)."""
+    ids = verify.probe_ids(merged)
+    check = verify.reload_checked(merged, merged_dir, ids, verify.logits(merged, ids),
+                                  lambda folder: load_base(str(folder), model_args.backend, dtype, device_map))
+    return {"reloaded_buffers_equal": check.same_tensors, "reloaded_logits_equal": check.same_logits}
 
 
 def engine_note(training_args: TrainingArguments) -> None:
@@ -563,7 +565,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     if training_args.ddp_find_unused_parameters is None:  # every adapter tensor is used in every step
         training_args.ddp_find_unused_parameters = False
     transformers.set_seed(training_args.seed)
-    quantized = _quantization(model_args.model_name_or_path) is not None  # a missing or damaged model: one line
+    quantized = quantization(model_args.model_name_or_path) is not None  # a missing or damaged model: one line
     raw = load_raw_datasets(data_args)  # the data's mistakes, before the model loads
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_ds, eval_ds, collator = tokenize_datasets(raw, tokenizer, data_args, training_args)
@@ -601,12 +603,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, method_args: Metho
     summary.update(adapter_rows)
     if not method_args.merge:
         return summary
-    merged, merged_logits, merge_rows = merge_and_save(model, tokenizer, eval_ds, collator, batch, adapter_logits,
-                                                       method_args, training_args)
+    merged, merge_rows = merge_and_save(model, tokenizer, eval_ds, collator, batch, adapter_logits, method_args,
+                                        training_args)
     summary.update(merge_rows)
     if method_args.verify:
-        summary.update(verify_reload(merged, merged_logits, summary["merged_dir"], model_args, dtype, device_map,
-                                     eval_ds, collator, batch))
+        summary.update(verify_reload(merged, summary["merged_dir"], model_args, dtype, device_map))
     if method_args.merged_hub_model_id:
         merged.push_to_hub(method_args.merged_hub_model_id)
         summary["pushed_to"] = method_args.merged_hub_model_id
