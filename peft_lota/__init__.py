@@ -12,10 +12,10 @@ injects adapters and `merge_and_unload()` merges them into the integer codes wit
 
 Layout (docs/architecture.md): pure numerics (`numerics.py`, `feedback.py`), `formats/` (how each quantized format
 stores codes), the method-agnostic tuner and layer (`tuner.py`, `tuner_layer.py`), one folder per method (`lota/`,
-`l4q/`, `lora/`, `calibrate/`), `registry.py`, and `export.py` and `cli.py` on top.
+`l4q/`, `lora/`, `calibrate/`), `registry.py`, and `export/`, `verify.py` and `cli.py` on top.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401  (peft_lota.__version__)
 
 from .loading import load_model, quiet_third_party  # noqa: E402
 

@@ -42,7 +42,7 @@ def conversion_problem(name: str, state: QuantState, grid: dict, target: Format)
 def convert_model(model: nn.Module, to: str) -> nn.Module:
     """Repack every quantized layer of `model` (a transformers model loaded with `peft_lota.load_model`) into the
     format named `to`, in place, and give the model that format's quantization_config; returns the model. Its
-    `save_pretrained` then writes a standard checkpoint of the new format (export.py)."""
+    `save_pretrained` then writes a standard checkpoint of the new format (export/)."""
     source, target = formats.model_format(model), formats.by_name(to)
     if source is None:
         raise ValueError("convert repacks a quantized model; this one is full precision.")

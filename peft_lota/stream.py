@@ -25,7 +25,7 @@ from torch import nn
 from . import formats
 from .loading import quantization_config
 from .paths import checked_shard_names, copy_into, own_file, separate_output
-from .tuner import refuse_non_finite_checkpoint
+from .guards import refuse_non_finite_checkpoint
 from .verify import tokenizer_files
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .formats.base import QuantState, QuantWeights
-from .tuner import check_rank, merged_training_error
+from .guards import check_rank
+from .tuner import merged_training_error
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Export of merged models as standard GPTQ checkpoints (peft_lota/export.py).
+"""Export of merged models as standard GPTQ checkpoints (peft_lota/export/).
 
 "Exact" here means: reloaded with stock `from_pretrained`, every GPTQ buffer is bit-identical to the
 model that was saved (true zero points compared as gptqmodel holds them in memory, v2) and the logits
@@ -513,7 +513,7 @@ def test_concurrent_saves_into_one_folder_wait_for_each_other(gptq_dir, tmp_path
             slow.set()
             time.sleep(1.0)
 
-    monkeypatch.setattr(export, "_commit_step", step)
+    monkeypatch.setattr(export.transaction, "_commit_step", step)
     errors = []
 
     def save(model, shard):
@@ -573,7 +573,7 @@ def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_checkpoint(
                 raise KeyboardInterrupt(f"killed before {label}")
 
         with monkeypatch.context() as m:
-            m.setattr(export, "_commit_step", crash)
+            m.setattr(export.transaction, "_commit_step", crash)
             try:
                 save_checkpoint(models[new_model], target, max_shard_size=new_shard)
                 finished = True
@@ -714,7 +714,7 @@ def test_refuses_layers_not_in_the_standard_layout(gptq_dir, tmp_path):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "UPSTREAM BUG (transformers 5.23 + gptqmodel 7.7): save_pretrained of a model loaded from a v1 ('gptq') "
     "checkpoint writes the in-memory v2 zero points under the v1 label, so the reload is wrong. If this XPASSes, "
-    "upstream is fixed: revisit peft_lota/export.py (it may be able to defer to save_pretrained)."))
+    "upstream is fixed: revisit peft_lota/export/checkpoint.py (it may be able to defer to save_pretrained)."))
 def test_upstream_save_pretrained_round_trip_of_a_v1_checkpoint(gptq_dir, tmp_path):
     model = load_gptq(gptq_dir(V1_ASYM))
     expected = logits(model)

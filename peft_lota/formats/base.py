@@ -262,7 +262,7 @@ def checked_layers(model: nn.Module, layers: list[tuple[str, nn.Module]], layout
 
 def stamp_quantizer(qc: dict) -> dict:
     """qc with `meta.quantizer` naming this peft_lota version once (the tools that made a checkpoint, in order)."""
-    from .. import __version__
+    from ..version import __version__
 
     meta = dict(qc.get("meta") or {})
     meta["quantizer"] = [q for q in (meta.get("quantizer") or []) if not q.startswith("peft_lota:")]

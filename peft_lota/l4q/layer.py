@@ -21,7 +21,7 @@ from .. import formats
 from ..formats.base import Format, QuantWeights
 from ..formats.packing import word_rows
 from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
-from ..tuner import NonFiniteError, refuse_non_finite, refuse_non_finite_adapters
+from ..guards import NonFiniteError, refuse_non_finite, refuse_non_finite_adapters
 from ..tuner_layer import QuantLayer, RoundToStoredSTE
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import formats
 from ..calibrate.apiq import capture_block_inputs, check_batches, decoder_layers
 from ..feedback import add_to_hessian, merge_onto_grid
-from ..tuner import refuse_non_finite
+from ..guards import refuse_non_finite
 
 logger = logging.getLogger(__name__)
 

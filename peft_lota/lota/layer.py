@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from ..formats.base import QuantState, QuantWeights, dequantize
 from ..numerics import LOTA_SCALE_UNIT, scale_multiplier
-from ..tuner import refuse_non_finite, refuse_non_finite_adapters
+from ..guards import refuse_non_finite, refuse_non_finite_adapters
 from ..tuner_layer import QuantLayer, RoundToStoredSTE
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, is_ternary, lota_linear
 

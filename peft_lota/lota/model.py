@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .. import formats
-from ..tuner import QuantTuner, refuse_non_finite
+from ..guards import refuse_non_finite
+from ..tuner import QuantTuner
 from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
@@ -139,7 +140,7 @@ class LotaModel(QuantTuner):
                          adapter_names: Optional[list[str]] = None, round_float_offset: bool = False) -> nn.Module:
         """Merge on the integer grid and return the plain transformers model, quantized as it was loaded.
 
-        Its `save_pretrained` / `push_to_hub` write a standard checkpoint of its format (see export.py).
+        Its `save_pretrained` / `push_to_hub` write a standard checkpoint of its format (see export/).
         """
         return super().merge_and_unload(progressbar, safe_merge, adapter_names, round_float_offset=round_float_offset)
 

@@ -256,7 +256,3 @@ def main(argv=None) -> dict:
     for key, value in summary.items():
         print(f"{key:28s} {value:.3f}" if isinstance(value, float) else f"{key:28s} {value}")
     return summary
-
-
-if __name__ == "__main__":
-    main()

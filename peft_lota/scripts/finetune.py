@@ -673,9 +673,3 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if summary:
         print(format_summary(summary))
     return summary
-
-
-if __name__ == "__main__":  # the same as `peft-lota finetune`: one-line usage errors, exit 1 on a failed check
-    from peft_lota.cli import main as cli_main
-
-    sys.exit(cli_main(["finetune", *sys.argv[1:]]))
