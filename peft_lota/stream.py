@@ -206,8 +206,9 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
     # merges keep every zero point inside the format's storable range, so one that fits stays fitting.
     fits, still_sym = True, True  # (whether the base was symmetric: the format's checkpoint_config knows)
     with _Shards(base) as shards:
-        for name in sorted({k.rsplit(".", 1)[0] for k in weight_map if k.endswith(".qzeros")}):
-            tensors = shards.layer(name, fmt.layer_tensor_names, weight_map)
+        zeros = fmt.zero_point_tensors  # (a format that stores none: every zero point is the centre, which fits)
+        for name in sorted({k.rsplit(".", 1)[0] for k in weight_map if zeros and k.endswith(f".{zeros[0]}")}):
+            tensors = shards.layer(name, zeros, weight_map)  # only what the zero points need: not the codes
             fits = fits and int(fmt.true_zeros_of(tensors, qc).min()) >= 1
         shards.close()  # (pages of a memory map count as resident while it is open)
         qc_out, _, facts = fmt.checkpoint_config(dict(qc), fits, True)  # sym: settled after the merge

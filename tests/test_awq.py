@@ -102,7 +102,10 @@ def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
     assert_kernel_reads_weights(load_awq(tmp_path / "merged", backend=None), reloaded)
 
 
-def test_bf16_activations_compute_what_the_kernel_computes(awq_dir, caplog):
+def test_bf16_activations_compute_what_the_kernel_computes(awq_dir, caplog, monkeypatch):
+    from peft_lota.formats import awq
+
+    monkeypatch.setattr(awq, "_WARNED", set())  # (warned once per process: another test may have run into it first)
     path = awq_dir(AWQ_SPECS[0])
     model = get_peft_model(load_awq(path, dtype=torch.bfloat16), LotaConfig(r=4, init_seed=0))
     with caplog.at_level(logging.WARNING, logger="peft_lota"):

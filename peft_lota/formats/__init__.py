@@ -61,6 +61,14 @@ def format_list(buildable: bool = False, sep: str = ", ") -> str:
     return sep.join(fmt.title for fmt in FORMATS if fmt.can_build or not buildable)
 
 
+DEFAULT_BUILD = "gptq"  # the format new layers are written in when nothing names one (the most widely served)
+
+
+def default_build_format() -> Format:
+    """The format a model quantized from full precision is written in unless the user names one."""
+    return by_name(DEFAULT_BUILD)
+
+
 def by_name(name: str) -> Format:
     """The format called `name` ("gptq", "awq", ...); an unknown name is refused with the list."""
     for fmt in FORMATS:
@@ -100,6 +108,6 @@ def model_format(model: nn.Module) -> Optional[Format]:
     return None
 
 
-__all__ = ["FORMATS", "Format", "QuantState", "QuantWeights", "by_name", "config_format", "dequantize", "dispatch",
+__all__ = ["DEFAULT_BUILD", "FORMATS", "Format", "default_build_format", "QuantState", "QuantWeights", "by_name", "config_format", "dequantize", "dispatch",
            "format_list", "group_layout", "is_quantized_layer", "model_format", "model_quantization_config",
            "prepare_model", "quantized_tensors", "same_quantized_tensors", "unsupported_reason"]

@@ -373,14 +373,18 @@ class Format:
     grid_problem: Optional[Callable[..., Optional[str]]] = None
     build_layer: Optional[Callable[..., nn.Module]] = None
     new_config: Optional[Callable[[int, int, bool], dict]] = None
-    # Whether L4Q from full precision may write this format (its trained scales must have a dtype the format stores).
-    l4q_target: bool = True
+    # Whether a reload keeps the scales in the dtype they were written in (a format that casts them to the model's
+    # dtype at load rounds float32 scales trained for it).
+    reload_keeps_scale_dtype: bool = True
     # Streaming a checkpoint file by file, one layer at a time (formats that can; stream.py):
     # layer_tensor_names: the tensors of one layer, by suffix; layer_from_tensors(tensors, qc): a trainable,
     # layout-keeping layer holding them; layer_tensors(layer, qc_out): its tensors as a checkpoint with qc_out stores
     # them; true_zeros_of(tensors, qc): its true zero points; checkpoint_config(qc, fits_classic, still_sym):
     # (quantization_config, extra files, facts) of the written checkpoint.
     layer_tensor_names: tuple = ()
+    # The tensors true_zeros_of reads (stored zero points and what gives their shape); () when the format stores none
+    # (symmetric layers): every zero point is then the grid's centre and always fits.
+    zero_point_tensors: tuple = ()
     layer_from_tensors: Optional[Callable[[dict, dict], nn.Module]] = None
     layer_tensors: Optional[Callable[[nn.Module, dict], dict]] = None
     true_zeros_of: Optional[Callable[[dict, dict], torch.Tensor]] = None
@@ -400,8 +404,9 @@ class Format:
         return self.build_layer is not None
 
     @property
-    def l4q_from_full_precision(self) -> bool:
-        return self.can_build and self.l4q_target
+    def can_hold_trained_scales(self) -> bool:
+        """Whether new layers with trained float scales can be written in this format and reload unchanged."""
+        return self.can_build and self.reload_keeps_scale_dtype
 
     def matches(self, qc: dict) -> bool:
         return self.config_matches(qc) if self.config_matches is not None else qc.get("quant_method") == self.quant_method

@@ -437,6 +437,6 @@ FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, disp
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
                 # a reload casts the scales to the model's dtype, where L4Q's trained float32 scales would round
-                l4q_target=False,
+                reload_keeps_scale_dtype=False,
                 layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

@@ -452,7 +452,7 @@ def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
     """True zero points [G, N] (uint8) from a layer's stored tensors, as loading makes them: a classic (v1) stored
     maxq wraps to 0 (gptqmodel's packed-word add), so such a layer does not fit the classic format again."""
     bits = int(qc["bits"])
-    z = unpack_qzeros(tensors["qzeros"], bits)[:, : tensors["qweight"].shape[1]]
+    z = unpack_qzeros(tensors["qzeros"], bits)[:, : tensors["scales"].shape[1]]
     v1 = (qc.get("checkpoint_format") or qc.get("format") or "gptq").lower() == "gptq"
     return ((z.to(torch.int16) + 1) & ((1 << bits) - 1)).to(torch.uint8) if v1 else z
 
@@ -535,5 +535,5 @@ FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch
                 prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros", "scales"), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

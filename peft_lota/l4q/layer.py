@@ -49,7 +49,7 @@ class L4QLayer(QuantLayer):
                  target_format: Optional[Format] = None, init_seed: Optional[int] = None, current_key: str = "",
                  **kwargs) -> None:
         """quant: how to read the codes of a quantized base layer; None for an nn.Linear, which then needs
-        quantizer = (bits, group_size, sym) to initialise its grid, and the format a merge builds (GPTQ if None)."""
+        quantizer = (bits, group_size, sym) to initialise its grid, and the format a merge builds (formats.default_build_format() if None)."""
         super().__init__(base_layer, quant, adapter_name, current_key)
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
@@ -57,7 +57,7 @@ class L4QLayer(QuantLayer):
         self.settings: dict[str, L4QSettings] = {}
         self.target_format_name: Optional[str] = None  # nn.Linear base: the format a merge builds (a name: picklable)
         if quant is None:
-            self._init_dense_grid(*quantizer, target_format or formats.by_name("gptq"))
+            self._init_dense_grid(*quantizer, target_format or formats.default_build_format())
         self.update_layer(adapter_name, settings, init_seed=init_seed)
 
     # ---- the grid ----------------------------------------------------------------------------

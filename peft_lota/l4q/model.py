@@ -78,10 +78,10 @@ class L4QModel(QuantTuner):
 
     @staticmethod
     def _target_format(config: L4QConfig):
-        """From full precision: the format a merge builds (config.format, GPTQ by default), if it can build layers."""
-        fmt = formats.by_name(config.format or "gptq")
-        if not fmt.l4q_from_full_precision:
-            targets = ", ".join(f.title for f in formats.FORMATS if f.l4q_from_full_precision)
+        """From full precision: the format a merge builds (config.format, else formats.default_build_format()), if it can build layers."""
+        fmt = formats.by_name(config.format) if config.format else formats.default_build_format()
+        if not fmt.can_hold_trained_scales:
+            targets = ", ".join(f.title for f in formats.FORMATS if f.can_hold_trained_scales)
             raise ValueError(f"L4QConfig(format={config.format!r}): L4Q from full precision cannot write {fmt.title} "
                              f"layers; choose one of {targets} (and `peft-lota convert` the merged model, where the "
                              "target holds its grid).")

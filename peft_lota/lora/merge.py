@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import formats
-from ..calibrate.apiq import capture_block_inputs, check_batches, decoder_layers
+from ..blocks import capture_block_inputs, check_batches, decoder_layers
 from ..feedback import add_to_hessian, merge_onto_grid
 from ..guards import refuse_non_finite
 

@@ -140,7 +140,7 @@ class MethodArguments:
         "help": "l4q from full precision: bits of the checkpoint to make (default 4).", "choices": [2, 3, 4, 8]})
     format: Optional[str] = field(default=None, metadata={
         "help": "l4q from full precision: the format of the checkpoint to make (default gptq).",
-        "choices": [f.name for f in FORMATS if f.l4q_from_full_precision]})
+        "choices": [f.name for f in FORMATS if f.can_hold_trained_scales]})
     group_size: Optional[int] = field(default=None, metadata={"help": "l4q from full precision: group size (default 128)."})
     sym: Optional[bool] = field(default=None, metadata={"help": "l4q from full precision: symmetric grid (default yes)."})
     learn_scales: bool = field(default=True, metadata={"help": "l4q: train the quantization scales."})
