@@ -20,8 +20,8 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints/lower.txt
 	$(PY) -m pip install -q -c constraints/lower.txt torch
 	@echo "[install] gptqmodel, compiled against that torch (~2-3 min on 2 cores)"
 	$(PY) -m pip install -q -c constraints/lower.txt --no-build-isolation gptqmodel
-	@echo "[install] peft_lota and its test, example, benchmark, TRL, compressed-tensors, bitsandbytes and real-model extras"
-	$(PY) -m pip install -q -c constraints/lower.txt -e ".[test,examples,bench,trl,compressed-tensors,bitsandbytes,real]"
+	@echo "[install] peft_lota with every format (all) and its test, example, benchmark, TRL and real-model extras"
+	$(PY) -m pip install -q -c constraints/lower.txt -e ".[all,test,examples,bench,trl,real]"
 	touch $(STAMP)
 	@echo "[install] done"
 
@@ -39,7 +39,7 @@ $(LATEST)/.installed: setup.cfg pyproject.toml
 	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade torch
 	@echo "[install-latest] gptqmodel, compiled against that torch"
 	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade --no-build-isolation gptqmodel
-	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,examples,bench,trl,compressed-tensors,bitsandbytes,real]"
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all,test,examples,bench,trl,real]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|gptqmodel|optimum|accelerate|trl|compressed-tensors|bitsandbytes) "
 	touch $(LATEST)/.installed
 

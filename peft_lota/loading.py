@@ -131,6 +131,8 @@ def load_model(path, dtype=None, **kwargs):
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     qc = quantization_config(path)
+    if qc is not None:
+        config_format(qc).check_installed()  # a missing library: the line to install it
     load_config = config_format(qc).load_config(qc) if qc is not None else None
     if load_config is not None:  # None: the format loads as it is (compressed-tensors, LLM.int8)
         kwargs.setdefault("quantization_config", load_config)

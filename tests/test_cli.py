@@ -79,6 +79,7 @@ def test_usage_mistakes_are_one_line_and_exit_2(base, gptq_dir, tmp_path, capsys
     assert "made for a base" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_console_script_is_installed():
     exe = Path(sys.executable).with_name("peft-lota")
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)

@@ -548,6 +548,7 @@ def _models_A_and_B(path: Path):
     return a, b, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old_shard,new_shard,new_model", [
     ("50GB", "50GB", "B"), ("50GB", "100KB", "B"), ("100KB", "50GB", "C"), ("100KB", "100KB", "C"), ("50GB", "50GB", "C")])
 def test_a_crash_at_any_step_of_the_commit_leaves_the_old_or_the_new_checkpoint(gptq_dir, tmp_path, monkeypatch,

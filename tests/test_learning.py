@@ -32,6 +32,8 @@ from peft_lota import L4QConfig, LotaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import real_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` leaves it out
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, BATCH, SEQ, HELD = 12, 4, 64, 16
 # route: (learning rate, held-out loss band (low, high)), and in front of each the figures recorded on two GPTQ builds

@@ -25,6 +25,8 @@ from tiny_models import assert_kernel_reads_weights, load_gptq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import real_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` leaves it out
+
 LAYERS = 2
 CHATS = [("What is the capital of France?", "Paris."), ("Spell 'cat' backwards.", "tac"),
          ("What is 2 + 3?", "5"), ("Name a primary colour.", "Red."), ("Translate 'bonjour' to English.", "Hello."),

@@ -72,6 +72,7 @@ def test_a_corrupt_or_misshapen_adapter_file_is_refused(gptq_dir, tmp_path, trai
         PeftModel.from_pretrained(load_gptq(path), adapter)
 
 
+@pytest.mark.slow
 def test_loading_without_import_needs_the_opt_in_hook(gptq_dir, tmp_path):
     adapter = trained_adapter(gptq_dir(A2), tmp_path, LotaConfig(r=4, omega=1, init_seed=0))
     load = ("from peft import AutoPeftModelForCausalLM; from transformers import GPTQConfig; "

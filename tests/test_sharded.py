@@ -24,6 +24,8 @@ import peft_lota
 from peft_lota.tuner_layer import codes_moved
 from tiny_models import AwqSpec, Spec, calibration_texts, train_steps
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 GPTQ = Spec("llama", 2, False, False, "gptq_v2")  # in SPECS_MATRIX: built once per session

@@ -22,6 +22,8 @@ import peft_lota
 from peft_lota import L4QConfig, L4QLayer, LotaCallback, LotaConfig, LotaLayer, create_lota_optimizer
 from tiny_models import Spec, calibration_texts, load_gptq
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = Spec("llama", 2, False, False, "gptq_v2")  # in SPECS_MATRIX: built once per session
 SEQ = 32

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from . import awq, bnb_int8, compressed_tensors, gptq
-from .base import Format, QuantState, QuantWeights, dequantize, group_layout, model_quantization_config
+from .base import Format, MissingLibraryError, QuantState, QuantWeights, dequantize, group_layout, model_quantization_config
 
 FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT, bnb_int8.FORMAT)
 
@@ -108,6 +108,6 @@ def model_format(model: nn.Module) -> Optional[Format]:
     return None
 
 
-__all__ = ["DEFAULT_BUILD", "FORMATS", "Format", "default_build_format", "QuantState", "QuantWeights", "by_name", "config_format", "dequantize", "dispatch",
+__all__ = ["DEFAULT_BUILD", "FORMATS", "Format", "MissingLibraryError", "default_build_format", "QuantState", "QuantWeights", "by_name", "config_format", "dequantize", "dispatch",
            "format_list", "group_layout", "is_quantized_layer", "model_format", "model_quantization_config",
            "prepare_model", "quantized_tensors", "same_quantized_tensors", "unsupported_reason"]

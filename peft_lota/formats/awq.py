@@ -447,5 +447,5 @@ FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=d
                 prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros",), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                requires=(("gptqmodel", "awq"),), layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros",), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

@@ -330,6 +330,10 @@ def clear_kernel_caches(module: nn.Module) -> None:
             getattr(module, clear)()
 
 
+class MissingLibraryError(ValueError):
+    """A checkpoint's format needs a library (gptqmodel, compressed-tensors, bitsandbytes) that is not installed."""
+
+
 @dataclass(frozen=True)
 class Format:
     """One quantized format, as the rest of the package sees it.
@@ -376,6 +380,9 @@ class Format:
     # Whether a reload keeps the scales in the dtype they were written in (a format that casts them to the model's
     # dtype at load rounds float32 scales trained for it).
     reload_keeps_scale_dtype: bool = True
+    # (import name, pip extra) of the libraries loading a checkpoint of this format needs: checked before a load, so
+    # that a missing one is a line naming what to install, not an ImportError deep in transformers.
+    requires: tuple = ()
     # Streaming a checkpoint file by file, one layer at a time (formats that can; stream.py):
     # layer_tensor_names: the tensors of one layer, by suffix; layer_from_tensors(tensors, qc): a trainable,
     # layout-keeping layer holding them; layer_tensors(layer, qc_out): its tensors as a checkpoint with qc_out stores
@@ -402,6 +409,30 @@ class Format:
     @property
     def can_build(self) -> bool:
         return self.build_layer is not None
+
+    def missing_libraries(self) -> list:
+        """[(import name, pip extra)] of `requires` that are not installed."""
+        import importlib.util
+
+        def installed(lib: str) -> bool:
+            try:
+                return importlib.util.find_spec(lib) is not None
+            except (ImportError, ValueError):  # (a module set to None in sys.modules, a finder that refuses it)
+                return False
+
+        return [(lib, extra) for lib, extra in self.requires if not installed(lib)]
+
+    def check_installed(self) -> None:
+        """Raise MissingLibraryError with the install line if a library this format loads with is missing."""
+        missing = self.missing_libraries()
+        if missing:
+            libs = " and ".join(lib for lib, _ in missing)
+            extra = missing[0][1]
+            raise MissingLibraryError(
+                f"a {self.title} checkpoint loads through {libs}, which is not installed: pip install \".[{extra}]\" "
+                "from a clone of peft_lota" + (" (after torch, with --no-build-isolation: gptqmodel is compiled "
+                                               "against it)" if any(lib == "gptqmodel" for lib, _ in missing) else "")
+                + ".")
 
     @property
     def can_hold_trained_scales(self) -> bool:

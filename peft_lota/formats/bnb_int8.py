@@ -254,5 +254,5 @@ def describe(qc: dict) -> list[tuple[str, object]]:
 FORMAT = Format(name=NAME, quant_method="bitsandbytes", is_layer=is_int8_layer, dispatch=dispatch_int8,
                 prepare_model=prepare_int8_model, model_is=model_is_int8, checkpoint=int8_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, config_matches=config_is_int8,
-                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                requires=(("bitsandbytes", "bitsandbytes"),), layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

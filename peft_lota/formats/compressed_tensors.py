@@ -438,5 +438,5 @@ FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, disp
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
                 # a reload casts the scales to the model's dtype, where L4Q's trained float32 scales would round
                 reload_keeps_scale_dtype=False,
-                layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                requires=(("compressed_tensors", "compressed-tensors"),), layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)

@@ -207,9 +207,11 @@ def prepare_gptq_model(model: nn.Module) -> int:
     All GPTQ layers, not only the targeted ones: Trainer calls model.train() every step, and a
     kernel that refuses train() anywhere in the model would crash it.
     """
+    layers = gptq_layers(model)
+    if not layers:  # (nothing to move; and without gptqmodel installed there can be no GPTQ layer)
+        return 0
     _, TorchLinear = _qlinear_classes()
     zeros_may_be_v1 = checkpoint_format(model) == "gptq"
-    layers = gptq_layers(model)
     moved = sum(type(m) is not TorchLinear for _, m in layers)
     hint = RELOAD_HINT.format(bits=(quantization_config(model) or {}).get("bits", "<bits>"))
     for module in swap_layers(model, layers, layout_problem, TorchLinear, _to_torch_linear, "GPTQ", hint):
@@ -535,5 +537,5 @@ FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch
                 prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
                 load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
                 grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros", "scales"), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
+                requires=(("gptqmodel", "gptq"), ("optimum", "gptq")), layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros", "scales"), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
                 true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
