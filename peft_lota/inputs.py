@@ -94,7 +94,14 @@ def load_checked(path: str, dtype: Optional[str] = None):
     try:
         return load(path, dtype=getattr(torch, dtype or own_dtype(path)))
     except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, a config transformers refuses
+        from peft_lota.formats import MissingLibraryError
+
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, MissingLibraryError):
+            raise UsageError(f"{path}: {first}") from None
+        if "custom code" in first:  # config.json's auto_map names code of its own, for a model_type transformers lacks
+            raise UsageError(f"{path} needs the model code it ships (auto_map in config.json), and peft_lota never "
+                             "runs code from a checkpoint: use a checkpoint of an architecture transformers knows.") from None
         raise UsageError(f"cannot load the model in {path}: {first.rstrip('.')}. Check that its files are complete "
                          "(copy or download them again).") from None
 

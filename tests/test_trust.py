@@ -345,14 +345,19 @@ def test_autoload_install_and_uninstall_touch_only_their_own_file(site, tmp_path
     assert pth.is_symlink() == (case == "symlink")
 
 
-def test_autoload_round_trip_and_a_read_only_site_packages(site, capsys):
+def test_autoload_round_trip_and_a_site_packages_it_cannot_write(site, capsys, monkeypatch):
     pth = site / peft_lota_autoload.PTH
     pth.write_text("import peft_lota_autoload; peft_lota_autoload.activate()\n")  # an earlier release's line: ours
     assert peft_lota_autoload.main(["install"]) == 0 and pth.read_text() == peft_lota_autoload.LINE
     assert peft_lota_autoload.main(["uninstall"]) == 0 and not pth.exists()
     capsys.readouterr()
-    if os.geteuid() == 0:
-        pytest.skip("root writes into a read-only folder")
+    if os.geteuid() == 0:  # root writes into a read-only folder: a site-packages path that is a file fails the same way
+        blocked = site / "not-a-folder"
+        blocked.write_text("")
+        monkeypatch.setattr(peft_lota_autoload, "_site_packages", lambda: blocked)
+        assert peft_lota_autoload.main(["install"]) == 2
+        assert "Not a directory" in one_line(capsys.readouterr().err)
+        return
     site.chmod(0o555)
     try:
         assert peft_lota_autoload.main(["install"]) == 2
@@ -508,3 +513,20 @@ def test_both_merge_paths_ship_the_same_tokenizer_inside_the_commit(inputs, tmp_
         assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (out / name).read_bytes() == (adapter / name).read_bytes(), (out, name)
+
+
+def test_a_checkpoint_that_ships_its_own_model_code_is_refused_and_never_run(made, tmp_path, capsys):  # noqa: F811
+    base = tmp_path / "custom"
+    base.mkdir()
+    for f in Path(made[0]).iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="my-own-model", auto_map={"AutoConfig": "configuration_x.C",
+                                                        "AutoModelForCausalLM": "modeling_x.M"})
+    (base / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    for name in ("configuration_x.py", "modeling_x.py"):
+        (base / name).write_text(f"open({str(ran)!r}, 'w').write('x')\n")
+    assert cli.main(["convert", str(base), str(tmp_path / "out"), "--to", "awq"]) == 2
+    assert "never runs code from a checkpoint" in last_line(capsys.readouterr().err)
+    assert not ran.exists() and not (tmp_path / "out").exists()
