@@ -18,11 +18,12 @@ from __future__ import annotations
 import sys
 
 PTH = "peft_lota_autoload.pth"
-# The line the .pth holds: it does nothing once this module is gone (`pip uninstall peft_lota` leaves the .pth
+# The line the .pth holds: it does nothing once this module is gone or broken (`pip uninstall peft_lota` leaves the .pth
 # behind: pip did not install it), so no Python start of the environment ever prints an error because of it.
-LINE = ("import sys; exec('try:\\n import peft_lota_autoload as m\\nexcept ImportError:\\n pass\\n"
-        "else:\\n m.activate()')\n")
-OURS = (LINE, "import peft_lota_autoload; peft_lota_autoload.activate()\n")  # (and the line earlier releases wrote)
+LINE = ("import sys; exec('try:\\n import peft_lota_autoload as m\\n m.activate()\\nexcept Exception:\\n pass')\n")
+OURS = (LINE, "import sys; exec('try:\\n import peft_lota_autoload as m\\nexcept ImportError:\\n pass\\n"
+              "else:\\n m.activate()')\n",
+        "import peft_lota_autoload; peft_lota_autoload.activate()\n")  # (and the lines earlier releases wrote)
 
 
 class _AfterPeft:

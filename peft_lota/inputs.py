@@ -125,7 +125,7 @@ def adapter_config(path: str) -> dict:
         PeftConfig.from_peft_type(**config)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{file}: {str(err).splitlines()[0]} Fix the file, or save the adapter again.") from None
-    check_target_pattern(config.get("target_modules"), file)
+    check_target_pattern(config, file)
     if config["peft_type"] == "LORA":
         adapter_weights(folder)
         return config
@@ -141,26 +141,50 @@ def adapter_config(path: str) -> dict:
     return config
 
 
-def check_target_pattern(targets, file: Path) -> None:
-    """A target_modules regular expression is matched by PEFT against every module name with Python's `re`, which
-    has no time limit: a pattern like `(.|.)*Z` backtracks for hours. It is tried first in a child process given two
-    seconds, on a module name longer than real ones."""
-    if not isinstance(targets, str):
-        return
+# Module names shaped like real ones (Llama/Qwen/Mistral, OPT, GPT-2, GPT-NeoX), as PEFT sees them while injecting.
+PROBE_NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.27.mlp.down_proj", "model.layers.13.self_attn.o_proj",
+               "model.decoder.layers.11.fc1", "transformer.h.3.attn.c_attn", "gpt_neox.layers.5.attention.dense",
+               "lm_head", "model.embed_tokens", "model.layers.123.self_attn.q_proj.base_layer.lora_A.default_x")
+# How PEFT matches each kind of pattern: target_modules whole, rank_pattern / alpha_pattern keys at a name's end.
+_PROBE = """import json, re, sys
+job = json.load(sys.stdin)
+for name in job["names"]:
+    for p in job["full"]:
+        re.fullmatch(p, name)
+    for key in job["keys"]:
+        re.match(r"(.*\\.)?(%s)$" % key, name)
+"""
+
+
+def check_target_pattern(config: dict, file: Path) -> None:
+    """The regular expressions of an adapter config (target_modules as a string, the keys of rank_pattern and
+    alpha_pattern) compile, and match module names in reasonable time. PEFT matches them with Python's `re`, which
+    has no time limit: a pattern like `(.|.)*Z` backtracks for hours. They are tried first in a child process given
+    three seconds, on module names shaped like real ones (a probe, not a proof: a pattern made to dodge these names
+    could still hang PEFT)."""
+    import json
     import re
     import subprocess
 
+    targets = config.get("target_modules")
+    full = [targets] if isinstance(targets, str) else []
+    keys = [k for field in ("rank_pattern", "alpha_pattern") if isinstance(config.get(field), dict)
+            for k in config[field]]
+    for what, pattern, template in [*(("target_modules", p, "{}") for p in full),
+                                    *(("a rank_pattern / alpha_pattern key", k, r"(.*\.)?({})$") for k in keys)]:
+        try:
+            re.compile(template.format(pattern) if isinstance(pattern, str) else None)
+        except (re.error, OverflowError, ValueError, TypeError, RecursionError) as err:
+            raise UsageError(f"{file}: {what} {pattern!r:.60} is not a regular expression ({str(err)[:80]}).") from None
+    if not full and not keys:
+        return
     try:
-        re.compile(targets)
-    except re.error as err:
-        raise UsageError(f"{file}: target_modules {targets!r:.60} is not a regular expression ({err}).") from None
-    probe = "model.layers.123.self_attn.q_proj.base_layer.lora_A.default_x"
-    try:
-        subprocess.run([sys.executable, "-I", "-S", "-c", "import re, sys; re.fullmatch(sys.argv[1], sys.argv[2])",
-                        targets, probe], timeout=2.0, capture_output=True)
+        subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE], input=json.dumps(
+            {"full": full, "keys": keys, "names": PROBE_NAMES}), text=True, timeout=3.0, capture_output=True)
     except subprocess.TimeoutExpired:
-        raise UsageError(f"{file}: target_modules {targets!r:.60} takes seconds to match one module name (a pattern "
-                         "that backtracks: PEFT would hang on it). Write a simpler pattern, or list the names.") from None
+        raise UsageError(f"{file}: a module-name pattern of this adapter ({(full + keys)[0]!r:.60}...) takes seconds "
+                         "to match one module name (it backtracks: PEFT would hang on it). Write a simpler pattern, or "
+                         "list the names.") from None
 
 
 def adapter_weights(folder: Path) -> None:

@@ -8,6 +8,8 @@ import os
 import warnings
 from pathlib import Path
 
+from .paths import check_index
+
 # gptqmodel sizes a worker pool from the CPU count at import and fails to start it on 2-core machines: there, 2
 # workers. Set before anything imports gptqmodel (this module is peft_lota's first import); larger machines keep
 # gptqmodel's own sizing, and a value the user set always wins.
@@ -79,7 +81,14 @@ def quantization_config(path) -> dict | None:
     or None for a full-precision model. Another quantization (bitsandbytes 4-bit, ...) is refused with the reason."""
     local = Path(path) / "config.json"
     if local.exists():
-        qc = json.loads(local.read_text()).get("quantization_config")
+        try:
+            config = json.loads(local.read_text())
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{local} is not valid JSON ({str(err)[:80] or 'nested too deeply'}): copy the checkpoint "
+                             "again.") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{local} holds a JSON {type(config).__name__}, not an object: the file is damaged.")
+        qc = config.get("quantization_config")
     else:
         from transformers import AutoConfig
 
@@ -130,6 +139,7 @@ def load_model(path, dtype=None, **kwargs):
 
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    check_index(path)  # every shard name a plain file of the folder, before transformers opens any
     qc = quantization_config(path)
     if qc is not None:
         config_format(qc).check_installed()  # a missing library: the line to install it

@@ -38,6 +38,23 @@ def checked_shard_names(weight_map, index: Path) -> dict:
     return dict(weight_map)
 
 
+def check_index(folder) -> None:
+    """A local checkpoint folder's `model.safetensors.index.json`, if any, names only shard files inside the folder
+    (checked_shard_names): transformers joins those names onto the folder as they are, so an index that names
+    `../other/model.safetensors` would load another checkpoint's tensors into this one. Raises ValueError."""
+    import json
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if not Path(folder).is_dir() or not index.is_file():
+        return
+    try:
+        data = json.loads(index.read_text())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{index} is not valid JSON ({str(err)[:80] or 'nested too deeply'}): copy the checkpoint "
+                         "again.") from None
+    checked_shard_names(data.get("weight_map") if isinstance(data, dict) else None, index)
+
+
 def _identity(path: Path) -> Optional[tuple]:
     try:
         st = os.stat(path)  # follows links: a link to a folder is that folder
@@ -133,8 +150,10 @@ def regular_text_file(path, flag: str) -> Path:
 
 def text_pieces(path, flag: str, max_bytes: int) -> Iterator[str]:
     """The UTF-8 text of a regular file in pieces of about PIECE bytes, each cut before a line end or a space (a
-    word is never split between pieces; a file of one piece or less is one string, as read whole), at most
-    `max_bytes` read. Refuses text that is not UTF-8 (NUL bytes: UTF-16 or binary data), naming the file."""
+    word is never split between pieces unless a piece holds no separator at all; a file of one piece or less is one
+    string, as read whole), line ends as "\\n" (universal newlines, as `read_text` gives), at most `max_bytes` read
+    (a character the limit cuts is dropped). Refuses text that is not UTF-8 (NUL bytes: UTF-16 or binary data),
+    naming the file."""
     p = regular_text_file(path, flag)
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, read = "", 0
@@ -148,34 +167,44 @@ def text_pieces(path, flag: str, max_bytes: int) -> Iterator[str]:
         read += len(raw)
         return raw
 
+    def lines(text: str) -> str:
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
     with open(p, "rb") as f:
         raw = chunk(f)
         while raw:
             following = chunk(f)  # read ahead: the last piece is not cut
+            at_end = not following and f.read(1) == b""  # the whole file read (not stopped by max_bytes)
             try:
-                text = carry + decoder.decode(raw, final=not following)
+                text = carry + decoder.decode(raw, final=at_end)
             except UnicodeDecodeError as err:
-                raise ValueError(f"{flag} {p} is not UTF-8 text ({err.reason} near byte {read:,}); convert it to "
-                                 "UTF-8.") from None
-            cut = max(text.rfind("\n"), text.rfind(" ")) if following else len(text)
-            if cut <= 0:
+                raise ValueError(f"{flag} {p} is not UTF-8 text ({err.reason}, within the first {read:,} bytes); "
+                                 "convert it to UTF-8.") from None
+            if not following:
                 carry = text
-            else:
-                carry = text[cut:]
-                yield text[:cut]
+                break
+            cut = max(text.rfind("\n"), text.rfind(" "))
+            if cut > 0 and text[cut - 1] == "\r":  # keep "\r\n" together
+                cut -= 1
+            if cut <= 0:
+                cut = len(text) if len(text) >= PIECE else 0  # no separator in a whole piece: cut anyway (bounded)
+            carry = text[cut:]
+            if cut:
+                yield lines(text[:cut])
             raw = following
     if carry:
-        yield carry
+        yield lines(carry)
 
 
 def read_token_ids(tokenizer, path, flag: str, want: int, max_bytes: int = 1 << 30) -> tuple[list, int, bool]:
     """Token ids of a UTF-8 text file, tokenized piece by piece and read only until `want` tokens are kept (memory
-    bounded whatever the file's size). Returns (ids, bytes read, whether the whole file was read)."""
+    bounded whatever the file's size). Returns (ids, bytes of text used, whether the whole file was read)."""
     ids: list = []
-    read = 0
+    read, stopped = 0, False
     for piece in text_pieces(path, flag, max_bytes):
         ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
         read += len(piece.encode("utf-8"))
         if len(ids) >= want:
+            stopped = True
             break
-    return ids, read, read >= os.stat(path).st_size
+    return ids, read, not stopped and os.stat(path).st_size <= max_bytes

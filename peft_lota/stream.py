@@ -56,8 +56,9 @@ def _weight_map(base: Path) -> dict:
     if (base / INDEX).is_file():
         try:
             index = json.loads((base / INDEX).read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{base / INDEX} is not valid JSON ({err}): copy the checkpoint again.") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{base / INDEX} is not valid JSON ({str(err)[:80] or 'nested too deeply'}): copy the "
+                             "checkpoint again.") from None
         weight_map = checked_shard_names(index.get("weight_map") if isinstance(index, dict) else None, base / INDEX)
         with _Shards(base) as shards:
             for shard in sorted(set(weight_map.values())):

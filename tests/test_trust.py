@@ -530,3 +530,76 @@ def test_a_checkpoint_that_ships_its_own_model_code_is_refused_and_never_run(mad
     assert cli.main(["convert", str(base), str(tmp_path / "out"), "--to", "awq"]) == 2
     assert "never runs code from a checkpoint" in last_line(capsys.readouterr().err)
     assert not ran.exists() and not (tmp_path / "out").exists()
+
+
+# ---- the red-team pass over round 4 -------------------------------------------------------------------------------
+
+def test_the_in_memory_merge_also_refuses_an_index_that_names_a_file_elsewhere(sharded, tmp_path, capsys):
+    """transformers joins an index's shard names onto the folder as they are: `../x.safetensors` would load another
+    checkpoint's tensors into the merge (and a --push would publish them)."""
+    work, base, adapter = sharded
+    index = _index(base)
+    key = next(k for k in index["weight_map"] if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight"))
+    index["weight_map"][key] = "../x.safetensors"
+    _set_index(base, index)
+    before = snapshot(work)
+    assert cli.main(["merge", str(base), str(adapter), str(tmp_path / "out")]) == 2
+    assert "not a shard file name inside the folder" in last_line(capsys.readouterr().err)
+    assert snapshot(work) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["index 200,000 deep", "config.json a list"])
+def test_stream_merge_on_a_damaged_json_is_one_line(sharded, tmp_path, capsys, case):
+    work, base, adapter = sharded
+    if case == "index 200,000 deep":
+        (base / INDEX).write_text('{"weight_map": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    else:
+        (base / "config.json").write_text("[]")
+    assert cli.main(_stream(base, adapter, tmp_path / "out")) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_text_pieces_stay_bounded_keep_line_ends_and_never_split_a_character(tmp_path):
+    from peft_lota.paths import PIECE, text_pieces
+
+    flat = tmp_path / "flat.txt"
+    flat.write_text("a" * (3 * PIECE + 5))  # no space, no line end
+    pieces = list(text_pieces(flat, "--calib_file", 1 << 40))
+    assert max(map(len, pieces)) <= 2 * PIECE and "".join(pieces) == flat.read_text()
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one two\r\nthree\r\n" * 200_000)  # pieces cut between \r and \n would double the line ends
+    assert "".join(text_pieces(crlf, "--calib_file", 1 << 40)) == "one two\nthree\n" * 200_000
+    wide = tmp_path / "wide.txt"
+    wide.write_text("é" * PIECE)  # 2 bytes each: a cap of an odd number of bytes cuts one
+    assert "".join(text_pieces(wide, "--calib_file", PIECE + 1)) == "é" * (PIECE // 2)
+
+
+@pytest.mark.parametrize("config, phrase", [
+    ({"target_modules": "(?!.*default_x)(.|.)*Z"}, "takes seconds"),  # made to dodge one probe name
+    ({"target_modules": "q_proj{4294967296}"}, "is not a regular expression"),
+    ({"rank_pattern": {"q_proj(": 4}}, "is not a regular expression"),
+    ({"alpha_pattern": {"(.|.)*Z": 8}}, "takes seconds")])
+def test_adapter_patterns_that_hang_or_break_peft_are_refused(config, phrase):
+    from peft_lota.inputs import UsageError, check_target_pattern
+
+    with pytest.raises(UsageError, match=phrase):
+        check_target_pattern(config, Path("adapter_config.json"))
+
+
+def test_the_autoload_line_is_silent_when_the_module_is_broken(site, tmp_path):
+    assert peft_lota_autoload.main(["install"]) == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "peft_lota_autoload.py").write_text("raise RuntimeError('half-written')\n")
+    code = f"import sys; sys.path.insert(0, {str(broken)!r}); import site; site.addsitedir({str(site)!r}); print('up')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "up" and proc.stderr == "", proc.stderr
+
+
+def test_a_read_only_tokenizer_is_shipped_read_only(inputs, tmp_path, capsys):  # noqa: F811
+    base, adapter = inputs
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).chmod(0o444)
+    assert cli.main(["merge", str(base), str(adapter), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "out" / "tokenizer.json").stat().st_mode & 0o777 == 0o444

@@ -75,8 +75,11 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fd = os.open(f, os.O_RDONLY)  # (read-only: a staged copy of a read-only file keeps its mode)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     _fsync_dir(folder)
 
 

@@ -31,7 +31,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # demo_model.py, in
 
 
 EVAL_WINDOWS = 256  # evaluation windows of --seq_len tokens
-JSON_LIMIT = 512 << 20  # a .json file is parsed whole: larger ones are refused (a .jsonl or .txt is read in pieces)
+JSON_LIMIT = 64 << 20  # a .json file is parsed whole: larger ones are refused (a .jsonl or .txt is read in pieces)
+LINE_LIMIT = 16 << 20  # one .jsonl line
 
 
 def _docs(path: str, text_column: str):
@@ -46,19 +47,23 @@ def _docs(path: str, text_column: str):
                              "object per line) or plain text, which are read only as far as needed.")
         try:
             rows = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{p} is not valid UTF-8 JSON ({err}).") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{p} is not valid UTF-8 JSON ({str(err)[:80] or 'nested too deeply'}).") from None
         if not isinstance(rows, list):
             raise ValueError(f"{p} holds a JSON {type(rows).__name__}: give a list of objects with a {text_column!r} field.")
         yield from (_field(r, text_column, p, i) for i, r in enumerate(rows))
     elif p.suffix == ".jsonl":
         with open(p, "rb") as f:
-            for i, line in enumerate(iter(lambda: f.readline(JSON_LIMIT), b"")):
+            for i, line in enumerate(iter(lambda: f.readline(LINE_LIMIT + 1), b"")):
+                if len(line) > LINE_LIMIT:
+                    raise ValueError(f"{p}: line {i + 1} is longer than {LINE_LIMIT >> 20} MiB: one JSON object per "
+                                     "line, please (or give plain text).")
                 if line.strip():
                     try:
                         yield _field(json.loads(line), text_column, p, i)
-                    except (ValueError, UnicodeDecodeError) as err:
-                        raise ValueError(f"{p}: line {i + 1} is not a JSON object ({str(err)[:80]}).") from None
+                    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+                        raise ValueError(f"{p}: line {i + 1} is not a JSON object "
+                                         f"({str(err)[:80] or 'nested too deeply'}).") from None
     else:
         yield from text_pieces(p, "--calib_file / --eval_file", 1 << 40)
 
@@ -222,6 +227,12 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.time()
+    from peft_lota.paths import check_index
+
+    try:
+        check_index(args.model_name_or_path)  # (transformers would follow any name the index gives)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     dtype = getattr(torch, args.dtype)
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     calib_ids, eval_ids = load_ids(args, tok)
