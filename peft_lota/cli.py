@@ -51,12 +51,6 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _logits(model, ids):
-    from peft_lota import verify
-
-    return verify.logits(model, ids)
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -148,7 +142,7 @@ def cmd_merge_lora(args) -> int:
     report = merged.merge_lora_report
     merged = _to_format(args, merged)
     ids = verify.probe_ids(merged)
-    out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, _logits(merged, ids))
+    out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, verify.logits(merged, ids))
     moved = sum(r["codes_moved"] for r in report.layers.values())
     held = len(batches) - max(1, len(batches) // 8)  # merge_lora's default split
     rows = [("method", "LoRA, merged onto the base's grid (merge_lora: GPTQ error feedback"
@@ -191,7 +185,7 @@ def cmd_merge(args) -> int:
     merged, merged_logits, moved, exact = check.model, check.merged_logits, check.codes_moved, check.exact
     if args.format:  # the same grid, repacked; its kernel may round the products differently
         merged = _to_format(args, merged)
-        merged_logits = _logits(merged, ids)
+        merged_logits = verify.logits(merged, ids)
     out, fmt, qc, written, (same_codes, same_logits) = _save_and_reload(args, merged, dtype, ids, merged_logits)
     rows = [("method", adapter_cfg["peft_type"]), ("adapter", args.adapter), ("base", args.base),
             ("dtype", dtype if args.dtype else f"{dtype} (the base's; --dtype to change)"),
@@ -219,7 +213,7 @@ def cmd_convert(args) -> int:
 
     formats.prepare_model(source)  # read as stored (a compressed-tensors model would decompress at its first forward)
     ids = verify.probe_ids(source)
-    source_logits = _logits(source, ids)
+    source_logits = verify.logits(source, ids)
     try:
         converted = convert_model(inputs.load_checked(args.checkpoint, dtype), args.to)
     except ValueError as err:
@@ -227,7 +221,7 @@ def cmd_convert(args) -> int:
     converted.save_pretrained(args.out, extra_files=verify.tokenizer_files([args.checkpoint]))
     reloaded = inputs.load_checked(args.out, dtype)
     same = same_grid(source, reloaded)
-    diff = float((_logits(reloaded, ids).float() - source_logits.float()).abs().max())
+    diff = float((verify.logits(reloaded, ids).float() - source_logits.float()).abs().max())
     out_qc = json.loads((Path(args.out) / "config.json").read_text())["quantization_config"]
     fmt = inputs.format_of(out_qc)
     rows = [("converted", f"{args.checkpoint} ({source_name}) -> {args.out} ({fmt.name})"), ("dtype", dtype),
@@ -270,9 +264,9 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
     if size <= args.check_below:
         adapter_model = inputs.apply_adapter(inputs.load_checked(args.base), args.adapter).eval()
         ids = verify.probe_ids(adapter_model)
-        expected = _logits(adapter_model, ids)
+        expected = verify.logits(adapter_model, ids)
         del adapter_model
-        ok = bool(torch.equal(_logits(inputs.load_checked(args.out), ids), expected))
+        ok = bool(torch.equal(verify.logits(inputs.load_checked(args.out), ids), expected))
         rows.append(("reloaded logits == adapter logits", ok))
     else:
         rows.append(("logits check", f"skipped: the base is {size:.1f} GiB, above --check_below {args.check_below:g}"))
@@ -365,14 +359,14 @@ def cmd_verify(args) -> int:
         reference.eval()
         rows = [("checkpoint", args.checkpoint), ("against", f"{cfg['peft_type']} adapter {args.against} on {base}"),
                 ("dtype", dtype)]
-        ok = bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
+        ok = bool(torch.equal(verify.logits(reference, ids), verify.logits(checkpoint, ids)))
         rows.append(("logits == the adapter model's", ok))
     else:
         reference = inputs.load_checked(args.against, dtype)
         from peft_lota.formats import same_quantized_tensors
 
         same = same_quantized_tensors(checkpoint, reference)
-        ok = same and bool(torch.equal(_logits(reference, ids), _logits(checkpoint, ids)))
+        ok = same and bool(torch.equal(verify.logits(reference, ids), verify.logits(checkpoint, ids)))
         rows = [("checkpoint", args.checkpoint), ("against", args.against), ("dtype", dtype),
                 ("codes, zeros, scales equal", same), ("logits equal", ok)]
     _print_table(rows)

@@ -241,8 +241,6 @@ def check_output(out: str, inputs: dict, action: tuple[str, str] = ("merge", "me
     layout); a save writes only its own files into OUT."""
     from peft_lota.paths import separate_output
 
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"OUT {out} is an existing file: give a folder for the {action[1]} checkpoint.")
     try:
         separate_output(out, inputs, "OUT", may_contain=("adapter",))
     except ValueError as err:

@@ -38,21 +38,22 @@ def checked_shard_names(weight_map, index: Path) -> dict:
     return dict(weight_map)
 
 
-def check_index(folder) -> None:
-    """A local checkpoint folder's `model.safetensors.index.json`, if any, names only shard files inside the folder
-    (checked_shard_names): transformers joins those names onto the folder as they are, so an index that names
-    `../other/model.safetensors` would load another checkpoint's tensors into this one. Raises ValueError."""
+def check_index(folder) -> Optional[dict]:
+    """The {tensor: shard} map of a local checkpoint folder's `model.safetensors.index.json` (None without one), each
+    shard a plain file of the folder (checked_shard_names): transformers joins those names onto the folder as they
+    are, so an index that names `../other/model.safetensors` would load another checkpoint's tensors into this one.
+    Raises ValueError."""
     import json
 
     index = Path(folder) / "model.safetensors.index.json"
     if not Path(folder).is_dir() or not index.is_file():
-        return
+        return None
     try:
         data = json.loads(index.read_text())
     except (ValueError, RecursionError) as err:
         raise ValueError(f"{index} is not valid JSON ({str(err)[:80] or 'nested too deeply'}): copy the checkpoint "
                          "again.") from None
-    checked_shard_names(data.get("weight_map") if isinstance(data, dict) else None, index)
+    return checked_shard_names(data.get("weight_map") if isinstance(data, dict) else None, index)
 
 
 def _identity(path: Path) -> Optional[tuple]:
@@ -77,11 +78,14 @@ def _chain(path: Path) -> list:
 
 
 def separate_output(out, inputs: dict, what: str = "output", may_contain: tuple = ()) -> None:
-    """Refuse an output folder that is an input, sits inside one, or holds one, compared by device and inode (so a
+    """Refuse an output that is an existing file, or a folder that is an input, sits inside one, or holds one,
+    compared by device and inode (so a
     symlink or a bind mount of the input is caught), before anything is loaded or written. `inputs`: {label: path};
     paths that do not exist locally (a Hub id) have nothing to protect and are skipped. The inputs labelled in
     `may_contain` may hold the output (an adapter folder with `merged/` inside: the layout `peft-lota finetune`
     writes; a save writes only into its own folder). Raises ValueError."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{what} {out} is an existing file: give a folder.")
     out_chain = _chain(Path(out))
     for label, path in inputs.items():
         if path is None or not os.path.exists(path):

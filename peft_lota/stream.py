@@ -24,7 +24,7 @@ from torch import nn
 
 from . import formats
 from .loading import quantization_config
-from .paths import checked_shard_names, copy_into, own_file, separate_output
+from .paths import check_index, copy_into, own_file, separate_output
 from .guards import refuse_non_finite_checkpoint
 from .verify import tokenizer_files
 
@@ -53,13 +53,8 @@ def _weight_map(base: Path) -> dict:
     """{tensor name: shard file} of a checkpoint folder (sharded or single-file). Every shard name the index gives
     is checked to be a plain `*.safetensors` name inside `base` before anything is opened (a downloaded index could
     name any path), and every tensor it maps must be in its shard."""
-    if (base / INDEX).is_file():
-        try:
-            index = json.loads((base / INDEX).read_text())
-        except (ValueError, UnicodeDecodeError, RecursionError) as err:
-            raise ValueError(f"{base / INDEX} is not valid JSON ({str(err)[:80] or 'nested too deeply'}): copy the "
-                             "checkpoint again.") from None
-        weight_map = checked_shard_names(index.get("weight_map") if isinstance(index, dict) else None, base / INDEX)
+    weight_map = check_index(base)
+    if weight_map is not None:
         with _Shards(base) as shards:
             for shard in sorted(set(weight_map.values())):
                 held = shards.keys(shard)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from peft_lota import verify
 from peft_lota.inputs import UsageError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # demo_model.py, in a source checkout
@@ -36,9 +37,9 @@ LINE_LIMIT = 16 << 20  # one .jsonl line
 
 
 def _docs(path: str, text_column: str):
-    """The file's documents, read lazily and bounded: a .txt file in pieces (one document), a .jsonl line by line,
-    a .json whole (at most JSON_LIMIT bytes). Damaged input is a ValueError naming the file."""
-    from peft_lota.paths import regular_text_file, text_pieces
+    """The documents of a .jsonl file (line by line) or a .json file (whole, at most JSON_LIMIT bytes), read lazily.
+    Damaged input is a ValueError naming the file."""
+    from peft_lota.paths import regular_text_file
 
     p = regular_text_file(path, "--calib_file / --eval_file")
     if p.suffix == ".json":
@@ -64,8 +65,6 @@ def _docs(path: str, text_column: str):
                     except (ValueError, UnicodeDecodeError, RecursionError) as err:
                         raise ValueError(f"{p}: line {i + 1} is not a JSON object "
                                          f"({str(err)[:80] or 'nested too deeply'}).") from None
-    else:
-        yield from text_pieces(p, "--calib_file / --eval_file", 1 << 40)
 
 
 def _field(row, column: str, path, i: int) -> str:
@@ -88,15 +87,13 @@ def token_stream(tokenizer, docs, want: float) -> list[int]:
 
 def file_ids(tokenizer, path: str, text_column: str, want: int) -> list[int]:
     """A calibration or evaluation file's tokens, read only until `want` tokens are in hand (a .txt file is one
-    document, tokenized piece by piece)."""
+    document, tokenized piece by piece: paths.read_token_ids)."""
+    from peft_lota.paths import read_token_ids
+
     if Path(path).suffix in (".json", ".jsonl"):
         return token_stream(tokenizer, _docs(path, text_column), want)
-    ids: list[int] = []
-    for piece in _docs(path, text_column):
-        ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if len(ids) >= want:
-            return ids
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    ids, _, whole = read_token_ids(tokenizer, path, "--calib_file / --eval_file", want, 1 << 40)
+    return ids + ([tokenizer.eos_token_id] if whole and tokenizer.eos_token_id is not None else [])
 
 
 def token_windows(tokenizer, ids: list[int], n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -107,12 +104,6 @@ def token_windows(tokenizer, ids: list[int], n: int, seq_len: int, seed: int = 0
         raise SystemExit(f"calibrate.py: the calibration text has fewer than --seq_len {seq_len} tokens.")
     pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:n]
     return blocks[pick]
-
-
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    from peft_lota import verify
-
-    return verify.perplexity(model, blocks, batch_size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -178,8 +169,6 @@ def check_output(args: argparse.Namespace) -> None:
     from peft_lota.paths import separate_output
 
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} is an existing file: give a folder for the calibrated checkpoint.")
     inputs = {"model (--model_name_or_path)": args.model_name_or_path, "--baseline": args.baseline,
               "--calib_file": args.calib_file, "--eval_file": args.eval_file}
     try:
@@ -199,7 +188,6 @@ def merge_save_reload(calibrated, tok, probe: torch.Tensor, out: Path, dtype: to
     the merged and the reloaded model give the calibrated model's logits exactly (verify). Returns (reloaded,
     checks)."""
     import peft_lota
-    from peft_lota import verify
 
     merged = verify.merge_checked(calibrated, probe)
     reloaded = verify.save_checked(merged.model, out, probe, merged.merged_logits,
@@ -212,7 +200,7 @@ def baseline_rows(baseline: str, eval_blocks: torch.Tensor, dtype: torch.dtype, 
     """--baseline's perplexity, and the share of its gap to full precision that the calibration closed."""
     import peft_lota
 
-    ppl = perplexity(peft_lota.load_model(baseline, dtype=dtype), eval_blocks)
+    ppl = verify.perplexity(peft_lota.load_model(baseline, dtype=dtype), eval_blocks)
     gap = ppl - ppl_fp
     return {"ppl_baseline": ppl, "baseline_gap_closed": round((ppl - ppl_calibrated) / gap, 3) if gap > 0 else None}
 
@@ -243,7 +231,7 @@ def main(argv=None) -> dict:
     summary = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "saliency": args.saliency,
                "samples": len(windows), "seq_len": args.seq_len, "epochs": args.epochs}
     if eval_blocks is not None:
-        summary["ppl_fp"] = perplexity(model, eval_blocks)
+        summary["ppl_fp"] = verify.perplexity(model, eval_blocks)
         print(f"full precision: perplexity {summary['ppl_fp']:.3f}", flush=True)
 
     t0 = time.time()
@@ -258,7 +246,7 @@ def main(argv=None) -> dict:
     reloaded, checks = merge_save_reload(calibrated, tok, windows[:2], out, dtype)
     summary.update(checks, output_dir=str(out))
     if eval_blocks is not None:
-        summary["ppl_calibrated"] = perplexity(reloaded, eval_blocks)
+        summary["ppl_calibrated"] = verify.perplexity(reloaded, eval_blocks)
         if args.baseline:
             summary.update(baseline_rows(args.baseline, eval_blocks, dtype, summary["ppl_fp"],
                                          summary["ppl_calibrated"]))

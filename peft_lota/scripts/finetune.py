@@ -537,8 +537,6 @@ def check_outputs(model_args: ModelArguments, data_args: DataArguments, method_a
     if method_args.merge:
         outputs["--merged_dir"] = method_args.merged_dir or str(Path(training_args.output_dir) / "merged")
     for flag, out in outputs.items():
-        if Path(out).exists() and not Path(out).is_dir():
-            raise UsageError(f"{flag} {out} is an existing file: give a folder.")
         try:
             separate_output(out, {**model, **data}, flag)
         except ValueError as err:
