@@ -41,11 +41,11 @@ def positive(text: str) -> int:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", choices=["lota", "lora"], default="lota")
+    ap.add_argument("--method", choices=["lota", "lora", "l4q"], default="lota")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--init-seed", type=int, default=None, help="LotaConfig(init_seed=...); None: torch's global RNG")
     ap.add_argument("--config", default="{}", help="more LotaConfig fields as JSON, e.g. '{\"train_scales\": false}'; "
-                    "'freeze_factors': true trains the scales only; for LoRA: r and lora_alpha")
+                    "'freeze_factors': true trains the scales only; for LoRA: r and lora_alpha; for L4Q: L4QConfig fields")
     ap.add_argument("--variant", default="gptq-3b-asym")
     ap.add_argument("--root", default="build/real-model", help="the real model's cache (examples/real_model.py)")
     ap.add_argument("--steps", type=positive, default=40)
@@ -130,6 +130,8 @@ def main(argv=None) -> None:
         r = config.get("r", 64)
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=config.get("lora_alpha", 2 * r),
                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
+    elif args.method == "l4q":
+        model = get_peft_model(model, peft_lota.L4QConfig(target_modules=TARGETS, init_seed=args.init_seed, **config))
     else:
         fields = {k: v for k, v in config.items() if k != "freeze_factors"}
         model = get_peft_model(model, peft_lota.LotaConfig(target_modules=TARGETS, init_seed=args.init_seed, **fields))
@@ -160,7 +162,14 @@ def main(argv=None) -> None:
                lr=args.lr, config=config, init_seed=args.init_seed, variant=args.variant, seq=args.seq,
                losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], train_s=train_s,
                base_ppl=round(base_ppl, 3), codes_moved=None, date=machine["date"], cpu=machine["cpu"])
-    if args.method == "lota":
+    if args.method == "l4q":
+        row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
+                                 if isinstance(layer, peft_lota.L4QLayer) for a in layer.l4q_A)
+        adapter_ppl = perplexity(model)
+        model = model.merge_and_unload()
+        row["ppl"] = perplexity(model)
+        assert row["ppl"] == adapter_ppl, "the merged model must score what the adapter model scored"
+    elif args.method == "lota":
         # get_delta_codes, not tuner_layer.codes_moved: older checkouts (--code) predate that module
         row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
                                  if isinstance(layer, peft_lota.LotaLayer) for a in layer.lota_A)

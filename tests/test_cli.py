@@ -50,7 +50,7 @@ def test_merge_writes_a_verified_checkpoint_and_inspect_and_verify_agree(base, t
     assert f"{method.upper()} adapter" in out and "per layer (codes moved):" in out
     assert cli.main(["inspect", str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out
-    assert "GPTQ checkpoint" in out and "yes  vLLM 0.33 auto_gptq (Marlin)" in out
+    assert "GPTQ checkpoint" in out and "yes  vLLM 0.34 auto_gptq (Marlin)" in out and "yes  SGLang 0.5.23 gptq_marlin" in out
 
     assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(adapter), "--base", str(base)]) == 0
     assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(tmp_path / "merged")]) == 0

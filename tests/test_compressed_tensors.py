@@ -159,7 +159,7 @@ def test_command_line_merges_inspects_and_verifies(ct_dir, tmp_path, capsys):
     assert cli.main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"merged logits == adapter logits\s+True", out) and re.search(r"reloaded logits == merged\s+True", out)
-    assert "compressed-tensors: format pack-quantized, bits 8" in out and "vLLM 0.33 compressed-tensors WNA16" in out
+    assert "compressed-tensors: format pack-quantized, bits 8" in out and "vLLM 0.34 compressed-tensors WNA16" in out
     assert cli.main(["inspect", str(tmp_path / "merged")]) == 0
     assert "compressed-tensors checkpoint" in capsys.readouterr().out
     assert cli.main(["verify", str(tmp_path / "merged"), "--against", str(tmp_path / "adapter"), "--base", str(base)]) == 0

@@ -111,3 +111,24 @@ def test_an_asymmetric_4_bit_gptq_checkpoint_is_told_the_conversion_a_fast_kerne
     assert "--to awq" in note({"bits": 4, "sym": False, "desc_act": False, "group_size": 128})
     assert "--to awq" not in note({"bits": 4, "sym": False, "desc_act": True, "group_size": 128})  # AWQ: no act-order
     assert note({"bits": 4, "sym": True, "desc_act": False, "group_size": 128}) is None
+
+
+def test_each_server_is_told_its_own_conversion_or_that_none_serves():
+    gptq, awq = formats.by_name("gptq"), formats.by_name("awq")
+    # 3-bit symmetric: vLLM serves it as compressed-tensors (2-8 bits there), SGLang at no format (4/8 bits only)
+    note = gptq.fast_path_note({"bits": 3, "sym": True, "desc_act": False, "group_size": 128})
+    vllm, sglang = note.split("SGLang 0.5.23 refuses it:")
+    assert vllm.startswith("vLLM 0.34 refuses it:") and "--to compressed-tensors" in vllm
+    assert "no format peft-lota writes" in sglang
+    # act-order with groups: SGLang serves it as it is, vLLM refuses and no format holds its group order for it
+    note = gptq.fast_path_note({"bits": 4, "sym": True, "desc_act": True, "group_size": 128})
+    assert note.startswith("vLLM 0.34 refuses it") and "SGLang" not in note and "no format" in note
+    rows = {name.split()[0]: ok for name, _, ok in gptq.kernels({"bits": 4, "sym": True, "desc_act": True,
+                                                                  "group_size": 128}) if name.startswith(("vLLM", "SGL"))}
+    assert rows == {"vLLM": False, "SGLang": True}
+    # 3-bit asymmetric (the real model's benchmark grid): no server takes it in any format peft-lota writes
+    note = gptq.fast_path_note({"bits": 3, "sym": False, "desc_act": False, "group_size": 64})
+    assert note.count("no format peft-lota writes") == 2
+    # AWQ: 4-bit with zero points is served by both, whatever the group; 8-bit by neither
+    assert awq.fast_path_note({"bits": 4, "zero_point": True, "group_size": 256}) is None
+    assert awq.fast_path_note({"bits": 8, "zero_point": True, "group_size": 128}).count("4 bits only") == 2

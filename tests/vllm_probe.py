@@ -1,5 +1,6 @@
 """Asks an installed vLLM which quantization method it picks for each checkpoint config, and whether its config
-classes accept it (and, for GPTQ and AWQ, whether Marlin takes it on an Ampere GPU, as their layers check). Used by test_vllm_rules.py, in the Python that has vLLM (it may be another environment).
+classes accept it (and, for GPTQ and AWQ, whether Marlin takes it on an Ampere GPU, as their layers check; AWQ with zero points off Marlin runs on
+its GEMM fallback). Used by test_server_rules.py, in the Python that has vLLM (it may be another environment).
 
 Input (argv[1]): a JSON list of `quantization_config` dicts as they stand in config.json.
 Output (stdout, last line): a JSON list of {"method": name or null, "accepted": bool, "reason": str or null}.
@@ -30,6 +31,10 @@ def probe(qc: dict) -> dict:
 
             has_zp = method == "auto_awq" and bool(config.zero_point)
             ok, why = _check_marlin_supported(config.quant_type, config.group_size, has_zp, device_capability=80)
+            if not ok and method == "auto_awq" and config.zero_point:
+                ok = True  # AWQ off Marlin falls back to its AWQ GEMM kernel (AutoAWQLinearMethod)
+            elif not ok and method == "auto_awq":
+                why = f"{why} (the AWQ GEMM fallback with symmetric weights is not claimed by the table)"
             if not ok:
                 raise ValueError(why)
         if method == "compressed-tensors":  # the scheme (and its checks) is chosen per layer from the groups

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from .base import (Format, PackedBufferWeights, QuantState, checked_layers, gptqmodel_kernels, group_layout, layers_of,
-                   stamp_quantizer, swap_layers, MARLIN_GROUP_NOTE, MARLIN_GROUP_SIZES)
+                   stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
+from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -397,37 +398,27 @@ def true_zeros_of(tensors: dict, qc: dict) -> torch.Tensor:
     return unpack_columns(tensors["qzeros"], int(qc["bits"]))
 
 
-# vLLM 0.33.0 (its auto_awq config and linear method; tests/test_vllm_rules.py asks an installed vLLM): AWQ runs on
-# Marlin, which takes 4-bit weights with zero points in groups of 32, 64, 128 or one per row.
-VLLM = ("vLLM 0.33 auto_awq (Marlin)", lambda qc: qc["bits"] == 4 and qc.get("zero_point", True) is not False
-        and qc["group_size"] in MARLIN_GROUP_SIZES)
 GPTQMODEL_MODULES = ("marlin_awq", "gemm_awq", "torch_fused_awq", "torch_aten_kernel_awq", "torch_awq")
 GPTQMODEL_KERNELS = ("AwqMarlinLinear", "AwqGEMMLinear", "TorchFusedAwqLinear", "TorchAtenAwqLinear", "AwqTorchLinear")
 
 
+def serving_grid(qc: dict) -> serving.Grid:
+    return serving.Grid(int(qc["bits"]), int(qc["group_size"]), qc.get("zero_point", True) is False, False)
+
+
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     """(kernel, devices, can serve) for an AWQ quantization config, from the installed kernels' own declarations
-    (gptqmodel) and a table (vLLM)."""
+    (gptqmodel) and the GPU servers' rules (serving.py)."""
     def supports(cls) -> bool:
         return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
                 and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]]))
 
-    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + [(VLLM[0], "cuda", VLLM[1](qc))]
+    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + serving.rows("awq", serving_grid(qc))
 
 
 def fast_path_note(qc: dict) -> Optional[str]:
-    """Why vLLM (0.33), which runs AWQ on Marlin only, would refuse this checkpoint, and the convert that helps; or None."""
-    if VLLM[1](qc):
-        return None
-    if qc["bits"] != 4:
-        note = f"vLLM (0.33) runs AWQ at 4 bits only, not {qc['bits']}."
-        if qc.get("zero_point") is False:
-            note += " `peft-lota convert CHECKPOINT OUT --to compressed-tensors` writes the same grid in a format it takes."
-        return note
-    if qc.get("zero_point") is False:
-        return ("vLLM's (0.33) AWQ Marlin kernel needs zero points, and this checkpoint is symmetric: "
-                "`peft-lota convert CHECKPOINT OUT --to gptq` writes the same grid as symmetric GPTQ, which it serves.")
-    return MARLIN_GROUP_NOTE.format(qc["group_size"])
+    """Which GPU server refuses this checkpoint, why, and the conversion it serves; or None."""
+    return serving.note("awq", serving_grid(qc))
 
 
 def load_config(qc: dict):

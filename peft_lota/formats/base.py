@@ -214,11 +214,6 @@ class QuantWeights:
         raise NotImplementedError
 
 
-# The group sizes Marlin kernels take (-1: one group per row); vLLM runs GPTQ and AWQ on Marlin only.
-MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
-MARLIN_GROUP_NOTE = "Marlin takes groups of 32, 64 or 128 (or one per row), not {}: vLLM (0.33) refuses it."
-
-
 def problems_error(what: str, problems: list[str], hint: str) -> ValueError:
     """One error for every layer a format cannot use: the first three problems, how many more, and the way out."""
     more = f"\n(and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -351,7 +346,8 @@ class Format:
         its layout-keeping, trainable kernel.
     kernels(qc): (kernel, devices, can serve) for a checkpoint's quantization_config.
     describe(qc): (key, value) rows that say what a checkpoint is (the command line's inspect).
-    fast_path_note(qc): why the checkpoint misses the fast GPU kernels, or None.
+    fast_path_note(qc): which GPU server (vLLM, SGLang) refuses the checkpoint, why, and the conversion it serves;
+        or None (serving.py).
 
     Building new layers (a method that quantizes a full-precision model writes them), for formats that can:
     grid_problem(in_features, out_features, bits, group_size, sym, act_order=False): why a layer with this

@@ -31,6 +31,7 @@ from torch import nn
 
 from .base import Format, QuantState, QuantWeights, group_layout, layers_of, problems_error
 from .base import model_quantization_config as quantization_config
+from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def grid_problem(in_features: int, out_features: int, bits: int, group_size: int
     gs = in_features if group_size in (-1, 0) else group_size
     if act_order:
         return ("act-order (a permuted g_idx) is compressed-tensors' actorder='group', which peft_lota does not write "
-                "and vLLM (0.33) refuses.")
+                "and vLLM (0.34) refuses.")
     if not sym:
         return ("it has zero points, and transformers (5.23) cannot load an asymmetric pack-quantized checkpoint (its "
                 "packed zero points do not fit the shapes it allocates), so the result could not be checked by a stock "
@@ -396,28 +397,30 @@ def _weight_args(qc: dict) -> list[dict]:
     return [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
 
 
-def _vllm_takes(w: dict) -> bool:
-    """vLLM 0.33.0's WNA16 scheme (tests/test_vllm_rules.py asks an installed vLLM): 2- to 8-bit integer weights,
-    symmetric or with zero points, in groups or per channel, static; act-order only as static ("weight") order.
-    (Checkpoints that also quantize activations are refused by peft_lota before this matters.)"""
-    grouped = w.get("strategy") == "channel" or (w.get("strategy") == "group" and (w.get("group_size") or -1) > 0)
-    return (w.get("type", "int") == "int" and 2 <= int(w.get("num_bits") or 0) <= 8 and grouped
-            and not w.get("dynamic") and w.get("actorder") not in ("group", "dynamic"))
+def _serving_grid(w: dict) -> serving.Grid:
+    """One config group's weights as the servers' rules read them; ok=False for what they do not describe (float or
+    dynamic weights, a strategy other than group or channel)."""
+    strategy = w.get("strategy")
+    grouped = strategy == "channel" or (strategy == "group" and (w.get("group_size") or -1) > 0)
+    ok = w.get("type", "int") == "int" and grouped and not w.get("dynamic")
+    return serving.Grid(int(w.get("num_bits") or 0), int(w["group_size"]) if strategy == "group" and ok else -1,
+                        w.get("symmetric", True) is not False, w.get("actorder") in ("group", "dynamic"), ok)
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
-    """(kernel, devices, can serve) for a pack-quantized config: transformers' dense fallback everywhere, and vLLM's
-    WNA16 scheme (Marlin, Machete or another of its mixed-precision kernels, chosen on the GPU)."""
-    ws = _weight_args(qc)
-    return [("transformers (decompressed to dense on first forward)", "cpu, cuda", True),
-            ("vLLM 0.33 compressed-tensors WNA16", "cuda", bool(ws) and all(_vllm_takes(w) for w in ws))]
+    """(kernel, devices, can serve) for a pack-quantized config: transformers' dense fallback everywhere, and the GPU
+    servers' WNA16 schemes (serving.py), which must take every config group."""
+    grids = [_serving_grid(w) for w in _weight_args(qc)] or [serving.Grid(0, -1, True, False, False)]
+    per_group = [serving.rows("compressed-tensors", g) for g in grids]  # each: one (kernel, devices, ok) per server
+    return [("transformers (decompressed to dense on first forward)", "cpu, cuda", True)] + [
+        (name, devices, all(rows[i][2] for rows in per_group)) for i, (name, devices, _) in enumerate(per_group[0])]
 
 
 def fast_path_note(qc: dict) -> Optional[str]:
-    if not all(_vllm_takes(w) for w in _weight_args(qc)):
-        return ("vLLM (0.33) will not load these weights (it takes 2- to 8-bit integer groups or channels); "
-                "transformers runs them decompressed.")
-    return None
+    """Which GPU server refuses these weights, why, and the conversion it serves; or None (transformers runs any
+    of them decompressed)."""
+    notes = [serving.note("compressed-tensors", _serving_grid(w)) for w in _weight_args(qc)]
+    return " ".join(dict.fromkeys(n for n in notes if n)) or None
 
 
 def load_config(qc: dict):

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .base import (Format, PackedBufferWeights, QuantState, checked_layers, clear_kernel_caches, gptqmodel_kernels,
-                   group_layout, layers_of, stamp_quantizer, swap_layers, MARLIN_GROUP_NOTE, MARLIN_GROUP_SIZES)
+                   group_layout, layers_of, stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
+from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes, word_rows
 
 logger = logging.getLogger(__name__)
@@ -475,48 +476,28 @@ def _quantize_config_json(qc: dict) -> dict:
 GPTQMODEL_MODULES = ("marlin", "machete", "exllamav2", "tritonv2", "torch_fused", "torch_aten_kernel", "torch")
 GPTQMODEL_KERNELS = ("MarlinLinear", "MacheteLinear", "ExllamaV2Linear", "TritonV2Linear", "TorchFusedLinear",
                      "TorchAtenLinear", "TorchLinear")
-# vLLM 0.33.0 (its auto_gptq config and linear method; tests/test_vllm_rules.py asks an installed vLLM): GPTQ runs
-# on Marlin only, which takes symmetric 4- and 8-bit weights in groups of 32, 64, 128 or one per row; act-order
-# (desc_act) with groups is refused. Symmetric weights need no zero points, so vLLM reads v1 and v2 alike.
-VLLM = ("vLLM 0.33 auto_gptq (Marlin)", lambda qc: bool(qc["sym"]) and qc["bits"] in (4, 8)
-        and qc["group_size"] in MARLIN_GROUP_SIZES and not (qc.get("desc_act") and qc["group_size"] != -1))
+
+
+def serving_grid(qc: dict) -> serving.Grid:
+    return serving.Grid(int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"]),
+                        bool(qc.get("desc_act")) and qc["group_size"] != -1)
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:
     """(kernel, devices, can serve) for a GPTQ quantization config: gptqmodel's (from the installed kernels' own
-    declarations) and vLLM's (its rules, above)."""
+    declarations) and the GPU servers' (their rules: serving.py)."""
     def supports(cls) -> bool:
         return (qc["bits"] in getattr(cls, "SUPPORTS_BITS", [qc["bits"]])
                 and bool(qc["sym"]) in getattr(cls, "SUPPORTS_SYM", [True, False])
                 and qc["group_size"] in getattr(cls, "SUPPORTS_GROUP_SIZE", [qc["group_size"]])
                 and bool(qc.get("desc_act")) in getattr(cls, "SUPPORTS_DESC_ACT", [True, False]))
 
-    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + [(VLLM[0], "cuda", VLLM[1](qc))]
+    return gptqmodel_kernels(GPTQMODEL_MODULES, GPTQMODEL_KERNELS, supports) + serving.rows("gptq", serving_grid(qc))
 
 
 def fast_path_note(qc: dict) -> Optional[str]:
-    """Why this checkpoint misses the fast GPU kernels (Marlin), which are all vLLM 0.33 runs GPTQ on, or None."""
-    if qc["bits"] not in (4, 8):
-        note = (f"{qc['bits']}-bit GPTQ has no Marlin kernel: gptqmodel runs it on slower GPU kernels (Triton), and "
-                "vLLM (0.33) refuses it.")
-        if qc["sym"] and not (qc.get("desc_act") and qc["group_size"] != -1):  # vLLM's compressed-tensors: 2-8 bits
-            note += (" `peft-lota convert CHECKPOINT OUT --to compressed-tensors` writes the same grid in the format "
-                     "vLLM serves at 2 to 8 bits.")
-        return note
-    if not qc["sym"]:
-        note = ("asymmetric GPTQ (moved or non-centred zero points) has no Marlin kernel: gptqmodel runs it on slower "
-                "GPU kernels, and vLLM (0.33) refuses it. A fine-tune that moves zero points makes a symmetric base "
-                "asymmetric; one that keeps them keeps it symmetric.")
-        if qc["bits"] == 4 and not qc.get("desc_act") and qc["group_size"] in MARLIN_GROUP_SIZES:
-            note += (" `peft-lota convert CHECKPOINT OUT --to awq` writes the same grid as AWQ, whose Marlin kernel "
-                     "takes zero points (vLLM's auto_awq).")
-        return note
-    if qc.get("desc_act") and qc["group_size"] != -1:
-        return ("act-order GPTQ (desc_act) with groups: gptqmodel's Marlin kernel runs it, vLLM (0.33) refuses it; "
-                "no format vLLM takes holds its group order.")
-    if qc["group_size"] not in MARLIN_GROUP_SIZES:
-        return MARLIN_GROUP_NOTE.format(qc["group_size"])
-    return None
+    """Which GPU server refuses this checkpoint, why, and the conversion it serves; or None."""
+    return serving.note("gptq", serving_grid(qc))
 
 
 def load_config(qc: dict):

@@ -1,10 +1,11 @@
-"""The vLLM rows of the kernel table (`peft-lota inspect` / `merge`) against vLLM's own rules.
+"""The GPU servers' rows of the kernel table (`peft-lota inspect` / `merge` / `convert`) against the servers' own rules.
 
-vLLM does not install beside this project's pinned torch, so the test asks a Python that has it: set
-PEFT_LOTA_VLLM_PYTHON to that interpreter (e.g. a venv made with `pip install vllm==0.33.0`), or run in an environment
-that has vllm. Skipped otherwise. tests/vllm_probe.py feeds each checkpoint config, as peft_lota writes it, to vLLM's
-quantization config classes (and Marlin's support check that GPTQ and AWQ layers run as they are built); the
-table must say "can serve" exactly where vLLM accepts, name the method vLLM picks, and name the version it follows.
+vLLM and SGLang do not install beside this project's pinned torch, so each test asks a Python that has the server:
+PEFT_LOTA_VLLM_PYTHON / PEFT_LOTA_SGLANG_PYTHON name that interpreter (a venv made with `pip install vllm==0.34.0` or
+`pip install sglang==0.5.23`), or the server is installed here. Skipped otherwise. tests/vllm_probe.py and
+tests/sglang_probe.py feed each checkpoint config, as peft_lota writes it, to the server's quantization config classes
+(and the Marlin checks its layers make as they are built, on an answered-as-H100 device); the table must say "can
+serve" exactly where the server accepts, name the method it picks, and the version it follows.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import pytest
 
 from peft_lota import formats
 
-PROBE = Path(__file__).resolve().parent / "vllm_probe.py"
+HERE = Path(__file__).resolve().parent
+SERVERS = {"vLLM": ("PEFT_LOTA_VLLM_PYTHON", "vllm", HERE / "vllm_probe.py"),
+           "SGLang": ("PEFT_LOTA_SGLANG_PYTHON", "sglang", HERE / "sglang_probe.py")}
 
 
-def _vllm_python() -> str | None:
-    if os.environ.get("PEFT_LOTA_VLLM_PYTHON"):
-        return os.environ["PEFT_LOTA_VLLM_PYTHON"]
-    return sys.executable if importlib.util.find_spec("vllm") else None
+def _server_python(server: str) -> str | None:
+    variable, module, _ = SERVERS[server]
+    if os.environ.get(variable):
+        return os.environ[variable]
+    return sys.executable if importlib.util.find_spec(module) else None
 
 
 def _configs() -> list[dict]:
@@ -62,26 +66,27 @@ def _configs() -> list[dict]:
     return out
 
 
-def _vllm_row(qc: dict) -> tuple[str, bool]:
-    rows = [(name, ok) for name, _, ok in formats.config_format(qc).kernels(qc) if name.startswith("vLLM")]
+def _row(server: str, qc: dict) -> tuple[str, bool]:
+    rows = [(name, ok) for name, _, ok in formats.config_format(qc).kernels(qc) if name.startswith(server + " ")]
     assert len(rows) == 1, rows
     return rows[0]
 
 
-def test_kernel_table_follows_vllm():
-    python = _vllm_python()
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_kernel_table_follows_the_server(server):
+    python = _server_python(server)
+    variable, module, probe = SERVERS[server]
     if python is None:
-        pytest.skip("no vLLM here: set PEFT_LOTA_VLLM_PYTHON to a Python that has `pip install vllm`")
+        pytest.skip(f"no {server} here: set {variable} to a Python that has `pip install {module}`")
     configs = _configs()
-    proc = subprocess.run([python, str(PROBE), json.dumps(configs)], capture_output=True, text=True, timeout=900,
-                          cwd=Path(PROBE).parent.parent)
+    proc = subprocess.run([python, str(probe), json.dumps(configs)], capture_output=True, text=True, timeout=900,
+                          cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    version = ".".join(answer["version"].split(".")[:2])
     wrong = []
     for qc, got in zip(configs, answer["results"]):
-        name, ok = _vllm_row(qc)
-        assert f"vLLM {version} {got['method']}" in name, (name, got)
+        name, ok = _row(server, qc)
+        assert answer["version"].startswith(name.split()[1]) and got["method"] in name, (name, answer["version"], got)
         if ok != got["accepted"]:
             wrong.append((formats.config_format(qc).name, {k: qc.get(k) for k in ("bits", "group_size", "sym",
                           "desc_act", "checkpoint_format", "zero_point")} if "bits" in qc
