@@ -54,8 +54,53 @@ def parse_args(argv=None):
     ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     ap.add_argument("--code", default=None, help="a checkout whose peft_lota is imported instead of this one")
     ap.add_argument("--tag", default="", help="a name for the row")
+    ap.add_argument("--l4q-scale-unit", type=float, default=None,
+                    help="L4Q: the scale multiplier's unit (1 + unit * u; the package's is 1; LoTA's is 100)")
+    ap.add_argument("--diagnose", action="store_true", help="LoTA, L4Q: record how the moved codes sit in each layer "
+                    "(spectral norm of s * D against the weight's, rank-one share, a random-placement control)")
     ap.add_argument("--report", action="store_true", help="write trainer-runs.md from trainer-runs.jsonl, run nothing")
     return ap.parse_args(argv)
+
+
+def move_structure(model, peft_lota) -> dict:
+    """How the code moves of a trained LoTA or L4Q model sit in each layer: their weight change s * D as a matrix against the
+    layer's weight (spectral norms), the share of its energy in one singular direction (1.0: a rank-one sign pattern),
+    and the same for as many moves placed at random (the control). Summed over layers where codes moved."""
+    import torch
+
+    from peft_lota.formats.base import dequantize
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (peft_lota.LotaLayer, peft_lota.L4QLayer)):
+            continue
+        for a in (layer.lota_A if isinstance(layer, peft_lota.LotaLayer) else layer.l4q_A):
+            D = layer.get_delta_codes(a).t().float()  # [K, N]
+            moved = int((D != 0).sum())
+            if not moved:
+                continue
+            state = layer.base_state()
+            s = state.scales.float()[state.g_idx]
+            W = dequantize(state.codes, state.zeros, state.scales, state.g_idx).float()
+            dW = D * s
+            sv = torch.linalg.svdvals(dW)
+            flat = torch.zeros(D.numel())
+            flat[torch.randperm(D.numel(), generator=gen)[:moved]] = torch.randint(0, 2, (moved,), generator=gen) * 2. - 1
+            rand = flat.view(D.shape) * s
+            rsv = torch.linalg.svdvals(rand)
+            rows.append(dict(layer=name.split("base_model.model.")[-1], moved=moved,
+                             ratio=float(sv[0] / torch.linalg.matrix_norm(W, 2)),
+                             rank1=float(sv[0] ** 2 / (sv ** 2).sum()), random_ratio=float(rsv[0] / torch.linalg.matrix_norm(W, 2)),
+                             random_rank1=float(rsv[0] ** 2 / (rsv ** 2).sum())))
+    if not rows:
+        return {}
+    total = sum(r["moved"] for r in rows)
+    mean = lambda key: sum(r[key] * r["moved"] for r in rows) / total  # noqa: E731  (weighted by moves)
+    top = sorted(rows, key=lambda r: -r["moved"])[:5]
+    return dict(layers_moved=len(rows), spectral_ratio=mean("ratio"), random_spectral_ratio=mean("random_ratio"),
+                rank1_share=mean("rank1"), random_rank1_share=mean("random_rank1"),
+                top_layers=[(r["layer"], r["moved"], round(r["ratio"], 3), round(r["rank1"], 3)) for r in top])
 
 
 def report() -> None:
@@ -131,6 +176,10 @@ def main(argv=None) -> None:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=config.get("lora_alpha", 2 * r),
                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
     elif args.method == "l4q":
+        if args.l4q_scale_unit is not None:  # an experiment's knob: how far a step of the learning rate moves a scale
+            import peft_lota.l4q.layer as l4q_layer
+
+            l4q_layer.L4Q_SCALE_UNIT = args.l4q_scale_unit
         model = get_peft_model(model, peft_lota.L4QConfig(target_modules=TARGETS, init_seed=args.init_seed, **config))
     else:
         fields = {k: v for k, v in config.items() if k != "freeze_factors"}
@@ -158,6 +207,8 @@ def main(argv=None) -> None:
     if args.code:
         commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or args.code
+    if args.l4q_scale_unit is not None:
+        config = dict(config, scale_unit=args.l4q_scale_unit)
     row = dict(tag=args.tag, commit=commit, method=args.method,
                lr=args.lr, config=config, init_seed=args.init_seed, variant=args.variant, seq=args.seq,
                losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], train_s=train_s,
@@ -165,6 +216,8 @@ def main(argv=None) -> None:
     if args.method == "l4q":
         row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
                                  if isinstance(layer, peft_lota.L4QLayer) for a in layer.l4q_A)
+        if args.diagnose and row["codes_moved"]:
+            row["moves"] = move_structure(model, peft_lota)
         adapter_ppl = perplexity(model)
         model = model.merge_and_unload()
         row["ppl"] = perplexity(model)
@@ -173,6 +226,8 @@ def main(argv=None) -> None:
         # get_delta_codes, not tuner_layer.codes_moved: older checkouts (--code) predate that module
         row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
                                  if isinstance(layer, peft_lota.LotaLayer) for a in layer.lota_A)
+        if args.diagnose and row["codes_moved"]:
+            row["moves"] = move_structure(model, peft_lota)
         adapter_ppl = perplexity(model)
         model = model.merge_and_unload()
         row["ppl"] = perplexity(model)

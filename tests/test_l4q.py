@@ -70,15 +70,17 @@ def _problem(layout: str, seed=0, K=64, N=24, G=4, bits=3, r=4, scales_dtype=tor
     return state, A, B, s, x
 
 
-def _reference(state, A, B, scaling, s, x, scale_gradient="lsq"):
-    """The L4Q layer written directly with autograd: round and clamp with straight-through gradients."""
+def _reference(state, A, B, scaling, s, x, scale_gradient="lsq", anchored=False):
+    """The L4Q layer written directly with autograd: round and clamp with straight-through gradients (anchored: on
+    the starting grid state.scales, which the trained scales s then stretch)."""
     g = state.g_idx
     gs = q.lsq_gradient_scale(state, state.maxq) if scale_gradient == "lsq" else 1.0
     s_lsq = s * gs + (s - s * gs).detach()  # LSQ's gradient scale on s, value unchanged
     s_r = (s_lsq + (s.detach().to(state.scales.dtype).float() - s.detach()))[g]
     W0 = state.scales.float()[g] * (state.codes.float() - state.zeros.float()[g])
     # "codes": the codes do not move with s (only W_q = s * (Q - z) sees it)
-    w = (W0 + scaling * A.t() @ B.t()) / (s_r if scale_gradient == "lsq" else s_r.detach())
+    divisor = state.scales.float()[g] if anchored else s_r if scale_gradient == "lsq" else s_r.detach()
+    w = (W0 + scaling * A.t() @ B.t()) / divisor
     v = torch.round(w).detach() + (w - w.detach()) + state.zeros.float()[g]  # exact integers, gradient 1
     # the paper's mask is inclusive (codes on the grid's edge pass gradient); torch.clamp's is not
     c = torch.where((v >= 0) & (v <= state.maxq), v, torch.clamp(v, 0, state.maxq).detach())
@@ -101,6 +103,43 @@ def test_gradients_match_an_autograd_reference(layout, scale_gradient):
     # clipping happened (some codes hit the grid's edges) and scales got gradient
     codes = q.quantized_codes(grid, A, B, 0.5, s.detach())
     assert bool((codes == 0).any()) and bool((codes == state.maxq).any()) and got[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "act-order"])
+def test_anchored_gradients_match_an_autograd_reference(layout):
+    state, A, B, s, x = _problem(layout)
+    grid = q.Grid.from_quantized(state)
+    y = q.l4q_linear(x, grid, A, B, 0.5, s, "codes", anchored=True)
+    y_ref = _reference(state, A, B, 0.5, s, x, "codes", anchored=True)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, A, B, s), grad), torch.autograd.grad(y_ref, (x, A, B, s), grad)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_anchored_codes_move_with_the_lora_only(gptq_dir, tmp_path):
+    """anchor_codes: trained scales stretch the base grid without re-rounding it (the paper's rounding against the
+    trained scales moves codes with them); the LoRA moves codes; merge and reload are exact."""
+    path = gptq_dir(Spec("llama", 3, False, True, "gptq"))
+    moved = {}
+    for anchored in (False, True):
+        model = get_peft_model(load_gptq(path), L4QConfig(r=4, init_seed=0, anchor_codes=anchored))
+        with torch.no_grad():
+            for layer in l4q_layers(model):
+                m = layer.l4q_scales["default"]
+                m.copy_(0.6 * (torch.rand(m.shape, generator=torch.Generator().manual_seed(0)) - 0.5))
+        moved[anchored] = sum(int((layer.get_delta_codes("default") != 0).sum()) for layer in l4q_layers(model))
+    assert moved[False] > 0 and moved[True] == 0
+    randomize(model)  # the anchored model: a LoRA that passes half steps, and scales
+    assert sum(int((layer.get_delta_codes("default") != 0).sum()) for layer in l4q_layers(model)) > 0
+    train_two_steps(model)
+    expected = logits(model)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert torch.equal(logits(merged), expected)
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(load_gptq(tmp_path / "merged")), expected)
+    with pytest.raises(ValueError, match="scale_gradient='codes'"):
+        L4QConfig(anchor_codes=True, scale_gradient="lsq")
 
 
 def test_a_fresh_adapter_reproduces_the_codes_and_the_stock_weights():

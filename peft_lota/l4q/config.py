@@ -76,11 +76,18 @@ class L4QConfig(PeftConfig):
         metadata={"help": "Train the quantization scales (one multiplier per group and output column, LSQ-style "
                           "gradient). The forward uses them rounded to fp16, the dtype the checkpoint stores."},
     )
-    scale_gradient: str = field(
-        default="lsq",
-        metadata={"help": "How the scales' gradient treats the codes. 'lsq' (the paper, LSQ): as moving with the "
-                          "scale (round(w/s) - w/s inside the grid, the code where clipped). 'codes': as fixed (Q - z), "
-                          "the weights' own derivative."},
+    scale_gradient: Optional[str] = field(
+        default=None,
+        metadata={"help": "How the scales' gradient treats the codes. 'lsq' (the paper, LSQ; the default): as moving "
+                          "with the scale (round(w/s) - w/s inside the grid, the code where clipped). 'codes': as fixed "
+                          "(Q - z), the weights' own derivative (the default, and the only choice, with anchor_codes)."},
+    )
+    anchor_codes: bool = field(
+        default=False,
+        metadata={"help": "Round onto the starting grid: codes = round((W0 + scaling B A) / s0) + z with the scales s0 "
+                          "the adapter started from (the checkpoint's), while the trained scales stretch that grid "
+                          "without re-rounding it, so a code moves only where the LoRA passes half a step of it. False "
+                          "(the paper): the codes round against the trained scales, so a scale change can move codes."},
     )
     base_layers: Optional[dict] = field(default=None, metadata={"help": BASE_LAYERS_HELP})
     init_seed: Optional[int] = field(
@@ -110,8 +117,16 @@ class L4QConfig(PeftConfig):
                                  f"None), got {self.format!r}.")
         if self.sym is not None and not isinstance(self.sym, bool):
             raise ValueError(f"L4QConfig: sym must be True, False or None, got {self.sym!r}.")
+        if not isinstance(self.anchor_codes, bool):
+            raise ValueError(f"L4QConfig: anchor_codes must be True or False, got {self.anchor_codes!r}.")
+        if self.scale_gradient is None:
+            self.scale_gradient = "codes" if self.anchor_codes else "lsq"
         if self.scale_gradient not in ("lsq", "codes"):
             raise ValueError(f"L4QConfig: scale_gradient must be 'lsq' or 'codes', got {self.scale_gradient!r}.")
+        if self.anchor_codes and self.scale_gradient == "lsq":
+            raise ValueError("L4QConfig: anchor_codes=True keeps the codes where the starting grid rounds them, so the "
+                             "scales' gradient is their own (scale_gradient='codes', the default with it); LSQ's "
+                             "gradient assumes codes that re-round as the scales move.")
         if not isinstance(self.learn_scales, bool):
             raise ValueError(f"L4QConfig: learn_scales must be True or False, got {self.learn_scales!r}.")
 

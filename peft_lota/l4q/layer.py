@@ -36,6 +36,7 @@ class L4QSettings:
     scaling: float
     learn_scales: bool = True
     scale_gradient: str = "lsq"
+    anchor_codes: bool = False
 
 
 class L4QLayer(QuantLayer):
@@ -152,7 +153,7 @@ class L4QLayer(QuantLayer):
         else:
             grid.state = grid.state.replace(bias=None)
         out = l4q_linear(x2, grid, self.l4q_A[name], self.l4q_B[name], settings.scaling,
-                         self.scales(name, grid), settings.scale_gradient)
+                         self.scales(name, grid), settings.scale_gradient, settings.anchor_codes)
         out = kernel.kernel_output(out, bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -163,8 +164,9 @@ class L4QLayer(QuantLayer):
         grid = self.grid()
         scales = self.scales(adapter_name, grid)
         s32 = grid.state.scales.float() if scales is None else scales
-        codes = quantized_codes(grid, self.l4q_A[adapter_name], self.l4q_B[adapter_name],
-                                self.settings[adapter_name].scaling, s32)
+        settings = self.settings[adapter_name]
+        codes = quantized_codes(grid, self.l4q_A[adapter_name], self.l4q_B[adapter_name], settings.scaling,
+                                grid.state.scales.float() if settings.anchor_codes else s32)
         return codes, grid.state.zeros, s32.to(grid.state.scales.dtype), grid
 
     @torch.no_grad()

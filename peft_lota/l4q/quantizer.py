@@ -174,15 +174,18 @@ class L4QLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, grid: Grid, scaling: float, scale_gradient: str, scales32, A, B):
+    def forward(ctx, x, grid: Grid, scaling: float, scale_gradient: str, scales32, A, B, anchored: bool = False):
         base_scales = grid.state.scales.float() if scales32 is None else scales32.detach()
-        codes = quantized_codes(grid, A, B, scaling, base_scales)
+        # anchored: the codes round on the starting grid; the trained scales stretch it without re-rounding
+        round_scales = grid.state.scales.float() if anchored else base_scales
+        codes = quantized_codes(grid, A, B, scaling, round_scales)
         dtype = compute_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(dtype)
             out = grid.state.linear(x, quantized_weight(grid, codes, base_scales, dtype), grid.state.bias, codes=codes,
                                     zeros=grid.state.zeros, scales=base_scales)
         ctx.grid, ctx.scaling, ctx.learn_scales, ctx.scale_gradient = grid, scaling, scales32 is not None, scale_gradient
+        ctx.anchored = anchored
         ctx.save_for_backward(x, codes, base_scales, A, B)
         return out
 
@@ -198,13 +201,15 @@ class L4QLinearFunction(torch.autograd.Function):
         dA, dB = torch.zeros_like(A32), torch.zeros_like(B32)
         d_scales = torch.zeros_like(scales32) if ctx.learn_scales else None
         zeros32, scratch = st.zeros.float(), Scratch(device)
+        # the grid the codes rounded on: the starting one when anchored, else the trained one (the same as scales32)
+        round32 = grid.state.scales.float() if ctx.anchored else scales32
         with torch.autocast(device_type=device.type, enabled=False):
             grad_x = input_grad(st, codes, st.zeros, None, g2).view(x.shape) if needs[0] else None
             for k0, k1 in row_chunks(st, N, device):
                 G = torch.mm(x2[:, k0:k1].t(), g2, out=scratch("G", (k1 - k0, N), x2.dtype))  # dL/dW_q rows
                 if G.dtype != torch.float32:
                     G = scratch("G32", G.shape, torch.float32).copy_(G)
-                v, ws = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), scales32, zeros32, k0, k1)
+                v, ws = quantize_rows(grid, _combined_rows(grid, A32, B32, scaling, k0, k1), round32, zeros32, k0, k1)
                 blocks = G.view(v.shape)
                 in_range = (v >= 0) & (v <= st.maxq)
                 if d_scales is not None:  # dW_q/ds: (Q - z), or LSQ's round(w~) - w~ where in range
@@ -212,22 +217,26 @@ class L4QLinearFunction(torch.autograd.Function):
                     if ctx.scale_gradient == "lsq":
                         step = torch.where(in_range, v.sub(st.group_blocks(zeros32, k0, k1)).sub_(ws), step)
                     add_group_sums_(d_scales, st, step.mul_(blocks).sum(1), k0, k1)
+                if ctx.anchored and ctx.learn_scales:  # W_q = s * (round(W_comb / s0) - z): dW_q/dW_comb = s / s0
+                    blocks.mul_(st.group_blocks(scales32, k0, k1) / st.group_blocks(round32, k0, k1))
                 dwc = blocks.mul_(in_range).view(k1 - k0, N)  # dL/dW_comb: clipped weights pass nothing
                 dA[:, k0:k1] = (dwc @ B32).t().mul_(scaling)
                 dB.addmm_(dwc.t(), A32[:, k0:k1].t(), alpha=scaling)
         if d_scales is not None and ctx.scale_gradient == "lsq":
             d_scales.mul_(lsq_gradient_scale(st, st.maxq))
         return (grad_x, None, None, None, d_scales, dA.to(A.dtype) if needs[5] else None,
-                dB.to(B.dtype) if needs[6] else None)
+                dB.to(B.dtype) if needs[6] else None, None)
 
 
 def l4q_linear(x: torch.Tensor, grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling: float,
-               scales32: Optional[torch.Tensor] = None, scale_gradient: str = "lsq") -> torch.Tensor:
-    """y = x @ W_q + bias; no autograd graph when nothing needs a gradient."""
+               scales32: Optional[torch.Tensor] = None, scale_gradient: str = "lsq",
+               anchored: bool = False) -> torch.Tensor:
+    """y = x @ W_q + bias; no autograd graph when nothing needs a gradient. anchored: the codes round on the
+    starting grid (L4QConfig.anchor_codes)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, scales32)):
-        return L4QLinearFunction.apply(x, grid, scaling, scale_gradient, scales32, A, B)
+        return L4QLinearFunction.apply(x, grid, scaling, scale_gradient, scales32, A, B, anchored)
     s = grid.state.scales.float() if scales32 is None else scales32
-    codes = quantized_codes(grid, A, B, scaling, s)
+    codes = quantized_codes(grid, A, B, scaling, grid.state.scales.float() if anchored else s)
     return grid.state.linear(x, quantized_weight(grid, codes, s, x.dtype), grid.state.bias, codes=codes,
                              zeros=grid.state.zeros, scales=s)
 
