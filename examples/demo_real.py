@@ -7,7 +7,7 @@
 2. a chat task it cannot do: write a date in ISO 8601 ("Write the date March 5, 1999 in ISO 8601 format." ->
    "1999-03-05"); the model answers in prose and gets the digits wrong. Dates from Python's `calendar`, the
    held-out dates never seen in training;
-3. LoTA with its defaults (`LotaConfig()`, learning rate 3e-5) through a stock `transformers.Trainer`, merged into
+3. LoTA with its defaults (`LotaConfig()`, learning rate 1e-4) through a stock `transformers.Trainer`, merged into
    the 4-bit codes, saved as a standard GPTQ checkpoint, reloaded by stock transformers and checked exactly (codes,
    zeros, scales and logits); PEFT's LoRA r16 on the same recipe (unmerged: it cannot be merged into the codes) as
    the reference;
@@ -103,8 +103,8 @@ def main(argv=None) -> None:
     ap.add_argument("--root", default="build/real-model", help="where the models are built and cached")
     ap.add_argument("--out", default="demo_out/real", help="where the merged checkpoint is written")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lota-lr", type=float, default=3e-5,
-                    help="LoTA's recommended rate: the accuracy pilot's best on this model")
+    ap.add_argument("--lota-lr", type=float, default=1e-4,
+                    help="LoTA's recommended rate (benchmarks/README.md, \"LoTA's learning\")")
     ap.add_argument("--lora-lr", type=float, default=3e-3,
                     help="the accuracy pilot's best for LoRA r16 on this model (benchmarks/results/accuracy-real-tune.md)")
     ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")

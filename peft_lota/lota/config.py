@@ -80,12 +80,15 @@ class LotaConfig(PeftConfig):
         },
     )
     latent_threshold: float = field(
-        default=1e-4,
+        default=1e-3,
         metadata={
             "help": "train_mode='latent': the latent value at which an entry of A or B becomes +-1. A fresh B is 0 "
-            "and A's entries sit at +-2 latent_threshold, so with AdamW an entry flips after about "
-            "latent_threshold / learning_rate steps of a consistently signed gradient: at the default, a "
-            "learning rate of 1e-4 flips an entry in a step or two, the recommended 3e-5 in three or four."
+            "and A's entries sit at +-2 latent_threshold. AdamW moves every entry by about the learning rate per step "
+            "(its first step by exactly that, whatever the gradient), so an entry flips after about "
+            "latent_threshold / learning_rate steps of a consistently signed gradient: at the default and the "
+            "recommended rate 1e-4, ten. A threshold near the rate flips nearly every entry of B within the first steps: "
+            "the codes then move in rank-one blocks larger than the weights themselves, and the model breaks "
+            "(1e-4 was the default until this was measured)."
         },
     )
     save_latents: bool = field(

@@ -68,7 +68,7 @@ class AdapterSettings:
     offset: str = "none"
     max_step: int = 1
     train_mode: str = "latent"
-    latent_threshold: float = 1e-4  # LotaConfig's default
+    latent_threshold: float = 1e-3  # LotaConfig's default
     train_scales: bool = False
 
     @property

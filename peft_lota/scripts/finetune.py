@@ -2,7 +2,7 @@ r"""Fine-tune a quantized model with LoTA or L4Q through a stock `transformers.T
 
     python examples/finetune.py \
         --model_name_or_path path/to/quantized-model --train_file train.jsonl --validation_file val.jsonl \
-        --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --learning_rate 3e-5
+        --output_dir runs/lota --max_steps 500 --per_device_train_batch_size 8 --learning_rate 1e-4
 
 Methods (`--method`): `lota` (the default: ternary adapters that move a quantized model's integer codes by whole
 steps, here trained by the Trainer's own AdamW; `--train_mode ternary` runs the paper's t-SignSGD instead), or `l4q`
