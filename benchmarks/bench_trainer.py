@@ -46,6 +46,9 @@ def parse_args(argv=None):
     ap.add_argument("--init-seed", type=int, default=None, help="LotaConfig(init_seed=...); None: torch's global RNG")
     ap.add_argument("--config", default="{}", help="more LotaConfig fields as JSON, e.g. '{\"train_scales\": false}'; "
                     "'freeze_factors': true trains the scales only; for LoRA: r and lora_alpha; for L4Q: L4QConfig fields")
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed: which training blocks and in which order "
+                    "(the held-out blocks stay), the Trainer's seed (42 + seed), and torch's generator before the adapter "
+                    "is built (LoRA's initialisation; LoTA's without --init-seed)")
     ap.add_argument("--variant", default="gptq-3b-asym")
     ap.add_argument("--root", default="build/real-model", help="the real model's cache (examples/real_model.py)")
     ap.add_argument("--steps", type=positive, default=40)
@@ -54,6 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     ap.add_argument("--code", default=None, help="a checkout whose peft_lota is imported instead of this one")
     ap.add_argument("--tag", default="", help="a name for the row")
+    ap.add_argument("--note", default="", help="what else ran on the machine, or anything else the row should say")
     ap.add_argument("--l4q-scale-unit", type=float, default=None,
                     help="L4Q: the scale multiplier's unit (1 + unit * u; the package's is 1; LoTA's is 100)")
     ap.add_argument("--diagnose", action="store_true", help="LoTA, L4Q: record how the moved codes sit in each layer "
@@ -109,13 +113,25 @@ def report() -> None:
              "SmolLM2-135M-Instruct, GPTQ 3-bit asymmetric g64 unless the row says otherwise; 40 steps x 8 x 256 "
              "tokens of docstrings, stock Trainer (AdamW, bf16, cosine, 2 warm-up steps); held-out perplexity of the "
              "merged model (the exact methods) or of the adapter model (LoRA). One row per run, in the order run.", "",
-             "| tag | commit | method | lr | config | init seed | loss every 10 steps | held-out ppl | codes moved | "
-             "train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| tag | commit | method | lr | config | init seed | seed | loss every 10 steps | held-out ppl | codes moved | "
+             "train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         moved = r.get("codes_moved")
         lines.append(f"| {r['tag']} | {r['commit']} | {r['method']} | {r['lr']:g} | `{json.dumps(r['config'])}` | "
-                     f"{r['init_seed']} | {' / '.join(f'{x:.2f}' for x in r['losses'])} | {r['ppl']:.2f} | "
+                     f"{r['init_seed']} | {r.get('seed', 0)} | {' / '.join(f'{x:.2f}' for x in r['losses'])} | {r['ppl']:.2f} | "
                      f"{'-' if moved is None else f'{moved:,}'} | {r['train_s']} |")
+    diagnosed = [r for r in rows if r.get("moves")]
+    if diagnosed:
+        lines += ["", "How the moved codes sit (`--diagnose`; means over the layers that moved, weighted by moves): the "
+                  "largest singular value of s * D against the layer weight's, and the share of its energy in that one "
+                  "direction; in brackets, as many moves at random places.", "",
+                  "| tag | layers moved | spectral norm / weight's | one-direction share | top layers (moves) |",
+                  "|---|---|---|---|---|"]
+        for r in diagnosed:
+            m = r["moves"]
+            top = ", ".join(f"{name.removeprefix('model.layers.')} ({n:,})" for name, n, *_ in m["top_layers"][:3])
+            lines.append(f"| {r['tag']} | {m['layers_moved']} | {m['spectral_ratio']:.3f} ({m['random_spectral_ratio']:.3f}) "
+                         f"| {m['rank1_share']:.2f} ({m['random_rank1_share']:.2f}) | {top} |")
     base = {(r["variant"], r["seq"]): r["base_ppl"] for r in rows if r.get("base_ppl")}
     lines += ["", "Untrained: " + "; ".join(f"{v} ({s}-token blocks): {p:.2f}" for (v, s), p in base.items()) + "."]
     notes: dict = {}
@@ -162,7 +178,7 @@ def main(argv=None) -> None:
     if not len(held):
         sys.exit(f"--seq {args.seq}: the held-out docstrings do not fill one block of that length; use a shorter --seq")
     train = pack(tok, docs[64:], args.seq)
-    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))][: args.steps * args.batch]
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))][: args.steps * args.batch]
 
     def perplexity(model) -> float:
         with torch.no_grad():
@@ -171,6 +187,8 @@ def main(argv=None) -> None:
     config = json.loads(args.config)
     model = peft_lota.load_model(str(q), dtype=torch.float32)
     base_ppl = perplexity(model)
+    if args.seed:  # seed 0 leaves torch's generator as earlier rows ran with
+        torch.manual_seed(args.seed)
     if args.method == "lora":
         r = config.get("r", 64)
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=config.get("lora_alpha", 2 * r),
@@ -192,7 +210,7 @@ def main(argv=None) -> None:
     data = [{"input_ids": b, "labels": b} for b in train]
     targs = TrainingArguments(output_dir="/tmp/bench_trainer", max_steps=args.steps, per_device_train_batch_size=args.batch,
                               learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2, bf16=not args.fp32,
-                              logging_steps=10, save_strategy="no", report_to=[], seed=42, use_cpu=True,
+                              logging_steps=10, save_strategy="no", report_to=[], seed=42 + args.seed, use_cpu=True,
                               dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     t0 = time.time()
@@ -210,9 +228,12 @@ def main(argv=None) -> None:
     if args.l4q_scale_unit is not None:
         config = dict(config, scale_unit=args.l4q_scale_unit)
     row = dict(tag=args.tag, commit=commit, method=args.method,
-               lr=args.lr, config=config, init_seed=args.init_seed, variant=args.variant, seq=args.seq,
+               lr=args.lr, config=config, init_seed=args.init_seed, seed=args.seed, variant=args.variant,
+               seq=args.seq,
                losses=[h["loss"] for h in trainer.state.log_history if "loss" in h], train_s=train_s,
                base_ppl=round(base_ppl, 3), codes_moved=None, date=machine["date"], cpu=machine["cpu"])
+    if args.note:
+        row["note"] = args.note
     if args.method == "l4q":
         row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
                                  if isinstance(layer, peft_lota.L4QLayer) for a in layer.l4q_A)

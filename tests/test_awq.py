@@ -15,16 +15,11 @@ from peft import get_peft_model
 import peft_lota
 from peft_lota import L4QConfig, LotaConfig
 from peft_lota.formats import awq, dispatch
-from tiny_models import AwqSpec, adapter_layers, assert_kernel_reads_weights, load_awq, train_steps
+from tiny_models import AwqSpec, adapt_merge_save_reload, adapter_layers, assert_kernel_reads_weights, load_awq, logits
 
 AWQ_SPECS = [AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
              AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32)]
-X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def buffers(model):
@@ -70,34 +65,11 @@ def test_read_reproduces_the_kernels_weight(awq_spec):
 @pytest.mark.parametrize("method", ["lota", "l4q"])
 def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
     spec, path = awq_spec
-    base_model = load_awq(path)
-    base, before = logits(base_model), buffers(base_model)
-    config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
-    model = get_peft_model(load_awq(path), config)
-    assert torch.equal(logits(model), base)  # a fresh adapter is the base model, bit for bit
-    train_steps(model, X)
-    expected = logits(model)
-    assert not torch.equal(expected, base)
-    moved = sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model))
-    assert moved > 0
-
-    model.merge_adapter()
-    assert torch.equal(logits(model), expected)
-    model.unmerge_adapter()
-    assert all(torch.equal(b, before[n.replace("base_model.model.", "").replace(".base_layer", "")])
-               for n, b in buffers(model).items())
-    merged = model.merge_and_unload()
-    assert torch.equal(logits(merged), expected)
-    merged.save_pretrained(tmp_path / "merged")
-    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    merged, reloaded, qc = adapt_merge_save_reload(method, load_awq, path, buffers, tmp_path)
     assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc.get("backend") in (None, "auto")
     assert (tmp_path / "merged" / "quantize_config.json").exists()
     if spec.sym and method == "l4q":  # L4Q keeps zero points: a symmetric checkpoint stays symmetric
         assert qc["zero_point"] is False
-    reloaded = load_awq(tmp_path / "merged")
-    mine, theirs = buffers(merged), buffers(reloaded)
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert torch.equal(logits(reloaded), expected)
     # Whatever kernel a user gets by default (it depends on the CPU) reads the same weights, layer by layer.
     assert_kernel_reads_weights(load_awq(tmp_path / "merged", backend=None), reloaded)
 

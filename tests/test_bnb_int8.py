@@ -6,7 +6,6 @@ adapter is the stock model bit for bit and the merged model is the adapter model
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -16,9 +15,9 @@ pytest.importorskip("bitsandbytes")
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from peft_lota import L4QConfig, LotaConfig  # noqa: E402
+from peft_lota import LotaConfig  # noqa: E402
 from peft_lota.formats import bnb_int8, dispatch, quantized_tensors  # noqa: E402
-from tiny_models import adapter_layers, train_steps  # noqa: E402
+from tiny_models import adapt_merge_save_reload, adapter_layers, train_steps  # noqa: E402
 
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -53,32 +52,10 @@ def test_read_is_bitsandbytes_dequantization(fp_dir):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["lota", "l4q"])
 def test_adapt_merge_save_reload(fp_dir, arch, method, tmp_path):
-    path = fp_dir(arch)
-    base_model = load_int8(path)
-    base = logits(base_model)
-    before = {k: v.clone() for k, v in quantized_tensors(base_model).items()}
-    config = LotaConfig(r=8, init_seed=0) if method == "lota" else L4QConfig(r=8, init_seed=0)
-    model = get_peft_model(load_int8(path), config)
-    assert torch.equal(logits(model), base)  # a fresh adapter runs bitsandbytes' own int8 matmul, unchanged
-    train_steps(model, X)
-    expected = logits(model)
-    assert not torch.equal(expected, base)
-    assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
-
-    model.merge_adapter()
-    assert torch.equal(logits(model), expected)
-    model.unmerge_adapter()
-    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in quantized_tensors(model).items()}
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    merged = model.merge_and_unload()
-    assert torch.equal(logits(merged), expected)
-    merged.save_pretrained(tmp_path / "merged")
-    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    # a fresh adapter runs bitsandbytes' own int8 matmul; the save reloads with its stored quantization_config
+    merged, reloaded, qc = adapt_merge_save_reload(method, load_int8, fp_dir(arch), quantized_tensors, tmp_path, r=8,
+                                                   load_saved=lambda p: load_int8(p, quantize=False))
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
-    reloaded = load_int8(tmp_path / "merged", quantize=False)  # stock: its stored quantization_config
-    mine, theirs = quantized_tensors(merged), quantized_tensors(reloaded)
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    assert torch.equal(logits(reloaded), expected)
 
 
 def test_saved_adapter_reloads_onto_the_int8_base(fp_dir, tmp_path):

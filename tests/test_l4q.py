@@ -15,15 +15,10 @@ from peft_lota import L4QConfig, L4QLayer
 from peft_lota.formats import gptq
 from peft_lota.formats.base import QuantState
 from peft_lota.l4q import quantizer as q
-from tiny_models import SPECS_MATRIX, Spec, assert_kernel_reads_weights, load_gptq
+from tiny_models import SPECS_MATRIX, Spec, X, assert_kernel_reads_weights, load_gptq, logits
 
 IDS = [s.slug() for s in SPECS_MATRIX]
-X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def l4q_layers(model):

@@ -16,15 +16,10 @@ from safetensors.torch import load_file
 import peft_lota
 from peft_lota import FloatOffsetMergeError, LotaConfig, LotaLayer
 from peft_lota.formats import gptq
-from tiny_models import SPECS_MATRIX, Spec, assert_kernel_reads_weights, load_gptq
+from tiny_models import SPECS_MATRIX, Spec, X, assert_kernel_reads_weights, load_gptq, logits
 
 IDS = [s.slug() for s in SPECS_MATRIX]
-X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def lota_layers(model):

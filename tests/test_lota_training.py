@@ -12,17 +12,12 @@ from transformers import Trainer, TrainingArguments
 
 from peft_lota import LotaConfig, LotaLayer
 from peft_lota.lota.layer import NotTernaryError
-from tiny_models import SPECS_MATRIX, Spec, calibration_texts, load_gptq
+from tiny_models import SPECS_MATRIX, Spec, X, calibration_texts, load_gptq, logits
 
 IDS = [s.slug() for s in SPECS_MATRIX]
-X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 SPEC = Spec("llama", 2, False, False, "gptq_v2")
 SEQ = 32
 
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(input_ids=x).logits
 
 
 def lota_layers(model):

@@ -269,6 +269,57 @@ def load_ct(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
 
 
+X = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))  # the tests' usual input
+
+
+def logits(model, x: torch.Tensor = X) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def adapt_merge_save_reload(method: str, load, path, tensors, tmp_path, *, inputs=(X,), r: int = 4,
+                            load_saved=None) -> tuple:
+    """The contract every format keeps with every method (`method`: "lota" or "l4q"), on a checkpoint `path` that
+    `load` loads the stock way: a fresh adapter computes the base model bit for bit; a few steps of training move
+    codes; merge_adapter / unmerge_adapter round-trips the quantized tensors (`tensors(model)`: name -> tensor of the
+    format) exactly; the merged model computes what the adapter model did; its save, reloaded the stock way
+    (`load_saved`, else `load`), holds the same tensors and computes the same logits on every input.
+    Returns (merged model, reloaded model, the saved quantization_config) for the format's own checks."""
+    from peft import get_peft_model
+
+    from peft_lota import L4QConfig, LotaConfig
+
+    def plain(named: dict) -> dict:
+        return {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in named.items()}
+
+    base_model = load(path)
+    before = {k: v.detach().clone() for k, v in tensors(base_model).items()}
+    base = [logits(base_model, x) for x in inputs]
+    config = LotaConfig(r=r, init_seed=0) if method == "lota" else L4QConfig(r=r, init_seed=0)
+    model = get_peft_model(load(path), config)
+    assert all(torch.equal(logits(model, x), b) for x, b in zip(inputs, base))  # a fresh adapter is the base model
+    train_steps(model, inputs[0])
+    expected = [logits(model, x) for x in inputs]
+    assert not torch.equal(expected[0], base[0])
+    assert sum(int((m.get_delta_codes("default") != 0).sum()) for m in adapter_layers(model)) > 0
+
+    model.merge_adapter()
+    assert torch.equal(logits(model, inputs[0]), expected[0])
+    model.unmerge_adapter()
+    after = plain(tensors(model))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    merged = model.merge_and_unload()
+    assert all(torch.equal(logits(merged, x), e) for x, e in zip(inputs, expected))
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(merged, inputs[0]), expected[0])  # saving leaves the merged model as it was
+    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    reloaded = (load_saved or load)(tmp_path / "merged")
+    mine, theirs = tensors(merged), tensors(reloaded)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert all(torch.equal(logits(reloaded, x), e) for x, e in zip(inputs, expected))
+    return merged, reloaded, qc
+
+
 def adapter_layers(model) -> list:
     """The LoTA and L4Q layers of a model."""
     from peft_lota import L4QLayer, LotaLayer
