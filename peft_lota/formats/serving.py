@@ -106,7 +106,8 @@ def _convert_problem(target: str, g: Grid) -> Optional[str]:
     if target == "awq" and g.act_order:
         return "AWQ has no act-order"
     if target == "compressed-tensors" and (not g.sym or g.act_order):
-        return "convert writes symmetric compressed-tensors without act-order"
+        return ("peft-lota writes compressed-tensors symmetric and without act-order only: transformers cannot "
+                "reload its zero points to check the result")
     if not g.ok:
         return "not an integer grid"
     return None
@@ -138,5 +139,8 @@ def note(fmt_name: str, g: Grid) -> Optional[str]:
                    f"{TITLES[served_as[0]]}, which it serves")
         else:
             how = "no format peft-lota writes holds this grid in a form it serves"
+            unwritable = [t for t in RULES if t != fmt_name and RULES[t](server, g)[1] is None]
+            if unwritable:
+                how += f"; it would take it as {TITLES[unwritable[0]]}, but {_convert_problem(unwritable[0], g)}"
         parts.append(f"{server} refuses it: {why}; {how}.")
     return " ".join(parts) or None
