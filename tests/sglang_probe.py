@@ -16,16 +16,14 @@ CAPABILITY = (9, 0)
 
 
 def as_cuda() -> None:
-    """Make SGLang's registry and Marlin checks take the CUDA branch they take on an H100."""
-    import torch
-
-    torch.cuda.is_available = lambda: True
-    torch.cuda.get_device_capability = lambda *a, **k: CAPABILITY
+    """Make SGLang's Marlin checks answer as on an H100: its device queries, where they are looked up, return
+    compute capability 9.0. (torch itself is left alone: faking a CUDA device makes SGLang load its CUDA kernels.)"""
+    import sglang.srt.layers.quantization.marlin_utils as marlin_utils
     import sglang.srt.utils as utils
 
-    for name in ("get_device_capability",):
-        if hasattr(utils, name):
-            setattr(utils, name, lambda *a, **k: CAPABILITY)
+    for module in (marlin_utils, utils):
+        if hasattr(module, "get_device_capability"):
+            module.get_device_capability = lambda *a, **k: CAPABILITY
 
 
 def probe(qc: dict) -> dict:

@@ -399,12 +399,14 @@ def _weight_args(qc: dict) -> list[dict]:
 
 def _serving_grid(w: dict) -> serving.Grid:
     """One config group's weights as the servers' rules read them; ok=False for what they do not describe (float or
-    dynamic weights, a strategy other than group or channel)."""
+    dynamic weights, a strategy other than group or channel, act-order per channel)."""
     strategy = w.get("strategy")
     grouped = strategy == "channel" or (strategy == "group" and (w.get("group_size") or -1) > 0)
-    ok = w.get("type", "int") == "int" and grouped and not w.get("dynamic")
+    act_order = w.get("actorder") in ("group", "dynamic")
+    # (compressed-tensors itself refuses act-order per channel: it orders groups)
+    ok = w.get("type", "int") == "int" and grouped and not w.get("dynamic") and not (act_order and strategy == "channel")
     return serving.Grid(int(w.get("num_bits") or 0), int(w["group_size"]) if strategy == "group" and ok else -1,
-                        w.get("symmetric", True) is not False, w.get("actorder") in ("group", "dynamic"), ok)
+                        w.get("symmetric", True) is not False, act_order, ok)
 
 
 def kernels(qc: dict) -> list[tuple[str, str, bool]]:

@@ -83,7 +83,8 @@ def _awq(server: str, g: Grid) -> tuple[str, Optional[str]]:
 def _compressed_tensors(server: str, g: Grid) -> tuple[str, Optional[str]]:
     kernel = "compressed-tensors WNA16"
     if not g.ok:
-        return kernel, "it serves static integer weight-only schemes (WNA16) only"
+        return kernel, ("it serves static integer weights in groups or per channel (act-order only within groups), "
+                        "not these")
     if server == VLLM:
         if not 2 <= g.bits <= 8:
             return kernel, f"its WNA16 scheme takes 2- to 8-bit weights, not {g.bits}"
