@@ -66,6 +66,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def adapted(model, peft_lota):
+    """(layer, adapter name) for every LoTA and L4Q adapter of the model."""
+    for layer in model.modules():
+        if isinstance(layer, peft_lota.LotaLayer):
+            yield from ((layer, a) for a in layer.lota_A)
+        elif isinstance(layer, peft_lota.L4QLayer):
+            yield from ((layer, a) for a in layer.l4q_A)
+
+
 def move_structure(model, peft_lota) -> dict:
     """How the code moves of a trained LoTA or L4Q model sit in each layer: their weight change s * D as a matrix against the
     layer's weight (spectral norms), the share of its energy in one singular direction (1.0: a rank-one sign pattern),
@@ -76,27 +85,26 @@ def move_structure(model, peft_lota) -> dict:
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, (peft_lota.LotaLayer, peft_lota.L4QLayer)):
+    names = {layer: name for name, layer in model.named_modules()}
+    for layer, a in adapted(model, peft_lota):
+        name = names[layer]
+        D = layer.get_delta_codes(a).t().float()  # [K, N]
+        moved = int((D != 0).sum())
+        if not moved:
             continue
-        for a in (layer.lota_A if isinstance(layer, peft_lota.LotaLayer) else layer.l4q_A):
-            D = layer.get_delta_codes(a).t().float()  # [K, N]
-            moved = int((D != 0).sum())
-            if not moved:
-                continue
-            state = layer.base_state()
-            s = state.scales.float()[state.g_idx]
-            W = dequantize(state.codes, state.zeros, state.scales, state.g_idx).float()
-            dW = D * s
-            sv = torch.linalg.svdvals(dW)
-            flat = torch.zeros(D.numel())
-            flat[torch.randperm(D.numel(), generator=gen)[:moved]] = torch.randint(0, 2, (moved,), generator=gen) * 2. - 1
-            rand = flat.view(D.shape) * s
-            rsv = torch.linalg.svdvals(rand)
-            rows.append(dict(layer=name.split("base_model.model.")[-1], moved=moved,
-                             ratio=float(sv[0] / torch.linalg.matrix_norm(W, 2)),
-                             rank1=float(sv[0] ** 2 / (sv ** 2).sum()), random_ratio=float(rsv[0] / torch.linalg.matrix_norm(W, 2)),
-                             random_rank1=float(rsv[0] ** 2 / (rsv ** 2).sum())))
+        state = layer.base_state()
+        s = state.scales.float()[state.g_idx]
+        W = dequantize(state.codes, state.zeros, state.scales, state.g_idx).float()
+        dW = D * s
+        sv, w_norm = torch.linalg.svdvals(dW), torch.linalg.matrix_norm(W, 2)
+        flat = torch.zeros(D.numel())
+        flat[torch.randperm(D.numel(), generator=gen)[:moved]] = torch.randint(0, 2, (moved,), generator=gen) * 2. - 1
+        rand = flat.view(D.shape) * s
+        rsv = torch.linalg.svdvals(rand)
+        rows.append(dict(layer=name.split("base_model.model.")[-1], moved=moved,
+                         ratio=float(sv[0] / w_norm),
+                         rank1=float(sv[0] ** 2 / (sv ** 2).sum()), random_ratio=float(rsv[0] / w_norm),
+                         random_rank1=float(rsv[0] ** 2 / (rsv ** 2).sum())))
     if not rows:
         return {}
     total = sum(r["moved"] for r in rows)
@@ -234,19 +242,9 @@ def main(argv=None) -> None:
                base_ppl=round(base_ppl, 3), codes_moved=None, date=machine["date"], cpu=machine["cpu"])
     if args.note:
         row["note"] = args.note
-    if args.method == "l4q":
-        row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
-                                 if isinstance(layer, peft_lota.L4QLayer) for a in layer.l4q_A)
-        if args.diagnose and row["codes_moved"]:
-            row["moves"] = move_structure(model, peft_lota)
-        adapter_ppl = perplexity(model)
-        model = model.merge_and_unload()
-        row["ppl"] = perplexity(model)
-        assert row["ppl"] == adapter_ppl, "the merged model must score what the adapter model scored"
-    elif args.method == "lota":
+    if args.method in ("lota", "l4q"):
         # get_delta_codes, not tuner_layer.codes_moved: older checkouts (--code) predate that module
-        row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer in model.modules()
-                                 if isinstance(layer, peft_lota.LotaLayer) for a in layer.lota_A)
+        row["codes_moved"] = sum(int((layer.get_delta_codes(a) != 0).sum()) for layer, a in adapted(model, peft_lota))
         if args.diagnose and row["codes_moved"]:
             row["moves"] = move_structure(model, peft_lota)
         adapter_ppl = perplexity(model)
