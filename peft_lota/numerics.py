@@ -81,6 +81,8 @@ def weight_rows(state: QuantState, codes, zeros32, scales32, mu, k0: int, k1: in
         w.copy_(scratch("rounded", target.shape, state.scales.dtype).copy_(w))
     if mu is not None:
         w.add_(s * state.group_blocks(mu, k0, k1))
+    if state.offsets is not None:  # s * (Q - z) + m, the float offset last (GGUF's dequantization)
+        w.add_(state.group_blocks(state.offsets, k0, k1))
     if w is not target:
         target.copy_(w)
     return out

@@ -65,6 +65,14 @@ def model_quantization_config(model: nn.Module) -> Optional[dict]:
     return dict(qcfg) if isinstance(qcfg, dict) else qcfg.to_dict()
 
 
+def nk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], **grid) -> torch.Tensor:
+    """nn.Linear's product (formats that decompress to a dense layer): `F.linear` on W [N, K] as a contiguous
+    tensor, the bias inside."""
+    if bias is not None and bias.dtype != x.dtype:  # autocast's cast, which our autograd functions run without
+        bias = bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight.t().contiguous(), bias)
+
+
 def add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """gptqmodel TorchLinear's bias: cast to the output's dtype, then added."""
     return out if bias is None else out + bias.to(out.dtype)
@@ -86,10 +94,10 @@ class QuantState:
     """
 
     __slots__ = ("_codes", "codes_rows", "zeros", "scales", "g_idx", "counts", "maxq", "bias", "in_features",
-                 "row_align", "group_rows", "linear", "zero_range")
+                 "row_align", "group_rows", "linear", "zero_range", "offsets", "scale_dtype")
 
     def __init__(self, codes, zeros, scales, g_idx, maxq, bias=None, *, codes_rows=None, in_features=None,
-                 row_align: int = 1, layout=None, linear=matmul_add, zero_range=None):
+                 row_align: int = 1, layout=None, linear=matmul_add, zero_range=None, offsets=None, scale_dtype=None):
         self._codes, self.codes_rows = codes, codes_rows
         # linear(x, W [K, N], bias, codes=, zeros=, scales=): the stock kernel's own product, so that an adapted
         # layer's output is bit for bit the merged layer's (the same values in another layout can round differently)
@@ -102,6 +110,12 @@ class QuantState:
         self.row_align = row_align
         # (lowest, highest) zero point the format's checkpoints can store: where a merge may move one
         self.zero_range = (0, maxq) if zero_range is None else zero_range
+        # Formats whose weight is s * (Q - z) + m with a float offset m per group (GGUF's Q4_1, Q5_1, K-quants):
+        # float32 [G, N], added last, as their dequantization does; None for the others.
+        self.offsets = offsets
+        # The dtype trained scales are rounded to: the one the checkpoint stores them in. Usually the scales' own;
+        # GGUF hands its fp16 scales over widened to float32 (its products are float32, never rounded to fp16).
+        self.scale_dtype = scales.dtype if scale_dtype is None else scale_dtype
         # (counts, group_rows) depend on g_idx only: a layer may pass them in, computed once (group_layout)
         self.counts, self.group_rows = layout if layout is not None else group_layout(g_idx, scales.shape[0])
 
@@ -118,7 +132,7 @@ class QuantState:
     def replace(self, **changes) -> "QuantState":
         """A copy with some fields changed (codes, zeros, scales): e.g. the state after a merge step."""
         fields = dict(codes=self._codes, zeros=self.zeros, scales=self.scales, g_idx=self.g_idx, maxq=self.maxq,
-                      bias=self.bias)
+                      bias=self.bias, offsets=self.offsets, scale_dtype=self.scale_dtype)
         fields.update(changes)
         rows = None if "codes" in changes else self.codes_rows
         return QuantState(fields.pop("codes"), **fields, codes_rows=rows, in_features=self.in_features,
@@ -126,7 +140,8 @@ class QuantState:
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight [K, N] in the scales' dtype, as the stock kernel computes it."""
-        return dequantize(self.codes, self.zeros, self.scales, self.g_idx)
+        w = dequantize(self.codes, self.zeros, self.scales, self.g_idx)
+        return w if self.offsets is None else w + self.offsets[self.g_idx]
 
     def group_blocks(self, t: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
         """The rows of the per-group tensor `t` [G, N] that rows k0..k1-1 use, as [blocks, 1, N].
@@ -392,6 +407,9 @@ class Format:
     layer_tensors: Optional[Callable[[nn.Module, dict], dict]] = None
     true_zeros_of: Optional[Callable[[dict, dict], torch.Tensor]] = None
     checkpoint_config: Optional[Callable[[dict, bool, bool], tuple]] = None
+    # A format whose checkpoint is not a transformers state dict (GGUF: one file of its own): write_folder(model,
+    # staged folder) writes it into a save's staging folder and returns the facts for the model card.
+    write_folder: Optional[Callable[[nn.Module, Any], dict]] = None
 
     @property
     def can_stream(self) -> bool:

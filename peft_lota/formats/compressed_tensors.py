@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Format, QuantState, QuantWeights, group_layout, layers_of, problems_error
+from .base import Format, QuantState, QuantWeights, group_layout, layers_of, nk_linear, problems_error
 from .base import model_quantization_config as quantization_config
 from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
@@ -57,13 +57,6 @@ def unpack_weight(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [K, N] -> `weight_packed` int32 [N, K*b/32]."""
     return pack_codes(codes, bits, dim=0).t().contiguous()
-
-
-def nk_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], **grid) -> torch.Tensor:
-    """The decompressed layer's product: `F.linear` on W [N, K] as a contiguous tensor, the bias inside."""
-    if bias is not None and bias.dtype != x.dtype:  # autocast's cast, which our autograd functions run without
-        bias = bias.to(x.dtype)
-    return F.linear(x, weight.t().contiguous(), bias)
 
 
 # ---- layers --------------------------------------------------------------------------------------------

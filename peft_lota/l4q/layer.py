@@ -52,6 +52,13 @@ class L4QLayer(QuantLayer):
         """quant: how to read the codes of a quantized base layer; None for an nn.Linear, which then needs
         quantizer = (bits, group_size, sym) to initialise its grid, and the format a merge builds (formats.default_build_format() if None)."""
         super().__init__(base_layer, quant, adapter_name, current_key)
+        if quant is not None:
+            state = quant.read()
+            if state.offsets is not None or state.scale_dtype != state.scales.dtype:
+                raise ValueError(
+                    f"L4Q cannot train {current_key or 'this layer'}: its {quant.format_name} grid (a float offset per "
+                    "block, or float32 products of stored 16-bit scales) is not one L4Q's quantizer rounds onto yet. "
+                    "Use LotaConfig (codes and scales) or merge_lora on this model.")
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
         self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)

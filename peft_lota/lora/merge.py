@@ -536,8 +536,12 @@ def _merge_layer(quant, delta: torch.Tensor, H: torch.Tensor, *, key: str, **opt
     """Write the merged codes (and scales) of one quantized layer: base weight + delta on its grid; its report."""
     state = quant.read()
     target = state.weight().float() + delta.to(state.scales.device)
+    if state.offsets is not None:  # w = s * (q - z) + m: the codes hold the target less the block's offset
+        target = target - state.offsets[state.g_idx]
     codes, scales, report = merge_onto_grid(target, state.codes, state.zeros, state.scales, state.g_idx, state.maxq,
                                             H.to(target.device), **options)
+    if scales.dtype != state.scale_dtype:  # refit scales as the checkpoint stores them (GGUF: fp16 under float32 maths)
+        scales = scales.to(state.scale_dtype).to(scales.dtype)
     refuse_non_finite(scales, f"{key}: the scales the merge would write", "merge")
     quant.restore(quant.encode(codes, state.zeros, scales if options.get("train_scales") else None))
     written = quant.read()  # what the saved checkpoint will hold: checked, not assumed

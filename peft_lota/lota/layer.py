@@ -156,15 +156,15 @@ class LotaLayer(QuantLayer):
         with torch.autocast(device_type=A.device.type, enabled=False):
             return A.float() @ B.float()
 
-    def scales_after(self, base_scales: torch.Tensor, adapter_names) -> Optional[torch.Tensor]:
+    def scales_after(self, state: QuantState, adapter_names) -> Optional[torch.Tensor]:
         """The scales (float32, each rounded to the stored dtype) after these adapters' trained multipliers, or
         None if none of them trains scales. Adapters apply in turn, each result rounded, as merges do."""
         trained = [a for a in adapter_names if a in self.lota_scales]
         if not trained:
             return None
-        s = base_scales.float()
+        s = state.scales.float()
         for a in trained:
-            s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT), base_scales.dtype)
+            s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT), state.scale_dtype)
         return s
 
     def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
@@ -173,7 +173,7 @@ class LotaLayer(QuantLayer):
         x2 = self.quant.kernel_input(x.reshape(-1, x.shape[-1]))
         state = self.quant.read()  # after kernel_input, which may convert the scales as the kernel does
         factors = [self.factors(a) for a in active]
-        scales = self.scales_after(state.scales, active)
+        scales = self.scales_after(state, active)
         fused = self.quant.fuses_bias  # the bias inside the kernel's matmul, or added after it
         out = lota_linear(x2, state if fused else state.replace(bias=None), factors,
                           [self.settings[a].step for a in active], scales)
@@ -205,7 +205,7 @@ class LotaLayer(QuantLayer):
         offset, mu the float offset.
         """
         state, codes, zeros, mu, _ = self._adapted(adapter_name)
-        scales = self.scales_after(state.scales, [adapter_name])
+        scales = self.scales_after(state, [adapter_name])
         # In float32 every product s * (Q - z) is exact (11 x 9 significant bits): so is s * D without trained scales.
         before = dequantize(state.codes, state.zeros, state.scales.float(), state.g_idx)
         after = dequantize(codes, zeros, (state.scales if scales is None else scales).float(), state.g_idx)
@@ -224,8 +224,8 @@ class LotaLayer(QuantLayer):
         names = [a for a in adapter_names if a in self.lota_A]
         refuse_non_finite_adapters(self, names, refused)
         if any(a in self.lota_scales for a in names):  # finite multipliers may still overflow the stored dtype
-            stored = self.quant.read().scales
-            scales = self.scales_after(stored, names).to(stored.dtype)
+            state = self.quant.read()
+            scales = self.scales_after(state, names).to(state.scale_dtype)
             refuse_non_finite(scales, f"{self._current_key}: the scales a merge would write", refused)
 
     @torch.no_grad()
@@ -246,7 +246,7 @@ class LotaLayer(QuantLayer):
             codes, zeros, _ = adapt_codes(step, [self.factors(name, "merge")], [s.omega], [mode], [s.max_step])
             if s.offset == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
-            scales = self.scales_after(step.scales, [name])
+            scales = self.scales_after(step, [name])
             step = state.replace(codes=codes, zeros=zeros,
                                  scales=step.scales if scales is None else scales.to(step.scales.dtype))
 

@@ -53,8 +53,9 @@ def _scale_steps(layer, adapter_name: str) -> Optional[torch.Tensor]:
     it; None where that cannot be said (the layer holds merged adapters, whose scales are no longer the base's)."""
     if layer.merged_adapters:
         return None
-    base = layer.quant.read().scales
-    after = layer.scales_after(base, [adapter_name]).to(base.dtype)
+    state = layer.quant.read()
+    base = state.scales.to(state.scale_dtype)  # as stored (GGUF reads its fp16 scales widened)
+    after = layer.scales_after(state, [adapter_name]).to(base.dtype)
     steps = _bits(after) - _bits(base)
     for dtype in (torch.int8, torch.int16, torch.int32):
         info = torch.iinfo(dtype)
@@ -70,7 +71,8 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
     from ..numerics import LOTA_SCALE_UNIT
     from ..tuner_layer import RoundToStoredSTE
 
-    base = layer.quant.read().scales
+    state = layer.quant.read()
+    base = state.scales.to(state.scale_dtype)
     if steps.shape != base.shape:
         raise ValueError(f"Adapter tensor {key} has shape {tuple(steps.shape)}, but this model's scales have shape "
                          f"{tuple(base.shape)}: the adapter was made for a model of another shape or group size.")

@@ -112,6 +112,8 @@ def effective_weight(state: QuantState, codes, zeros, mu) -> torch.Tensor:
     w = dequantize(codes, zeros, state.scales, state.g_idx)
     if mu is not None:
         w = w.float() + state.scales[state.g_idx].float() * mu[state.g_idx]
+    if state.offsets is not None:
+        w = w + state.offsets[state.g_idx]
     return w
 
 
