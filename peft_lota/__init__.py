@@ -17,6 +17,7 @@ stores codes), the method-agnostic tuner and layer (`tuner.py`, `tuner_layer.py`
 
 from .version import __version__  # noqa: E402,F401  (peft_lota.__version__)
 
+from .formats.gguf import load_gguf, write_gguf  # noqa: E402
 from .loading import load_model, quiet_third_party  # noqa: E402
 
 quiet_third_party()  # before torch, peft and gptqmodel are imported: their start-up notices are dropped
@@ -68,9 +69,11 @@ __all__ = [
     "calibrate",
     "create_lota_optimizer",
     "l4q_from_lora",
+    "load_gguf",
     "load_model",
     "merge_lora",
     "prepare_gptq_model",
     "push_checkpoint_to_hub",
     "save_checkpoint",
+    "write_gguf",
 ]

@@ -126,7 +126,8 @@ def quantization_config(path) -> dict | None:
 def load_model(path, dtype=None, **kwargs):
     """A model ready for peft_lota's methods: a quantized checkpoint loaded with the kernel its format adapts and
     merges into (`Format.load_config`: gptqmodel's trainable, layout-keeping TorchLinear for GPTQ, AwqTorchLinear for
-    AWQ; compressed-tensors and LLM.int8 as transformers loads them), or a full-precision model.
+    AWQ; compressed-tensors and LLM.int8 as transformers loads them), a GGUF file (`path` ending in .gguf: load_gguf),
+    or a full-precision model.
 
     The same as `AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=..., backend=
     "gptq_torch"))` (AwqConfig for AWQ), without transformers' notice that only the backend of that config is used
@@ -139,6 +140,10 @@ def load_model(path, dtype=None, **kwargs):
 
     if dtype is None:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    if str(path).endswith(".gguf"):  # llama.cpp's file: its blocks kept (formats/gguf.py)
+        from .formats.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, **kwargs)
     check_index(path)  # every shard name a plain file of the folder, before transformers opens any
     qc = quantization_config(path)
     if qc is not None:

@@ -149,6 +149,8 @@ class QuantTuner(BaseTuner):
         qc = formats.model_quantization_config(self.model)
         if qc is not None and formats.config_format(qc) is None:
             raise ValueError(f"{self.method_name} cannot adapt this model: {formats.unsupported_reason(qc)}")
+        if qc is not None:  # a format's own refusal of how the model was loaded (GGUF dequantized by transformers)
+            formats.config_format(qc).prepare_model(self.model)
         # PEFT's own "all-linear" looks for nn.Linear and finds nothing on a quantized model (gptqmodel's layers are no nn.Linear).
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
             output_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None

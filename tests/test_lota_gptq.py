@@ -292,7 +292,7 @@ def test_targeting_options_and_errors(gptq_dir):
 
     with pytest.raises(ValueError, match="target modules"):
         get_peft_model(load_gptq(path), LotaConfig(r=4, target_modules=["no_such_layer"]))
-    with pytest.raises(TypeError, match=r"quantized \(GPTQ, AWQ, compressed-tensors, LLM.int8\) linear layers only"):
+    with pytest.raises(TypeError, match=r"quantized \(GPTQ, AWQ, compressed-tensors, LLM.int8, GGUF\) linear layers only"):
         get_peft_model(load_gptq(path), LotaConfig(r=4, target_modules=["lm_head"]))
 
 

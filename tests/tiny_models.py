@@ -312,7 +312,8 @@ def adapt_merge_save_reload(method: str, load, path, tensors, tmp_path, *, input
     assert all(torch.equal(logits(merged, x), e) for x, e in zip(inputs, expected))
     merged.save_pretrained(tmp_path / "merged")
     assert torch.equal(logits(merged, inputs[0]), expected[0])  # saving leaves the merged model as it was
-    qc = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
+    config_file = tmp_path / "merged" / "config.json"  # (a GGUF save writes its one file)
+    qc = json.loads(config_file.read_text())["quantization_config"] if config_file.exists() else None
     reloaded = (load_saved or load)(tmp_path / "merged")
     mine, theirs = tensors(merged), tensors(reloaded)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
@@ -336,6 +337,67 @@ def train_steps(model, x: torch.Tensor, steps: int = 3, lr: float = 5e-2) -> Non
         opt.step()
         opt.zero_grad()
     model.eval()
+
+
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")  # cycled over the 2-D tensors: each type appears
+
+
+def build_gguf(arch: str, root, types=GGUF_TYPES) -> Path:
+    """The tiny float model of `arch` written as a GGUF file the way llama.cpp's converter writes one (Llama's q/k
+    rows permuted, 1-D tensors in float32), its 2-D tensors quantized by the gguf package to `types` in turn (the
+    embedding first); metadata as transformers' GGUF loader reads it (no tokenizer: the tests use token ids)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    path = Path(root) / f"tiny-{arch}-{'-'.join(types)}.gguf"
+    if path.exists():
+        return path
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _fill_weights(model, seed=1234 + (arch == "qwen2"))
+    tmp = path.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTERMEDIATE)
+    w.add_block_count(LAYERS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(VOCAB)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), LAYERS)
+    i = 0
+    for name, t in model.state_dict().items():
+        stem, _, suffix = name.rpartition(".")
+        g = f"{table.get_name(stem)}.{suffix}"
+        a = t.float().numpy()
+        if arch == "llama" and suffix == "weight" and (".attn_q." in g or ".attn_k." in g):  # llama.cpp's permute
+            n = HEADS if ".attn_q." in g else KV_HEADS
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if a.ndim == 2:
+            qtype = types[i % len(types)]
+            i += 1
+            if qtype == "F16":
+                w.add_tensor(g, a.astype(np.float16))
+            else:
+                kind = getattr(gguf.GGMLQuantizationType, qtype)
+                w.add_tensor(g, quantize(a, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
 
 
 def build_float_checkpoint(arch: str, root) -> Path:

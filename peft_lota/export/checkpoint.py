@@ -94,6 +94,14 @@ def _saving_as(model: nn.Module, state_dict: dict, qc: dict):
 def _write(model, folder: Path, *, card_info: Optional[dict], write_card: bool, max_shard_size,
            save_kwargs: dict) -> dict:
     """Write the complete checkpoint into the empty folder `folder`; returns the format's facts."""
+    fmt = formats.model_format(model)
+    if fmt is not None and fmt.write_folder is not None:  # a file of the format's own (GGUF)
+        _refuse_unmerged(model)
+        facts = fmt.write_folder(model, folder)
+        if card_info is not None and write_card:
+            _check_card_info(card_info, facts)
+            (folder / CARD_NAME).write_text(model_card(card_info, facts), encoding="utf-8")
+        return facts
     state_dict, qc, extra_files, facts = _prepare(model)
     if card_info is not None:
         _check_card_info(card_info, facts)

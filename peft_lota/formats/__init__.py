@@ -10,10 +10,10 @@ from typing import Optional
 
 from torch import nn
 
-from . import awq, bnb_int8, compressed_tensors, gptq
+from . import awq, bnb_int8, compressed_tensors, gguf, gptq
 from .base import Format, MissingLibraryError, QuantState, QuantWeights, dequantize, group_layout, model_quantization_config
 
-FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT, bnb_int8.FORMAT)
+FORMATS: tuple[Format, ...] = (gptq.FORMAT, awq.FORMAT, compressed_tensors.FORMAT, bnb_int8.FORMAT, gguf.FORMAT)
 
 
 def dispatch(module: nn.Module, name: str = "") -> Optional[QuantWeights]:
@@ -79,7 +79,8 @@ def by_name(name: str) -> Format:
 
 # The tensors that hold a quantized model's codes and grid, in any format (buffers for GPTQ/AWQ, parameters for
 # compressed-tensors): what a reloaded checkpoint must match exactly.
-QUANT_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_shape")
+QUANT_TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_shape",
+                      "qblocks")
 
 
 def quantized_tensors(model: nn.Module) -> dict:

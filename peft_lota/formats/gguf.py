@@ -1,0 +1,504 @@
+"""llama.cpp's GGUF: a model whose linear layers keep the file's own blocks, and the same file written back.
+
+The block types read here are each a uniform integer grid per block of 32 consecutive inputs of one output row,
+with fp16 parameters (ggml's layouts; the tests check every one against the `gguf` package's dequantization):
+
+    type  bytes  layout                                  weight              codes   zero
+    Q4_0  18     fp16 d, 16 bytes of nibbles             d * (q - 8)         0..15   8
+    Q4_1  20     fp16 d, fp16 m, 16 bytes of nibbles     d * q + m           0..15   0, offset m
+    Q5_0  22     fp16 d, 4 bytes of 5th bits, nibbles    d * (q - 16)        0..31   16
+    Q5_1  24     fp16 d, fp16 m, 5th bits, nibbles       d * q + m           0..31   0, offset m
+    Q8_0  34     fp16 d, 32 int8                         d * q               q + 128 128
+
+(nibbles: byte j holds element j in its low half and element j + 16 in its high half; 5th bits: bit i of the
+little-endian uint32 is element i's.) A code moved by one inside its range, a new fp16 `d`, are written exactly.
+The weight is computed as gguf and ggml's reference dequantization compute it: the product `d * (q - zero)` in
+float32 (exact: `d` has 11 significant bits) and the offset `m` added last. That float32 weight, cast to the
+model's dtype, is what transformers' GGUF loader builds, so a merged layer's output equals the reloaded model's.
+
+A model is loaded with `load_gguf(path)`: transformers' GGUF loader builds it (its config, its names, its row
+permutation of Llama's q/k), then every linear layer whose tensor is of a type above becomes a `GGUFLinear`
+holding the tensor's raw blocks (rows in the model's order). Other tensors (the embedding, norms, layers of
+other types: K-quants, IQ*, ...) stay as transformers built them, frozen: a save copies them from the file.
+Saving (`save_gguf`, or `save_pretrained` of a merged model) copies the source file and overwrites the data of
+the adapted tensors in place: metadata, tensor order and every other byte stay the input's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import Format, MissingLibraryError, QuantState, QuantWeights, group_layout, nk_linear
+
+logger = logging.getLogger(__name__)
+
+NAME = "gguf"
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One ggml block type this module reads and writes (the table in the module docstring)."""
+
+    name: str
+    nbytes: int  # bytes per block of 32 weights
+    bits: int
+    zero: int  # the fixed zero point of the codes
+    has_min: bool  # an fp16 offset m after d
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def _qs(self) -> int:  # where the low bits start in a block
+        return 2 + 2 * self.has_min + 4 * (self.bits == 5)
+
+    def decode(self, raw: torch.Tensor):
+        """raw uint8 [N, blocks * nbytes] -> (codes uint8 [N, K], d fp16 [N, blocks], m fp16 [N, blocks] or None)."""
+        N = raw.shape[0]
+        b = raw.reshape(N, -1, self.nbytes)
+        d = b[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
+        m = b[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if self.has_min else None
+        qs = b[..., self._qs:]
+        if self.bits == 8:
+            codes = (qs.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        else:
+            codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+            if self.bits == 5:
+                qh = b[..., self._qs - 4:self._qs]
+                shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
+                high = ((qh.unsqueeze(-1) >> shifts) & 1).reshape(N, -1, BLOCK)
+                codes = codes | (high << 4)
+        return codes.reshape(N, -1), d, m
+
+    def encode(self, codes: torch.Tensor, d: torch.Tensor, m: Optional[torch.Tensor]) -> torch.Tensor:
+        """The inverse of decode: codes uint8 [N, K] in 0..maxq, d (and m) fp16 [N, blocks] -> raw uint8."""
+        N = codes.shape[0]
+        q = codes.reshape(N, -1, BLOCK)
+        parts = [d.to(torch.float16).contiguous().unsqueeze(-1).view(torch.uint8)]
+        if self.has_min:
+            parts.append(m.to(torch.float16).contiguous().unsqueeze(-1).view(torch.uint8))
+        if self.bits == 8:
+            parts.append((q.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
+        else:
+            if self.bits == 5:
+                weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device))
+                high = (q >> 4).reshape(N, -1, 4, 8).to(torch.int32)
+                parts.append((high * weights).sum(-1).to(torch.uint8))
+            low = q & 0x0F
+            parts.append(low[..., :16] | (low[..., 16:] << 4))
+        return torch.cat(parts, dim=-1).reshape(N, -1)
+
+
+BLOCK_TYPES = {t.name: t for t in (BlockType("Q4_0", 18, 4, 8, False), BlockType("Q4_1", 20, 4, 0, True),
+                                  BlockType("Q5_0", 22, 5, 16, False), BlockType("Q5_1", 24, 5, 0, True),
+                                  BlockType("Q8_0", 34, 8, 128, False))}
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MissingLibraryError('reading and writing GGUF files needs the `gguf` package, which is not installed: '
+                                  'pip install ".[gguf]" from a clone of peft_lota (or pip install gguf).') from None
+    return gguf
+
+
+# ---- the layer -------------------------------------------------------------------------------------------
+
+class GGUFLinear(nn.Module):
+    """A linear layer holding one GGUF tensor's raw blocks (`qblocks`, uint8 [out_features, row bytes], rows in the
+    model's order) and computing what transformers' GGUF loader computes from them: F.linear with the float32
+    dequantized weight cast to the input's dtype."""
+
+    def __init__(self, qblocks: torch.Tensor, qtype: str, in_features: int, out_features: int,
+                 bias: Optional[torch.Tensor], tensor_name: str, row_order: Optional[torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.tensor_name = tensor_name  # the tensor's name in the file
+        self.register_buffer("qblocks", qblocks)
+        self.register_buffer("bias", bias)
+        # the file's row of each of our rows (transformers' q/k permutation), or None: the same order
+        self.row_order = row_order
+        self._peft_lota_weights = GGUFWeights(self)
+
+    @property
+    def block_type(self) -> BlockType:
+        return BLOCK_TYPES[self.qtype]
+
+    @property
+    def bits(self) -> int:
+        return self.block_type.bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._peft_lota_weights.read()
+        return nk_linear(x, state.weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype}, {self.tensor_name}"
+
+
+def is_gguf_layer(module: nn.Module) -> bool:
+    return isinstance(module, GGUFLinear)
+
+
+class GGUFWeights(QuantWeights):
+    """Codes, scales `d` and offsets `m` of a GGUFLinear, in the [K, N] orientation of QuantState.
+
+    Scales are handed over widened to float32 (the products are float32, as gguf computes them) with
+    `scale_dtype` fp16: trained scales are rounded to what the file stores."""
+
+    format_name = NAME
+    fixed_zero_points = True
+    fuses_bias = True  # the reloaded layer is an nn.Linear: the bias inside its addmm
+
+    def __init__(self, layer: GGUFLinear):
+        super().__init__(layer)
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        self._cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.qblocks.device
+
+    def zero_range(self) -> tuple[int, int]:
+        z = self.layer.block_type.zero
+        return z, z
+
+    def grid_settings(self) -> dict:
+        return {"bits": self.bits, "group_size": BLOCK, "sym": not self.layer.block_type.has_min}
+
+    def read(self) -> QuantState:
+        blocks = self.layer.qblocks
+        cached = self._cache
+        # Decoded once per buffer: a merge swaps the storage (restore), an in-place write bumps the version. The cache
+        # holds an alias of the storage it decoded, so no other buffer can take its address meanwhile.
+        if cached is not None and cached[0].data_ptr() == blocks.data_ptr() and cached[1] == blocks._version:
+            return cached[2]
+        bt = self.layer.block_type
+        codes, d, m = bt.decode(blocks)
+        G, K, N = d.shape[1], self.in_features, self.out_features
+        g_idx = torch.arange(K, device=blocks.device) // BLOCK
+        zeros = torch.full((G, N), bt.zero, dtype=torch.int16, device=blocks.device)
+        state = QuantState(codes.t().contiguous(), zeros, d.t().float().contiguous(), g_idx, bt.maxq,
+                           self.layer.bias, layout=group_layout(g_idx, G), linear=nk_linear,
+                           zero_range=(bt.zero, bt.zero), scale_dtype=torch.float16,
+                           offsets=None if m is None else m.t().float().contiguous())
+        self._cache = (blocks.data, blocks._version, state)
+        return state
+
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
+               ) -> dict[str, torch.Tensor]:
+        bt = self.layer.block_type
+        if not bool((zeros.to(torch.int32) == bt.zero).all()):
+            raise ValueError(f"GGUF's {bt.name} blocks have a fixed zero point ({bt.zero}); an update that moves zero "
+                             "points cannot be written into them.")
+        if int(codes.max()) > bt.maxq:
+            raise ValueError(f"codes above {bt.maxq} cannot be written into {bt.name} blocks.")
+        _, d, m = bt.decode(self.layer.qblocks)
+        if scales is not None:
+            s16 = scales.detach().t().to(torch.float16)
+            if not torch.equal(s16.float(), scales.detach().t().float()):
+                raise ValueError("scales that are not fp16 values cannot be written into GGUF blocks exactly.")
+            d = s16
+        raw = bt.encode(codes.t().contiguous().to(self.device), d.to(self.device), m)
+        return {"qblocks": raw}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {"qblocks": self.layer.qblocks.data}
+
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        self.layer.qblocks.data = buffers["qblocks"]  # swaps the storage: no copy, the snapshot stays intact
+
+
+def dispatch_gguf(module: nn.Module, name: str = "") -> Optional[GGUFWeights]:
+    """The GGUFWeights of a GGUFLinear (one reader per layer, its decoded state cached), or None."""
+    if not is_gguf_layer(module):
+        return None
+    return module._peft_lota_weights
+
+
+# ---- loading a file --------------------------------------------------------------------------------------
+
+@dataclass
+class GGUFSource:
+    """The file a model was loaded from, as a save needs it: where each tensor's bytes lie, and what identifies the
+    file (a save refuses a source that changed since the load)."""
+
+    path: Path
+    identity: tuple
+    tensors: dict = field(default_factory=dict)  # name -> (type name, data offset, n bytes)
+    frozen: dict = field(default_factory=dict)  # model parameter/buffer name -> GGUF tensor name (copied as they are)
+    arch: str = ""
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _row_order(processor, tensor, n_rows: int) -> Optional[torch.Tensor]:
+    """The file row each of the model's rows comes from, as transformers' tensor processor reorders a weight
+    (Llama's q/k); None if it keeps the order. Raises ValueError if it does more than reorder whole rows."""
+    import numpy as np
+
+    probe = np.arange(n_rows, dtype=np.float64).reshape(n_rows, 1)
+    out = processor.process(weights=probe, name=tensor.name, tensor_key_mapping={}, parsed_parameters={"tensors": {}})
+    w = np.asarray(out.weights)
+    if out.name != tensor.name or w.shape != (n_rows, 1) or sorted(w[:, 0].tolist()) != list(range(n_rows)):
+        raise ValueError(f"transformers transforms {tensor.name} beyond reordering its rows")
+    order = torch.from_numpy(w[:, 0].astype("int64"))
+    return None if torch.equal(order, torch.arange(n_rows)) else order
+
+
+def _name_map(model: nn.Module, arch: str):
+    """(transformers' tensor processor for this architecture, {model tensor name: GGUF tensor name}): the names gguf's
+    own table gives (what transformers' GGUF loader maps with), and the processor that reorders what it loads."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    key = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if key is None:
+        raise ValueError(f"the gguf package does not know the architecture {arch!r}; upgrade gguf.")
+    table = gguf.get_tensor_name_map(key, model.config.num_hidden_layers)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    names = {}
+    for name in [*dict(model.named_parameters()), *dict(model.named_buffers())]:
+        stem, _, suffix = name.rpartition(".")
+        g = table.get_name(stem)
+        if g is not None:
+            names[name] = f"{g}.{suffix}"
+    return processor, names
+
+
+def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
+    """A causal LM from the GGUF file `path` whose linear layers keep the file's blocks (GGUFLinear), ready for
+    LotaConfig or merge_lora. `dtype`: what the rest of the model (embedding, norms) and the activations run in.
+    kwargs go to transformers' from_pretrained."""
+    gguf = _require_gguf()
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file.")
+    reader = gguf.GGUFReader(str(path))
+    source = GGUFSource(path.resolve(), _identity(path))
+    for t in reader.tensors:
+        source.tensors[t.name] = (t.tensor_type.name, int(t.data_offset), int(t.n_bytes))
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
+    arch = str(reader.fields["general.architecture"].contents())
+    processor, to_gguf = _name_map(model, arch)
+    by_hf = {hf: g for hf, g in to_gguf.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    kept, frozen_types = 0, {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        gname = by_hf.get(f"{name}.weight")
+        tensor = tensors.get(gname) if gname else None
+        if tensor is None:  # a tied lm_head, or a layer the file does not hold
+            continue
+        qtype = tensor.tensor_type.name
+        bt = BLOCK_TYPES.get(qtype)
+        N, K = module.out_features, module.in_features
+        if bt is None or K % BLOCK or tuple(tensor.data.shape) != (N, K // BLOCK * bt.nbytes):
+            frozen_types[qtype] = frozen_types.get(qtype, 0) + 1
+            continue
+        try:
+            order = _row_order(processor, tensor, N)
+        except ValueError as e:
+            logger.warning("peft_lota: keeping %s frozen: %s.", name, e)
+            frozen_types[qtype] = frozen_types.get(qtype, 0) + 1
+            continue
+        raw = torch.from_numpy(tensor.data.copy())
+        if order is not None:
+            raw = raw[order]
+        bias = None if module.bias is None else module.bias.detach().clone()
+        layer = GGUFLinear(raw.to(module.weight.device), qtype, K, N, bias, gname, order)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        kept += 1
+    if frozen_types:
+        logger.warning("peft_lota: %s linear layer(s) of type(s) %s stay frozen (dequantized by transformers): "
+                       "peft_lota adapts %s blocks.", sum(frozen_types.values()), ", ".join(sorted(frozen_types)),
+                       "/".join(BLOCK_TYPES))
+    if not kept:
+        raise ValueError(f"{path} holds no linear layer of a type peft_lota adapts ({', '.join(BLOCK_TYPES)}); "
+                         f"its layers are {', '.join(sorted(frozen_types)) or 'not found'}.")
+    adapted = {m.tensor_name for m in model.modules() if isinstance(m, GGUFLinear)}
+    source.frozen = {hf: g for hf, g in to_gguf.items() if g not in adapted and g in tensors}
+    source.arch = arch
+    model._peft_lota_gguf = source
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def model_is_gguf(model: nn.Module) -> bool:
+    return getattr(model, "_peft_lota_gguf", None) is not None
+
+
+# ---- writing a file --------------------------------------------------------------------------------------
+
+def _file_rows(layer: GGUFLinear) -> torch.Tensor:
+    """The layer's blocks in the file's row order."""
+    raw = layer.qblocks.detach().cpu()
+    if layer.row_order is None:
+        return raw
+    out = torch.empty_like(raw)
+    out[layer.row_order] = raw
+    return out
+
+
+def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
+    """A save copies every tensor but the GGUF layers' blocks from the source file: refuse if the model changed one
+    of them (e.g. trained norms or modules_to_save), which the file would silently lose."""
+    from gguf.quants import dequantize
+
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    processor, _ = _name_map(model, source.arch)
+    tensors = {t.name: t for t in reader.tensors}
+    for hf, gname in source.frozen.items():
+        p = params.get(hf)
+        if p is None:
+            continue
+        t = tensors[gname]
+        w = processor.process(weights=dequantize(t.data, t.tensor_type), name=gname, tensor_key_mapping={},
+                              parsed_parameters={"tensors": {}}).weights
+        expected = torch.from_numpy(w.copy()).to(p.dtype).reshape(p.shape)
+        if not torch.equal(expected, p.detach().cpu()):
+            raise ValueError(f"{hf} differs from the file's {gname}: a GGUF save writes the adapted linear layers' "
+                             "blocks and copies every other tensor from the source file, so this change would be "
+                             "lost. Train only the quantized layers (no modules_to_save or trained norms).")
+
+
+def write_gguf(model: nn.Module, out_path) -> Path:
+    """Write `model` (loaded by load_gguf, merged) as a GGUF file at `out_path`, atomically: the source file's bytes
+    with the adapted tensors' data replaced. Refuses the source file itself as the output."""
+    gguf = _require_gguf()
+    source: GGUFSource = getattr(model, "_peft_lota_gguf", None)
+    if source is None:
+        raise ValueError("This model was not loaded from a GGUF file by peft_lota.load_gguf; nothing to write as GGUF.")
+    out = Path(out_path)
+    if out.exists() and out.is_dir():
+        raise ValueError(f"{out} is a directory; give the path of the .gguf file to write.")
+    if not source.path.is_file() or _identity(source.path) != source.identity:
+        raise ValueError(f"{source.path}, which the model was loaded from, changed or disappeared since: a GGUF save "
+                         "copies its untouched tensors from it. Load the model again.")
+    if out.exists() and out.resolve() == source.path or out.exists() and os.path.samefile(out, source.path):
+        raise ValueError(f"{out} is the file the model was loaded from: write the merged model to another path.")
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("This model still holds PEFT adapter layers. Call `merge_and_unload()` first and save the "
+                         "model it returns.")
+    reader = gguf.GGUFReader(str(source.path))
+    _check_frozen(model, source, reader)
+    patches = []
+    for layer in layers:
+        qtype, offset, nbytes = source.tensors[layer.tensor_name]
+        raw = _file_rows(layer).numpy()
+        if qtype != layer.qtype or raw.nbytes != nbytes:
+            raise ValueError(f"{layer.tensor_name}: the layer's blocks no longer match the file's tensor.")
+        if not (raw.reshape(-1) == reader.data[offset:offset + nbytes]).all():
+            patches.append((offset, raw.tobytes()))
+    del reader
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.peft_lota-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "r+b") as f, open(source.path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 24)
+            for offset, data in patches:
+                f.seek(offset)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if out.exists():
+            logger.warning("peft_lota: replacing %s.", out)
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, out.stat().st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    logger.info("peft_lota: wrote %s (%d of %d GGUF layers changed).", out, len(patches), len(layers))
+    return out
+
+
+def write_folder(model: nn.Module, folder: Path) -> dict:
+    """A merged GGUF model's save_pretrained: the GGUF file, under the source's name, into `folder`; its facts."""
+    source: GGUFSource = model._peft_lota_gguf
+    write_gguf(model, Path(folder) / source.path.name)
+    types = sorted({m.qtype for m in model.modules() if isinstance(m, GGUFLinear)})
+    return {"format": "gguf", "bits": "/".join(str(BLOCK_TYPES[t].bits) for t in types), "group_size": BLOCK,
+            "desc_act": False, "sym": not any(BLOCK_TYPES[t].has_min for t in types), "checkpoint_format": "gguf",
+            "loaders": f"llama.cpp (and Ollama, LM Studio, llama-cpp-python), transformers with gguf_file=; "
+                       f"adapted blocks: {', '.join(types)}.", "kernels": ["llama.cpp"], "fast_path_note": None,
+            "gguf_file": source.path.name}
+
+
+def describe_file(path) -> list[tuple[str, object]]:
+    """(key, value) rows that say what a GGUF file holds and what peft_lota adapts in it (the command line's
+    inspect), from its header alone."""
+    gguf = _require_gguf()
+    reader = gguf.GGUFReader(str(path))
+    counts: dict = {}
+    for t in reader.tensors:
+        if len(t.shape) == 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    name = reader.fields.get("general.name")
+    adapted = {k: v for k, v in counts.items() if k in BLOCK_TYPES}
+    frozen = {k: v for k, v in counts.items() if k not in BLOCK_TYPES}
+    return [("kind", "GGUF file"), ("model", name.contents() if name is not None else "-"),
+            ("architecture", reader.fields["general.architecture"].contents()),
+            ("2-D tensors peft_lota adapts", ", ".join(f"{v} {k}" for k, v in sorted(adapted.items())) or "none"),
+            ("2-D tensors kept as they are", (", ".join(f"{v} {k}" for k, v in sorted(frozen.items())) or "none")
+             + (" (embeddings, and layers of types peft_lota does not read)" if frozen else "")),
+            ("size", os.path.getsize(path))]
+
+
+def prepare_gguf_model(model: nn.Module) -> int:
+    """Nothing to change in a model load_gguf built; a GGUF model transformers loaded by itself holds dense layers
+    (every block dequantized), which no update can merge into: refused with the way to load it."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method == NAME and not model_is_gguf(model):
+        raise ValueError("This model was loaded from a GGUF file by transformers, which dequantizes every block: "
+                         "load it with `peft_lota.load_gguf(path)`, which keeps the file's blocks, to train and merge "
+                         "it exactly.")
+    return 0
+
+
+def _no_checkpoint(model):
+    raise ValueError("A GGUF model is written as a GGUF file (save_pretrained(folder) or peft_lota.formats.gguf."
+                     "write_gguf), not as a safetensors checkpoint.")
+
+
+FORMAT = Format(name=NAME, quant_method=NAME, is_layer=is_gguf_layer, dispatch=dispatch_gguf,
+                prepare_model=prepare_gguf_model, model_is=model_is_gguf, checkpoint=_no_checkpoint,
+                load_config=lambda qc: None, kernels=lambda qc: [("llama.cpp", "cpu, cuda, metal", True)],
+                describe=lambda qc: [("kind", "GGUF file")],
+                requires=(("gguf", "gguf"),), write_folder=write_folder)

@@ -1,0 +1,236 @@
+"""GGUF: the file's own blocks read and written exactly, LoTA and merge_lora on them, the same file written back.
+
+Checked against someone else's code: the `gguf` package's quantizer makes the blocks and its dequantization is the
+oracle for what a written file holds; transformers' own GGUF loader (dense) for what a model computes. The
+real-model check with llama.cpp is tests/test_gguf_llama_cpp.py (slow)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from peft_lota.formats.gguf import BLOCK_TYPES, GGUFLinear, load_gguf, write_gguf  # noqa: E402
+from tiny_models import X, adapt_merge_save_reload, build_gguf, logits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def qblocks(model) -> dict:
+    return {n: t for n, t in model.named_buffers() if n.endswith("qblocks")}
+
+
+def dense(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+# ---- the block codecs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_blocks_decode_to_what_gguf_dequantizes_and_encode_back_byte_for_byte(name):
+    bt, kind = BLOCK_TYPES[name], getattr(gguf.GGMLQuantizationType, name)
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((24, 96)) * rng.lognormal(size=(24, 1))).astype(np.float32)
+    raw = quantize(w, kind)
+    codes, d, m = bt.decode(torch.from_numpy(raw))
+    g = torch.arange(96) // 32
+
+    def weight(codes, d, m):
+        out = d.float()[:, g] * (codes.to(torch.int16) - bt.zero).float()
+        return out if m is None else out + m.float()[:, g]
+
+    assert torch.equal(weight(codes, d, m), torch.from_numpy(dequantize(raw, kind)))
+    assert torch.equal(bt.encode(codes, d, m), torch.from_numpy(raw))
+    # every code of the range, at every position, survives encode -> the gguf package's dequantization
+    moved = torch.randint(0, bt.maxq + 1, codes.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    written = bt.encode(moved, d, m)
+    assert torch.equal(bt.decode(written)[0], moved)
+    assert torch.equal(torch.from_numpy(dequantize(written.numpy(), kind)), weight(moved, d, m))
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_load_keeps_blocks_and_computes_what_transformers_gguf_loader_computes(gguf_root, arch, caplog):
+    path = build_gguf(arch, gguf_root)
+    model = load_gguf(path)
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert {m.qtype for m in layers} == set(BLOCK_TYPES)  # every type, Llama's permuted q/k among them
+    assert "F16 stay frozen" in caplog.text  # the layers of another type: said, kept dense
+    assert torch.equal(logits(model), logits(dense(path)))
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_load_refusals(gguf_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        load_gguf(tmp_path / "missing.gguf")
+    only_f16 = build_gguf("llama", gguf_root, types=("F16",))
+    with pytest.raises(ValueError, match="holds no linear layer of a type peft_lota adapts"):
+        load_gguf(only_f16)
+    # transformers' own (dense) load of a GGUF file: refused by the methods, with the way to load it
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig
+
+    with pytest.raises(ValueError, match="peft_lota.load_gguf"):
+        get_peft_model(dense(build_gguf("llama", gguf_root)), LotaConfig(r=4))
+
+
+# ---- LoTA: merged == adapter, the file written back -------------------------------------------------------
+
+def _written_tensors_check(source, written, merged):
+    """Every byte before the tensor data, and every tensor LoTA did not change, is the source's; the gguf package
+    dequantizes every written tensor of a GGUF layer to the merged layer's own weight (rows in the file's order)."""
+    r0, r1 = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(written))
+    start = r0.tensors[0].data_offset
+    assert os.path.getsize(source) == os.path.getsize(written)
+    with open(source, "rb") as a, open(written, "rb") as b:
+        assert a.read(start) == b.read(start)  # header, metadata, tensor infos
+    layers = {m.tensor_name: m for m in merged.modules() if isinstance(m, GGUFLinear)}
+    changed = 0
+    for t0, t1 in zip(r0.tensors, r1.tensors):
+        assert (t0.name, t0.tensor_type, t0.data_offset) == (t1.name, t1.tensor_type, t1.data_offset)
+        if t0.name not in layers:
+            assert np.array_equal(t0.data, t1.data), t0.name
+            continue
+        changed += not np.array_equal(t0.data, t1.data)
+        layer = layers[t0.name]
+        ours = layer._peft_lota_weights.read().weight().t()  # [N, K], the model's row order
+        if layer.row_order is not None:
+            ours = ours[torch.argsort(layer.row_order)]
+        assert torch.equal(torch.from_numpy(dequantize(t1.data, t1.tensor_type)), ours), t0.name
+    return changed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lota_merged_equals_adapter_and_the_written_gguf_is_what_was_trained(gguf_root, tmp_path, arch):
+    path = build_gguf(arch, gguf_root)
+    merged, reloaded, _ = adapt_merge_save_reload(
+        "lota", load_gguf, path, qblocks, tmp_path, load_saved=lambda folder: load_gguf(folder / path.name))
+    written = tmp_path / "merged" / path.name
+    assert _written_tensors_check(path, written, merged) > 0
+    assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
+    # the trained scales were written (fp16 d), and only GGUF layers changed
+    before = qblocks(load_gguf(path))
+    assert any(not torch.equal(before[k], v) for k, v in qblocks(merged).items())
+
+
+def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_root, tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from peft_lota import LotaConfig
+    from tiny_models import train_steps
+
+    path = build_gguf("llama", gguf_root)
+    model = get_peft_model(load_gguf(path), LotaConfig(r=4, init_seed=0, train_scales=True))
+    train_steps(model, X)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(load_gguf(path), tmp_path / "adapter")
+    assert torch.equal(logits(again), expected)
+
+
+def test_l4q_is_refused_on_gguf_with_the_reason(gguf_root):
+    from peft import get_peft_model
+
+    from peft_lota import L4QConfig
+
+    with pytest.raises(ValueError, match="L4Q cannot train .* gguf grid"):
+        get_peft_model(load_gguf(build_gguf("llama", gguf_root)), L4QConfig(r=4))
+
+
+# ---- merge_lora: a LoRA trained on the dequantized model, rounded onto the file's grid ---------------------
+
+def test_merge_lora_of_a_dense_lora_writes_a_gguf_that_reloads_exactly(gguf_root, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    import peft_lota
+
+    path = build_gguf("qwen2", gguf_root)
+    lora = get_peft_model(dense(path), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    calib = [torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    merged = peft_lota.merge_lora(load_gguf(path), calib, lora=tmp_path / "lora", progress=False)
+    expected = logits(merged)
+    merged.save_pretrained(tmp_path / "merged")
+    written = tmp_path / "merged" / path.name
+    assert _written_tensors_check(path, written, merged) > 0
+    assert torch.equal(logits(load_gguf(written)), expected)
+    assert torch.equal(logits(dense(written)), expected)
+
+
+# ---- what a save refuses, and what it never touches -------------------------------------------------------
+
+def test_save_refuses_the_source_file_a_changed_frozen_tensor_and_an_unmerged_model(gguf_root, tmp_path):
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig
+
+    path = build_gguf("llama", gguf_root)
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    model = load_gguf(copy)
+    with pytest.raises(ValueError, match="is the file the model was loaded from"):
+        write_gguf(model, copy)
+    with pytest.raises(ValueError, match="is a directory"):
+        write_gguf(model, tmp_path)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # a tensor a save copies from the file: the change would be lost
+    with pytest.raises(ValueError, match="model.norm.weight differs from the file"):
+        write_gguf(model, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists() and sorted(os.listdir(tmp_path)) == [path.name]
+    peft_model = get_peft_model(load_gguf(copy), LotaConfig(r=4))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        write_gguf(peft_model.base_model.model, tmp_path / "out.gguf")
+    # the source changed since the load: its untouched tensors can no longer be copied from it
+    model = load_gguf(copy)
+    copy.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="changed or disappeared"):
+        write_gguf(model, tmp_path / "out.gguf")
+    assert copy.read_bytes() == path.read_bytes() + b"\0"
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(gguf_root, tmp_path, capsys):
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig, cli
+    from tiny_models import train_steps
+
+    path = build_gguf("llama", gguf_root)
+    model = get_peft_model(load_gguf(path), LotaConfig(r=4, init_seed=0))
+    train_steps(model, X)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged.gguf"
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out)]) == 0
+    table = capsys.readouterr().out
+    assert f"{out} (gguf" in table and "reloaded logits == merged                True" in table
+    assert torch.equal(logits(load_gguf(out)), expected)
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "Q4_1" in capsys.readouterr().out
+    # an existing OUT is never overwritten; --stream and a GGUF OUT for a non-GGUF base are refused
+    before = out.read_bytes()
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "b.gguf"), "--stream"]) == 2
+    assert "drop --stream" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(path)]) == 2  # the base itself
+    assert path.read_bytes()[:4] == b"GGUF"
+    # the folder route (save_pretrained): OUT/<the base's file name>
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / path.name).read_bytes() == out.read_bytes()
