@@ -164,12 +164,23 @@ def cmd_merge_lora(args) -> int:
 def cmd_merge(args) -> int:
     from peft_lota import verify
 
+    gguf_base = inputs.gguf_file(args.base) is not None
     if args.out:
+        if args.out.endswith(".gguf") and not gguf_base:
+            raise inputs.UsageError(f"OUT {args.out} names a GGUF file, and {args.base} is not one: a merge writes its "
+                                    "base's own format. Give a folder.")
         inputs.check_output(args.out, {"base": args.base, "adapter": args.adapter})
         from peft_lota.export import check_target
 
-        check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
+        if not args.out.endswith(".gguf"):
+            check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
     adapter_cfg = inputs.adapter_config(args.adapter)
+    if args.stream and gguf_base:
+        raise inputs.UsageError(f"--stream reads safetensors checkpoints one layer at a time; a GGUF base ({args.base}) "
+                                "is merged in memory (its blocks, not a dequantized copy): drop --stream.")
+    if args.format and gguf_base:
+        raise inputs.UsageError("--format repacks GPTQ, AWQ and compressed-tensors grids; a GGUF base is written back "
+                                "as GGUF: drop --format.")
     if args.stream:
         return cmd_merge_stream(args, adapter_cfg)
     if adapter_cfg["peft_type"] == "LORA":
@@ -312,6 +323,14 @@ def cmd_inspect(args) -> int:
                     print(f"  {name.removeprefix('base_model.model.')}: {int((d != 0).sum()):,} of {d.numel():,}")
             return EXIT_OK
         _print_table(rows)
+        return EXIT_OK
+    if inputs.gguf_file(args.path) is not None:
+        from peft_lota.formats.gguf import describe_file
+
+        rows = describe_file(inputs.gguf_file(args.path))
+        _print_table([(k, inputs.human_size(v) if k == "size" else v) for k, v in rows])
+        print("\nkernels:\n  yes  llama.cpp (and Ollama, LM Studio, llama-cpp-python; cpu, cuda, metal)\n  yes  "
+              "transformers with gguf_file= (dequantized to dense)")
         return EXIT_OK
     qc = inputs.quantization(args.path)
     if qc is None:

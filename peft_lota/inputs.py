@@ -34,6 +34,18 @@ def read_json(file: Path) -> dict:
     return data
 
 
+def gguf_file(path) -> Optional[Path]:
+    """The GGUF file `path` names: a .gguf file, or a folder without config.json holding exactly one (what a GGUF
+    model's save_pretrained writes); else None."""
+    p = Path(path)
+    if p.is_file():
+        return p if p.suffix == ".gguf" else None
+    if p.is_dir() and not (p / "config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+        return found[0] if len(found) == 1 else None
+    return None
+
+
 def model_config(path: str) -> dict:
     """config.json of a local folder or a Hub repo."""
     folder = Path(path)
@@ -58,6 +70,8 @@ def quantization(path: str) -> Optional[dict]:
     """The checkpoint's quantization_config in a format peft_lota reads, None for full precision."""
     from peft_lota.loading import quantization_config
 
+    if gguf_file(path) is not None:
+        return {"quant_method": "gguf"}
     model_config(path)  # a clear error for a path that is no model
     try:
         return quantization_config(path)
@@ -77,6 +91,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def own_dtype(path: str) -> str:
     """The dtype a checkpoint loads in by default (its config's dtype, or legacy torch_dtype; float32 if none): what
     the merge and its checks run in unless --dtype says otherwise, so the merged config keeps the base's dtype."""
+    if gguf_file(path) is not None:
+        return "float32"  # (GGUF's products are float32: the merge's checks compare them exactly)
     config = model_config(path)
     value = config.get("dtype") or config.get("torch_dtype")
     return value if value in DTYPES else "float32"
@@ -91,6 +107,15 @@ def load_checked(path: str, dtype: Optional[str] = None):
     from peft_lota.loading import load_model as load
 
     quantization(path)
+    file = gguf_file(path)
+    if file is not None:
+        from peft_lota.formats.gguf import load_gguf
+
+        try:
+            return load_gguf(file, dtype=getattr(torch, dtype or "float32"))
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"cannot load the GGUF file {file}: {first}") from None
     try:
         return load(path, dtype=getattr(torch, dtype or own_dtype(path)))
     except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, a config transformers refuses
@@ -241,6 +266,11 @@ def check_output(out: str, inputs: dict, action: tuple[str, str] = ("merge", "me
     layout); a save writes only its own files into OUT."""
     from peft_lota.paths import separate_output
 
+    if str(out).endswith(".gguf"):  # one file, written atomically next to nothing else
+        if os.path.lexists(out):
+            raise UsageError(f"OUT {out} already exists: give a new file name (nothing was written, nothing "
+                             f"overwritten: the {action[0]} is refused).")
+        out = str(Path(out).parent / ".peft_lota-new-gguf")  # its folder, checked against the inputs below
     try:
         separate_output(out, inputs, "OUT", may_contain=("adapter",))
     except ValueError as err:
@@ -260,13 +290,15 @@ def calibration_blocks(args, tokenizer_dirs: list) -> list:
 
     files = tokenizer_files(tokenizer_dirs)  # the tokenizer the merged checkpoint ships, the same folder's
     source = next(iter(files.values())).parent if files else None
-    if source is None:
+    gguf = next((g for d in tokenizer_dirs if d is not None and (g := gguf_file(d)) is not None), None)
+    if source is None and gguf is None:
         raise UsageError("no tokenizer next to the adapter or the base: copy the tokenizer files (tokenizer.json, "
                          "tokenizer_config.json) into one of them.")
     file = Path(args.calib_file)
     try:
-        ids, read, whole = read_token_ids(AutoTokenizer.from_pretrained(source), file, "--calib_file",
-                                          8 * args.calib_blocks * args.calib_len)
+        tokenizer = (AutoTokenizer.from_pretrained(source) if source is not None else  # a GGUF file holds its own
+                     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        ids, read, whole = read_token_ids(tokenizer, file, "--calib_file", 8 * args.calib_blocks * args.calib_len)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if not whole:

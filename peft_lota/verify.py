@@ -134,7 +134,8 @@ def reload_checked(model, out, ids: torch.Tensor, expected_logits: torch.Tensor,
 
     out = Path(out)
     reloaded = load(out)
-    qc = json.loads((out / "config.json").read_text()).get("quantization_config")
+    config = out / "config.json"
+    qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else {"quant_method": "gguf"}
     return Reloaded(out, reloaded, same_quantized_tensors(model, reloaded),
                     bool(torch.equal(logits(reloaded, ids), expected_logits)), qc)
 
@@ -143,6 +144,11 @@ def save_checked(merged, out, ids: torch.Tensor, expected_logits: torch.Tensor, 
                  tokenizer_from: Sequence = (), tokenizer=None) -> Reloaded:
     """Save the merged model into `out` with its tokenizer (`tokenizer_files(tokenizer_from)`, or a loaded
     `tokenizer`) in the same atomic commit, reload it with `load` and compare (reload_checked)."""
+    from .formats.gguf import model_is_gguf, write_gguf
+
+    if model_is_gguf(merged) and str(out).endswith(".gguf"):  # one GGUF file (it holds its own tokenizer)
+        write_gguf(merged, out)
+        return reload_checked(merged, out, ids, expected_logits, load)
     with tempfile.TemporaryDirectory() as work:
         files = tokenizer_from_object(tokenizer, Path(work)) if tokenizer is not None else tokenizer_files(tokenizer_from)
         merged.save_pretrained(out, extra_files=files)
