@@ -32,6 +32,12 @@ def conversion_problem(name: str, state: QuantState, grid: dict, target: Format)
     problem = target.grid_problem(K, N, grid["bits"], grid["group_size"], grid["sym"], act_order=act_order)
     if problem:
         return f"{name}: {problem}"
+    if state.offsets is not None:
+        return (f"{name}: its blocks add a float offset to every weight (GGUF's Q4_1/Q5_1 `m`), which {target.title} "
+                "cannot store.")
+    if state.scale_dtype != state.scales.dtype:
+        return (f"{name}: its weights are float32 products of {state.scale_dtype} scales (GGUF), which "
+                f"{target.title}'s kernels compute in {STORED_DTYPE} and would round.")
     if not _fits_dtype(state.scales, STORED_DTYPE):
         return f"{name}: its {state.scales.dtype} scales are not all exact in float16, the dtype {target.title} stores."
     if not _fits_dtype(state.bias, STORED_DTYPE):

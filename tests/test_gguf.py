@@ -122,9 +122,13 @@ def test_lota_merged_equals_adapter_and_the_written_gguf_is_what_was_trained(ggu
     written = tmp_path / "merged" / path.name
     assert _written_tensors_check(path, written, merged) > 0
     assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
-    # the trained scales were written (fp16 d), and only GGUF layers changed
-    before = qblocks(load_gguf(path))
-    assert any(not torch.equal(before[k], v) for k, v in qblocks(merged).items())
+    # LoTA's default trains the scales: the fp16 d of every type moved, and Q4_1/Q5_1 kept their offsets m
+    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
+    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
+        _, d0, m0 = layer.block_type.decode(base[layer.tensor_name].qblocks)
+        _, d1, m1 = layer.block_type.decode(layer.qblocks)
+        assert not torch.equal(d0, d1), layer.tensor_name
+        assert m0 is None or torch.equal(m0, m1)
 
 
 def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_root, tmp_path):
@@ -140,6 +144,10 @@ def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(load_gguf(path), tmp_path / "adapter")
     assert torch.equal(logits(again), expected)
+    layer = next(m for m in model.modules() if hasattr(m, "scales_after") and m.quant.layer.qtype == "Q4_1")
+    state = layer.quant.read()
+    scales = layer.scales_after(state, ["default"])
+    assert not torch.equal(scales, state.scales) and torch.equal(scales.half().float(), scales)  # trained, fp16
 
 
 def test_l4q_is_refused_on_gguf_with_the_reason(gguf_root):
@@ -229,8 +237,9 @@ def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(ggu
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "b.gguf"), "--stream"]) == 2
     assert "drop --stream" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
+    source = path.read_bytes()
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(path)]) == 2  # the base itself
-    assert path.read_bytes()[:4] == b"GGUF"
+    assert path.read_bytes() == source
     # the folder route (save_pretrained): OUT/<the base's file name>
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / path.name).read_bytes() == out.read_bytes()
@@ -256,3 +265,36 @@ def test_a_stock_trainer_trains_it_and_an_untrained_save_is_the_source_file(gguf
     merged.save_pretrained(tmp_path / "merged")
     assert torch.equal(logits(load_gguf(tmp_path / "merged" / path.name)), expected)
     assert (tmp_path / "merged" / path.name).read_bytes() != path.read_bytes()
+
+
+def test_a_save_never_replaces_the_source_and_keeps_what_the_file_cannot_hold_out(gguf_root, tmp_path):
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig, convert
+    from tiny_models import train_steps
+
+    path = build_gguf("llama", gguf_root, types=("Q8_0", "Q4_1"))
+    (tmp_path / "src").mkdir()
+    copy = tmp_path / "src" / path.name
+    copy.write_bytes(path.read_bytes())
+    model = load_gguf(copy)
+    with pytest.raises(ValueError, match="the file the model was loaded from"):
+        model.save_pretrained(tmp_path / "src")  # its own folder: the save would replace it
+    assert copy.read_bytes() == path.read_bytes()
+    # loaded in bf16 and moved to float32: no change (the embedding holds the values it was loaded with)
+    model = load_gguf(copy, dtype=torch.bfloat16).to(torch.float32)
+    assert write_gguf(model, tmp_path / "same.gguf").read_bytes() == path.read_bytes()
+    # a trained output head (modules_to_save on a head tied to the embedding) has no place in the file: refused
+    tied = build_gguf("qwen2", gguf_root, types=("Q8_0", "Q4_1"), tied=True)
+    peft_model = get_peft_model(load_gguf(tied), LotaConfig(r=4, init_seed=0, modules_to_save=["lm_head"]))
+    train_steps(peft_model, X)
+    with pytest.raises(ValueError, match="lm_head.weight is not a tensor of the source file any more"):
+        write_gguf(peft_model.merge_and_unload(), tmp_path / "head.gguf")
+    assert not (tmp_path / "head.gguf").exists()
+    untrained = load_gguf(tied)  # tied and untouched: saved as it came
+    assert write_gguf(untrained, tmp_path / "tied.gguf").read_bytes() == tied.read_bytes()
+    # convert: a GGUF grid (float32 products, Q4_1's offsets) into GPTQ would change the model: refused
+    problems = [convert.conversion_problem(n, m._peft_lota_weights.read(), m._peft_lota_weights.grid_settings(),
+                                           __import__("peft_lota.formats", fromlist=["by_name"]).by_name("gptq"))
+                for n, m in load_gguf(copy).named_modules() if isinstance(m, GGUFLinear)]
+    assert all(p and ("float offset" in p or "float32 products" in p) for p in problems)

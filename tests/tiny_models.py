@@ -342,21 +342,22 @@ def train_steps(model, x: torch.Tensor, steps: int = 3, lr: float = 5e-2) -> Non
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")  # cycled over the 2-D tensors: each type appears
 
 
-def build_gguf(arch: str, root, types=GGUF_TYPES) -> Path:
+def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False) -> Path:
     """The tiny float model of `arch` written as a GGUF file the way llama.cpp's converter writes one (Llama's q/k
     rows permuted, 1-D tensors in float32), its 2-D tensors quantized by the gguf package to `types` in turn (the
-    embedding first); metadata as transformers' GGUF loader reads it (no tokenizer: the tests use token ids)."""
+    embedding first); metadata as transformers' GGUF loader reads it (no tokenizer: the tests use token ids). `tied`:
+    no output.weight (the head is the embedding, as in SmolLM2)."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    path = Path(root) / f"tiny-{arch}-{'-'.join(types)}.gguf"
+    path = Path(root) / f"tiny-{arch}-{'-'.join(types)}{'-tied' if tied else ''}.gguf"
     if path.exists():
         return path
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -376,6 +377,8 @@ def build_gguf(arch: str, root, types=GGUF_TYPES) -> Path:
     table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), LAYERS)
     i = 0
     for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
         stem, _, suffix = name.rpartition(".")
         g = f"{table.get_name(stem)}.{suffix}"
         a = t.float().numpy()

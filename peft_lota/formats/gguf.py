@@ -182,9 +182,12 @@ class GGUFWeights(QuantWeights):
     def read(self) -> QuantState:
         blocks = self.layer.qblocks
         cached = self._cache
-        # Decoded once per buffer: a merge swaps the storage (restore), an in-place write bumps the version. The cache
-        # holds an alias of the storage it decoded, so no other buffer can take its address meanwhile.
-        if cached is not None and cached[0].data_ptr() == blocks.data_ptr() and cached[1] == blocks._version:
+        # Decoded once per buffer: a merge swaps the storage (restore), an in-place write bumps the version, a dtype or
+        # device move replaces the bias. The cache holds an alias of the storage it decoded, so no other buffer can
+        # take its address meanwhile. (Tensors made under inference_mode have no version: decoded every time.)
+        version = None if blocks.is_inference() else blocks._version
+        if (cached is not None and version is not None and cached[0].data_ptr() == blocks.data_ptr()
+                and cached[1] == version and cached[2].bias is self.layer.bias):
             return cached[2]
         bt = self.layer.block_type
         codes, d, m = bt.decode(blocks)
@@ -195,7 +198,7 @@ class GGUFWeights(QuantWeights):
                            self.layer.bias, layout=group_layout(g_idx, G), linear=nk_linear,
                            zero_range=(bt.zero, bt.zero), scale_dtype=torch.float16,
                            offsets=None if m is None else m.t().float().contiguous())
-        self._cache = (blocks.data, blocks._version, state)
+        self._cache = (blocks.data, version, state)
         return state
 
     def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
@@ -241,6 +244,8 @@ class GGUFSource:
     tensors: dict = field(default_factory=dict)  # name -> (type name, data offset, n bytes)
     frozen: dict = field(default_factory=dict)  # model parameter/buffer name -> GGUF tensor name (copied as they are)
     arch: str = ""
+    dtype: torch.dtype = torch.float32  # what the model was loaded in
+    tied: dict = field(default_factory=dict)  # parameter the file does not hold -> the frozen one it is tied to
 
 
 def _identity(path: Path) -> tuple:
@@ -326,6 +331,10 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
             raw = raw[order]
         bias = None if module.bias is None else module.bias.detach().clone()
         layer = GGUFLinear(raw.to(module.weight.device), qtype, K, N, bias, gname, order)
+        dense = layer._peft_lota_weights.read().weight().t().to(module.weight.dtype)
+        if not torch.equal(dense, module.weight.detach()):  # the names or row order disagree with transformers'
+            raise ValueError(f"{path}: {gname} does not decode to what transformers loaded as {name}.weight; "
+                             "peft_lota cannot map this file's tensors to the model. Please report it.")
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         kept += 1
@@ -338,7 +347,12 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
                          f"its layers are {', '.join(sorted(frozen_types)) or 'not found'}.")
     adapted = {m.tensor_name for m in model.modules() if isinstance(m, GGUFLinear)}
     source.frozen = {hf: g for hf, g in to_gguf.items() if g not in adapted and g in tensors}
-    source.arch = arch
+    source.arch, source.dtype = arch, dtype
+    # Parameters the file does not hold: a tied output head is the embedding's own tensor (a save checks it still is)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    by_ptr = {t.data_ptr(): n for n, t in named.items() if n in source.frozen}
+    source.tied = {n: by_ptr[t.data_ptr()] for n, t in named.items()
+                   if n not in source.frozen and t.data_ptr() in by_ptr}
     model._peft_lota_gguf = source
     for p in model.parameters():
         p.requires_grad_(False)
@@ -372,7 +386,21 @@ def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
     of them (e.g. trained norms or modules_to_save), which the file would silently lose."""
     from gguf.quants import dequantize
 
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    lost = ("a GGUF save writes the adapted linear layers' blocks and copies every other tensor from the source file, "
+            "so this change would be lost. Train only the quantized layers (no modules_to_save or trained norms).")
+    params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
+    persistent = {f"{n}.{b}" if n else b for n, m in model.named_modules(remove_duplicate=False)
+                  for b, t in m._buffers.items() if t is not None and b not in m._non_persistent_buffers_set}
+    ours = {f"{n}.{b}" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GGUFLinear)
+            for b in ("qblocks",)}
+    for name in params:
+        if name in ours or name in source.frozen or (name not in persistent and name in dict(model.named_buffers(
+                remove_duplicate=False))):
+            continue
+        tied = source.tied.get(name)
+        if tied is None or not torch.equal(params[name].detach().cpu(), params[tied].detach().cpu()):
+            raise ValueError(f"{name} is not a tensor of the source file" + (
+                f" any more (it was {tied}, and now differs from it)" if tied else "") + f": {lost}")
     processor, _ = _name_map(model, source.arch)
     tensors = {t.name: t for t in reader.tensors}
     for hf, gname in source.frozen.items():
@@ -382,11 +410,13 @@ def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
         t = tensors[gname]
         w = processor.process(weights=dequantize(t.data, t.tensor_type), name=gname, tensor_key_mapping={},
                               parsed_parameters={"tensors": {}}).weights
-        expected = torch.from_numpy(w.copy()).to(p.dtype).reshape(p.shape)
+        expected = torch.from_numpy(w.copy())
+        if expected.numel() != p.numel():
+            raise ValueError(f"{hf} has {tuple(p.shape)} values, the file's {gname} {tuple(t.shape)}: {lost}")
+        # as loaded (in the load's dtype), then as the model holds it now (a later .to(dtype) is no change)
+        expected = expected.to(source.dtype).to(p.dtype).reshape(p.shape)
         if not torch.equal(expected, p.detach().cpu()):
-            raise ValueError(f"{hf} differs from the file's {gname}: a GGUF save writes the adapted linear layers' "
-                             "blocks and copies every other tensor from the source file, so this change would be "
-                             "lost. Train only the quantized layers (no modules_to_save or trained norms).")
+            raise ValueError(f"{hf} differs from the file's {gname}: {lost}")
 
 
 def write_gguf(model: nn.Module, out_path) -> Path:
@@ -457,6 +487,10 @@ def write_gguf(model: nn.Module, out_path) -> Path:
 def write_folder(model: nn.Module, folder: Path) -> dict:
     """A merged GGUF model's save_pretrained: the GGUF file, under the source's name, into `folder`; its facts."""
     source: GGUFSource = model._peft_lota_gguf
+    target = Path(folder).parent / source.path.name  # (saves stage inside the target folder: export/transaction.py)
+    if target.exists() and os.path.samefile(target, source.path):
+        raise ValueError(f"{Path(folder).parent} holds {source.path.name}, the file the model was loaded from, which "
+                         "this save would replace: save into another folder.")
     write_gguf(model, Path(folder) / source.path.name)
     types = sorted({m.qtype for m in model.modules() if isinstance(m, GGUFLinear)})
     return {"format": "gguf", "bits": "/".join(str(BLOCK_TYPES[t].bits) for t in types), "group_size": BLOCK,
