@@ -20,6 +20,10 @@ from peft_lota.formats.gguf import BLOCK_TYPES, GGUFLinear, load_gguf, write_ggu
 from tiny_models import X, adapt_merge_save_reload, build_gguf, logits  # noqa: E402
 
 
+K_QUANTS = ("Q4_K", "Q6_K")  # super-blocks of 256: a model of its own, whose widths are multiples of 256
+K_TYPES = ("Q8_0", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "F16")
+
+
 @pytest.fixture(scope="session")
 def gguf_root(tmp_path_factory):
     return tmp_path_factory.mktemp("gguf")
@@ -37,7 +41,7 @@ def dense(path):
 
 # ---- the block codecs ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+@pytest.mark.parametrize("name", sorted(set(BLOCK_TYPES) - set(K_QUANTS)))
 def test_blocks_decode_to_what_gguf_dequantizes_and_encode_back_byte_for_byte(name):
     bt, kind = BLOCK_TYPES[name], getattr(gguf.GGMLQuantizationType, name)
     rng = np.random.default_rng(0)
@@ -66,7 +70,7 @@ def test_load_keeps_blocks_and_computes_what_transformers_gguf_loader_computes(g
     path = build_gguf(arch, gguf_root)
     model = load_gguf(path)
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    assert {m.qtype for m in layers} == set(BLOCK_TYPES)  # every type, Llama's permuted q/k among them
+    assert {m.qtype for m in layers} == set(BLOCK_TYPES) - set(K_QUANTS)  # Llama's permuted q/k among them
     assert "F16 stay frozen" in caplog.text  # the layers of another type: said, kept dense
     assert torch.equal(logits(model), logits(dense(path)))
     if arch == "qwen2":
@@ -125,8 +129,8 @@ def test_lota_merged_equals_adapter_and_the_written_gguf_is_what_was_trained(ggu
     # LoTA's default trains the scales: the fp16 d of every type moved, and Q4_1/Q5_1 kept their offsets m
     base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
     for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
-        _, d0, m0 = layer.block_type.decode(base[layer.tensor_name].qblocks)
-        _, d1, m1 = layer.block_type.decode(layer.qblocks)
+        _, d0, m0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
+        _, d1, m1 = layer.block_type.grid(layer.qblocks)
         assert not torch.equal(d0, d1), layer.tensor_name
         assert m0 is None or torch.equal(m0, m1)
 
@@ -298,3 +302,50 @@ def test_a_save_never_replaces_the_source_and_keeps_what_the_file_cannot_hold_ou
                                            __import__("peft_lota.formats", fromlist=["by_name"]).by_name("gptq"))
                 for n, m in load_gguf(copy).named_modules() if isinstance(m, GGUFLinear)]
     assert all(p and ("float offset" in p or "float32 products" in p) for p in problems)
+
+
+# ---- K-quants (the Q4_K_M mix): codes move, scales stay -------------------------------------------------------
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_k_quant_super_blocks_decode_as_gguf_and_take_any_codes_back(name):
+    from tiny_models import _random_k_blocks
+
+    bt, kind = BLOCK_TYPES[name], getattr(gguf.GGMLQuantizationType, name)
+    raw = torch.from_numpy(_random_k_blocks(name, 8, 512, seed=3))
+
+    def weight(raw):
+        codes, scales, offsets = bt.grid(raw)
+        g = torch.arange(512) // bt.group
+        w = scales[:, g] * (codes.to(torch.int16) - bt.zero).float()
+        return w if offsets is None else w + offsets[:, g]
+
+    assert torch.equal(weight(raw), torch.from_numpy(dequantize(raw.numpy(), kind)))
+    codes = bt.grid(raw)[0]
+    assert torch.equal(bt.write(raw, codes, None), raw)
+    moved = torch.randint(0, bt.maxq + 1, codes.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    written = bt.write(raw, moved, None)
+    assert torch.equal(bt.grid(written)[0], moved)
+    assert torch.equal(torch.from_numpy(dequantize(written.numpy(), kind)), weight(written))
+    assert torch.equal(written.view(8, 2, -1)[..., [i for i in range(bt.nbytes) if not
+                                                    bt.code_bytes[0] <= i < bt.code_bytes[1]]],
+                       raw.view(8, 2, -1)[..., [i for i in range(bt.nbytes) if not
+                                                bt.code_bytes[0] <= i < bt.code_bytes[1]]])  # scales untouched
+    with pytest.raises(ValueError, match="codes only"):
+        bt.write(raw, moved, torch.ones(8, 512 // bt.group, dtype=torch.float16))
+
+
+def test_lota_on_a_k_quant_mix_moves_codes_keeps_scales_and_merges_exactly(gguf_root, tmp_path, caplog):
+    path = build_gguf("llama", gguf_root, types=K_TYPES, dims=(256, 512))
+    model = load_gguf(path)
+    assert {m.qtype for m in model.modules() if isinstance(m, GGUFLinear)} >= set(K_QUANTS)
+    assert torch.equal(logits(model), logits(dense(path)))
+    merged, _, _ = adapt_merge_save_reload("lota", load_gguf, path, qblocks, tmp_path,
+                                           load_saved=lambda folder: load_gguf(folder / path.name))
+    assert "keeps its scales" in caplog.text
+    written = tmp_path / "merged" / path.name
+    assert _written_tensors_check(path, written, merged) > 0
+    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
+    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.qtype in K_QUANTS):
+        _, s0, o0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
+        _, s1, o1 = layer.block_type.grid(layer.qblocks)
+        assert torch.equal(s0, s1) and (o0 is None or torch.equal(o0, o1))

@@ -342,7 +342,23 @@ def train_steps(model, x: torch.Tensor, steps: int = 3, lr: float = 5e-2) -> Non
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16")  # cycled over the 2-D tensors: each type appears
 
 
-def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False) -> Path:
+def _random_k_blocks(name: str, rows: int, cols: int, seed: int):
+    """Raw K-quant blocks (Q4_K, Q6_K) of random codes and sub-block scales under small fp16 super-scales: the gguf
+    package dequantizes these types but does not quantize them."""
+    import numpy as np
+
+    nbytes = {"Q4_K": 144, "Q6_K": 210}[name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // 256, nbytes), dtype=np.uint8)
+    d = (np.abs(rng.standard_normal(raw.shape[:2] + (2,))) * 2e-3).astype(np.float16).view(np.uint8)
+    if name == "Q4_K":
+        raw[..., 0:4] = d.reshape(raw.shape[:2] + (4,))
+    else:
+        raw[..., 208:210] = d[..., :2]
+    return raw.reshape(rows, -1)
+
+
+def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False, dims=(HIDDEN, INTERMEDIATE)) -> Path:
     """The tiny float model of `arch` written as a GGUF file the way llama.cpp's converter writes one (Llama's q/k
     rows permuted, 1-D tensors in float32), its 2-D tensors quantized by the gguf package to `types` in turn (the
     embedding first); metadata as transformers' GGUF loader reads it (no tokenizer: the tests use token ids). `tied`:
@@ -352,10 +368,10 @@ def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False) -> Path:
     from gguf.quants import quantize
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    path = Path(root) / f"tiny-{arch}-{'-'.join(types)}{'-tied' if tied else ''}.gguf"
+    path = Path(root) / f"tiny-{arch}-{'-'.join(types)}{'-tied' if tied else ''}-{dims[0]}.gguf"
     if path.exists():
         return path
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+    common = dict(vocab_size=VOCAB, hidden_size=dims[0], intermediate_size=dims[1], num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
                   tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
@@ -365,15 +381,15 @@ def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False) -> Path:
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTERMEDIATE)
+    w.add_embedding_length(dims[0])
+    w.add_feed_forward_length(dims[1])
     w.add_block_count(LAYERS)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(VOCAB)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_rope_dimension_count(dims[0] // HEADS)
     table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), LAYERS)
     i = 0
     for name, t in model.state_dict().items():
@@ -390,6 +406,9 @@ def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False) -> Path:
             i += 1
             if qtype == "F16":
                 w.add_tensor(g, a.astype(np.float16))
+            elif qtype in ("Q4_K", "Q6_K"):
+                kind = getattr(gguf.GGMLQuantizationType, qtype)
+                w.add_tensor(g, _random_k_blocks(qtype, *a.shape, seed=i), raw_dtype=kind)
             else:
                 kind = getattr(gguf.GGMLQuantizationType, qtype)
                 w.add_tensor(g, quantize(a, kind), raw_dtype=kind)

@@ -174,6 +174,9 @@ class QuantWeights:
     fuses_bias: bool = False
     # True where the format stores no zero points (symmetric only): nothing may move them
     fixed_zero_points: bool = False
+    # False where a group's scale is not a free value of its own (GGUF's K-quants: integers under one fp16 per 256
+    # weights): methods then keep the scales and move codes only
+    trains_scales: bool = True
 
     def __init__(self, layer: nn.Module):
         self.layer = layer

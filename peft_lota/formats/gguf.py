@@ -101,9 +101,117 @@ class BlockType:
         return torch.cat(parts, dim=-1).reshape(N, -1)
 
 
+    # What GGUFWeights asks of every block type
+    group = BLOCK  # weights per scale
+    block = BLOCK  # weights per block
+    trains_scales = True  # each group's scale is an fp16 value a merge may rewrite
+
+    def grid(self, raw: torch.Tensor):
+        """(codes uint8 [N, K], scales float32 [N, groups], offsets float32 [N, groups] or None) of raw blocks."""
+        codes, d, m = self.decode(raw)
+        return codes, d.float(), None if m is None else m.float()
+
+    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+        """These blocks with new codes [N, K] (and new fp16 scales [N, groups]), everything else kept."""
+        _, d, m = self.decode(raw)
+        return self.encode(codes, d if scales is None else scales, m)
+
+
+class KQuant:
+    """A K-quant super-block of 256 weights (ggml's Q4_K, Q6_K): integer sub-block scales (and mins) under fp16 `d`
+    (and `dmin`), so each sub-block's scale is a float32 product `d * sc` and its offset `-(dmin * min)`; a code
+    moved by one is exact, the scales are not free values (codes only: `trains_scales` False).
+
+        Q4_K  144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+              w = d * sc_j * q - dmin * min_j over sub-blocks of 32; q in 0..15
+        Q6_K  210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, fp16 d
+              w = d * sc_j * (q - 32) over sub-blocks of 16; q in 0..63
+    """
+
+    block = 256
+    trains_scales = False
+    has_min = False
+
+    def __init__(self, name: str, nbytes: int, bits: int, zero: int, group: int, has_min: bool, pieces, code_bytes):
+        self.name, self.nbytes, self.bits, self.zero, self.group, self.has_min = name, nbytes, bits, zero, group, has_min
+        self.code_bytes = code_bytes  # (first, end) of the bytes holding codes
+        # per element of a super-block: (byte, shift, width) of its low bits, and of its high bits (or None)
+        self.pieces = pieces
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def _index(self, device):
+        return [None if p is None else (torch.tensor(p[0], device=device), torch.tensor(p[1], dtype=torch.int32,
+                device=device), torch.tensor(p[2], dtype=torch.int32, device=device)) for p in self.pieces]
+
+    def codes(self, raw: torch.Tensor) -> torch.Tensor:
+        N = raw.shape[0]
+        b = raw.reshape(N, -1, self.nbytes)
+        out, low_bits = None, 0
+        for piece in self._index(raw.device):
+            if piece is None:
+                continue
+            byte, shift, width = piece
+            part = (b[..., byte] >> shift.to(torch.uint8)) & ((1 << width) - 1).to(torch.uint8)
+            out = part if out is None else out | (part << low_bits)
+            low_bits = int(width[0])
+        return out.reshape(N, -1)
+
+    def grid(self, raw: torch.Tensor):
+        N = raw.shape[0]
+        b = raw.reshape(N, -1, self.nbytes)
+        if self.name == "Q4_K":
+            d = b[..., 0:2].contiguous().view(torch.float16).float()
+            dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+            s = b[..., 4:16].to(torch.int32)
+            dd, mm, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+            sc = torch.cat([dd & 0x3F, (md & 0x0F) | ((dd >> 2) & 0x30)], dim=-1).float()
+            mn = torch.cat([mm & 0x3F, (md >> 4) | ((mm >> 2) & 0x30)], dim=-1).float()
+            return self.codes(raw), (d * sc).reshape(N, -1), (-(dmin * mn)).reshape(N, -1)
+        sc = b[..., 192:208].contiguous().view(torch.int8).float()
+        d = b[..., 208:210].contiguous().view(torch.float16).float()
+        return self.codes(raw), (d * sc).reshape(N, -1), None
+
+    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+        if scales is not None:
+            raise ValueError(f"{self.name} scales are integers under one fp16 value per 256 weights: a merge writes "
+                             "its codes only.")
+        N = raw.shape[0]
+        q = codes.reshape(N, -1, self.block).to(torch.int32)
+        acc = torch.zeros(N, q.shape[1], self.nbytes, dtype=torch.int32, device=raw.device)
+        low_bits = 0
+        for piece in self._index(raw.device):
+            if piece is None:
+                continue
+            byte, shift, width = piece
+            part = ((q >> low_bits) & ((1 << width) - 1)) << shift
+            acc.index_add_(2, byte, part)
+            low_bits = int(width[0])
+        out = raw.reshape(N, -1, self.nbytes).clone()
+        first, end = self.code_bytes
+        out[..., first:end] = acc[..., first:end].to(torch.uint8)
+        return out.reshape(N, -1)
+
+
+def _q4_k_pieces():
+    e = range(256)
+    return [([16 + 32 * (i // 64) + i % 32 for i in e], [0 if i % 64 < 32 else 4 for i in e], [4] * 256), None]
+
+
+def _q6_k_pieces():
+    e = range(256)
+    low = ([64 * (i // 128) + i % 64 for i in e], [4 * ((i % 128) // 64) for i in e], [4] * 256)
+    high = ([128 + 32 * (i // 128) + i % 32 for i in e], [2 * ((i % 128) // 32) for i in e], [2] * 256)
+    return [low, high]
+
+
 BLOCK_TYPES = {t.name: t for t in (BlockType("Q4_0", 18, 4, 8, False), BlockType("Q4_1", 20, 4, 0, True),
                                   BlockType("Q5_0", 22, 5, 16, False), BlockType("Q5_1", 24, 5, 0, True),
-                                  BlockType("Q8_0", 34, 8, 128, False))}
+                                  BlockType("Q8_0", 34, 8, 128, False),
+                                  KQuant("Q4_K", 144, 4, 0, 32, True, _q4_k_pieces(), (16, 144)),
+                                  KQuant("Q6_K", 210, 6, 32, 16, False, _q6_k_pieces(), (0, 192)))}
 
 
 def _require_gguf():
@@ -176,8 +284,14 @@ class GGUFWeights(QuantWeights):
         z = self.layer.block_type.zero
         return z, z
 
+    @property
+    def trains_scales(self) -> bool:
+        """Whether each group's scale is a free fp16 value a merge may write (not in K-quants)."""
+        return self.layer.block_type.trains_scales
+
     def grid_settings(self) -> dict:
-        return {"bits": self.bits, "group_size": BLOCK, "sym": not self.layer.block_type.has_min}
+        bt = self.layer.block_type
+        return {"bits": self.bits, "group_size": bt.group, "sym": not bt.has_min}
 
     def read(self) -> QuantState:
         blocks = self.layer.qblocks
@@ -190,14 +304,14 @@ class GGUFWeights(QuantWeights):
                 and cached[1] == version and cached[2].bias is self.layer.bias):
             return cached[2]
         bt = self.layer.block_type
-        codes, d, m = bt.decode(blocks)
-        G, K, N = d.shape[1], self.in_features, self.out_features
-        g_idx = torch.arange(K, device=blocks.device) // BLOCK
+        codes, scales, offsets = bt.grid(blocks)
+        G, K, N = scales.shape[1], self.in_features, self.out_features
+        g_idx = torch.arange(K, device=blocks.device) // bt.group
         zeros = torch.full((G, N), bt.zero, dtype=torch.int16, device=blocks.device)
-        state = QuantState(codes.t().contiguous(), zeros, d.t().float().contiguous(), g_idx, bt.maxq,
+        state = QuantState(codes.t().contiguous(), zeros, scales.t().contiguous(), g_idx, bt.maxq,
                            self.layer.bias, layout=group_layout(g_idx, G), linear=nk_linear,
                            zero_range=(bt.zero, bt.zero), scale_dtype=torch.float16,
-                           offsets=None if m is None else m.t().float().contiguous())
+                           offsets=None if offsets is None else offsets.t().contiguous())
         self._cache = (blocks.data, version, state)
         return state
 
@@ -209,14 +323,12 @@ class GGUFWeights(QuantWeights):
                              "points cannot be written into them.")
         if int(codes.max()) > bt.maxq:
             raise ValueError(f"codes above {bt.maxq} cannot be written into {bt.name} blocks.")
-        _, d, m = bt.decode(self.layer.qblocks)
+        s16 = None
         if scales is not None:
-            s16 = scales.detach().t().to(torch.float16)
-            if not torch.equal(s16.float(), scales.detach().t().float()):
+            s16 = scales.detach().t().to(torch.float16).to(self.device)
+            if not torch.equal(s16.float(), scales.detach().t().float().to(self.device)):
                 raise ValueError("scales that are not fp16 values cannot be written into GGUF blocks exactly.")
-            d = s16
-        raw = bt.encode(codes.t().contiguous().to(self.device), d.to(self.device), m)
-        return {"qblocks": raw}
+        return {"qblocks": bt.write(self.layer.qblocks, codes.t().contiguous().to(self.device), s16)}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"qblocks": self.layer.qblocks.data}
@@ -317,7 +429,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
         qtype = tensor.tensor_type.name
         bt = BLOCK_TYPES.get(qtype)
         N, K = module.out_features, module.in_features
-        if bt is None or K % BLOCK or tuple(tensor.data.shape) != (N, K // BLOCK * bt.nbytes):
+        if bt is None or K % bt.block or tuple(tensor.data.shape) != (N, K // bt.block * bt.nbytes):
             frozen_types[qtype] = frozen_types.get(qtype, 0) + 1
             continue
         try:
@@ -493,7 +605,8 @@ def write_folder(model: nn.Module, folder: Path) -> dict:
                          "this save would replace: save into another folder.")
     write_gguf(model, Path(folder) / source.path.name)
     types = sorted({m.qtype for m in model.modules() if isinstance(m, GGUFLinear)})
-    return {"format": "gguf", "bits": "/".join(str(BLOCK_TYPES[t].bits) for t in types), "group_size": BLOCK,
+    return {"format": "gguf", "bits": "/".join(str(BLOCK_TYPES[t].bits) for t in types),
+            "group_size": "/".join(str(BLOCK_TYPES[t].group) for t in types),
             "desc_act": False, "sym": not any(BLOCK_TYPES[t].has_min for t in types), "checkpoint_format": "gguf",
             "loaders": f"llama.cpp (and Ollama, LM Studio, llama-cpp-python), transformers with gguf_file=; "
                        f"adapted blocks: {', '.join(types)}.", "kernels": ["llama.cpp"], "fast_path_note": None,

@@ -535,6 +535,8 @@ def _check_peft(model) -> None:
 def _merge_layer(quant, delta: torch.Tensor, H: torch.Tensor, *, key: str, **options) -> dict:
     """Write the merged codes (and scales) of one quantized layer: base weight + delta on its grid; its report."""
     state = quant.read()
+    if options.get("train_scales") and not quant.trains_scales:  # (GGUF K-quants: scales are not free values)
+        options = {**options, "train_scales": False}
     target = state.weight().float() + delta.to(state.scales.device)
     if state.offsets is not None:  # w = s * (q - z) + m: the codes hold the target less the block's offset
         target = target - state.offsets[state.g_idx]

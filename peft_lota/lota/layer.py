@@ -28,6 +28,7 @@ from ..tuner_layer import QuantLayer, RoundToStoredSTE
 from .ternary import adapt_codes, apply_adapters, effective_weight, init_ternary_A, is_ternary, lota_linear
 
 logger = logging.getLogger(__name__)
+_FIXED_SCALES_SAID: set = set()
 
 
 class FloatOffsetMergeError(ValueError):
@@ -121,7 +122,13 @@ class LotaLayer(QuantLayer):
             A = A * (2 * settings.latent_threshold)
         self.lota_A[adapter_name] = nn.Parameter(A.to(device))
         self.lota_B[adapter_name] = nn.Parameter(torch.zeros(settings.r, self.out_features, device=device))
-        if settings.train_scales:
+        if settings.train_scales and not self.quant.trains_scales:
+            if self.quant.format_name not in _FIXED_SCALES_SAID:  # once per format and process: said, not repeated
+                _FIXED_SCALES_SAID.add(self.quant.format_name)
+                logger.warning("LoTA: %s (and every such %s layer) keeps its scales: its grid stores no free scale per "
+                               "group (GGUF's K-quants); its codes train.", self._current_key or "a layer",
+                               self.quant.format_name)
+        elif settings.train_scales:
             groups = self.quant.read().scales.shape[0]
             self.lota_scales[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
         self.settings[adapter_name] = settings
