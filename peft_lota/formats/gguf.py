@@ -1,6 +1,6 @@
 """llama.cpp's GGUF: a model whose linear layers keep the file's own blocks, and the same file written back.
 
-The block types read here are each a uniform integer grid per block of 32 consecutive inputs of one output row,
+The legacy block types read here are each a uniform integer grid per block of 32 consecutive inputs of one output row,
 with fp16 parameters (ggml's layouts; the tests check every one against the `gguf` package's dequantization):
 
     type  bytes  layout                                  weight              codes   zero
@@ -12,15 +12,17 @@ with fp16 parameters (ggml's layouts; the tests check every one against the `ggu
 
 (nibbles: byte j holds element j in its low half and element j + 16 in its high half; 5th bits: bit i of the
 little-endian uint32 is element i's.) A code moved by one inside its range, a new fp16 `d`, are written exactly.
+The K-quants Q4_K and Q6_K (super-blocks of 256, `KQuant` below) are read and written too, codes only: their scales
+are 6- or 8-bit integers under one fp16 value per super-block, not free values a trained scale could take.
 The weight is computed as gguf and ggml's reference dequantization compute it: the product `d * (q - zero)` in
 float32 (exact: `d` has 11 significant bits) and the offset `m` added last. That float32 weight, cast to the
 model's dtype, is what transformers' GGUF loader builds, so a merged layer's output equals the reloaded model's.
 
 A model is loaded with `load_gguf(path)`: transformers' GGUF loader builds it (its config, its names, its row
-permutation of Llama's q/k), then every linear layer whose tensor is of a type above becomes a `GGUFLinear`
+permutation of Llama's q/k), then every linear layer whose tensor is of one of these types becomes a `GGUFLinear`
 holding the tensor's raw blocks (rows in the model's order). Other tensors (the embedding, norms, layers of
-other types: K-quants, IQ*, ...) stay as transformers built them, frozen: a save copies them from the file.
-Saving (`save_gguf`, or `save_pretrained` of a merged model) copies the source file and overwrites the data of
+other types: Q5_K, IQ*, ...) stay as transformers built them, frozen: a save copies them from the file.
+Saving (`write_gguf`, or `save_pretrained` of a merged model) copies the source file and overwrites the data of
 the adapted tensors in place: metadata, tensor order and every other byte stay the input's.
 """
 
