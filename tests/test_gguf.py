@@ -235,6 +235,10 @@ def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(ggu
     assert torch.equal(logits(load_gguf(out)), expected)
     assert cli.main(["inspect", str(out)]) == 0
     assert "Q4_1" in capsys.readouterr().out
+    assert cli.main(["verify", str(out), "--against", str(tmp_path / "adapter"), "--base", str(path)]) == 0
+    assert "logits == the adapter model's  True" in capsys.readouterr().out
+    assert cli.main(["verify", str(out), "--against", str(path)]) == 1  # not the base: said, exit 1
+    capsys.readouterr()
     # an existing OUT is never overwritten; --stream and a GGUF OUT for a non-GGUF base are refused
     before = out.read_bytes()
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out)]) == 2
