@@ -77,8 +77,6 @@ def fetch_wheels(folder: Path) -> None:
 
 def exact_checks(device: str, root: Path) -> list[dict]:
     """(format, ok, detail) rows: the format x method contract of the tests, on `device`."""
-    import torch
-
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT / "examples"))
     import tiny_models as tm
