@@ -381,24 +381,29 @@ def _row_order(processor, tensor, n_rows: int) -> Optional[torch.Tensor]:
     return None if torch.equal(order, torch.arange(n_rows)) else order
 
 
-def _name_map(model: nn.Module, arch: str):
-    """(transformers' tensor processor for this architecture, {model tensor name: GGUF tensor name}): the names gguf's
-    own table gives (what transformers' GGUF loader maps with), and the processor that reorders what it loads."""
-    import gguf
+def _processor(model: nn.Module, arch: str):
+    """transformers' tensor processor for this architecture: what reorders a tensor as its GGUF loader loads it."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+
+
+def _name_map(model: nn.Module, arch: str):
+    """{model tensor name: GGUF tensor name}: the names gguf's own table gives (what transformers' GGUF loader maps
+    with)."""
+    import gguf
 
     key = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
     if key is None:
         raise ValueError(f"the gguf package does not know the architecture {arch!r}; upgrade gguf.")
     table = gguf.get_tensor_name_map(key, model.config.num_hidden_layers)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
     names = {}
     for name in [*dict(model.named_parameters()), *dict(model.named_buffers())]:
         stem, _, suffix = name.rpartition(".")
         g = table.get_name(stem)
         if g is not None:
             names[name] = f"{g}.{suffix}"
-    return processor, names
+    return names
 
 
 def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
@@ -417,14 +422,13 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
         source.tensors[t.name] = (t.tensor_type.name, int(t.data_offset), int(t.n_bytes))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
     arch = str(reader.fields["general.architecture"].contents())
-    processor, to_gguf = _name_map(model, arch)
-    by_hf = {hf: g for hf, g in to_gguf.items()}
+    processor, to_gguf = _processor(model, arch), _name_map(model, arch)
     tensors = {t.name: t for t in reader.tensors}
     kept, frozen_types = 0, {}
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        gname = by_hf.get(f"{name}.weight")
+        gname = to_gguf.get(f"{name}.weight")
         tensor = tensors.get(gname) if gname else None
         if tensor is None:  # a tied lm_head, or a layer the file does not hold
             continue
@@ -502,20 +506,20 @@ def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
 
     lost = ("a GGUF save writes the adapted linear layers' blocks and copies every other tensor from the source file, "
             "so this change would be lost. Train only the quantized layers (no modules_to_save or trained norms).")
-    params = {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
-    persistent = {f"{n}.{b}" if n else b for n, m in model.named_modules(remove_duplicate=False)
-                  for b, t in m._buffers.items() if t is not None and b not in m._non_persistent_buffers_set}
-    ours = {f"{n}.{b}" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GGUFLinear)
-            for b in ("qblocks",)}
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    params = {**buffers, **dict(model.named_parameters(remove_duplicate=False))}
+    # what the file does not need to hold: the GGUF layers' blocks, and buffers no checkpoint saves (rotary tables)
+    skipped = {f"{n}.qblocks" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, GGUFLinear)}
+    skipped |= {f"{n}.{b}" if n else b for n, m in model.named_modules(remove_duplicate=False)
+                for b in m._non_persistent_buffers_set}
     for name in params:
-        if name in ours or name in source.frozen or (name not in persistent and name in dict(model.named_buffers(
-                remove_duplicate=False))):
+        if name in skipped or name in source.frozen:
             continue
         tied = source.tied.get(name)
         if tied is None or not torch.equal(params[name].detach().cpu(), params[tied].detach().cpu()):
             raise ValueError(f"{name} is not a tensor of the source file" + (
                 f" any more (it was {tied}, and now differs from it)" if tied else "") + f": {lost}")
-    processor, _ = _name_map(model, source.arch)
+    processor = _processor(model, source.arch)
     tensors = {t.name: t for t in reader.tensors}
     for hf, gname in source.frozen.items():
         p = params.get(hf)
@@ -546,7 +550,7 @@ def write_gguf(model: nn.Module, out_path) -> Path:
     if not source.path.is_file() or _identity(source.path) != source.identity:
         raise ValueError(f"{source.path}, which the model was loaded from, changed or disappeared since: a GGUF save "
                          "copies its untouched tensors from it. Load the model again.")
-    if out.exists() and out.resolve() == source.path or out.exists() and os.path.samefile(out, source.path):
+    if out.exists() and os.path.samefile(out, source.path):  # (links to it included)
         raise ValueError(f"{out} is the file the model was loaded from: write the merged model to another path.")
     layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     from peft.tuners.tuners_utils import BaseTunerLayer
