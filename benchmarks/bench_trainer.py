@@ -39,24 +39,6 @@ RUNS = HERE / "results" / "trainer-runs.jsonl"
 GGUF = "gguf-q4_1"
 
 
-def requantized_q4_1(model):
-    """A LoRA model merged in float32 and every merged linear weight re-quantized to Q4_1 by the gguf package (the
-    dequantize-merge-requantize route): the dense model that file would load as."""
-    import numpy as np
-    import torch
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
-
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        for name, m in merged.named_modules():
-            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in TARGETS:
-                w = m.weight.detach().float().numpy()
-                q = dequantize(quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
-                m.weight.copy_(torch.from_numpy(q.reshape(w.shape)))
-    return merged
-
-
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -288,7 +270,7 @@ def main(argv=None) -> None:
     else:
         row["ppl"] = perplexity(model)
         if args.variant == GGUF:
-            row["ppl_requantized"] = perplexity(requantized_q4_1(model))
+            row["ppl_requantized"] = perplexity(real_model.requantized_q4_1(model, TARGETS))
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

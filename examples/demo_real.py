@@ -82,13 +82,13 @@ def exact_match(model, tokenizer, items) -> tuple[float, list[str]]:
     return sum(g == a for g, (_, a) in zip(got, items)) / len(items), got
 
 
-def train(model, tokenizer, items, steps: int, lr: float, out: Path) -> float:
+def train(model, tokenizer, items, steps: int, lr: float, out: Path, seed: int = 0) -> float:
     """`steps` steps of a stock Trainer (its AdamW, cosine decay) on the chat examples; returns the seconds."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
                              lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 4),
-                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
                              disable_tqdm=False)
     trainer = Trainer(model=model, args=args, train_dataset=[encode(tokenizer, q, a) for q, a in items],
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))

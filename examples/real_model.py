@@ -66,6 +66,25 @@ def gguf_file() -> Path:
     return path
 
 
+def requantized_q4_1(model, targets):
+    """A PEFT LoRA model of the dense GGUF load merged in float32, and every merged linear weight named in `targets`
+    re-quantized to Q4_1 by the gguf package's quantizer (what llama.cpp's quantize computes for this type): the
+    route users take today, as the dense model that re-quantized file loads as."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        for name, m in merged.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in targets:
+                w = np.ascontiguousarray(m.weight.detach().float().numpy())
+                q = dequantize(quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+                m.weight.copy_(torch.from_numpy(q.reshape(w.shape)))
+    return merged
+
+
 def _stdlib_files() -> list[Path]:
     skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "pydoc_data", "encodings")
     return sorted(p for p in _STDLIB.rglob("*.py") if not set(p.relative_to(_STDLIB).parts[:-1]) & set(skip))

@@ -175,9 +175,6 @@ def cmd_merge(args) -> int:
         if not args.out.endswith(".gguf"):
             check_target(args.out)  # a folder the save could not write into is refused now, not after the merge
     adapter_cfg = inputs.adapter_config(args.adapter)
-    if args.stream and gguf_base:
-        raise inputs.UsageError(f"--stream reads safetensors checkpoints one layer at a time; a GGUF base ({args.base}) "
-                                "is merged in memory (its blocks, not a dequantized copy): drop --stream.")
     if args.format and gguf_base:
         raise inputs.UsageError("--format repacks GPTQ, AWQ and compressed-tensors grids; a GGUF base is written back "
                                 "as GGUF: drop --format.")
@@ -258,17 +255,31 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
         raise inputs.UsageError("--stream merges an adapter of peft_lota's own methods into local files in the base's "
                          "format: drop --calib_file, --push, --dtype and --format (a LoRA: merge without --stream; "
                          "push the written folder afterwards; peft-lota convert changes the format).")
-    if not Path(args.base).is_dir():
-        raise inputs.UsageError(f"--stream reads the base's files: {args.base} is not a local folder.")
+    gguf_base = inputs.gguf_file(args.base)
+    if gguf_base is None and not Path(args.base).is_dir():
+        raise inputs.UsageError(f"--stream reads the base's files: {args.base} is not a local folder or GGUF file.")
+    if gguf_base is not None and not args.out.endswith(".gguf"):
+        raise inputs.UsageError(f"--stream writes a GGUF base's merge as one file: give OUT as a path ending in .gguf "
+                                f"(got {args.out}).")
     try:
-        report = merge_checkpoint(args.base, args.adapter, args.out, count_codes=True)
+        if gguf_base is not None:
+            from peft_lota.stream_gguf import merge_gguf
+
+            report = merge_gguf(gguf_base, args.adapter, args.out, count_codes=True)
+        else:
+            report = merge_checkpoint(args.base, args.adapter, args.out, count_codes=True)
     except ValueError as err:
         raise inputs.UsageError(str(err).splitlines()[0]) from None
-    size = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors")) / 2**30
-    rows = [("method", f"{adapter_cfg['peft_type']} (streamed: shard by shard, the model never built)"),
+    if gguf_base is not None:
+        size, pieces = gguf_base.stat().st_size / 2**30, f"{len(report.per_shard_seconds)} groups of layers"
+    else:
+        size = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors")) / 2**30
+        pieces = f"{report.shards} shards"
+    rows = [("method", f"{adapter_cfg['peft_type']} (streamed: {'layers in groups' if gguf_base else 'shard by shard'}, "
+                       "the model never built)"),
             ("adapter", args.adapter), ("base", args.base), ("written", f"{args.out} ({report.checkpoint_format})"),
             ("codes moved", f"{report.codes_moved:,} of {report.codes:,} in {report.layers} layers"),
-            ("shards", f"{report.shards} in {report.seconds:.0f} s, peak RSS {report.peak_rss_mib:,.0f} MiB "
+            ("merged", f"{pieces} in {report.seconds:.0f} s, peak RSS {report.peak_rss_mib:,.0f} MiB "
                        f"(base {size:.2f} GiB)"),
             ("merged tensors read back == computed", f"True ({report.verified_tensors})")]
     ok = True
@@ -489,7 +500,7 @@ def main(argv=None) -> int:
                    "the base's: the same grid repacked, refused where the format cannot hold it (peft-lota convert)")
     m.add_argument("--stream", action="store_true", help="merge file by file without building the model (peak memory "
                    "about one shard: for checkpoints larger than this machine's memory); the base must be a local "
-                   "folder of safetensors")
+                   "folder of safetensors or a GGUF file (then OUT is a .gguf file)")
     m.add_argument("--check_below", type=float, default=4.0, metavar="GIB", help="with --stream: compare the "
                    "reloaded logits with the adapter model's when the base's weights are at most this many GiB (4)")
     m.add_argument("--dtype", choices=inputs.DTYPES, help=dtype_help.replace("checkpoint's", "base's") +

@@ -70,7 +70,7 @@ def _weight_map(base: Path) -> dict:
         return {k: SINGLE for k in shards.keys(SINGLE)}
 
 
-def _adapter_layers(adapter: Path, prefix: str) -> dict:
+def adapter_layers(adapter: Path, prefix: str) -> dict:
     """{layer name in the base: [adapter tensor keys]} from the adapter file's keys ("base_model.model.<layer>.<prefix>...").
     Any other tensor (modules_to_save: whole modules trained in full precision) is refused: this merge writes only the
     adapted layers' codes."""
@@ -102,25 +102,38 @@ class _Tree(nn.Module):
 
 def _merge_group(names: list, tensors: dict, adapter: Path, adapter_config, adapter_keys: dict, qc: dict, fmt,
                  safe: bool, count: bool):
-    """Merge the adapter into these layers, rebuilt alone from their tensors; returns ({name: merged layer},
-    (codes moved, codes)), the counts only if `count` (decoding every code twice costs about as much as the merge)."""
+    """Merge the adapter into these layers, rebuilt alone from their tensors (merge_layers)."""
+    layers = {}
+    for name in names:
+        try:
+            layers[name] = fmt.layer_from_tensors(tensors[name], qc)
+        except ValueError as err:
+            raise ValueError(f"{name}: {str(err).splitlines()[0]}") from None
+    return merge_layers(layers, adapter, adapter_config, adapter_keys, qc, safe, count)
+
+
+def merge_layers(layers: dict, adapter: Path, adapter_config, adapter_keys: dict, qc: Optional[dict], safe: bool,
+                 count: bool):
+    """Merge the saved adapter into `layers` ({name in the base: quantized layer}, built alone): each is placed at its
+    name in an empty model, wrapped by the adapter's method as get_peft_model wraps it in the whole model, given its
+    part of the adapter file (`adapter_keys[name]`) and merged by the method's merge_and_unload. Returns ({name:
+    merged layer}, (codes moved, codes)), the counts only if `count` (decoding every code twice costs about as much
+    as the merge)."""
     import copy
 
     from peft import get_peft_model, set_peft_model_state_dict
     from safetensors import safe_open
     from transformers import PretrainedConfig
 
+    names = list(layers)
     config = copy.deepcopy(adapter_config)  # (get_peft_model writes into it)
     tree = _Tree()
     tree.name_or_path = config.base_model_name_or_path  # (PEFT records it from the model)
     tree.config = PretrainedConfig()
-    tree.config.quantization_config = dict(qc)
+    if qc is not None:
+        tree.config.quantization_config = dict(qc)
     before = {}
-    for name in names:
-        try:
-            layer = fmt.layer_from_tensors(tensors[name], qc)
-        except ValueError as err:
-            raise ValueError(f"{name}: {str(err).splitlines()[0]}") from None
+    for name, layer in layers.items():
         tree.place(name, layer)
         if count:  # the state holds the base's packed codes, whatever the merge swaps in
             before[name] = formats.dispatch(layer, name).read()
@@ -131,7 +144,14 @@ def _merge_group(names: list, tensors: dict, adapter: Path, adapter_config, adap
     model = get_peft_model(tree, config)
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         state = {k: f.get_tensor(k) for n in names for k in adapter_keys[n]}
-    set_peft_model_state_dict(model, state)
+    try:
+        set_peft_model_state_dict(model, state)
+    except RuntimeError as err:  # (load_state_dict's size mismatch)
+        if "size mismatch" not in str(err):
+            raise
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise ValueError(f"the adapter's tensors do not fit the base's layers ({detail}): it was made for another "
+                         "base model.") from None
     merged = model.merge_and_unload(safe_merge=safe)
     layers = {n: merged.get_submodule(n) for n in names}
     for n in names:  # out of the tree, whose reference cycles (PEFT's, export's) would keep them until a collection
@@ -185,7 +205,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
     peft_config = method.config_class.from_pretrained(str(adapter))  # read once, copied for each shard
     tokenizer = tokenizer_files(tokenizer_from if tokenizer_from is not None else [adapter, base])
     weight_map = _weight_map(base)
-    layers = _adapter_layers(adapter, method.prefix)
+    layers = adapter_layers(adapter, method.prefix)
     missing = [n for n in layers if f"{n}.{fmt.layer_tensor_names[0]}" not in weight_map]
     if missing:
         raise ValueError(f"the adapter adapts {missing[0]}, which {base} has no {fmt.title} layer of: it was made for "
@@ -266,7 +286,7 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
             gc.unfreeze()
     report.verified_tensors = _verify(out, digests)
     report.seconds = round(time.time() - started, 1)
-    report.peak_rss_mib = _peak_rss_mib()
+    report.peak_rss_mib = peak_rss_mib()
     logger.info("peft_lota: streamed %d layers over %d shards in %.0f s (peak RSS %.0f MiB).", report.layers,
                 report.shards, report.seconds, report.peak_rss_mib)
     return report
@@ -352,7 +372,7 @@ class _Shards:
         return {s: self.get(f"{name}.{s}", weight_map) for s in suffixes if f"{name}.{s}" in weight_map}
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -108,14 +108,15 @@ class QuantLayer(nn.Module, BaseTunerLayer):
             self.quant.restore(current)
 
     def check_encoded(self, buffers: dict, codes: torch.Tensor, zeros: Optional[torch.Tensor],
-                      scales: torch.Tensor) -> None:
+                      scales: torch.Tensor, offsets: Optional[torch.Tensor] = None) -> None:
         """safe_merge: decode the exact bytes about to be written and compare, before writing anything."""
         current = self.quant.snapshot()
         self.quant.restore(buffers)
         try:  # compared before restoring: the state aliases the layer's buffers
             written = self.quant.read()
             same = (torch.equal(written.codes, codes) and torch.equal(written.scales, scales)
-                    and (zeros is None or torch.equal(written.zeros.to(torch.int32), zeros.to(torch.int32))))
+                    and (zeros is None or torch.equal(written.zeros.to(torch.int32), zeros.to(torch.int32)))
+                    and (offsets is None or torch.equal(written.offsets, offsets)))
         finally:
             self.quant.restore(current)
         if not same:

@@ -126,13 +126,13 @@ def test_lota_merged_equals_adapter_and_the_written_gguf_is_what_was_trained(ggu
     written = tmp_path / "merged" / path.name
     assert _written_tensors_check(path, written, merged) > 0
     assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
-    # LoTA's default trains the scales: the fp16 d of every type moved, and Q4_1/Q5_1 kept their offsets m
+    # LoTA's default trains the scales: the fp16 d of every type moved, and Q4_1/Q5_1's offsets m too
     base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
     for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
         _, d0, m0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
         _, d1, m1 = layer.block_type.grid(layer.qblocks)
         assert not torch.equal(d0, d1), layer.tensor_name
-        assert m0 is None or torch.equal(m0, m1)
+        assert m0 is None or not torch.equal(m0, m1)
 
 
 def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_root, tmp_path):
@@ -148,19 +148,45 @@ def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(load_gguf(path), tmp_path / "adapter")
     assert torch.equal(logits(again), expected)
+    # the file one ships: the scales' and offsets' changes as fp16 steps (integers), no latent values
+    model.peft_config["default"].save_latents = False
+    model.save_pretrained(tmp_path / "shipped")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "shipped" / "adapter_model.safetensors")
+    offsets = [v for k, v in saved.items() if k.endswith("lota_offsets")]
+    assert offsets and not any(v.is_floating_point() for v in offsets) and not any("latent" in k for k in saved)
+    assert torch.equal(logits(PeftModel.from_pretrained(load_gguf(path), tmp_path / "shipped")), expected)
     layer = next(m for m in model.modules() if hasattr(m, "scales_after") and m.quant.layer.qtype == "Q4_1")
     state = layer.quant.read()
     scales = layer.scales_after(state, ["default"])
     assert not torch.equal(scales, state.scales) and torch.equal(scales.half().float(), scales)  # trained, fp16
 
 
-def test_l4q_is_refused_on_gguf_with_the_reason(gguf_root):
-    from peft import get_peft_model
+@pytest.mark.parametrize("arch,types", [("llama", None), ("qwen2", None), ("llama", K_TYPES)])
+def test_l4q_on_gguf_rounds_onto_the_files_grid_and_the_written_file_is_what_was_trained(gguf_root, tmp_path, caplog,
+                                                                                        monkeypatch, arch, types):
+    """L4Q's quantizer on GGUF grids: codes re-rounded with the offset m of Q4_1/Q5_1 kept out of the rounding, the
+    learned scales rounded to fp16 (the products in float32, as gguf computes them); K-quants keep their scales
+    (said). Merged == adapter, the gguf package dequantizes the written file to the merged weights."""
+    import peft_lota.l4q.layer
+    from peft_lota.formats.gguf import gguf_dequantizes_to
 
-    from peft_lota import L4QConfig
-
-    with pytest.raises(ValueError, match="L4Q cannot train .* gguf grid"):
-        get_peft_model(load_gguf(build_gguf("llama", gguf_root)), L4QConfig(r=4))
+    monkeypatch.setattr(peft_lota.l4q.layer, "_FIXED_SCALES_SAID", set())  # (said once per process)
+    kwargs = {} if types is None else dict(types=types, dims=(256, 512))
+    path = build_gguf(arch, gguf_root, **kwargs)
+    merged, _, _ = adapt_merge_save_reload("l4q", load_gguf, path, qblocks, tmp_path,
+                                           load_saved=lambda folder: load_gguf(folder / path.name))
+    written = tmp_path / "merged" / path.name
+    assert _written_tensors_check(path, written, merged) > 0 and gguf_dequantizes_to(merged, written) == []
+    assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
+    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
+    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
+        _, d0, m0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
+        _, d1, m1 = layer.block_type.grid(layer.qblocks)
+        assert m0 is None or torch.equal(m0, m1)  # the offsets are the file's
+        assert torch.equal(d0, d1) == (layer.qtype in K_QUANTS), layer.tensor_name  # scales learned where free
+    assert ("keeps its scales" in caplog.text) == (types is not None)
 
 
 # ---- merge_lora: a LoRA trained on the dequantized model, rounded onto the file's grid ---------------------
@@ -243,14 +269,53 @@ def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(ggu
     before = out.read_bytes()
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
-    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "b.gguf"), "--stream"]) == 2
-    assert "drop --stream" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
+    assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "b.gguf"), "--stream",
+                     "--format", "gptq"]) == 2
+    assert "drop" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
     source = path.read_bytes()
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(path)]) == 2  # the base itself
     assert path.read_bytes() == source
     # the folder route (save_pretrained): OUT/<the base's file name>
     assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(tmp_path / "folder")]) == 0
     assert (tmp_path / "folder" / path.name).read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("arch,types,method", [("llama", None, "lota"), ("qwen2", None, "lota"),
+                                                ("llama", K_TYPES, "lota"), ("qwen2", None, "l4q")])
+def test_the_streaming_merge_writes_the_in_memory_merges_bytes(gguf_root, tmp_path, capsys, arch, types, method):
+    """`merge --stream` on a GGUF file (the model never built, layers merged a group at a time) writes byte for byte
+    the file the in-memory merge writes: Llama's permuted q/k, Qwen2's biases, the K-quant mix, LoTA and L4Q."""
+    from peft import get_peft_model
+
+    from peft_lota import L4QConfig, LotaConfig, cli
+    from peft_lota.stream_gguf import merge_gguf
+    from tiny_models import train_steps
+
+    kwargs = {} if types is None else dict(types=types, dims=(256, 512))
+    path = build_gguf(arch, gguf_root, **kwargs)
+    config = LotaConfig(r=4, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
+    model = get_peft_model(load_gguf(path), config)
+    train_steps(model, X)
+    model.save_pretrained(tmp_path / "adapter")
+    in_memory = write_gguf(model.merge_and_unload(), tmp_path / "in-memory.gguf")
+    report = merge_gguf(path, tmp_path / "adapter", tmp_path / "streamed.gguf", count_codes=True, group=3,
+                        progress=False)
+    assert (tmp_path / "streamed.gguf").read_bytes() == in_memory.read_bytes()
+    assert report.layers == report.verified_tensors == sum(isinstance(m, GGUFLinear) for m in load_gguf(path).modules()
+                                                           if getattr(m, "tensor_name", "").startswith("blk."))
+    assert report.codes_moved > 0
+    if types is None and arch == "llama":  # the command line: the table, the logits check; refusals
+        out = tmp_path / "cli.gguf"
+        assert cli.main(["merge", str(path), str(tmp_path / "adapter"), str(out), "--stream"]) == 0
+        table = capsys.readouterr().out
+        assert "reloaded logits == adapter logits" in table and table.rstrip().endswith("True")
+        assert out.read_bytes() == in_memory.read_bytes()
+        other = build_gguf("qwen2", gguf_root)  # same names, other model: the adapter's shapes or layers differ
+        with pytest.raises(ValueError):
+            merge_gguf(path, tmp_path / "adapter", path, progress=False)  # the base itself
+        assert cli.main(["merge", str(other), str(tmp_path / "adapter"), str(tmp_path / "x.gguf"), "--stream"]) != 0
+        assert not (tmp_path / "x.gguf").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
 def test_a_stock_trainer_trains_it_and_an_untrained_save_is_the_source_file(gguf_root, tmp_path):
@@ -338,7 +403,10 @@ def test_k_quant_super_blocks_decode_as_gguf_and_take_any_codes_back(name):
         bt.write(raw, moved, torch.ones(8, 512 // bt.group, dtype=torch.float16))
 
 
-def test_lota_on_a_k_quant_mix_moves_codes_keeps_scales_and_merges_exactly(gguf_root, tmp_path, caplog):
+def test_lota_on_a_k_quant_mix_moves_codes_keeps_scales_and_merges_exactly(gguf_root, tmp_path, caplog, monkeypatch):
+    import peft_lota.lota.layer
+
+    monkeypatch.setattr(peft_lota.lota.layer, "_FIXED_SCALES_SAID", set())  # (said once per process)
     path = build_gguf("llama", gguf_root, types=K_TYPES, dims=(256, 512))
     model = load_gguf(path)
     assert {m.qtype for m in model.modules() if isinstance(m, GGUFLinear)} >= set(K_QUANTS)

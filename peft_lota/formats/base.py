@@ -220,7 +220,8 @@ class QuantWeights:
 
     def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
                ) -> dict[str, torch.Tensor]:
-        """New raw buffers holding these codes [K, N], true zeros [G, N] (and scales [G, N], if given)."""
+        """New raw buffers holding these codes [K, N], true zeros [G, N] (and scales [G, N], if given). A format
+        whose grid stores float offsets (QuantState.offsets) also takes `offsets=` [G, N]."""
         raise NotImplementedError
 
     def snapshot(self) -> dict[str, torch.Tensor]:

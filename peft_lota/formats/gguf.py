@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -113,10 +113,13 @@ class BlockType:
         codes, d, m = self.decode(raw)
         return codes, d.float(), None if m is None else m.float()
 
-    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
-        """These blocks with new codes [N, K] (and new fp16 scales [N, groups]), everything else kept."""
+    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor],
+              offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """These blocks with new codes [N, K] (and new fp16 scales, offsets [N, groups]), everything else kept."""
         _, d, m = self.decode(raw)
-        return self.encode(codes, d if scales is None else scales, m)
+        if offsets is not None and m is None:
+            raise ValueError(f"{self.name} blocks store no offset: a merge cannot write one.")
+        return self.encode(codes, d if scales is None else scales, m if offsets is None else offsets)
 
 
 class KQuant:
@@ -176,8 +179,9 @@ class KQuant:
         d = b[..., 208:210].contiguous().view(torch.float16).float()
         return self.codes(raw), (d * sc).reshape(N, -1), None
 
-    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
-        if scales is not None:
+    def write(self, raw: torch.Tensor, codes: torch.Tensor, scales: Optional[torch.Tensor],
+              offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if scales is not None or offsets is not None:
             raise ValueError(f"{self.name} scales are integers under one fp16 value per 256 weights: a merge writes "
                              "its codes only.")
         N = raw.shape[0]
@@ -317,20 +321,25 @@ class GGUFWeights(QuantWeights):
         self._cache = (blocks.data, version, state)
         return state
 
-    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None
-               ) -> dict[str, torch.Tensor]:
+    def encode(self, codes: torch.Tensor, zeros: torch.Tensor, scales: Optional[torch.Tensor] = None,
+               offsets: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         bt = self.layer.block_type
         if not bool((zeros.to(torch.int32) == bt.zero).all()):
             raise ValueError(f"GGUF's {bt.name} blocks have a fixed zero point ({bt.zero}); an update that moves zero "
                              "points cannot be written into them.")
         if int(codes.max()) > bt.maxq:
             raise ValueError(f"codes above {bt.maxq} cannot be written into {bt.name} blocks.")
-        s16 = None
-        if scales is not None:
-            s16 = scales.detach().t().to(torch.float16).to(self.device)
-            if not torch.equal(s16.float(), scales.detach().t().float().to(self.device)):
-                raise ValueError("scales that are not fp16 values cannot be written into GGUF blocks exactly.")
-        return {"qblocks": bt.write(self.layer.qblocks, codes.t().contiguous().to(self.device), s16)}
+        s16, m16 = (self._fp16(t, what) for t, what in ((scales, "scales"), (offsets, "offsets")))
+        return {"qblocks": bt.write(self.layer.qblocks, codes.t().contiguous().to(self.device), s16, m16)}
+
+    def _fp16(self, t: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
+        """[G, N] float values as the blocks' fp16 [N, G], refused unless exactly fp16 values."""
+        if t is None:
+            return None
+        t16 = t.detach().t().to(torch.float16).to(self.device)
+        if not torch.equal(t16.float(), t.detach().t().float().to(self.device)):
+            raise ValueError(f"{what} that are not fp16 values cannot be written into GGUF blocks exactly.")
+        return t16
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"qblocks": self.layer.qblocks.data}
@@ -381,11 +390,12 @@ def _row_order(processor, tensor, n_rows: int) -> Optional[torch.Tensor]:
     return None if torch.equal(order, torch.arange(n_rows)) else order
 
 
-def _processor(model: nn.Module, arch: str):
-    """transformers' tensor processor for this architecture: what reorders a tensor as its GGUF loader loads it."""
+def _processor(config, arch: str):
+    """transformers' tensor processor for this architecture (and model config): what reorders a tensor as its GGUF
+    loader loads it."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 
 
 def _name_map(model: nn.Module, arch: str):
@@ -422,7 +432,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
         source.tensors[t.name] = (t.tensor_type.name, int(t.data_offset), int(t.n_bytes))
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
     arch = str(reader.fields["general.architecture"].contents())
-    processor, to_gguf = _processor(model, arch), _name_map(model, arch)
+    processor, to_gguf = _processor(model.config, arch), _name_map(model, arch)
     tensors = {t.name: t for t in reader.tensors}
     kept, frozen_types = 0, {}
     for name, module in list(model.named_modules()):
@@ -519,7 +529,7 @@ def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
         if tied is None or not torch.equal(params[name].detach().cpu(), params[tied].detach().cpu()):
             raise ValueError(f"{name} is not a tensor of the source file" + (
                 f" any more (it was {tied}, and now differs from it)" if tied else "") + f": {lost}")
-    processor = _processor(model, source.arch)
+    processor = _processor(model.config, source.arch)
     tensors = {t.name: t for t in reader.tensors}
     for hf, gname in source.frozen.items():
         p = params.get(hf)
@@ -535,6 +545,44 @@ def _check_frozen(model: nn.Module, source: GGUFSource, reader) -> None:
         expected = expected.to(source.dtype).to(p.dtype).reshape(p.shape)
         if not torch.equal(expected, p.detach().cpu()):
             raise ValueError(f"{hf} differs from the file's {gname}: {lost}")
+
+
+def write_patched(source: GGUFSource, out: Path, patches: Iterable[tuple[int, bytes]]) -> None:
+    """Write a copy of the source file with `patches` ((offset, bytes): blocks of the same size) written over it to
+    `out`, atomically: a temporary file in `out`'s folder, fsynced, then renamed over `out`. `patches` may be a
+    generator (the streaming merge computes them while the copy is open); the source must not have changed since it
+    was read, checked before the rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.peft_lota-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "r+b") as f, open(source.path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 24)
+            for offset, data in patches:
+                f.seek(offset)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if _identity(source.path) != source.identity:
+            raise ValueError(f"{source.path} changed while it was being read: run again on a file nothing writes to.")
+        if out.exists():
+            logger.warning("peft_lota: replacing %s.", out)
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, out.stat().st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def write_gguf(model: nn.Module, out_path) -> Path:
@@ -569,37 +617,28 @@ def write_gguf(model: nn.Module, out_path) -> Path:
         if not (raw.reshape(-1) == reader.data[offset:offset + nbytes]).all():
             patches.append((offset, raw.tobytes()))
     del reader
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.peft_lota-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "r+b") as f, open(source.path, "rb") as src:
-            shutil.copyfileobj(src, f, 1 << 24)
-            for offset, data in patches:
-                f.seek(offset)
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():
-            logger.warning("peft_lota: replacing %s.", out)
-            with contextlib.suppress(OSError):
-                os.chmod(tmp, out.stat().st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    write_patched(source, out, patches)
     logger.info("peft_lota: wrote %s (%d of %d GGUF layers changed).", out, len(patches), len(layers))
     return out
+
+
+def gguf_dequantizes_to(model: nn.Module, path) -> list[str]:
+    """The tensors of the GGUF file `path` that the gguf package's own dequantization does not turn into `model`'s
+    GGUFLinear weights exactly (rows in the file's order): empty when the file computes the model. A check by code
+    that is not ours."""
+    gguf = _require_gguf()
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    wrong = []
+    for layer in (m for m in model.modules() if isinstance(m, GGUFLinear)):
+        t = tensors.get(layer.tensor_name)
+        ours = layer._peft_lota_weights.read().weight().t()  # [N, K] in the model's row order
+        if layer.row_order is not None:
+            ours = ours[torch.argsort(layer.row_order)]
+        if t is None or not torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(ours.shape), ours):
+            wrong.append(layer.tensor_name)
+    return wrong
 
 
 def write_folder(model: nn.Module, folder: Path) -> dict:

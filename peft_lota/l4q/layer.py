@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -26,6 +26,7 @@ from ..tuner_layer import QuantLayer, RoundToStoredSTE
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes
 
 logger = logging.getLogger(__name__)
+_FIXED_SCALES_SAID: set = set()  # formats whose fixed scales were said once
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,6 @@ class L4QLayer(QuantLayer):
         """quant: how to read the codes of a quantized base layer; None for an nn.Linear, which then needs
         quantizer = (bits, group_size, sym) to initialise its grid, and the format a merge builds (formats.default_build_format() if None)."""
         super().__init__(base_layer, quant, adapter_name, current_key)
-        if quant is not None:
-            state = quant.read()
-            if state.offsets is not None or state.scale_dtype != state.scales.dtype:
-                raise ValueError(
-                    f"L4Q cannot train {current_key or 'this layer'}: its {quant.format_name} grid (a float offset per "
-                    "block, or float32 products of stored 16-bit scales) is not one L4Q's quantizer rounds onto yet. "
-                    "Use LotaConfig (codes and scales) or merge_lora on this model.")
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
         self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)
@@ -124,6 +118,13 @@ class L4QLayer(QuantLayer):
         A.uniform_(-bound, bound, generator=generator)
         self.l4q_A[adapter_name] = nn.Parameter(A.to(device))
         self.l4q_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, settings.r, device=device))
+        if settings.learn_scales and self.quant is not None and not self.quant.trains_scales:
+            settings = replace(settings, learn_scales=False)
+            if self.quant.format_name not in _FIXED_SCALES_SAID:  # once per format and process: said, not repeated
+                _FIXED_SCALES_SAID.add(self.quant.format_name)
+                logger.warning("L4Q: %s (and every such %s layer) keeps its scales: its grid stores no free scale per "
+                               "group (GGUF's K-quants); its codes are re-rounded.", self._current_key or "a layer",
+                               self.quant.format_name)
         if settings.learn_scales:
             groups = self.grid().state.scales.shape[0]
             self.l4q_scales[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
@@ -137,8 +138,9 @@ class L4QLayer(QuantLayer):
         """The trained scales (float32, rounded to the stored dtype), or None if this adapter does not learn them."""
         if adapter_name not in self.l4q_scales:
             return None
-        s0 = grid.state.scales
-        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name], L4Q_SCALE_UNIT), s0.dtype)
+        s0 = grid.state.scales  # rounded to what the checkpoint stores (GGUF: fp16 d, its products in float32)
+        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name], L4Q_SCALE_UNIT),
+                                      grid.state.scale_dtype)
 
     def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         if len(active) > 1:
@@ -221,7 +223,8 @@ class L4QLayer(QuantLayer):
         name = adapter_names[0]
         codes, zeros, scales, grid = self.quantized(name)
         if self.quant is not None:
-            buffers = self.quant.encode(codes, zeros, scales)
+            # scales only where they were learned (a grid with fixed scales, GGUF's K-quants, takes codes alone)
+            buffers = self.quant.encode(codes, zeros, scales if name in self.l4q_scales else None)
             if safe_merge:
                 self.check_encoded(buffers, codes, zeros, scales)
             self.write_merged(buffers)

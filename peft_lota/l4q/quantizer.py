@@ -87,7 +87,9 @@ class Grid:
 
     @classmethod
     def from_quantized(cls, state: QuantState) -> "Grid":
-        """W0 = s0 * (Q0 - z), recomputed from the codes (exact in float32): no full-precision copy is kept."""
+        """W0 = s0 * (Q0 - z), recomputed from the codes (exact in float32): no full-precision copy is kept. A grid
+        with a float offset per group (GGUF's Q4_1 / Q5_1: w = s * (Q - z) + m) is quantized without it, as W - m:
+        the codes round on the same grid, and the weight adds m back (numerics.weight_rows)."""
         zeros32, scales32 = state.zeros.float(), state.scales.float()
 
         def w0_rows(k0: int, k1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -258,6 +260,6 @@ def fake_quantized_weight(grid: Grid, A: torch.Tensor, B: torch.Tensor, scaling:
     v = torch.round(w).detach() + (w - w.detach()) + z  # exact integers, gradient 1
     inside = (v >= 0) & (v <= st.maxq)  # the paper's mask is inclusive; torch.clamp's gradient is not
     q = torch.where(inside, v, torch.clamp(v, 0, st.maxq).detach())
-    return s_rows * (q - z)
+    return s_rows * (q - z) + (0 if st.offsets is None else st.offsets[g])
 
 

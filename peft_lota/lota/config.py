@@ -114,8 +114,9 @@ class LotaConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Also train the adapted layers' quantization scales (one multiplier per group and output "
-            "column). The forward uses them rounded to the checkpoint's dtype (fp16), so the merge writes "
-            "exactly the scales that were trained. Default: True with train_mode='latent', False with 'ternary' "
+            "column), and where the grid stores a float offset per group (GGUF's Q4_1 / Q5_1 `m`) that offset too. The "
+            "forward uses them rounded to the checkpoint's dtype (fp16), so the merge writes exactly the values "
+            "that were trained. Default: True with train_mode='latent', False with 'ternary' "
             "(the paper trains A and B only; if set, create_lota_optimizer's AdamW trains them)."
         },
     )

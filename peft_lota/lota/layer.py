@@ -94,7 +94,7 @@ def ternarize(latent: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class LotaLayer(QuantLayer):
-    adapter_layer_names = ("lota_A", "lota_B", "lota_scales")
+    adapter_layer_names = ("lota_A", "lota_B", "lota_scales", "lota_offsets")
     other_param_names = ("settings",)
     method_title = "LoTA"
     config_name = "LotaConfig"
@@ -105,6 +105,7 @@ class LotaLayer(QuantLayer):
         self.lota_A = nn.ParameterDict({})
         self.lota_B = nn.ParameterDict({})
         self.lota_scales = nn.ParameterDict({})  # u of the trained scales s0 * (1 + LOTA_SCALE_UNIT * u)
+        self.lota_offsets = nn.ParameterDict({})  # u of the trained float offsets m0 + LOTA_SCALE_UNIT * s0 * u
         self.settings: dict[str, AdapterSettings] = {}
         self.merge_reports: dict[str, dict] = {}
         self.update_layer(adapter_name, settings, init_seed=init_seed)
@@ -129,8 +130,11 @@ class LotaLayer(QuantLayer):
                                "group (GGUF's K-quants); its codes train.", self._current_key or "a layer",
                                self.quant.format_name)
         elif settings.train_scales:
-            groups = self.quant.read().scales.shape[0]
+            state = self.quant.read()
+            groups = state.scales.shape[0]
             self.lota_scales[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
+            if state.offsets is not None:  # a grid storing a float offset per group (GGUF's Q4_1 / Q5_1 m) trains it too
+                self.lota_offsets[adapter_name] = nn.Parameter(torch.zeros(groups, self.out_features, device=device))
         self.settings[adapter_name] = settings
         self.set_adapter(self.active_adapters)
 
@@ -174,6 +178,22 @@ class LotaLayer(QuantLayer):
             s = RoundToStoredSTE.apply(s * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT), state.scale_dtype)
         return s
 
+    def offsets_after(self, state: QuantState, adapter_names) -> Optional[torch.Tensor]:
+        """The float offsets (float32, each rounded to the stored dtype) after these adapters' trained changes, or
+        None if none of them trains offsets. The scale multiplier applies to the offset too, so that it scales the
+        group's weights w = s * q + m about zero, as it does on a grid with zero points (w = s * (q - z)); the
+        offset's own change is in units of the group's base scale (one optimizer step moves it by about as large a
+        fraction of a quantization step as it moves the scale)."""
+        trained = [a for a in adapter_names if a in self.lota_offsets]
+        if not trained:
+            return None
+        m, unit = state.offsets.float(), LOTA_SCALE_UNIT * state.scales.float()
+        for a in trained:
+            if a in self.lota_scales:
+                m = m * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT)
+            m = RoundToStoredSTE.apply(m + unit * self.lota_offsets[a], state.scale_dtype)
+        return m
+
     def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         # Same shapes, dtypes and op order as the format's stock kernel (2-D matmul, then bias), so a fresh
         # adapter, or the merged model, gives bit-identical outputs to it.
@@ -181,9 +201,10 @@ class LotaLayer(QuantLayer):
         state = self.quant.read()  # after kernel_input, which may convert the scales as the kernel does
         factors = [self.factors(a) for a in active]
         scales = self.scales_after(state, active)
+        offsets = self.offsets_after(state, active)  # (on the base scales: the unit of an offset's change)
         fused = self.quant.fuses_bias  # the bias inside the kernel's matmul, or added after it
         out = lota_linear(x2, state if fused else state.replace(bias=None), factors,
-                          [self.settings[a].step for a in active], scales)
+                          [self.settings[a].step for a in active], scales, offsets)
         out = self.quant.kernel_output(out, None if fused else state.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -218,6 +239,9 @@ class LotaLayer(QuantLayer):
         after = dequantize(codes, zeros, (state.scales if scales is None else scales).float(), state.g_idx)
         if mu is not None:
             after = after + (state.scales if scales is None else scales).float()[state.g_idx] * mu[state.g_idx]
+        offsets = self.offsets_after(state, [adapter_name])
+        if offsets is not None:  # (the base's offsets are in both weights: only their change)
+            after = after + (offsets - state.offsets.float())[state.g_idx]
         return (after - before).t().contiguous()
 
     # ---- merge -------------------------------------------------------------------------------
@@ -234,6 +258,10 @@ class LotaLayer(QuantLayer):
             state = self.quant.read()
             scales = self.scales_after(state, names).to(state.scale_dtype)
             refuse_non_finite(scales, f"{self._current_key}: the scales a merge would write", refused)
+        if any(a in self.lota_offsets for a in names):
+            state = self.quant.read()
+            offsets = self.offsets_after(state, names).to(state.scale_dtype)
+            refuse_non_finite(offsets, f"{self._current_key}: the offsets a merge would write", refused)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
@@ -254,13 +282,16 @@ class LotaLayer(QuantLayer):
             if s.offset == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
             scales = self.scales_after(step, [name])
+            offsets = self.offsets_after(step.replace(scales=state.scales), [name])  # (unit: the base's scales)
             step = state.replace(codes=codes, zeros=zeros,
-                                 scales=step.scales if scales is None else scales.to(step.scales.dtype))
+                                 scales=step.scales if scales is None else scales.to(step.scales.dtype),
+                                 offsets=step.offsets if offsets is None else offsets)
 
         trained_scales = any(n in self.lota_scales for n in adapter_names)
-        buffers = self.quant.encode(step.codes, step.zeros, step.scales if trained_scales else None)
+        trained_offsets = {"offsets": step.offsets} if any(n in self.lota_offsets for n in adapter_names) else {}
+        buffers = self.quant.encode(step.codes, step.zeros, step.scales if trained_scales else None, **trained_offsets)
         if safe_merge:
-            self.check_encoded(buffers, step.codes, step.zeros, step.scales)
+            self.check_encoded(buffers, step.codes, step.zeros, step.scales, step.offsets)
         self.write_merged(buffers)
         self.merged_adapters.extend(adapter_names)
 

@@ -15,7 +15,7 @@ from .config import LotaConfig
 from .layer import FloatOffsetMergeError, LotaLayer, float_offset_merge_message
 
 TERNARY_KEY = re.compile(r"\.lota_[AB]$")  # checkpoint keys (adapter name removed) of A and B
-SCALES_KEY = re.compile(r"\.lota_scales$")  # ... and of the trained scale multipliers
+SCALES_KEY = re.compile(r"\.lota_(scales|offsets)$")  # ... and of the trained scales and float offsets
 LATENT_SUFFIX = "_latent"  # "...lota_A_latent": the latent values a latent-mode adapter resumes from
 
 
@@ -47,15 +47,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).long()
 
 
-def _scale_steps(layer, adapter_name: str) -> Optional[torch.Tensor]:
-    """What a merge of this adapter writes into the layer's scales, as the change of each stored scale's bit pattern
-    (in the stored 16-bit dtype: one step is one unit in the last place), in the smallest integer dtype that holds
-    it; None where that cannot be said (the layer holds merged adapters, whose scales are no longer the base's)."""
+def _stored(state, which: str) -> torch.Tensor:
+    """The base's scales or float offsets as the checkpoint stores them (GGUF reads its fp16 values widened)."""
+    return (state.scales if which == "scales" else state.offsets).to(state.scale_dtype)
+
+
+def _scale_steps(layer, adapter_name: str, which: str = "scales") -> Optional[torch.Tensor]:
+    """What a merge of this adapter writes into the layer's scales (or float offsets: `which`), as the change of each
+    stored value's bit pattern (in the stored 16-bit dtype: one step is one unit in the last place), in the smallest
+    integer dtype that holds it; None where that cannot be said (the layer holds merged adapters, whose scales are no
+    longer the base's)."""
     if layer.merged_adapters:
         return None
     state = layer.quant.read()
-    base = state.scales.to(state.scale_dtype)  # as stored (GGUF reads its fp16 scales widened)
-    after = layer.scales_after(state, [adapter_name]).to(base.dtype)
+    base = _stored(state, which)
+    after = (layer.scales_after if which == "scales" else layer.offsets_after)(state, [adapter_name]).to(base.dtype)
     steps = _bits(after) - _bits(base)
     for dtype in (torch.int8, torch.int16, torch.int32):
         info = torch.iinfo(dtype)
@@ -64,15 +70,20 @@ def _scale_steps(layer, adapter_name: str) -> Optional[torch.Tensor]:
     return None
 
 
-def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Optional[torch.Tensor]) -> torch.Tensor:
-    """Trained-scale multipliers u (float32) with which the layer's forward and merge use exactly the scales
-    `steps` (from _scale_steps) describe: the saved `latent` multipliers (exact resume) if given, else ones made
-    from the steps. Refuses steps that do not fit this base's scales, and latents that disagree with them."""
+def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Optional[torch.Tensor],
+                            which: str = "scales", scale_u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Trained-scale multipliers u (float32; or the trained offsets' u: `which`) with which the layer's forward and
+    merge use exactly the values `steps` (from _scale_steps) describe: the saved `latent` values (exact resume) if
+    given, else ones made from the steps. Refuses steps that do not fit this base, and latents that disagree.
+    Offsets: `scale_u`, the same adapter's scale multipliers u (the offsets scale with them: offsets_after)."""
     from ..numerics import LOTA_SCALE_UNIT
     from ..tuner_layer import RoundToStoredSTE
 
     state = layer.quant.read()
-    base = state.scales.to(state.scale_dtype)
+    if which == "offsets" and state.offsets is None:
+        raise ValueError(f"Adapter tensor {key} holds trained float offsets, and this model's layer stores none: the "
+                         "adapter was made for another base model.")
+    base = _stored(state, which)
     if steps.shape != base.shape:
         raise ValueError(f"Adapter tensor {key} has shape {tuple(steps.shape)}, but this model's scales have shape "
                          f"{tuple(base.shape)}: the adapter was made for a model of another shape or group size.")
@@ -85,10 +96,22 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
                          "`merge --stream` reads them in the checkpoint's own dtype), or made for another base model.")
     target = bits.to({2: torch.int16, 4: torch.int32}[base.element_size()]).view(base.dtype).float()
     s0 = base.float()
+    if latent is not None and latent.shape != base.shape:
+        raise ValueError(f"Adapter tensor {key}{LATENT_SUFFIX} has shape {tuple(latent.shape)}, but this model's "
+                         f"{which} have shape {tuple(base.shape)}: the file is corrupt.")
+    if which == "offsets":  # m0 * multiplier + LOTA_SCALE_UNIT * scale * u (layer.offsets_after)
+        from ..numerics import scale_multiplier
+
+        unit = LOTA_SCALE_UNIT * state.scales.float()
+        m0 = s0 if scale_u is None else s0 * scale_multiplier(scale_u.float().to(s0.device), LOTA_SCALE_UNIT)
+        u = latent.float().to(s0.device) if latent is not None else torch.where(
+            unit != 0, (target - m0) / torch.where(unit != 0, unit, 1), 0.0)
+        if not torch.equal(RoundToStoredSTE.apply(m0 + unit * u, base.dtype), target):
+            raise ValueError(f"Adapter tensor {key} " + ("disagrees with its latent values (the file is corrupt)"
+                             if latent is not None else "describes offsets this base cannot reach (another base "
+                             "model)") + ": load it onto the model it was trained on.")
+        return u
     if latent is not None:
-        if latent.shape != base.shape:
-            raise ValueError(f"Adapter tensor {key}{LATENT_SUFFIX} has shape {tuple(latent.shape)}, but this model's "
-                             f"scales have shape {tuple(base.shape)}: the file is corrupt.")
         u = latent.float().to(s0.device)
     else:
         u = torch.where(s0 != 0, (target / torch.where(s0 != 0, s0, 1) - 1) / LOTA_SCALE_UNIT, 0.0)
@@ -177,8 +200,10 @@ class LotaModel(QuantTuner):
         out = {}
         for key, value in sd.items():
             name = cls._remove_adapter_name_from_key(key, adapter_name)
-            if SCALES_KEY.search(name):  # what the merge writes, compactly; the multipliers only to resume from
-                steps = _scale_steps(model.get_submodule(key.rsplit(".lota_scales", 1)[0]), adapter_name)
+            found = SCALES_KEY.search(name)
+            if found:  # what the merge writes, compactly; the multipliers only to resume from
+                which = found.group(1)
+                steps = _scale_steps(model.get_submodule(key.rsplit(f".lota_{which}", 1)[0]), adapter_name, which)
                 keep_latent = getattr(config, "save_latents", True) and steps is not None
                 out[key] = value.detach().float().contiguous() if steps is None else steps
                 if keep_latent:
@@ -210,12 +235,16 @@ class LotaModel(QuantTuner):
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(LATENT_SUFFIX)}
         sd = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         params = dict(model.named_parameters())
-        for key, value in list(sd.items()):
+        # (offsets last: they are read with their layer's scale multipliers, converted first)
+        for key, value in sorted(sd.items(), key=lambda kv: ".lota_offsets" in kv[0]):
             name = cls._remove_adapter_name_from_key(key, adapter_name)
             latent = latents.get(name) if name in latents else latents.get(name.removeprefix("base_model.model."))
-            if SCALES_KEY.search(name) and key in params and not value.is_floating_point():
-                layer = model.get_submodule(key.rsplit(".lota_scales", 1)[0])
-                sd[key] = _multipliers_from_steps(layer, value, name, latent).to(params[key].dtype)
+            found = SCALES_KEY.search(name)
+            if found and key in params and not value.is_floating_point():
+                which = found.group(1)
+                layer = model.get_submodule(key.rsplit(f".lota_{which}", 1)[0])
+                scale_u = sd.get(key.replace(".lota_offsets", ".lota_scales")) if which == "offsets" else None
+                sd[key] = _multipliers_from_steps(layer, value, name, latent, which, scale_u).to(params[key].dtype)
                 continue
             if not TERNARY_KEY.search(name) or key not in params:
                 continue

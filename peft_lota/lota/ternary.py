@@ -233,8 +233,9 @@ def _factored_pays(state: QuantState, ranks, tokens: int) -> bool:
     return sum(2 * r / gs for r in ranks) < FACTORED_MARGIN * (1 + sum(2 * r / tokens for r in ranks))
 
 
-def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors, scale_steps=None) -> tuple:
-    """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32, and dL/ds if asked.
+def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors, scale_steps=None,
+                 offsets: bool = False) -> tuple:
+    """The straight-through part of (dL/dA, dL/dB) for each adapter, in float32, and dL/ds and dL/dm if asked.
 
     dL/dP = G = s[g] * (x^T g), dL/dA = G B^T, dL/dB = A^T G. Two exact ways to compute them:
     - direct: form x^T g one row chunk at a time: M K N multiply-adds, plus 2 K N r per adapter;
@@ -246,7 +247,8 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors,
 
     scale_steps: (codes', zeros', mu) of the forward when the scales are trained. W' = s[g] * (Q' - z + mu),
     so dL/ds[g, n] = sum over the group's rows of (x^T g)[k, n] * (Q' - z + mu)[k, n]: that needs x^T g
-    itself, so the direct path is taken. Returns (grads per adapter, dL/ds or None).
+    itself, so the direct path is taken. `offsets`: also dL/dm of a grid's float offsets (w = ... + m[g]), the
+    group sums of x^T g (the direct path too). Returns (grads per adapter, dL/ds or None, dL/dm or None).
     """
     M, N = x2.shape[0], g2.shape[1]
     device, dtype = x2.device, x2.dtype
@@ -254,7 +256,7 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors,
     grads = [(torch.zeros(A.shape, dtype=torch.float32, device=device),
               torch.zeros(B.shape, dtype=torch.float32, device=device)) for A, B in factors]
     gs = state.group_rows
-    if scale_steps is None and _factored_pays(state, [A.shape[1] for A, _ in factors], M):
+    if scale_steps is None and not offsets and _factored_pays(state, [A.shape[1] for A, _ in factors], M):
         for (A, B), (dA, dB) in zip(factors, grads):
             r, n_groups = A.shape[1], s32.shape[0]
             per_chunk = max(1, 2 * numerics.CHUNK_ELEMENTS // (r * N)) if device.type == "cpu" else n_groups
@@ -271,8 +273,9 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors,
                 SB = scratch("SB", (nb, r, N), dtype).copy_(s * B32)  # s_g * B
                 H = g2 @ SB.view(nb * r, N).t()  # g (s_g * B)^T: [M, groups * r]
                 dA[k0:k1] = torch.bmm(xb.transpose(1, 2), H.view(M, nb, r).transpose(0, 1)).view(nb * gs, r)
-        return grads, None
+        return grads, None, None
     d_scales = None
+    d_offsets = torch.zeros(s32.shape, dtype=torch.float32, device=device) if offsets else None
     if scale_steps is not None:
         codes, zeros, mu = scale_steps
         zeros32, d_scales = zeros.float(), torch.zeros(s32.shape, dtype=torch.float32, device=device)
@@ -288,11 +291,13 @@ def factor_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, factors,
             if mu is not None:
                 steps.add_(state.group_blocks(mu, k0, k1))
             add_group_sums_(d_scales, state, steps.mul_(blocks).sum(1), k0, k1)
+        if d_offsets is not None:  # sum over each group's rows of G
+            add_group_sums_(d_offsets, state, blocks.sum(1), k0, k1)
         blocks.mul_(s)
         for (A, B), (dA, dB) in zip(factors, grads):
             torch.mm(G, B.t(), out=dA[k0:k1])
             dB.addmm_(A[k0:k1].t(), G)
-    return grads, d_scales
+    return grads, d_scales, d_offsets
 
 
 def add_offset_grads(state: QuantState, x2: torch.Tensor, g2: torch.Tensor, A, B, omega: int, dA, dB) -> None:
@@ -323,14 +328,18 @@ class LotaLinearFunction(torch.autograd.Function):
 
     `scales32` (optional, float32 [G, N]): trained scales. The forward uses them rounded to the dtype the
     checkpoint stores (what a merge writes), and their gradient passes that rounding straight through.
+    `offsets32` (optional, float32 [G, N]): trained float offsets of a grid that stores them (GGUF's Q4_1 / Q5_1
+    `m`), already rounded to the stored dtype; the weight adds them last, as the format does.
     `steps`: one (omega, offset mode, max_step) per adapter.
     """
 
     @staticmethod
-    def forward(ctx, x, state: QuantState, steps, scales32, *factors):
+    def forward(ctx, x, state: QuantState, steps, scales32, offsets32, *factors):
         pairs = list(zip(factors[0::2], factors[1::2]))
         if scales32 is not None:
             state = state.replace(scales=scales32.detach().to(state.scales.dtype))
+        if offsets32 is not None:
+            state = state.replace(offsets=offsets32.detach())
         omegas, modes, max_steps = zip(*steps)
         codes, zeros, mu = adapt_codes(state, pairs, omegas, modes, max_steps)
         # Under autocast the stock kernel's matmul runs in the autocast dtype; do the same explicitly,
@@ -352,35 +361,38 @@ class LotaLinearFunction(torch.autograd.Function):
         state, (K, N) = ctx.state, codes.shape
         x2, g2 = x.reshape(-1, K), grad_out.to(x.dtype).reshape(-1, N)
         needs = ctx.needs_input_grad
-        first = 4  # index of the first factor among forward's inputs
+        first = 5  # index of the first factor among forward's inputs
         wanted = [i for i in range(len(rest) // 2) if needs[first + 2 * i] or needs[first + 1 + 2 * i]]
         factors = [(rest[2 * i].float(), rest[2 * i + 1].float()) for i in wanted]
         grads = [None] * len(rest)
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_x = input_grad(state, codes, zeros, mu, g2).view(x.shape) if needs[0] else None
-            factor_g, d_scales = factor_grads(state, x2, g2, factors, (codes, zeros, mu) if needs[3] else None)
+            factor_g, d_scales, d_offsets = factor_grads(state, x2, g2, factors,
+                                                         (codes, zeros, mu) if needs[3] else None, bool(needs[4]))
             for i, (A, B), (dA, dB) in zip(wanted, factors, factor_g):
                 omega, mode, _ = ctx.steps[i]
                 if mode != "none":
                     add_offset_grads(state, x2, g2, A, B, omega, dA, dB)
                 grads[2 * i] = dA.to(rest[2 * i].dtype) if needs[first + 2 * i] else None
                 grads[2 * i + 1] = dB.to(rest[2 * i + 1].dtype) if needs[first + 1 + 2 * i] else None
-        return (grad_x, None, None, d_scales, *grads)
+        return (grad_x, None, None, d_scales, d_offsets, *grads)
 
 
-def lota_linear(x: torch.Tensor, state: QuantState, factors, steps, scales32=None) -> torch.Tensor:
+def lota_linear(x: torch.Tensor, state: QuantState, factors, steps, scales32=None, offsets32=None) -> torch.Tensor:
     """y = x @ W' + bias for adapters given as (A, B) pairs and their (omega, offset, max_step) steps.
 
-    scales32: trained scales (float32), used rounded to the stored dtype. No autograd graph when nothing
-    needs a gradient.
+    scales32: trained scales (float32), used rounded to the stored dtype; offsets32: trained float offsets (a grid
+    that stores them), already rounded. No autograd graph when nothing needs a gradient.
     """
     flat = [t for pair in factors for t in pair]
     steps = tuple(tuple(step) for step in steps)
-    inputs = [x, scales32, *flat]
+    inputs = [x, scales32, offsets32, *flat]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return LotaLinearFunction.apply(x, state, steps, scales32, *flat)
+        return LotaLinearFunction.apply(x, state, steps, scales32, offsets32, *flat)
     if scales32 is not None:
         state = state.replace(scales=scales32.to(state.scales.dtype))
+    if offsets32 is not None:
+        state = state.replace(offsets=offsets32)
     omegas, modes, max_steps = zip(*steps)
     codes, zeros, mu = adapt_codes(state, factors, omegas, modes, max_steps)
     return state.linear(x, adapted_weight(state, codes, zeros, mu, x.dtype), state.bias, codes=codes, zeros=zeros,
