@@ -38,7 +38,7 @@ def report() -> None:
     for r in sorted(rows, key=lambda r: (r["method"], r["lr"], r["seed"])):
         requant = f"{r['exact_requantized']:.0%}" if r.get("exact_requantized") is not None else "-"
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['seed']} | {r['exact']:.0%} | {requant} | "
-                     f"{r['final_loss']:.3f} | {r.get('codes_moved', '-')} | {r['train_s']:.0f} | {r['commit']} | "
+                     f"{r['final_loss']:.2g} | {r.get('codes_moved', '-')} | {r['train_s']:.0f} | {r['commit']} | "
                      f"{r.get('note', '')} |")
     RUNS.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

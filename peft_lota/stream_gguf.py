@@ -69,8 +69,9 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
     processor, to_gguf = fgguf._processor(skeleton.config, arch), fgguf._name_map(skeleton, arch)
     tensors = {t.name: t for t in reader.tensors}
     plan = []  # (layer name, tensor, out_features, in_features), checked before anything is written
+    modules = dict(skeleton.named_modules())
     for name in keys:
-        module = dict(skeleton.named_modules()).get(name)
+        module = modules.get(name)
         tensor = tensors.get(to_gguf.get(f"{name}.weight", ""))
         if not isinstance(module, nn.Linear) or tensor is None:
             raise ValueError(f"the adapter adapts {name}, which {base} holds no linear layer of: it was made for "
@@ -85,7 +86,7 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
             raise ValueError(f"{base}: {tensor.name} does not hold the [{N}, {K}] weight of {name}; the file is "
                              "damaged or not the model its header names.")
         plan.append((name, tensor, N, K))
-    del skeleton
+    del skeleton, modules
     report = StreamReport(checkpoint_format="gguf")
     digests = {}  # offset -> (length, sha256) of every block range written
 
