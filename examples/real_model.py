@@ -66,6 +66,38 @@ def gguf_file() -> Path:
     return path
 
 
+def gguf_layers(root, layers: int) -> Path:
+    """The wheel's Q4_1 GGUF file cut to its first `layers` blocks (the embedding, final norm and every tensor of those
+    blocks copied byte for byte, the metadata with the block count changed), cached in root: the learning tests'
+    GGUF model, in seconds."""
+    import gguf
+
+    out = Path(root) / f"{Path(GGUF_NAME).stem}-L{layers}.gguf"
+    if out.is_file():
+        return out
+    reader = gguf.GGUFReader(str(gguf_file()))
+    arch = str(reader.fields["general.architecture"].contents())
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":  # (the writer writes these itself)
+            continue
+        value = layers if key == f"{arch}.block_count" else field.contents()
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= layers:
+            continue
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
 def requantized_q4_1(model, targets):
     """A PEFT LoRA model of the dense GGUF load merged in float32, and every merged linear weight named in `targets`
     re-quantized to Q4_1 by the gguf package's quantizer (what llama.cpp's quantize computes for this type): the

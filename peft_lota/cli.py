@@ -80,7 +80,7 @@ def _save_and_reload(args, merged, dtype: str, ids, merged_logits):
                                 tokenizer_from=[args.adapter, args.base])
     qc, fmt = check.quantization_config, check.format()
     settings = ", ".join(f"{k} {v}" for k, v in fmt.describe(qc) if k not in ("kind", "made by"))
-    rows = [("written", f"{out} ({fmt.name}: {settings})"),
+    rows = [("written", f"{out} ({fmt.name}: {settings})" if settings else f"{out} ({fmt.name})"),
             ("kernels that can serve it", ", ".join(n for n, _, ok in fmt.kernels(qc) if ok) or "none known")]
     return out, fmt, qc, rows, (check.same_tensors, check.same_logits)
 
