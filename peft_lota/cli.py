@@ -165,6 +165,8 @@ def cmd_merge(args) -> int:
     from peft_lota import verify
 
     gguf_base = inputs.gguf_file(args.base) is not None
+    if args.base.endswith(".gguf") and not gguf_base:
+        raise inputs.UsageError(f"BASE {args.base}: no such GGUF file.")
     if args.out:
         if args.out.endswith(".gguf") and not gguf_base:
             raise inputs.UsageError(f"OUT {args.out} names a GGUF file, and {args.base} is not one: a merge writes its "

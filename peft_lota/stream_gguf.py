@@ -63,8 +63,12 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
     peft_config = method.config_class.from_pretrained(str(adapter))
     keys = adapter_layers(adapter, method.prefix)
     source = fgguf.GGUFSource(base.resolve(), fgguf._identity(base))
-    reader = gguf.GGUFReader(str(base))
-    arch = str(reader.fields["general.architecture"].contents())
+    try:
+        reader = gguf.GGUFReader(str(base))
+        arch = str(reader.fields["general.architecture"].contents())
+    except (OSError, ValueError, KeyError) as err:  # (a cut or damaged file fails inside numpy's reshape)
+        raise ValueError(f"{base} cannot be read as a GGUF file ({str(err).strip() or type(err).__name__}): it is "
+                         "damaged or incomplete; copy it again.") from None
     skeleton = _skeleton(base)
     processor, to_gguf = fgguf._processor(skeleton.config, arch), fgguf._name_map(skeleton, arch)
     tensors = {t.name: t for t in reader.tensors}

@@ -315,7 +315,14 @@ def test_the_streaming_merge_writes_the_in_memory_merges_bytes(gguf_root, tmp_pa
             merge_gguf(path, tmp_path / "adapter", path, progress=False)  # the base itself
         assert cli.main(["merge", str(other), str(tmp_path / "adapter"), str(tmp_path / "x.gguf"), "--stream"]) != 0
         assert not (tmp_path / "x.gguf").exists()
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+        cut = tmp_path / "cut.gguf"  # a download that stopped half way
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        assert cli.main(["merge", str(cut), str(tmp_path / "adapter"), str(tmp_path / "y.gguf"), "--stream"]) == 2
+        assert "damaged or incomplete" in capsys.readouterr().err
+        assert cli.main(["merge", str(tmp_path / "none.gguf"), str(tmp_path / "adapter"), str(tmp_path / "z.gguf"),
+                         "--stream"]) == 2
+        assert "no such GGUF file" in capsys.readouterr().err
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name in ("y.gguf", "z.gguf")]
 
 
 def test_a_stock_trainer_trains_it_and_an_untrained_save_is_the_source_file(gguf_root, tmp_path):
