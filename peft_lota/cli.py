@@ -272,8 +272,11 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
             report = merge_checkpoint(args.base, args.adapter, args.out, count_codes=True)
     except ValueError as err:
         raise inputs.UsageError(str(err).splitlines()[0]) from None
-    if gguf_base is not None:
-        size, pieces = gguf_base.stat().st_size / 2**30, f"{len(report.per_shard_seconds)} groups of layers"
+    if gguf_base is not None:  # the logits check loads the whole model in float32 (load_gguf): that is its size
+        from peft_lota.formats.gguf import read_header
+
+        size = sum(int(t.n_elements) for t in read_header(gguf_base).tensors) * 4 / 2**30
+        pieces = f"{len(report.per_shard_seconds)} groups of layers"
     else:
         size = sum(p.stat().st_size for p in Path(args.base).glob("*.safetensors")) / 2**30
         pieces = f"{report.shards} shards"
@@ -282,7 +285,7 @@ def cmd_merge_stream(args, adapter_cfg: dict) -> int:
             ("adapter", args.adapter), ("base", args.base), ("written", f"{args.out} ({report.checkpoint_format})"),
             ("codes moved", f"{report.codes_moved:,} of {report.codes:,} in {report.layers} layers"),
             ("merged", f"{pieces} in {report.seconds:.0f} s, peak RSS {report.peak_rss_mib:,.0f} MiB "
-                       f"(base {size:.2f} GiB)"),
+                       f"(base {size:.2f} GiB{' in float32' if gguf_base else ''})"),
             ("merged tensors read back == computed", f"True ({report.verified_tensors})")]
     ok = True
     if size <= args.check_below:

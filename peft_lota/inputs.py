@@ -115,8 +115,7 @@ def load_checked(path: str, dtype: Optional[str] = None):
             return load_gguf(file, dtype=getattr(torch, dtype or "float32"))
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UsageError(f"cannot load the GGUF file {file}: {first} (a damaged or incomplete file: copy it "
-                             "again)") from None
+            raise UsageError(f"cannot load the GGUF file {file}: {first}") from None
     try:
         return load(path, dtype=getattr(torch, dtype or own_dtype(path)))
     except (OSError, ValueError, SafetensorError) as err:  # missing or damaged weights, a config transformers refuses

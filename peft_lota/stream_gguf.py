@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -46,7 +47,6 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
 
     from .registry import method as method_named
 
-    gguf = fgguf._require_gguf()
     started = time.time()
     base, adapter, out = Path(base), Path(adapter), Path(out)
     if not base.is_file():
@@ -63,12 +63,8 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
     peft_config = method.config_class.from_pretrained(str(adapter))
     keys = adapter_layers(adapter, method.prefix)
     source = fgguf.GGUFSource(base.resolve(), fgguf._identity(base))
-    try:
-        reader = gguf.GGUFReader(str(base))
-        arch = str(reader.fields["general.architecture"].contents())
-    except (OSError, ValueError, KeyError) as err:  # (a cut or damaged file fails inside numpy's reshape)
-        raise ValueError(f"{base} cannot be read as a GGUF file ({str(err).strip() or type(err).__name__}): it is "
-                         "damaged or incomplete; copy it again.") from None
+    reader = fgguf.read_header(base)
+    arch = str(reader.fields["general.architecture"].contents())
     skeleton = _skeleton(base)
     processor, to_gguf = fgguf._processor(skeleton.config, arch), fgguf._name_map(skeleton, arch)
     tensors = {t.name: t for t in reader.tensors}
@@ -89,18 +85,16 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
         if K % bt.block or tuple(tensor.data.shape) != (N, K // bt.block * bt.nbytes):
             raise ValueError(f"{base}: {tensor.name} does not hold the [{N}, {K}] weight of {name}; the file is "
                              "damaged or not the model its header names.")
-        plan.append((name, tensor, N, K))
+        plan.append((name, tensor, N, K, fgguf._row_order(processor, tensor, N)))
     del skeleton, modules
     report = StreamReport(checkpoint_format="gguf")
     digests = {}  # offset -> (length, sha256) of every block range written
 
-    def patches():
-        bar = tqdm(total=len(plan), desc="merging layers", disable=not progress, unit="layer")
+    def groups():
         for i in range(0, len(plan), group):
             t0 = time.time()
             layers = {}
-            for name, tensor, N, K in plan[i:i + group]:
-                order = fgguf._row_order(processor, tensor, N)
+            for name, tensor, N, K, order in plan[i:i + group]:
                 raw = torch.from_numpy(tensor.data.copy())
                 layers[name] = fgguf.GGUFLinear(raw if order is None else raw[order], tensor.tensor_type.name, K, N,
                                                 None, tensor.name, order)
@@ -112,7 +106,7 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
                     raise RuntimeError(f"{layer.tensor_name}: merged blocks of {len(data)} bytes for a tensor of "
                                        f"{nbytes}: a bug in peft_lota.")
                 digests[offset] = (nbytes, hashlib.sha256(data).hexdigest())
-                yield offset, data
+                patches.append((offset, data))
             report.layers += len(merged)
             report.codes_moved += moved
             report.codes += codes
@@ -120,9 +114,16 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
             bar.update(len(merged))
             del merged, layers
             gc.collect()  # each group's PEFT model is a graph of reference cycles: free its blocks now
-        bar.close()
+            yield from patches
+            patches.clear()
 
-    fgguf.write_patched(source, out, patches())
+    patches: list = []
+    with tqdm(total=len(plan), desc="merging layers", disable=not progress, unit="layer") as bar:
+        merging = groups()
+        # The first group is merged before the copy starts: an adapter that does not fit this file (its base-layer
+        # fingerprint, its shapes) is refused before a byte of a large file is written.
+        first = [next(merging)] if plan else []
+        fgguf.write_patched(source, out, itertools.chain(first, merging))
     del reader, tensors
     report.shards = 1
     with open(out, "rb") as f:  # read back: every merged tensor's bytes as computed

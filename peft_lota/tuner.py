@@ -282,6 +282,11 @@ class QuantTuner(BaseTuner):
         expected = [n for n, _ in model.named_parameters()
                     if n.endswith(f".{adapter_name}") and any(f".{p}." in n for p in names)]
         missing = [n for n in expected if n not in sd]
+        if missing and all(".lota_offsets." in n for n in missing):
+            raise ValueError(f"This LoTA adapter holds no trained offsets for the {len(missing)} layers whose grid "
+                             f"stores a float offset per group (GGUF's Q4_1 / Q5_1; e.g. {missing[0]}): it was saved "
+                             "by a peft_lota that kept those offsets fixed (0.1.0 before 2026-12-06), and this one "
+                             "trains them. Train the adapter again, or merge it with the peft_lota that trained it.")
         if missing:
             raise ValueError(f"The {cls.method_name} adapter file lacks {len(missing)} of the {len(expected)} tensors "
                              f"this model's adapter needs (e.g. {missing[0]}): it is incomplete, or was saved from "

@@ -163,6 +163,40 @@ def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_
     assert not torch.equal(scales, state.scales) and torch.equal(scales.half().float(), scales)  # trained, fp16
 
 
+def test_two_adapters_with_trained_offsets_merge_together_or_in_turn_as_they_compute(gguf_root):
+    """Each adapter's offsets move in units of the scales before it: the forward with both active, one merge of both
+    and two merges in turn write the same blocks; a group whose scale is 0 keeps its offset."""
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig
+    from tiny_models import train_steps
+
+    path = build_gguf("llama", gguf_root)
+    models = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        model = get_peft_model(load_gguf(path), LotaConfig(r=4, init_seed=0))
+        model.add_adapter("second", LotaConfig(r=4, init_seed=1))
+        model.base_model.set_adapter(["default", "second"])
+        train_steps(model, X)
+        models.append(model)
+    assert all(torch.equal(logits(m), logits(models[0])) for m in models[1:])  # (the same training, three times)
+    both = logits(models[0])
+    models[0].merge_adapter(["default", "second"])
+    models[1].merge_adapter(["default"])
+    models[1].merge_adapter(["second"])
+    assert torch.equal(logits(models[0]), both) and torch.equal(logits(models[1]), both)
+    a, b = qblocks(models[0].merge_and_unload()), qblocks(models[1].merge_and_unload())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a zero scale: the multiplier cannot move the offset (a saved adapter of steps could not say it did)
+    layer = next(m for m in models[2].modules() if hasattr(m, "offsets_after") and m.lota_offsets)
+    state = layer.quant.read()
+    zeroed = state.replace(scales=torch.where(torch.arange(state.scales.shape[1]) == 0, 0.0, state.scales))
+    with torch.no_grad():
+        layer.lota_offsets["default"].zero_()
+        assert torch.equal(layer.offsets_after(zeroed, ["default"])[:, 0], state.offsets[:, 0])
+
+
 @pytest.mark.parametrize("arch,types", [("llama", None), ("qwen2", None), ("llama", K_TYPES)])
 def test_l4q_on_gguf_rounds_onto_the_files_grid_and_the_written_file_is_what_was_trained(gguf_root, tmp_path, caplog,
                                                                                         monkeypatch, arch, types):

@@ -416,6 +416,18 @@ def _name_map(model: nn.Module, arch: str):
     return names
 
 
+def read_header(path: Path):
+    """gguf's reader of the file (memory-mapped); a file it cannot parse is said to be damaged, with the way out."""
+    gguf = _require_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+        reader.fields["general.architecture"].contents()
+    except (OSError, ValueError, KeyError) as err:  # (a cut or damaged file fails inside numpy's reshape)
+        raise ValueError(f"{path} cannot be read as a GGUF file ({str(err).strip() or type(err).__name__}): it is "
+                         "damaged or incomplete; copy it again.") from None
+    return reader
+
+
 def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
     """A causal LM from the GGUF file `path` whose linear layers keep the file's blocks (GGUFLinear), ready for
     LotaConfig or merge_lora. `dtype`: what the rest of the model (embedding, norms) and the activations run in.
@@ -426,7 +438,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Modul
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file.")
-    reader = gguf.GGUFReader(str(path))
+    reader = read_header(path)
     source = GGUFSource(path.resolve(), _identity(path))
     for t in reader.tensors:
         source.tensors[t.name] = (t.tensor_type.name, int(t.data_offset), int(t.n_bytes))

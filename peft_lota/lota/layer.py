@@ -182,16 +182,21 @@ class LotaLayer(QuantLayer):
         """The float offsets (float32, each rounded to the stored dtype) after these adapters' trained changes, or
         None if none of them trains offsets. The scale multiplier applies to the offset too, so that it scales the
         group's weights w = s * q + m about zero, as it does on a grid with zero points (w = s * (q - z)); the
-        offset's own change is in units of the group's base scale (one optimizer step moves it by about as large a
-        fraction of a quantization step as it moves the scale)."""
+        offset's own change is in units of the group's scale before that adapter (one optimizer step moves it by
+        about as large a fraction of a quantization step as it moves the scale). Adapters apply in turn, as merges
+        do: merging them together or one by one writes the same offsets. A group whose scale is 0 keeps its offset."""
         trained = [a for a in adapter_names if a in self.lota_offsets]
         if not trained:
             return None
-        m, unit = state.offsets.float(), LOTA_SCALE_UNIT * state.scales.float()
-        for a in trained:
-            if a in self.lota_scales:
-                m = m * scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT)
-            m = RoundToStoredSTE.apply(m + unit * self.lota_offsets[a], state.scale_dtype)
+        m, s = state.offsets.float(), state.scales.float()
+        for a in adapter_names:
+            multiplier = scale_multiplier(self.lota_scales[a], LOTA_SCALE_UNIT) if a in self.lota_scales else None
+            if a in self.lota_offsets:
+                if multiplier is not None:
+                    m = torch.where(s != 0, m * multiplier, m)
+                m = RoundToStoredSTE.apply(m + LOTA_SCALE_UNIT * s.detach() * self.lota_offsets[a], state.scale_dtype)
+            if multiplier is not None:  # the next adapter's unit: the scales this one leaves
+                s = (s.detach() * multiplier.detach()).to(state.scale_dtype).float()
         return m
 
     def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
@@ -282,7 +287,7 @@ class LotaLayer(QuantLayer):
             if s.offset == "float":
                 self.merge_reports[name] = self._rounding_report(step, name, codes, zeros)
             scales = self.scales_after(step, [name])
-            offsets = self.offsets_after(step.replace(scales=state.scales), [name])  # (unit: the base's scales)
+            offsets = self.offsets_after(step, [name])  # (on the scales before this adapter, as the forward)
             step = state.replace(codes=codes, zeros=zeros,
                                  scales=step.scales if scales is None else scales.to(step.scales.dtype),
                                  offsets=step.offsets if offsets is None else offsets)

@@ -85,11 +85,14 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
                          "adapter was made for another base model.")
     base = _stored(state, which)
     if steps.shape != base.shape:
-        raise ValueError(f"Adapter tensor {key} has shape {tuple(steps.shape)}, but this model's scales have shape "
+        raise ValueError(f"Adapter tensor {key} has shape {tuple(steps.shape)}, but this model's {which} have shape "
                          f"{tuple(base.shape)}: the adapter was made for a model of another shape or group size.")
     bits = _bits(base) + steps.to(torch.int64).to(base.device)
     width = 8 * base.element_size()
     if bool(((bits < -(1 << (width - 1))) | (bits >= 1 << (width - 1))).any()):
+        if which == "offsets":
+            raise ValueError(f"Adapter tensor {key} moves offsets outside their {base.dtype}: the file is corrupt or was "
+                             "made for another base model.")
         raise ValueError(f"Adapter tensor {key} moves scales outside their {base.dtype}: the adapter was trained on "
                          "scales of another dtype (compressed-tensors scales follow the dtype the model is loaded in: "
                          "load or merge it in the dtype it was trained in, e.g. `peft-lota merge --dtype float32`; "
@@ -102,8 +105,10 @@ def _multipliers_from_steps(layer, steps: torch.Tensor, key: str, latent: Option
     if which == "offsets":  # m0 * multiplier + LOTA_SCALE_UNIT * scale * u (layer.offsets_after)
         from ..numerics import scale_multiplier
 
-        unit = LOTA_SCALE_UNIT * state.scales.float()
-        m0 = s0 if scale_u is None else s0 * scale_multiplier(scale_u.float().to(s0.device), LOTA_SCALE_UNIT)
+        scales = state.scales.float()
+        unit = LOTA_SCALE_UNIT * scales
+        m0 = s0 if scale_u is None else torch.where(
+            scales != 0, s0 * scale_multiplier(scale_u.float().to(s0.device), LOTA_SCALE_UNIT), s0)
         u = latent.float().to(s0.device) if latent is not None else torch.where(
             unit != 0, (target - m0) / torch.where(unit != 0, unit, 1), 0.0)
         if not torch.equal(RoundToStoredSTE.apply(m0 + unit * u, base.dtype), target):
