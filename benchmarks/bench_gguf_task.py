@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def main(argv=None) -> None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import peft_lota
     import real_model
@@ -81,9 +80,7 @@ def main(argv=None) -> None:
         if args.method == "lota":
             model = get_peft_model(peft_lota.load_gguf(source), peft_lota.LotaConfig(init_seed=args.seed))
         else:
-            dense = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-            dense.hf_quantizer, dense.is_quantized = None, False  # (the stock Trainer refuses transformers' GGUF quantizer)
-            model = get_peft_model(dense, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+            model = get_peft_model(real_model.dense_gguf(source), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
         row["train_s"] = train(model, tokenizer, train_items, args.steps, args.lr, Path(work), seed=args.seed)
     with torch.no_grad():  # the training loss on the last 8 chats, as the model now computes it
         from demo_real import encode

@@ -202,10 +202,7 @@ def main(argv=None) -> None:
 
     config = json.loads(args.config)
     if args.variant == GGUF and args.method == "lora":  # LoRA trains on the dense (dequantized) load of the file
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(q.parent), gguf_file=q.name, dtype=torch.float32)
-        model.hf_quantizer, model.is_quantized = None, False  # the stock Trainer refuses a model its GGUF quantizer loaded ("do not support training")
+        model = real_model.dense_gguf(q)
     elif args.variant == GGUF:
         model = peft_lota.load_gguf(q, dtype=torch.float32)
     else:

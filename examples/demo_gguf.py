@@ -21,6 +21,7 @@ About 6 minutes on 2 cores (30 steps of 8 chats per method, 48 held-out dates, a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import real_model  # noqa: E402
-from demo_real import LORA_TARGETS, encode, exact_match, task, train  # noqa: E402
+from demo_real import LORA_TARGETS, check_args, encode, exact_match, task, train  # noqa: E402
 
 
 def llama_cpp_answers(path: Path, tokenizer, questions: list[str], max_new_tokens: int = 16) -> list[str]:
@@ -64,24 +65,18 @@ def main(argv=None) -> None:
                     help="the best of bench_gguf_task.py's grid for the re-quantized LoRA (unmerged: 100%% from 1e-3 to 5e-3)")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA references (unmerged and re-quantized)")
     args = ap.parse_args(argv)
-    if args.steps < 1:  # Trainer reads max_steps <= 0 as "not set" and would train 3 epochs instead
-        ap.error(f"--steps must be at least 1 (got {args.steps})")
-    if not (args.lota_lr > 0 and args.lora_lr > 0):
-        ap.error("--lota-lr and --lora-lr must be positive")
+    check_args(ap, args)
     real_model._quiet()
     # PEFT, saving the adapter, looks for the base's config.json to see whether the vocabulary changed; a GGUF file's
     # folder has none, and offline it says so each time. LoTA does not touch the embedding.
     warnings.filterwarnings("ignore", message="Could not find a config file in")
-    try:
-        import llama_cpp  # noqa: F401
-        have_llama_cpp = True
-    except ImportError:
-        have_llama_cpp = False
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    if not have_llama_cpp:
         print("[demo] llama-cpp-python is not installed: the llama.cpp check is skipped (pip install \".[llama-cpp]\" "
               "builds it: about 4 minutes on 2 cores with CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\"; `make demo-gguf` does).")
 
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import peft_lota
     from peft_lota import verify
@@ -124,9 +119,7 @@ def main(argv=None) -> None:
         rows.append(("  the written GGUF answered by llama.cpp", f"{score_llama:.0%}"))
         print(f"[demo] llama.cpp on the written file: {score_llama:.0%}")
     if not args.no_lora:
-        dense = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-        dense.hf_quantizer, dense.is_quantized = None, False  # the stock Trainer refuses a model transformers' GGUF quantizer loaded
-        lora = get_peft_model(dense, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+        lora = get_peft_model(real_model.dense_gguf(source), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
         lora_seconds = train(lora, tokenizer, train_items, args.steps, args.lora_lr, out / "lora-run")
         score_lora, _ = exact_match(lora, tokenizer, held_out)
         score_requantized, _ = exact_match(real_model.requantized_q4_1(lora, LORA_TARGETS), tokenizer, held_out)

@@ -98,6 +98,14 @@ def train(model, tokenizer, items, steps: int, lr: float, out: Path, seed: int =
     return time.time() - t0
 
 
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """The demos' --steps and rates, refused with argparse's usage line when they cannot run."""
+    if args.steps < 1:  # Trainer reads max_steps <= 0 as "not set" and would train 3 epochs instead
+        ap.error(f"--steps must be at least 1 (got {args.steps})")
+    if not (args.lota_lr > 0 and args.lora_lr > 0):
+        ap.error("--lota-lr and --lora-lr must be positive")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="build/real-model", help="where the models are built and cached")
@@ -109,10 +117,7 @@ def main(argv=None) -> None:
                     help="the accuracy pilot's best for LoRA r16 on this model (benchmarks/results/accuracy-real-tune.md)")
     ap.add_argument("--no-lora", action="store_true", help="skip the unmerged LoRA reference")
     args = ap.parse_args(argv)
-    if args.steps < 1:  # Trainer reads max_steps <= 0 as "not set" and would train 3 epochs instead
-        ap.error(f"--steps must be at least 1 (got {args.steps})")
-    if not (args.lota_lr > 0 and args.lora_lr > 0):
-        ap.error("--lota-lr and --lora-lr must be positive")
+    check_args(ap, args)
     real_model._quiet()
 
     from peft import LoraConfig, get_peft_model

@@ -98,6 +98,18 @@ def gguf_layers(root, layers: int) -> Path:
     return out
 
 
+def dense_gguf(path: Path):
+    """transformers' own load of a GGUF file (every block dequantized to float32), trainable by a stock Trainer: the
+    model LoRA trains on in the usual route. transformers' GGUF quantizer, which has nothing left to do after the
+    load, is dropped: the Trainer refuses to train a model it loaded ("do not support training")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized = None, False
+    return model
+
+
 def requantized_q4_1(model, targets):
     """A PEFT LoRA model of the dense GGUF load merged in float32, and every merged linear weight named in `targets`
     re-quantized to Q4_1 by the gguf package's quantizer (what llama.cpp's quantize computes for this type): the

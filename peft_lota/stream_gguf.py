@@ -93,14 +93,15 @@ def merge_gguf(base, adapter, out, *, count_codes: bool = False, progress: bool 
     def groups():
         for i in range(0, len(plan), group):
             t0 = time.time()
-            layers = {}
+            layers, sources = {}, {}
             for name, tensor, N, K, order in plan[i:i + group]:
+                sources[name] = tensor
                 raw = torch.from_numpy(tensor.data.copy())
                 layers[name] = fgguf.GGUFLinear(raw if order is None else raw[order], tensor.tensor_type.name, K, N,
                                                 None, tensor.name, order)
             merged, (moved, codes) = merge_layers(layers, adapter, peft_config, keys, None, False, count_codes)
             for name, layer in merged.items():
-                offset, nbytes = int(tensors[layer.tensor_name].data_offset), int(tensors[layer.tensor_name].n_bytes)
+                offset, nbytes = int(sources[name].data_offset), int(sources[name].n_bytes)
                 data = fgguf._file_rows(layer).numpy().tobytes()
                 if len(data) != nbytes:
                     raise RuntimeError(f"{layer.tensor_name}: merged blocks of {len(data)} bytes for a tensor of "

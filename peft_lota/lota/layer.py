@@ -259,14 +259,14 @@ class LotaLayer(QuantLayer):
         """
         names = [a for a in adapter_names if a in self.lota_A]
         refuse_non_finite_adapters(self, names, refused)
-        if any(a in self.lota_scales for a in names):  # finite multipliers may still overflow the stored dtype
-            state = self.quant.read()
-            scales = self.scales_after(state, names).to(state.scale_dtype)
-            refuse_non_finite(scales, f"{self._current_key}: the scales a merge would write", refused)
-        if any(a in self.lota_offsets for a in names):
-            state = self.quant.read()
-            offsets = self.offsets_after(state, names).to(state.scale_dtype)
-            refuse_non_finite(offsets, f"{self._current_key}: the offsets a merge would write", refused)
+        if not any(a in self.lota_scales or a in self.lota_offsets for a in names):
+            return
+        state = self.quant.read()  # finite multipliers may still overflow the stored dtype
+        for what, after in (("scales", self.scales_after), ("offsets", self.offsets_after)):
+            values = after(state, names)
+            if values is not None:
+                refuse_non_finite(values.to(state.scale_dtype), f"{self._current_key}: the {what} a merge would write",
+                                  refused)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
