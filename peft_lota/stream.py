@@ -177,8 +177,8 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
     each layer, rebuilt alone. The base's shard layout, tensor names and other tensors are kept. Returns a
     StreamReport (also logged); `count_codes` also counts the codes the merge moved (about 1.5x the time). The
     tokenizer written with it, in the same commit: `verify.tokenizer_files(tokenizer_from)`, by default the
-    adapter's folder's, else the base's (what the in-memory merge ships). Formats: those with `Format.can_stream` (GPTQ, AWQ, compressed-tensors, LLM.int8); others are refused with the way
-    out (`peft-lota merge` without --stream).
+    adapter's folder's, else the base's (what the in-memory merge ships). Formats: those that stream
+    (`Format.can_stream`); others are refused with the way out (`peft-lota merge` without --stream).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm

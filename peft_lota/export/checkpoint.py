@@ -95,7 +95,7 @@ def _write(model, folder: Path, *, card_info: Optional[dict], write_card: bool, 
            save_kwargs: dict) -> dict:
     """Write the complete checkpoint into the empty folder `folder`; returns the format's facts."""
     fmt = formats.model_format(model)
-    if fmt is not None and fmt.write_folder is not None:  # a file of the format's own (GGUF)
+    if fmt is not None and fmt.writes_own_file:  # a file of the format's own (GGUF)
         _refuse_unmerged(model)
         facts = fmt.write_folder(model, folder)
         if card_info is not None and write_card:

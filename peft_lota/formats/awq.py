@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import (Format, PackedBufferWeights, QuantState, checked_layers, gptqmodel_kernels, group_layout, layers_of,
-                   stamp_quantizer, swap_layers)
+from .base import (BuildsLayers, Format, PackedBufferWeights, QuantState, Streams, checked_layers, gptqmodel_kernels,
+                   group_layout, layers_of, stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
 from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
@@ -434,9 +434,21 @@ def describe(qc: dict) -> list[tuple[str, object]]:
             ("bits", qc["bits"]), ("group size", qc["group_size"]), ("symmetric", not qc.get("zero_point", True))]
 
 
-FORMAT = Format(name=NAME, quant_method="awq", is_layer=is_awq_layer, dispatch=dispatch_awq,
-                prepare_model=prepare_awq_model, model_is=model_is_awq, checkpoint=awq_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                requires=(("gptqmodel", "awq"),), layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros",), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
-                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
+class AwqFormat(BuildsLayers, Streams, Format):
+    name, quant_method = NAME, "awq"
+    requires = (("gptqmodel", "awq"),)
+    layer_tensor_names, zero_point_tensors = LAYER_TENSORS, ("qzeros",)
+    is_layer, dispatch = staticmethod(is_awq_layer), staticmethod(dispatch_awq)
+    prepare_model = staticmethod(prepare_awq_model)
+    model_is = staticmethod(model_is_awq)
+    checkpoint = staticmethod(awq_checkpoint)
+    load_config, kernels, describe = staticmethod(load_config), staticmethod(kernels), staticmethod(describe)
+    fast_path_note = staticmethod(fast_path_note)
+    grid_problem = staticmethod(grid_problem)
+    build_layer = staticmethod(build_layer)
+    new_config = staticmethod(new_config)
+    layer_from_tensors, layer_tensors = staticmethod(layer_from_tensors), staticmethod(layer_tensors)
+    true_zeros_of, checkpoint_config = staticmethod(true_zeros_of), staticmethod(checkpoint_config)
+
+
+FORMAT = AwqFormat()

@@ -12,13 +12,14 @@ A uniform integer grid, group-wise (each group of input rows shares a scale and 
 `QuantState` carries these for one layer, read from its packed buffers by the layer's
 `QuantWeights` (one implementation per format, each in its own file beside this one); methods work on
 a QuantState and hand codes, zeros and scales back to `QuantWeights.encode`, never touching a packed
-tensor. A `Format` describes one format to the rest of the package (dispatch, model preparation,
-checkpoint writing), so that adding a format means adding a file, not editing if/else chains.
+tensor. A `Format` subclass describes one format to the rest of the package (dispatch, model preparation,
+checkpoint writing; the mixins `BuildsLayers`, `Streams`, `WritesOwnFile` for what only some can do), so that adding
+a format means adding a file, not editing if/else chains.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
 import torch
@@ -348,76 +349,72 @@ class MissingLibraryError(ValueError):
     """A checkpoint's format needs a library (gptqmodel, compressed-tensors, bitsandbytes) that is not installed."""
 
 
-@dataclass(frozen=True)
-class Format:
-    """One quantized format, as the rest of the package sees it.
+class Format(ABC):
+    """One quantized format, as the rest of the package sees it: one subclass per file beside this one, whose single
+    instance sits in `formats.FORMATS`. The methods below are what every format provides; what only some formats
+    can do is a mixin (`BuildsLayers`, `Streams`, `WritesOwnFile`), so that a capability is a fact of the class, not a
+    field left None. Methods receive and return plain values (modules, dicts): a format never names a PEFT method."""
 
-    quant_method: the `quant_method` of its transformers quantization_config ("gptq", "awq").
-    is_layer(module): whether a module is a layer of this format (in any kernel).
-    dispatch(module, name): its QuantWeights, or None if `module` is not of this format; raises with
-        instructions if it is, but in a layout that cannot be read.
-    prepare_model(model): make every layer of this format in `model` readable and trainable (returns
-        how many layers it changed); called once by a method before it injects adapters.
-    model_is(model): whether `model` (a transformers model) holds this format, from its config.
-    checkpoint(model): (state_dict, quantization_config, extra files {name: text}, facts for the
-        model card) of a standard checkpoint of `model` in this format.
-    load_config(qc): the transformers quantization config that loads a checkpoint of this format with
-        its layout-keeping, trainable kernel.
-    kernels(qc): (kernel, devices, can serve) for a checkpoint's quantization_config.
-    describe(qc): (key, value) rows that say what a checkpoint is (the command line's inspect).
-    fast_path_note(qc): which GPU server (vLLM, SGLang) refuses the checkpoint, why, and the conversion it serves;
-        or None (serving.py).
-
-    Building new layers (a method that quantizes a full-precision model writes them), for formats that can:
-    grid_problem(in_features, out_features, bits, group_size, sym, act_order=False): why a layer with this
-        grid cannot be stored in this format, or None;
-    build_layer(codes, zeros, scales, g_idx, bias, bits, group_size, sym): a layer of the format's trainable
-        kernel holding exactly these codes [K, N], true zeros [G, N], scales [G, N] (stored dtype) and bias;
-    new_config(bits, group_size, sym): the quantization_config (dict) of a model of such layers.
-    """
-
-    name: str
-    quant_method: str
-    is_layer: Callable[[nn.Module], bool]
-    dispatch: Callable[[nn.Module, str], Optional[QuantWeights]]
-    prepare_model: Callable[[nn.Module], int]
-    model_is: Callable[[nn.Module], bool]
-    checkpoint: Callable[[nn.Module], tuple[dict, dict, dict, dict]]
-    load_config: Callable[[dict], Any]
-    kernels: Callable[[dict], list]
-    describe: Callable[[dict], list]
-    fast_path_note: Callable[[dict], Optional[str]] = lambda qc: None
-    # whether a quantization_config (dict) is of this format; default: its quant_method is ours
-    config_matches: Optional[Callable[[dict], bool]] = None
-    grid_problem: Optional[Callable[..., Optional[str]]] = None
-    build_layer: Optional[Callable[..., nn.Module]] = None
-    new_config: Optional[Callable[[int, int, bool], dict]] = None
-    # Whether a reload keeps the scales in the dtype they were written in (a format that casts them to the model's
-    # dtype at load rounds float32 scales trained for it).
-    reload_keeps_scale_dtype: bool = True
+    name: str  # how the package names it ("gptq", "awq", "compressed-tensors", "bitsandbytes-int8", "gguf")
+    quant_method: str  # the `quant_method` of its transformers quantization_config ("gptq", "awq")
     # (import name, pip extra) of the libraries loading a checkpoint of this format needs: checked before a load, so
     # that a missing one is a line naming what to install, not an ImportError deep in transformers.
     requires: tuple = ()
-    # Streaming a checkpoint file by file, one layer at a time (formats that can; stream.py):
-    # layer_tensor_names: the tensors of one layer, by suffix; layer_from_tensors(tensors, qc): a trainable,
-    # layout-keeping layer holding them; layer_tensors(layer, qc_out): its tensors as a checkpoint with qc_out stores
-    # them; true_zeros_of(tensors, qc): its true zero points; checkpoint_config(qc, fits_classic, still_sym):
-    # (quantization_config, extra files, facts) of the written checkpoint.
-    layer_tensor_names: tuple = ()
-    # The tensors true_zeros_of reads (stored zero points and what gives their shape); () when the format stores none
-    # (symmetric layers): every zero point is then the grid's centre and always fits.
-    zero_point_tensors: tuple = ()
-    layer_from_tensors: Optional[Callable[[dict, dict], nn.Module]] = None
-    layer_tensors: Optional[Callable[[nn.Module, dict], dict]] = None
-    true_zeros_of: Optional[Callable[[dict, dict], torch.Tensor]] = None
-    checkpoint_config: Optional[Callable[[dict, bool, bool], tuple]] = None
-    # A format whose checkpoint is not a transformers state dict (GGUF: one file of its own): write_folder(model,
-    # staged folder) writes it into a save's staging folder and returns the facts for the model card.
-    write_folder: Optional[Callable[[nn.Module, Any], dict]] = None
+    # Whether a reload keeps the scales in the dtype they were written in (a format that casts them to the model's
+    # dtype at load rounds float32 scales trained for it).
+    reload_keeps_scale_dtype: bool = True
+
+    @abstractmethod
+    def is_layer(self, module: nn.Module) -> bool:
+        """Whether `module` is a layer of this format (in any kernel)."""
+
+    @abstractmethod
+    def dispatch(self, module: nn.Module, name: str) -> Optional[QuantWeights]:
+        """The layer's QuantWeights, or None if `module` is not of this format; raises with instructions if it is,
+        but in a layout that cannot be read."""
+
+    @abstractmethod
+    def prepare_model(self, model: nn.Module) -> int:
+        """Make every layer of this format in `model` readable and trainable; returns how many layers it changed.
+        Called once before adapters are injected."""
+
+    @abstractmethod
+    def model_is(self, model: nn.Module) -> bool:
+        """Whether `model` (a transformers model) holds this format, from its config."""
+
+    @abstractmethod
+    def checkpoint(self, model: nn.Module) -> tuple[dict, dict, dict, dict]:
+        """(state_dict, quantization_config, extra files {name: text}, facts for the model card) of a standard
+        checkpoint of `model` in this format."""
+
+    @abstractmethod
+    def load_config(self, qc: dict) -> Any:
+        """The transformers quantization config that loads a checkpoint of this format with its layout-keeping,
+        trainable kernel."""
+
+    @abstractmethod
+    def kernels(self, qc: dict) -> list:
+        """[(kernel, devices, can serve)] for a checkpoint's quantization_config."""
+
+    @abstractmethod
+    def describe(self, qc: dict) -> list:
+        """(key, value) rows that say what a checkpoint is (the command line's inspect)."""
+
+    def fast_path_note(self, qc: dict) -> Optional[str]:
+        """Which GPU server (vLLM, SGLang) refuses the checkpoint, why, and the conversion it serves; or None."""
+        return None
+
+    def matches(self, qc: dict) -> bool:
+        """Whether a quantization_config (dict) is of this format; by default, its quant_method is ours."""
+        return qc.get("quant_method") == self.quant_method
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
 
     @property
     def can_stream(self) -> bool:
-        return self.layer_from_tensors is not None
+        """Whether a checkpoint of this format can be merged file by file, one layer at a time (stream.py)."""
+        return isinstance(self, Streams)
 
     @property
     def title(self) -> str:
@@ -426,7 +423,13 @@ class Format:
 
     @property
     def can_build(self) -> bool:
-        return self.build_layer is not None
+        """Whether new layers of this format can be built from codes, zeros and scales (a quantizer writes them)."""
+        return isinstance(self, BuildsLayers)
+
+    @property
+    def writes_own_file(self) -> bool:
+        """Whether its checkpoint is a file of its own rather than a transformers state dict (GGUF)."""
+        return isinstance(self, WritesOwnFile)
 
     def missing_libraries(self) -> list:
         """[(import name, pip extra)] of `requires` that are not installed."""
@@ -457,5 +460,56 @@ class Format:
         """Whether new layers with trained float scales can be written in this format and reload unchanged."""
         return self.can_build and self.reload_keeps_scale_dtype
 
-    def matches(self, qc: dict) -> bool:
-        return self.config_matches(qc) if self.config_matches is not None else qc.get("quant_method") == self.quant_method
+
+
+class BuildsLayers(ABC):
+    """A format whose layers can be built from an integer grid (a method that quantizes a full-precision model,
+    `convert`, `merge --format`)."""
+
+    @abstractmethod
+    def grid_problem(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                     act_order: bool = False) -> Optional[str]:
+        """Why a layer with this grid cannot be stored in this format, or None."""
+
+    @abstractmethod
+    def build_layer(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bias: Optional[torch.Tensor], bits: int, group_size: int, sym: bool) -> nn.Module:
+        """A layer of the format's trainable kernel holding exactly these codes [K, N], true zeros [G, N], scales
+        [G, N] (stored dtype) and bias."""
+
+    @abstractmethod
+    def new_config(self, bits: int, group_size: int, sym: bool) -> dict:
+        """The quantization_config of a model of such layers."""
+
+
+class Streams(ABC):
+    """A format whose checkpoint can be merged shard by shard, one layer at a time, never holding the model."""
+
+    layer_tensor_names: tuple = ()  # the tensors of one layer, by suffix
+    # The tensors true_zeros_of reads (stored zero points and what gives their shape); () when the format stores none
+    # (symmetric layers): every zero point is then the grid's centre and always fits.
+    zero_point_tensors: tuple = ()
+
+    @abstractmethod
+    def layer_from_tensors(self, tensors: dict, qc: dict) -> nn.Module:
+        """A trainable, layout-keeping layer holding one layer's checkpoint tensors ({suffix: tensor})."""
+
+    @abstractmethod
+    def layer_tensors(self, layer: nn.Module, qc_out: dict) -> dict:
+        """The layer's tensors as a checkpoint with quantization_config `qc_out` stores them."""
+
+    @abstractmethod
+    def true_zeros_of(self, tensors: dict, qc: dict) -> torch.Tensor:
+        """The layer's true zero points, from its checkpoint tensors."""
+
+    @abstractmethod
+    def checkpoint_config(self, qc: dict, fits_classic: bool, still_sym: bool) -> tuple:
+        """(quantization_config, extra files, facts) of the written checkpoint."""
+
+
+class WritesOwnFile(ABC):
+    """A format whose checkpoint is not a transformers state dict but a file of its own (GGUF)."""
+
+    @abstractmethod
+    def write_folder(self, model: nn.Module, folder) -> dict:
+        """Write the model's file into a save's staging folder; returns the facts for the model card."""

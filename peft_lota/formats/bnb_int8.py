@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Format, QuantState, QuantWeights, group_layout, layers_of
+from .base import Format, QuantState, QuantWeights, Streams, group_layout, layers_of
 from .base import model_quantization_config as quantization_config
 
 logger = logging.getLogger(__name__)
@@ -251,8 +251,18 @@ def describe(qc: dict) -> list[tuple[str, object]]:
             ("skipped modules", qc.get("llm_int8_skip_modules"))]
 
 
-FORMAT = Format(name=NAME, quant_method="bitsandbytes", is_layer=is_int8_layer, dispatch=dispatch_int8,
-                prepare_model=prepare_int8_model, model_is=model_is_int8, checkpoint=int8_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, config_matches=config_is_int8,
-                requires=(("bitsandbytes", "bitsandbytes"),), layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
-                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
+class Int8Format(Streams, Format):
+    name, quant_method = NAME, "bitsandbytes"
+    requires = (("bitsandbytes", "bitsandbytes"),)
+    layer_tensor_names = LAYER_TENSORS
+    is_layer, dispatch = staticmethod(is_int8_layer), staticmethod(dispatch_int8)
+    prepare_model = staticmethod(prepare_int8_model)
+    model_is = staticmethod(model_is_int8)
+    checkpoint = staticmethod(int8_checkpoint)
+    load_config, kernels, describe = staticmethod(load_config), staticmethod(kernels), staticmethod(describe)
+    matches = staticmethod(config_is_int8)  # "bitsandbytes" holds 4-bit models too: only load_in_8bit is ours
+    layer_from_tensors, layer_tensors = staticmethod(layer_from_tensors), staticmethod(layer_tensors)
+    true_zeros_of, checkpoint_config = staticmethod(true_zeros_of), staticmethod(checkpoint_config)
+
+
+FORMAT = Int8Format()

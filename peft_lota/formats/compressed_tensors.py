@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Format, QuantState, QuantWeights, group_layout, layers_of, nk_linear, problems_error
+from .base import (BuildsLayers, Format, QuantState, QuantWeights, Streams, group_layout, layers_of, nk_linear,
+                   problems_error)
 from .base import model_quantization_config as quantization_config
 from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
@@ -430,11 +431,23 @@ def describe(qc: dict) -> list[tuple[str, object]]:
             ("symmetric", all(w.get("symmetric", True) for w in ws))]
 
 
-FORMAT = Format(name=NAME, quant_method=QUANT_METHOD, is_layer=is_ct_layer, dispatch=dispatch_compressed_tensors,
-                prepare_model=prepare_ct_model, model_is=model_is_ct, checkpoint=ct_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                # a reload casts the scales to the model's dtype, where L4Q's trained float32 scales would round
-                reload_keeps_scale_dtype=False,
-                requires=(("compressed_tensors", "compressed-tensors"),), layer_tensor_names=LAYER_TENSORS, layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
-                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
+class CompressedTensorsFormat(BuildsLayers, Streams, Format):
+    name, quant_method = NAME, QUANT_METHOD
+    requires = (("compressed_tensors", "compressed-tensors"),)
+    # a reload casts the scales to the model's dtype, where trained float32 scales would round
+    reload_keeps_scale_dtype = False
+    layer_tensor_names = LAYER_TENSORS
+    is_layer, dispatch = staticmethod(is_ct_layer), staticmethod(dispatch_compressed_tensors)
+    prepare_model = staticmethod(prepare_ct_model)
+    model_is = staticmethod(model_is_ct)
+    checkpoint = staticmethod(ct_checkpoint)
+    load_config, kernels, describe = staticmethod(load_config), staticmethod(kernels), staticmethod(describe)
+    fast_path_note = staticmethod(fast_path_note)
+    grid_problem = staticmethod(grid_problem)
+    build_layer = staticmethod(build_layer)
+    new_config = staticmethod(new_config)
+    layer_from_tensors, layer_tensors = staticmethod(layer_from_tensors), staticmethod(layer_tensors)
+    true_zeros_of, checkpoint_config = staticmethod(true_zeros_of), staticmethod(checkpoint_config)
+
+
+FORMAT = CompressedTensorsFormat()

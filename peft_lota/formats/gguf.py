@@ -40,7 +40,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .base import Format, MissingLibraryError, QuantState, QuantWeights, group_layout, nk_linear
+from .base import Format, MissingLibraryError, WritesOwnFile, QuantState, QuantWeights, group_layout, nk_linear
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def read_header(path: Path):
 
 def load_gguf(path, *, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
     """A causal LM from the GGUF file `path` whose linear layers keep the file's blocks (GGUFLinear), ready for
-    LotaConfig or merge_lora. `dtype`: what the rest of the model (embedding, norms) and the activations run in.
+    a method to adapt. `dtype`: what the rest of the model (embedding, norms) and the activations run in.
     kwargs go to transformers' from_pretrained."""
     gguf = _require_gguf()
     from transformers import AutoModelForCausalLM
@@ -702,13 +702,25 @@ def prepare_gguf_model(model: nn.Module) -> int:
     return 0
 
 
-def _no_checkpoint(model):
-    raise ValueError("A GGUF model is written as a GGUF file (save_pretrained(folder) or peft_lota.formats.gguf."
-                     "write_gguf), not as a safetensors checkpoint.")
+class GgufFormat(WritesOwnFile, Format):
+    name, quant_method = NAME, NAME
+    requires = (("gguf", "gguf"),)
+    is_layer, dispatch = staticmethod(is_gguf_layer), staticmethod(dispatch_gguf)
+    prepare_model, model_is = staticmethod(prepare_gguf_model), staticmethod(model_is_gguf)
+    write_folder = staticmethod(write_folder)
+
+    def checkpoint(self, model):
+        raise ValueError("A GGUF model is written as a GGUF file (save_pretrained(folder) or peft_lota.formats.gguf."
+                         "write_gguf), not as a safetensors checkpoint.")
+
+    def load_config(self, qc):
+        return None  # transformers dequantizes a GGUF file at load; load_gguf keeps its blocks
+
+    def kernels(self, qc):
+        return [("llama.cpp", "cpu, cuda, metal", True)]
+
+    def describe(self, qc):
+        return [("kind", "GGUF file")]
 
 
-FORMAT = Format(name=NAME, quant_method=NAME, is_layer=is_gguf_layer, dispatch=dispatch_gguf,
-                prepare_model=prepare_gguf_model, model_is=model_is_gguf, checkpoint=_no_checkpoint,
-                load_config=lambda qc: None, kernels=lambda qc: [("llama.cpp", "cpu, cuda, metal", True)],
-                describe=lambda qc: [("kind", "GGUF file")],
-                requires=(("gguf", "gguf"),), write_folder=write_folder)
+FORMAT = GgufFormat()

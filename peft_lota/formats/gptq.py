@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import (Format, PackedBufferWeights, QuantState, checked_layers, clear_kernel_caches, gptqmodel_kernels,
-                   group_layout, layers_of, stamp_quantizer, swap_layers)
+from .base import (BuildsLayers, Format, PackedBufferWeights, QuantState, Streams, checked_layers, clear_kernel_caches,
+                   gptqmodel_kernels, group_layout, layers_of, stamp_quantizer, swap_layers)
 from .base import model_quantization_config as quantization_config
 from . import serving
 from .packing import SUPPORTED_BITS, pack_codes, unpack_codes, word_rows
@@ -514,9 +514,20 @@ def describe(qc: dict) -> list[tuple[str, object]]:
             ("group size", qc["group_size"]), ("symmetric", qc.get("sym")), ("act-order (desc_act)", qc.get("desc_act"))]
 
 
-FORMAT = Format(name=NAME, quant_method="gptq", is_layer=is_gptq_layer, dispatch=dispatch_gptq,
-                prepare_model=prepare_gptq_model, model_is=model_is_gptq, checkpoint=gptq_checkpoint,
-                load_config=load_config, kernels=kernels, describe=describe, fast_path_note=fast_path_note,
-                grid_problem=grid_problem, build_layer=build_layer, new_config=new_config,
-                requires=(("gptqmodel", "gptq"), ("optimum", "gptq")), layer_tensor_names=LAYER_TENSORS, zero_point_tensors=("qzeros", "scales"), layer_from_tensors=layer_from_tensors, layer_tensors=layer_tensors,
-                true_zeros_of=true_zeros_of, checkpoint_config=checkpoint_config)
+class GptqFormat(BuildsLayers, Streams, Format):
+    name, quant_method = NAME, "gptq"
+    requires = (("gptqmodel", "gptq"), ("optimum", "gptq"))
+    layer_tensor_names, zero_point_tensors = LAYER_TENSORS, ("qzeros", "scales")
+    is_layer, dispatch = staticmethod(is_gptq_layer), staticmethod(dispatch_gptq)
+    prepare_model, model_is = staticmethod(prepare_gptq_model), staticmethod(model_is_gptq)
+    checkpoint = staticmethod(gptq_checkpoint)
+    load_config, kernels, describe = staticmethod(load_config), staticmethod(kernels), staticmethod(describe)
+    fast_path_note = staticmethod(fast_path_note)
+    grid_problem = staticmethod(grid_problem)
+    build_layer = staticmethod(build_layer)
+    new_config = staticmethod(new_config)
+    layer_from_tensors, layer_tensors = staticmethod(layer_from_tensors), staticmethod(layer_tensors)
+    true_zeros_of, checkpoint_config = staticmethod(true_zeros_of), staticmethod(checkpoint_config)
+
+
+FORMAT = GptqFormat()

@@ -112,7 +112,7 @@ class L4QModel(QuantTuner):
             return
         config = self.peft_config[self.active_adapters[0]]  # (adapters on one layer share its grid and format)
         fmt = next((f for f in formats.FORMATS if any(f.is_layer(m) for m in model.modules())), None)
-        if fmt is not None and fmt.new_config is not None:  # (GGUF layers come from a file, never from here)
+        if fmt is not None and fmt.can_build:  # (GGUF layers come from a file, never from here)
             model.config.quantization_config = fmt.new_config(*config.quantizer())
 
     def _method_card(self, config: Optional[L4QConfig]) -> dict:
