@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LATEST ?= .venv-latest
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install test demo demo-gguf demo-tiny bench-smoke install-latest test-latest clean
+.PHONY: install test test-fast demo demo-gguf demo-tiny bench-smoke install-latest test-latest clean
 
 $(PY):
 	@echo "[install] creating $(VENV)"
@@ -29,6 +29,11 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The inner loop: a few checkpoints of each format in the format x method contract, the unit tests, no real model,
+# no multi-process run (`slow` marks the rest; setup.cfg)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The newest releases setup.cfg allows, in a venv of their own (this machine's pip config caps torch at the release
 # on its disk: PIP_CONFIG_FILE=/dev/null lifts it for these installs only). `PEFT_LOTA_CI=latest bash .ci/run` too.

@@ -167,6 +167,7 @@ def adapter_config(path: str) -> dict:
 
 
 # Module names shaped like real ones (Llama/Qwen/Mistral, OPT, GPT-2, GPT-NeoX), as PEFT sees them while injecting.
+PROBE_SECONDS = 3.0  # what a pattern may take on the probe names before it is called one that hangs PEFT
 PROBE_NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.27.mlp.down_proj", "model.layers.13.self_attn.o_proj",
                "model.decoder.layers.11.fc1", "transformer.h.3.attn.c_attn", "gpt_neox.layers.5.attention.dense",
                "lm_head", "model.embed_tokens", "model.layers.123.self_attn.q_proj.base_layer.lora_A.default_x")
@@ -185,7 +186,7 @@ def check_target_pattern(config: dict, file: Path) -> None:
     """The regular expressions of an adapter config (target_modules as a string, the keys of rank_pattern and
     alpha_pattern) compile, and match module names in reasonable time. PEFT matches them with Python's `re`, which
     has no time limit: a pattern like `(.|.)*Z` backtracks for hours. They are tried first in a child process given
-    three seconds, on module names shaped like real ones (a probe, not a proof: a pattern made to dodge these names
+    PROBE_SECONDS, on module names shaped like real ones (a probe, not a proof: a pattern made to dodge these names
     could still hang PEFT)."""
     import json
     import re
@@ -205,7 +206,7 @@ def check_target_pattern(config: dict, file: Path) -> None:
         return
     try:
         subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE], input=json.dumps(
-            {"full": full, "keys": keys, "names": PROBE_NAMES}), text=True, timeout=3.0, capture_output=True)
+            {"full": full, "keys": keys, "names": PROBE_NAMES}), text=True, timeout=PROBE_SECONDS, capture_output=True)
     except subprocess.TimeoutExpired:
         raise UsageError(f"{file}: a module-name pattern of this adapter ({(full + keys)[0]!r:.60}...) takes seconds "
                          "to match one module name (it backtracks: PEFT would hang on it). Write a simpler pattern, or "

@@ -49,6 +49,16 @@ logging.getLogger("torch.__trace").setLevel(logging.INFO)
 __all__ = ["SPECS_MATRIX", "Spec"]
 
 
+def pytest_collection_finish(session):
+    # gptqmodel runs a full gc.collect() in every GPTQ/AWQ load (0.25 s of each tiny model's 0.28 s, with torch,
+    # transformers and every test module in the heap). What is alive once the tests are collected (imports,
+    # parametrizations) is frozen out of every later collection; the tests' own objects are collected as usual.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_configure(config):
     # Deprecation chatter from inside transformers' own GPTQ code path, not from ours.
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -130,3 +140,27 @@ def fp_dir(tmp_path_factory):
     """Factory: fp_dir("llama" | "qwen2") -> Path of the tiny full-precision model (with tokenizer)."""
     root = tmp_path_factory.mktemp("float")
     return lambda arch: build_float_checkpoint(arch, root)
+
+
+@pytest.fixture(scope="session")
+def gguf_root(tmp_path_factory):
+    """Where build_gguf writes the tiny GGUF files (one per architecture and type mix, built once per session)."""
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="module")
+def made(gptq_dir, tmp_path_factory):
+    """(base, adapter): the command-line tests' GPTQ fixture and a LoTA adapter that moves codes, saved once."""
+    from tiny_models import CLI_SPEC, saved_adapter
+
+    base = gptq_dir(CLI_SPEC)
+    return base, saved_adapter(base, tmp_path_factory.mktemp("made") / "adapter", "lota")
+
+
+@pytest.fixture
+def inputs(made, tmp_path):
+    """Fresh copies of base and adapter under tmp_path/work, for tests that nest folders or damage files."""
+    base, adapter = tmp_path / "work" / "base", tmp_path / "work" / "adapter"
+    shutil.copytree(made[0], base)
+    shutil.copytree(made[1], adapter)
+    return base, adapter

@@ -1,6 +1,6 @@
 """LoTA and L4Q on AWQ (GEMM) checkpoints that gptqmodel's own AWQ quantized on CPU, and formats we refuse.
 
-Matrix: 2/3/4/8 bits, symmetric and asymmetric, group 32 and 64, with and without bias (qwen2).
+Matrix: tiny_models.AWQ_SPECS. Adapt, train, merge, save and reload: tests/test_contract.py (every format x method).
 """
 
 from __future__ import annotations
@@ -15,19 +15,10 @@ from peft import get_peft_model
 import peft_lota
 from peft_lota import L4QConfig, LotaConfig
 from peft_lota.formats import awq, dispatch
-from tiny_models import AwqSpec, adapt_merge_save_reload, adapter_layers, assert_kernel_reads_weights, load_awq, logits
-
-AWQ_SPECS = [AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
-             AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32)]
+from tiny_models import AWQ_FAST, AWQ_SPECS, adapter_layers, load_awq, logits, tiered
 
 
-
-def buffers(model):
-    return {n: b.clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")}
-
-
-
-@pytest.fixture(scope="module", params=AWQ_SPECS, ids=[s.slug() for s in AWQ_SPECS])
+@pytest.fixture(scope="module", params=tiered(AWQ_SPECS, AWQ_FAST))
 def awq_spec(request, awq_dir):
     return request.param, awq_dir(request.param)
 
@@ -60,18 +51,6 @@ def test_read_reproduces_the_kernels_weight(awq_spec):
         assert torch.equal(state.weight(), kernel), name
         assert ((state.zeros == 1 << (spec.bits - 1)).all()) == spec.sym
 
-
-
-@pytest.mark.parametrize("method", ["lota", "l4q"])
-def test_adapt_merge_save_reload(awq_spec, method, tmp_path):
-    spec, path = awq_spec
-    merged, reloaded, qc = adapt_merge_save_reload(method, load_awq, path, buffers, tmp_path)
-    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc.get("backend") in (None, "auto")
-    assert (tmp_path / "merged" / "quantize_config.json").exists()
-    if spec.sym and method == "l4q":  # L4Q keeps zero points: a symmetric checkpoint stays symmetric
-        assert qc["zero_point"] is False
-    # Whatever kernel a user gets by default (it depends on the CPU) reads the same weights, layer by layer.
-    assert_kernel_reads_weights(load_awq(tmp_path / "merged", backend=None), reloaded)
 
 
 def test_bf16_activations_compute_what_the_kernel_computes(awq_dir, caplog, monkeypatch):

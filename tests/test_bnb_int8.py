@@ -1,7 +1,8 @@
 """LoTA and L4Q on bitsandbytes LLM.int8 models (BitsAndBytesConfig(load_in_8bit=True), loaded on CPU).
 
 bitsandbytes' own matmul (int8 activations and outlier columns in eval mode) runs on the adapted codes, so a fresh
-adapter is the stock model bit for bit and the merged model is the adapter model bit for bit, in eval mode.
+adapter is the stock model bit for bit and the merged model is the adapter model bit for bit, in eval mode
+(tests/test_contract.py, with every other format).
 """
 
 from __future__ import annotations
@@ -13,26 +14,15 @@ from peft import PeftModel, get_peft_model
 
 pytest.importorskip("bitsandbytes")
 
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
-
 from peft_lota import LotaConfig  # noqa: E402
-from peft_lota.formats import bnb_int8, dispatch, quantized_tensors  # noqa: E402
-from tiny_models import adapt_merge_save_reload, adapter_layers, train_steps  # noqa: E402
-
-X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+from peft_lota.formats import bnb_int8, dispatch  # noqa: E402
+from tiny_models import X, adapter_layers, load_int8, train_steps  # noqa: E402
 
 
 def logits(model, x=X):
-    model.eval()
+    model.eval()  # bitsandbytes' int8 matmul (int8 activations, outlier columns) is the eval-mode one
     with torch.no_grad():
         return model(input_ids=x).logits
-
-
-def load_int8(path, quantize=True):
-    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)} if quantize else {}
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
-
-
 
 
 def test_read_is_bitsandbytes_dequantization(fp_dir):
@@ -47,15 +37,6 @@ def test_read_is_bitsandbytes_dequantization(fp_dir):
         # bitsandbytes' training path (MatMul8bitFp) multiplies CB by SCB * (1/127): exactly what we read
         assert torch.equal(state.weight().t(), cb.float() * scb.unsqueeze(1).mul(1.0 / 127.0)), name
         assert torch.allclose(state.weight().t(), BF.int8_vectorwise_dequant(cb, scb), rtol=1e-6, atol=0), name
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", ["lota", "l4q"])
-def test_adapt_merge_save_reload(fp_dir, arch, method, tmp_path):
-    # a fresh adapter runs bitsandbytes' own int8 matmul; the save reloads with its stored quantization_config
-    merged, reloaded, qc = adapt_merge_save_reload(method, load_int8, fp_dir(arch), quantized_tensors, tmp_path, r=8,
-                                                   load_saved=lambda p: load_int8(p, quantize=False))
-    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
 
 
 def test_saved_adapter_reloads_onto_the_int8_base(fp_dir, tmp_path):

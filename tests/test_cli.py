@@ -12,28 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
 
-from peft_lota import L4QConfig, LotaConfig, cli
-from tiny_models import Spec, load_gptq
-
-SPEC = Spec("llama", 4, True, False, "gptq")  # symmetric 4-bit: the fast kernels can serve it
-
+from peft_lota import cli
+from tiny_models import CLI_SPEC as SPEC
+from tiny_models import Spec, saved_adapter
 
 @pytest.fixture(scope="module")
 def base(gptq_dir):
     return gptq_dir(SPEC)
-
-
-def saved_adapter(base: Path, out: Path, method: str) -> Path:
-    config = LotaConfig(r=4, omega=1, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
-    model = get_peft_model(load_gptq(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("lota_B.default", "l4q_B.default")):
-                p.copy_(torch.randint(-1, 2, p.shape).float() if method == "lota" else torch.randn(p.shape) * 0.05)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("method", ["lota", "l4q"])

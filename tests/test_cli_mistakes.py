@@ -4,59 +4,17 @@ inputs, bad fine-tuning data. Each is one line on stderr and exit 2, before anyt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from peft_lota import cli
-from peft_lota import inputs as checks
 from peft_lota.scripts import finetune
-from test_cli import SPEC, saved_adapter
-from tiny_models import Spec
-
-
-@pytest.fixture(scope="module")
-def made(gptq_dir, tmp_path_factory):
-    """(base, adapter): the GPTQ fixture and a LoTA adapter that moves codes, saved once."""
-    base = gptq_dir(SPEC)
-    return base, saved_adapter(base, tmp_path_factory.mktemp("made") / "adapter", "lota")
-
-
-@pytest.fixture
-def inputs(made, tmp_path):
-    """Fresh copies of base and adapter under tmp_path/work, for tests that nest folders or damage files."""
-    base, adapter = tmp_path / "work" / "base", tmp_path / "work" / "adapter"
-    shutil.copytree(made[0], base)
-    shutil.copytree(made[1], adapter)
-    return base, adapter
-
-
-def snapshot(*folders) -> dict:
-    """Every file (and symlink target) under the folders, byte for byte."""
-    out = {}
-    for folder in folders:
-        for p in sorted(Path(folder).rglob("*")):
-            out[str(p)] = os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() \
-                if p.is_file() else "dir"
-    return out
-
-
-def one_line(err: str) -> str:
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mistake was refused")
-
-    monkeypatch.setattr(checks, "load_checked", refuse)
+from tiny_models import Spec, no_loading, one_line, snapshot
 
 
 @pytest.mark.parametrize("case", ["out is base", "out is adapter", "out links to base", "out is a file"])

@@ -1,7 +1,7 @@
 """LoTA and L4Q on compressed-tensors `pack-quantized` checkpoints (what llm-compressor writes for vLLM), made with
 compressed-tensors' own functions and loaded the stock way.
 
-Matrix: 4-bit groups of 32, 8-bit per channel with bias (qwen2), 2- and 3-bit groups of 64.
+Matrix: tiny_models.CT_SPECS. Adapt, train, merge, save and reload: tests/test_contract.py (every format x method).
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ import peft_lota  # noqa: E402
 from peft_lota import LotaConfig  # noqa: E402
 from peft_lota.formats import compressed_tensors as ct  # noqa: E402
 from peft_lota.formats import dispatch  # noqa: E402
-from tiny_models import CtSpec, X, adapt_merge_save_reload, load_ct, logits, train_steps  # noqa: E402
+from tiny_models import CT_FAST, CT_SPECS, X, load_ct, logits, tiered, train_steps  # noqa: E402
 
-CT_SPECS = [CtSpec("llama", 4, 32), CtSpec("qwen2", 8, None), CtSpec("llama", 2, 64), CtSpec("llama", 3, 64)]
-X1 = X[:1, :5]  # a short batch: small matmuls are where two memory layouts of one weight round differently
-
-
-
-def tensors(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale")}
-
-
-
-@pytest.fixture(scope="module", params=CT_SPECS, ids=[s.slug() for s in CT_SPECS])
+@pytest.fixture(scope="module", params=tiered(CT_SPECS, CT_FAST))
 def ct_spec(request, ct_dir):
     return request.param, ct_dir(request.param)
 
@@ -58,15 +47,6 @@ def test_read_reproduces_the_decompressed_weight(ct_spec):
     for name, layer in layers:
         assert torch.equal(states[name].t(), layer.weight), name
 
-
-
-@pytest.mark.parametrize("method", ["lota", "l4q"])
-def test_adapt_merge_save_reload(ct_spec, method, tmp_path):
-    # stock loading: compressed on load, decompressed to dense weights on the first forward; X1 is a short batch
-    _, path = ct_spec
-    merged, reloaded, qc = adapt_merge_save_reload(method, load_ct, path, tensors, tmp_path, inputs=(X, X1))
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-    assert qc["quantization_status"] == "compressed"
 
 
 def test_bf16_model_keeps_bf16_scales_and_saved_adapter_reloads(ct_dir, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from peft_lota import cli, formats, load_model
 from peft_lota.convert import convert_model, same_grid
-from tiny_models import AwqSpec, CtSpec, Spec
+from tiny_models import AwqSpec, CtSpec, Spec, tiered
 
 X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -30,7 +30,8 @@ CASES = [("awq", AwqSpec("llama", 4, False, 32), "gptq"),  # zero points of 0: w
          ("awq", AwqSpec("qwen2", 4, True, 64), "compressed-tensors")]
 
 
-@pytest.mark.parametrize("kind,spec,to", CASES, ids=[f"{k}-{s.slug()}-to-{t}" for k, s, t in CASES])
+@pytest.mark.parametrize("kind,spec,to", tiered(CASES, [CASES[i] for i in (0, 4, 5)], unpack=True,  # every format
+                                                 ids=lambda c: f"{c[0]}-{c[1].slug()}-to-{c[2]}"))
 def test_conversion_keeps_the_grid_through_a_stock_reload(gptq_dir, awq_dir, ct_dir, tmp_path, kind, spec, to):
     path = _source(kind, spec, gptq_dir, awq_dir, ct_dir)
     source = load_model(path)

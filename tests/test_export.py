@@ -22,6 +22,7 @@ from peft_lota import export
 from peft_lota.formats import gptq
 from peft_lota.export import attach_export, push_checkpoint_to_hub, save_checkpoint
 from tiny_models import Spec, load_gptq
+from tiny_models import logits as tiny_logits
 
 V1_ASYM = Spec("llama", 4, sym=False, desc_act=True, fmt="gptq")
 V2_SYM_BIAS = Spec("qwen2", 4, sym=True, desc_act=False, fmt="gptq_v2")
@@ -51,10 +52,11 @@ def assert_same_buffers(a: dict, b: dict):
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
-@torch.no_grad()
+IDS = torch.randint(4, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
 def logits(model) -> torch.Tensor:
-    ids = torch.randint(4, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    return model(ids).logits
+    return tiny_logits(model, IDS)
 
 
 def saved_config(path: Path) -> dict:

@@ -14,7 +14,7 @@ from peft_lota.formats import gptq
 from peft_lota import numerics
 from peft_lota.lota import ternary
 from peft_lota.formats.base import QuantState
-from test_ternary import _reference
+from tiny_models import ternary_reference
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +119,7 @@ def test_chunks_that_cannot_move_are_skipped_and_still_exact(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "act-order", "one"])
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
 @pytest.mark.parametrize("factored", [False, True])
-def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, factored, monkeypatch):
+def test_forward_is_bit_exact_and_gradients_matchternary_reference(layout, offset, factored, monkeypatch):
     if factored and layout == "act-order":
         pytest.skip("the factored gradient needs contiguous groups")
     monkeypatch.setattr(ternary, "_factored_pays", lambda *a: factored)
@@ -132,7 +132,7 @@ def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, fact
     w = ternary.effective_weight(state, codes, zeros, mu)
     assert torch.equal(y, torch.matmul(x, w) + state.bias)  # forward: the reference weight, bit for bit
     ref_state = QuantState(state.codes, state.zeros, state.scales, state.g_idx, state.maxq, state.bias)
-    y_ref = _reference(ref_state, A, B, x, omega, offset)
+    y_ref = ternary_reference(ref_state, A, B, x, omega, offset)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, (A, B, x), grad)
     ref = torch.autograd.grad(y_ref, (A, B, x), grad)
@@ -141,7 +141,7 @@ def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, fact
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "act-order", "one"])
-def test_trained_scales_forward_is_bit_exact_and_gradients_match_reference(layout):
+def test_trained_scales_forward_is_bit_exact_and_gradients_matchternary_reference(layout):
     state = make_state(layout, bits=3, seed=8, packed=True)  # fp16 scales, as GPTQ stores them
     K, N, r = 256, 24, 4
     A, B = (t.requires_grad_() for t in factors(K, N, r, seed=4))
@@ -153,7 +153,7 @@ def test_trained_scales_forward_is_bit_exact_and_gradients_match_reference(layou
     w = ternary.effective_weight(rounded, codes, zeros, mu)
     assert torch.equal(y, torch.matmul(x, w.float()) + state.bias)  # what a merge writes, bit for bit
     ref_state = QuantState(state.codes, state.zeros, state.scales, state.g_idx, state.maxq, state.bias)
-    y_ref = _reference(ref_state, A, B, x, 1, "integer", 2, scales)
+    y_ref = ternary_reference(ref_state, A, B, x, 1, "integer", 2, scales)
     grad = torch.randn_like(y)
     got, ref = torch.autograd.grad(y, (A, B, x, scales), grad), torch.autograd.grad(y_ref, (A, B, x, scales), grad)
     for a, b in zip(got, ref):  # the forward's weights are rounded to fp16, the reference's are not
@@ -196,8 +196,7 @@ def test_merge_swaps_buffers_and_reading_deltas_while_merged_keeps_the_merge(gpt
     from peft import get_peft_model
 
     from peft_lota import LotaConfig, LotaLayer
-    from test_lota_gptq import X, logits, randomize
-    from tiny_models import Spec, load_gptq
+    from tiny_models import Spec, X, load_gptq, logits, randomize
 
     model = get_peft_model(load_gptq(gptq_dir(Spec("llama", 4, False, False, "gptq_v2"))),
                            LotaConfig(r=4, omega=1, init_seed=0))
@@ -216,8 +215,7 @@ def test_merge_swaps_buffers_and_reading_deltas_while_merged_keeps_the_merge(gpt
 
 
 def test_decoded_zero_points_follow_merge_and_unmerge(gptq_dir):
-    from test_lota_gptq import adapted, lota_layers
-    from tiny_models import Spec
+    from tiny_models import Spec, adapted, lota_layers
 
     model = adapted(gptq_dir(Spec("llama", 4, False, False, "gptq_v2")), offset="integer")
     layers = lota_layers(model)

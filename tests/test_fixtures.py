@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_models import SPECS_MATRIX, Spec, load_gptq
+from tiny_models import FAST_SPECS, SPECS_MATRIX, Spec, load_gptq, tiered
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -104,7 +104,7 @@ def test_zero_points_span_the_grid(spec, gptq_dir):
         assert (per_field != zeros).any()
 
 
-@pytest.mark.parametrize("spec", SPECS_MATRIX, ids=Spec.slug)
+@pytest.mark.parametrize("spec", tiered(SPECS_MATRIX, FAST_SPECS))
 def test_fixture_checkpoint_loads_as_its_spec_with_standard_gptq_buffers(spec, gptq_dir, tokenizer):
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 

@@ -2,7 +2,8 @@
 
 Checked against someone else's code: the `gguf` package's quantizer makes the blocks and its dequantization is the
 oracle for what a written file holds; transformers' own GGUF loader (dense) for what a model computes. The
-real-model check with llama.cpp is tests/test_gguf_llama_cpp.py (slow)."""
+real-model check with llama.cpp is tests/test_gguf_llama_cpp.py (slow); adapt, train, merge, save and reload with
+LoTA and L4Q (the K-quant mix included) are in tests/test_contract.py, with every other format."""
 
 from __future__ import annotations
 
@@ -17,26 +18,10 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from peft_lota.formats.gguf import BLOCK_TYPES, GGUFLinear, load_gguf, write_gguf  # noqa: E402
-from tiny_models import X, adapt_merge_save_reload, build_gguf, logits  # noqa: E402
+from tiny_models import K_QUANTS, K_TYPES, X, build_gguf, check_written_gguf, logits, tiered  # noqa: E402
+from tiny_models import gguf_blocks as qblocks  # noqa: E402
+from tiny_models import gguf_dense as dense  # noqa: E402
 
-
-K_QUANTS = ("Q4_K", "Q6_K")  # super-blocks of 256: a model of its own, whose widths are multiples of 256
-K_TYPES = ("Q8_0", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "F16")
-
-
-@pytest.fixture(scope="session")
-def gguf_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("gguf")
-
-
-def qblocks(model) -> dict:
-    return {n: t for n, t in model.named_buffers() if n.endswith("qblocks")}
-
-
-def dense(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
 
 # ---- the block codecs ------------------------------------------------------------------------------------
@@ -93,47 +78,6 @@ def test_load_refusals(gguf_root, tmp_path):
 
 
 # ---- LoTA: merged == adapter, the file written back -------------------------------------------------------
-
-def _written_tensors_check(source, written, merged):
-    """Every byte before the tensor data, and every tensor LoTA did not change, is the source's; the gguf package
-    dequantizes every written tensor of a GGUF layer to the merged layer's own weight (rows in the file's order)."""
-    r0, r1 = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(written))
-    start = r0.tensors[0].data_offset
-    assert os.path.getsize(source) == os.path.getsize(written)
-    with open(source, "rb") as a, open(written, "rb") as b:
-        assert a.read(start) == b.read(start)  # header, metadata, tensor infos
-    layers = {m.tensor_name: m for m in merged.modules() if isinstance(m, GGUFLinear)}
-    changed = 0
-    for t0, t1 in zip(r0.tensors, r1.tensors):
-        assert (t0.name, t0.tensor_type, t0.data_offset) == (t1.name, t1.tensor_type, t1.data_offset)
-        if t0.name not in layers:
-            assert np.array_equal(t0.data, t1.data), t0.name
-            continue
-        changed += not np.array_equal(t0.data, t1.data)
-        layer = layers[t0.name]
-        ours = layer._peft_lota_weights.read().weight().t()  # [N, K], the model's row order
-        if layer.row_order is not None:
-            ours = ours[torch.argsort(layer.row_order)]
-        assert torch.equal(torch.from_numpy(dequantize(t1.data, t1.tensor_type)), ours), t0.name
-    return changed
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lota_merged_equals_adapter_and_the_written_gguf_is_what_was_trained(gguf_root, tmp_path, arch):
-    path = build_gguf(arch, gguf_root)
-    merged, reloaded, _ = adapt_merge_save_reload(
-        "lota", load_gguf, path, qblocks, tmp_path, load_saved=lambda folder: load_gguf(folder / path.name))
-    written = tmp_path / "merged" / path.name
-    assert _written_tensors_check(path, written, merged) > 0
-    assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
-    # LoTA's default trains the scales: the fp16 d of every type moved, and Q4_1/Q5_1's offsets m too
-    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
-    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
-        _, d0, m0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
-        _, d1, m1 = layer.block_type.grid(layer.qblocks)
-        assert not torch.equal(d0, d1), layer.tensor_name
-        assert m0 is None or not torch.equal(m0, m1)
-
 
 def test_lota_scales_are_trained_in_fp16_and_saved_adapters_reload_exactly(gguf_root, tmp_path):
     from peft import PeftModel, get_peft_model
@@ -197,34 +141,6 @@ def test_two_adapters_with_trained_offsets_merge_together_or_in_turn_as_they_com
         assert torch.equal(layer.offsets_after(zeroed, ["default"])[:, 0], state.offsets[:, 0])
 
 
-@pytest.mark.parametrize("arch,types", [("llama", None), ("qwen2", None), ("llama", K_TYPES)])
-def test_l4q_on_gguf_rounds_onto_the_files_grid_and_the_written_file_is_what_was_trained(gguf_root, tmp_path, caplog,
-                                                                                        monkeypatch, arch, types):
-    """L4Q's quantizer on GGUF grids: codes re-rounded with the offset m of Q4_1/Q5_1 kept out of the rounding, the
-    learned scales rounded to fp16 (the products in float32, as gguf computes them); K-quants keep their scales
-    (said). Merged == adapter, the gguf package dequantizes the written file to the merged weights."""
-    import peft_lota.l4q.layer
-    from peft_lota.formats.gguf import gguf_dequantizes_to
-
-    monkeypatch.setattr(peft_lota.l4q.layer, "_FIXED_SCALES_SAID", set())  # (said once per process)
-    kwargs = {} if types is None else dict(types=types, dims=(256, 512))
-    path = build_gguf(arch, gguf_root, **kwargs)
-    merged, _, _ = adapt_merge_save_reload("l4q", load_gguf, path, qblocks, tmp_path,
-                                           load_saved=lambda folder: load_gguf(folder / path.name))
-    written = tmp_path / "merged" / path.name
-    assert _written_tensors_check(path, written, merged) > 0 and gguf_dequantizes_to(merged, written) == []
-    assert torch.equal(logits(dense(written)), logits(merged))  # transformers' own GGUF loader agrees
-    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
-    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.tensor_name.startswith("blk.")):
-        _, d0, m0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
-        _, d1, m1 = layer.block_type.grid(layer.qblocks)
-        assert m0 is None or torch.equal(m0, m1)  # the offsets are the file's
-        assert torch.equal(d0, d1) == (layer.qtype in K_QUANTS), layer.tensor_name  # scales learned where free
-    assert ("keeps its scales" in caplog.text) == (types is not None)
-
-
-# ---- merge_lora: a LoRA trained on the dequantized model, rounded onto the file's grid ---------------------
-
 def test_merge_lora_of_a_dense_lora_writes_a_gguf_that_reloads_exactly(gguf_root, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -239,7 +155,7 @@ def test_merge_lora_of_a_dense_lora_writes_a_gguf_that_reloads_exactly(gguf_root
     expected = logits(merged)
     merged.save_pretrained(tmp_path / "merged")
     written = tmp_path / "merged" / path.name
-    assert _written_tensors_check(path, written, merged) > 0
+    assert check_written_gguf(path, written, merged) > 0
     assert torch.equal(logits(load_gguf(written)), expected)
     assert torch.equal(logits(dense(written)), expected)
 
@@ -314,8 +230,10 @@ def test_cli_merges_a_lota_adapter_into_a_gguf_file_and_refuses_what_it_must(ggu
     assert (tmp_path / "folder" / path.name).read_bytes() == out.read_bytes()
 
 
-@pytest.mark.parametrize("arch,types,method", [("llama", None, "lota"), ("qwen2", None, "lota"),
-                                                ("llama", K_TYPES, "lota"), ("qwen2", None, "l4q")])
+@pytest.mark.parametrize("arch,types,method", tiered(
+    [("llama", None, "lota"), ("qwen2", None, "lota"), ("llama", K_TYPES, "lota"), ("qwen2", None, "l4q")],
+    [("llama", K_TYPES, "lota"), ("qwen2", None, "l4q")], unpack=True,
+    ids=lambda c: f"{c[0]}-{'kquants' if c[1] else 'mixed'}-{c[2]}"))
 def test_the_streaming_merge_writes_the_in_memory_merges_bytes(gguf_root, tmp_path, capsys, arch, types, method):
     """`merge --stream` on a GGUF file (the model never built, layers merged a group at a time) writes byte for byte
     the file the in-memory merge writes: Llama's permuted q/k, Qwen2's biases, the K-quant mix, LoTA and L4Q."""
@@ -444,21 +362,3 @@ def test_k_quant_super_blocks_decode_as_gguf_and_take_any_codes_back(name):
         bt.write(raw, moved, torch.ones(8, 512 // bt.group, dtype=torch.float16))
 
 
-def test_lota_on_a_k_quant_mix_moves_codes_keeps_scales_and_merges_exactly(gguf_root, tmp_path, caplog, monkeypatch):
-    import peft_lota.lota.layer
-
-    monkeypatch.setattr(peft_lota.lota.layer, "_FIXED_SCALES_SAID", set())  # (said once per process)
-    path = build_gguf("llama", gguf_root, types=K_TYPES, dims=(256, 512))
-    model = load_gguf(path)
-    assert {m.qtype for m in model.modules() if isinstance(m, GGUFLinear)} >= set(K_QUANTS)
-    assert torch.equal(logits(model), logits(dense(path)))
-    merged, _, _ = adapt_merge_save_reload("lota", load_gguf, path, qblocks, tmp_path,
-                                           load_saved=lambda folder: load_gguf(folder / path.name))
-    assert "keeps its scales" in caplog.text
-    written = tmp_path / "merged" / path.name
-    assert _written_tensors_check(path, written, merged) > 0
-    base = {m.tensor_name: m for m in load_gguf(path).modules() if isinstance(m, GGUFLinear)}
-    for layer in (m for m in merged.modules() if isinstance(m, GGUFLinear) and m.qtype in K_QUANTS):
-        _, s0, o0 = layer.block_type.grid(base[layer.tensor_name].qblocks)
-        _, s1, o1 = layer.block_type.grid(layer.qblocks)
-        assert torch.equal(s0, s1) and (o0 is None or torch.equal(o0, o1))

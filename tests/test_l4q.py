@@ -15,9 +15,9 @@ from peft_lota import L4QConfig, L4QLayer
 from peft_lota.formats import gptq
 from peft_lota.formats.base import QuantState
 from peft_lota.l4q import quantizer as q
-from tiny_models import SPECS_MATRIX, Spec, X, assert_kernel_reads_weights, load_gptq, logits
+from tiny_models import (FAST_SPECS, SPECS_MATRIX, Spec, X, assert_kernel_reads_weights, load_gptq, logits,
+                         tiered)
 
-IDS = [s.slug() for s in SPECS_MATRIX]
 
 
 
@@ -161,7 +161,7 @@ def test_initial_grid_covers_every_weight(sym, bits):
 
 # ---- on GPTQ models --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=SPECS_MATRIX, ids=IDS)
+@pytest.fixture(scope="module", params=tiered(SPECS_MATRIX, FAST_SPECS))
 def spec_dir(request, gptq_dir):
     return request.param, gptq_dir(request.param)
 
@@ -214,8 +214,11 @@ def test_merge_unmerge_and_adapter_round_trip(gptq_dir, tmp_path):
 
 # ---- from full precision ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,bits,group_size,sym", [("llama", 4, 32, True), ("qwen2", 3, 64, False),
-                                                      ("llama", 2, -1, False), ("qwen2", 8, 128, True)])
+FP_GRIDS = [("llama", 4, 32, True), ("qwen2", 3, 64, False), ("llama", 2, -1, False), ("qwen2", 8, 128, True)]
+
+
+@pytest.mark.parametrize("arch,bits,group_size,sym", tiered(FP_GRIDS, FP_GRIDS[1:2], unpack=True,
+                                                            ids=lambda c: "-".join(map(str, c))))
 def test_full_precision_start_becomes_an_exact_gptq_checkpoint(fp_dir, tmp_path, arch, bits, group_size, sym):
     path = fp_dir(arch)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),

@@ -16,30 +16,10 @@ from safetensors.torch import load_file
 import peft_lota
 from peft_lota import FloatOffsetMergeError, LotaConfig, LotaLayer
 from peft_lota.formats import gptq
-from tiny_models import SPECS_MATRIX, Spec, X, assert_kernel_reads_weights, load_gptq, logits
-
-IDS = [s.slug() for s in SPECS_MATRIX]
-
+from tiny_models import (FAST_SPECS, SPECS_MATRIX, Spec, X, adapted, assert_kernel_reads_weights, load_gptq,
+                         logits, lota_layers, randomize, tiered)
 
 
-def lota_layers(model):
-    return [m for m in model.modules() if isinstance(m, LotaLayer)]
-
-
-def randomize(model, seed=0, adapter="default"):
-    """Random ternary A and B: with r=4, omega=1 a good share of codes move (and hit the grid edges)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lota_layers(model):
-            for p in (layer.lota_A[adapter], layer.lota_B[adapter]):
-                p.copy_(torch.randint(-1, 2, p.shape, generator=g).float())
-
-
-def adapted(path, offset="none", seed=0, **kw):
-    config = LotaConfig(r=kw.pop("r", 4), omega=kw.pop("omega", 1), offset=offset, init_seed=0, **kw)
-    model = get_peft_model(load_gptq(path), config)
-    randomize(model, seed)
-    return model
 
 
 def raw_codes(layer):
@@ -47,7 +27,7 @@ def raw_codes(layer):
     return gptq.unpack_qweight(layer.qweight, layer.bits), gptq.unpack_qzeros(layer.qzeros, layer.bits)
 
 
-@pytest.fixture(scope="module", params=SPECS_MATRIX, ids=IDS)
+@pytest.fixture(scope="module", params=tiered(SPECS_MATRIX, FAST_SPECS))
 def spec_dir(request, gptq_dir):
     return request.param, gptq_dir(request.param)
 

@@ -12,9 +12,8 @@ from transformers import Trainer, TrainingArguments
 
 from peft_lota import LotaConfig, LotaLayer
 from peft_lota.lota.layer import NotTernaryError
-from tiny_models import SPECS_MATRIX, Spec, X, calibration_texts, load_gptq, logits
+from tiny_models import FAST_SPECS, SPECS_MATRIX, Spec, X, calibration_texts, load_gptq, logits, tiered
 
-IDS = [s.slug() for s in SPECS_MATRIX]
 SPEC = Spec("llama", 2, False, False, "gptq_v2")
 SEQ = 32
 
@@ -47,7 +46,7 @@ def randomize(model, seed=0, scales=False):
                 m.copy_(0.002 * (torch.rand(m.shape, generator=g) - 0.5))  # multipliers 0.9..1.1
 
 
-@pytest.fixture(scope="module", params=SPECS_MATRIX, ids=IDS)
+@pytest.fixture(scope="module", params=tiered(SPECS_MATRIX, FAST_SPECS))
 def spec_dir(request, gptq_dir):
     return request.param, gptq_dir(request.param)
 

@@ -16,7 +16,8 @@ from peft_lota.feedback import (add_to_hessian, merge_onto_grid, nearest_codes, 
                                 round_with_feedback, stored_weight)
 from peft_lota.formats import dispatch, is_quantized_layer, quantized_tensors
 from peft_lota.tuner import NonFiniteError
-from tiny_models import AwqSpec, CtSpec, Spec, calibration_texts, load_awq, load_ct, load_gptq
+from tiny_models import (AwqSpec, CtSpec, Spec, calibration_texts, load_awq, load_ct, load_gptq, load_int8, logits,
+                         tiered)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -89,19 +90,12 @@ FORMATS = [("gptq", s) for s in GPTQ_SPECS] + [("awq", AwqSpec("llama", 4, False
                                                 ("int8", "llama")]
 
 
-def load_int8(path, quantize=True):
-    """LLM.int8: quantized by bitsandbytes at load from the float model, or a saved int8 checkpoint as it is."""
-    from transformers import BitsAndBytesConfig
-
-    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)} if quantize else {}
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
-
-
 LOADERS = {"gptq": load_gptq, "awq": load_awq, "ct": load_ct, "int8": load_int8}
 RELOADERS = {**LOADERS, "int8": lambda path: load_int8(path, quantize=False)}
 
 
-@pytest.fixture(scope="module", params=FORMATS, ids=[f"{k}-{s if isinstance(s, str) else s.slug()}" for k, s in FORMATS])
+@pytest.fixture(scope="module", params=tiered(FORMATS, FORMATS[2:],  # the inner loop: one checkpoint of each format
+                                               ids=lambda c: f"{c[0]}-{c[1] if isinstance(c[1], str) else c[1].slug()}"))
 def checkpoint(request, gptq_dir, awq_dir, ct_dir, fp_dir):
     """(kind, the model the LoRA trains on, the quantized base)."""
     kind, spec = request.param
@@ -142,12 +136,7 @@ def grid(model) -> dict:
     return out
 
 
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-@pytest.mark.parametrize("train_scales", [False, True], ids=["codes", "codes+scales"])
+@pytest.mark.parametrize("train_scales", tiered([False, True], [True], ids=lambda t: "codes+scales" if t else "codes"))
 def test_merge_keeps_the_grid_and_reloads_as_reported(checkpoint, train_scales, tmp_path):
     kind, train_on, path = checkpoint
     data = blocks(path)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerS
 
 import peft_lota
 from peft_lota import L4QConfig, L4QLayer, LotaConfig, LotaLayer, NonFiniteCallback, NonFiniteError
-from tiny_models import Spec, adapter_layers, calibration_texts, load_gptq
+from tiny_models import Spec, adapter_layers, calibration_texts, load_gptq, logits, tiered
 
 SPEC = Spec("llama", 4, True, False, "gptq")
 X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -27,11 +27,6 @@ CONFIGS = {"lota": lambda **kw: LotaConfig(r=4, omega=1, init_seed=0, **kw),
 
 def quantized_buffers(model) -> dict:
     return {n: t.clone() for n, t in model.state_dict().items() if n.endswith(("qweight", "qzeros", "scales"))}
-
-
-def logits_of(model):
-    with torch.no_grad():
-        return model(input_ids=X).logits
 
 
 # ---- merge and save ------------------------------------------------------------------------------------------
@@ -98,8 +93,10 @@ def test_the_export_guard_refuses_a_checkpoint_with_a_non_finite_tensor():
 
 # ---- load ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, suffix", [("lota", "lota_A_latent"), ("lota", "lota_scales_latent"), ("l4q", "l4q_A"),
-                                            ("l4q", "l4q_scales")])
+@pytest.mark.parametrize("method, suffix", tiered([("lota", "lota_A_latent"), ("lota", "lota_scales_latent"),
+                                                   ("l4q", "l4q_A"), ("l4q", "l4q_scales")],
+                                                  [("lota", "lota_scales_latent"), ("l4q", "l4q_A")], unpack=True,
+                                                  ids=lambda c: "-".join(c)))
 def test_loading_refuses_a_non_finite_adapter_tensor_naming_it(gptq_dir, tmp_path, method, suffix):
     path = gptq_dir(SPEC)
     get_peft_model(load_gptq(path), CONFIGS[method]()).save_pretrained(tmp_path / "adapter")
@@ -187,7 +184,7 @@ def fp_model(fp_dir):
 
 def _state(model) -> dict:
     return {"modules": dict(model.named_modules()), "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-            "training": model.training, "attrs": set(vars(model)), "logits": logits_of(model)}
+            "training": model.training, "attrs": set(vars(model)), "logits": logits(model, X)}
 
 
 def _assert_same(model, before):
@@ -245,7 +242,7 @@ def test_a_huge_rank_is_refused_before_anything_is_allocated(gptq_dir, tmp_path,
     config_file = tmp_path / "adapter" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": 2 ** 24}))
     base = load_gptq(path)
-    before, peak = logits_of(base), _peak_rss()
+    before, peak = logits(base, X), _peak_rss()
     message = (r"r=16777216 is too large for layer model\.layers\.0\.\S+: r must be at most "
                r"min\(in_features=128, out_features=(64|128)\) = (64|128)\. Lower r")
     with pytest.raises(ValueError, match=message):  # (the factors would take 8 GiB per layer)
@@ -253,14 +250,14 @@ def test_a_huge_rank_is_refused_before_anything_is_allocated(gptq_dir, tmp_path,
     with pytest.raises(ValueError, match=message):
         get_peft_model(base, LotaConfig(r=2 ** 24, omega=1) if method == "lota" else L4QConfig(r=2 ** 24))
     assert _peak_rss() - peak < 256 << 20
-    assert not adapter_layers(base) and torch.equal(logits_of(base), before)
+    assert not adapter_layers(base) and torch.equal(logits(base, X), before)
 
 
 def test_a_rank_one_layer_cannot_take_fails_after_others_were_adapted_and_leaves_the_model(gptq_dir):
     base = load_gptq(gptq_dir(SPEC))
-    before = logits_of(base)
+    before = logits(base, X)
     targets = r".*layers\.0\.self_attn\.(q|o)_proj|.*layers\.1\.self_attn\.k_proj"  # [128, 128], then [128, 64]
     with pytest.raises(ValueError, match=r"r=100 is too large for layer model\.layers\.1\.self_attn\.k_proj"):
         get_peft_model(base, LotaConfig(r=100, target_modules=targets))
     assert not any(isinstance(m, LotaLayer) for m in base.modules())
-    assert torch.equal(logits_of(base), before)
+    assert torch.equal(logits(base, X), before)

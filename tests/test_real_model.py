@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 import peft_lota
 from peft_lota import L4QConfig, LotaConfig
 from peft_lota.formats import quantized_tensors
-from tiny_models import assert_kernel_reads_weights, load_gptq
+from tiny_models import assert_kernel_reads_weights, load_gptq, logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import real_model  # noqa: E402
@@ -44,11 +44,6 @@ def chat_examples(tokenizer) -> list[dict]:
         ids_answer = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         out.append({"input_ids": ids_prompt + ids_answer, "labels": [-100] * len(ids_prompt) + ids_answer})
     return out
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("variant", ["gptq-4b-sym", "gptq-4b-sym-g128"])  # g128: 576 = 4 x 128 + a group of 64

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 
 import peft_lota
 from peft_lota import L4QConfig, LotaCallback, LotaConfig, LotaLayer, create_lota_optimizer
-from tiny_models import Spec, calibration_texts, load_gptq
+from tiny_models import Spec, calibration_texts, load_gptq, logits
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -141,16 +141,11 @@ def test_config_mistakes_fail_at_config_time():
 
 def test_a_failing_get_peft_model_leaves_the_model_as_it_was(gptq_dir):
     model = load_gptq(gptq_dir(A2))
-    before = logits_of(model)
+    before = logits(model, X)
     with pytest.raises(TypeError, match="cannot adapt module"):  # q_proj fine, lm_head (not GPTQ) fails after it
         get_peft_model(model, LotaConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert not any(isinstance(m, LotaLayer) for m in model.modules())
-    assert torch.equal(logits_of(model), before)
-
-
-def logits_of(model):
-    with torch.no_grad():
-        return model(input_ids=X).logits
+    assert torch.equal(logits(model, X), before)
 
 
 @pytest.mark.parametrize("method", ["lota", "l4q"])

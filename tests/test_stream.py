@@ -10,42 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peft_lota import L4QConfig, LotaConfig, load_model
 from peft_lota.stream import INDEX, merge_checkpoint
-from tiny_models import AwqSpec, CtSpec, Spec
+from tiny_models import AwqSpec, CtSpec, Spec, checkpoint_tensors, reshard, tiered
 
 X = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
-
-
-def _tensors(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors"))
-    out = {}
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _reshard(src: Path, dst: Path, parts: int = 3) -> Path:
-    """A copy of a single-file checkpoint cut into `parts` shards with an index (layers split across shards)."""
-    dst.mkdir()
-    tensors = _tensors(src)
-    names = sorted(tensors)
-    step = -(-len(names) // parts)
-    weight_map = {}
-    for i in range(parts):
-        shard = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
-        chunk = names[i * step:(i + 1) * step]
-        save_file({k: tensors[k] for k in chunk}, str(dst / shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in chunk})
-    (dst / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (src / name).is_file():
-            (dst / name).write_bytes((src / name).read_bytes())
-    return dst
 
 
 def _trained_adapter(path: Path, method: str, offset: str, out: Path):
@@ -73,7 +44,8 @@ CASES = [("gptq", Spec("llama", 4, False, True, "gptq"), "lota", "integer"),  # 
          ("ct", CtSpec("qwen2", 8, None), "l4q", None)]  # channel-wise
 
 
-@pytest.mark.parametrize("kind,spec,method,offset", CASES, ids=[f"{k}-{s.slug()}-{m}" for k, s, m, _ in CASES])
+@pytest.mark.parametrize("kind,spec,method,offset", tiered(CASES, CASES[1::2], ids=lambda c: f"{c[0]}-{c[1].slug()}-{c[2]}",
+                                                          unpack=True))  # the inner loop: one case of each format
 @pytest.mark.parametrize("sharded", [False, True])
 def test_streaming_writes_the_in_memory_merge_tensor_for_tensor(gptq_dir, awq_dir, ct_dir, tmp_path, kind, spec,
                                                                  method, offset, sharded):
@@ -94,11 +66,11 @@ def test_streaming_an_llm_int8_checkpoint(fp_dir, tmp_path, method):
 
 def _check_stream(path: Path, tmp_path: Path, method: str, offset, sharded: bool) -> None:
     merged, dtype = _trained_adapter(path, method, offset, tmp_path)
-    base = _reshard(path, tmp_path / "sharded") if sharded else path
+    base = reshard(path, tmp_path / "sharded") if sharded else path
     report = merge_checkpoint(base, tmp_path / "adapter", tmp_path / "streamed", count_codes=True, progress=False)
     assert report.layers == 14 and report.shards == (3 if sharded else 1) and report.codes_moved > 0
     assert report.verified_tensors >= 14 * 3  # every merged tensor read back from the files
-    expected, got = _tensors(tmp_path / "in-memory"), _tensors(tmp_path / "streamed")
+    expected, got = checkpoint_tensors(tmp_path / "in-memory"), checkpoint_tensors(tmp_path / "streamed")
     assert expected.keys() == got.keys()
     assert all(expected[k].dtype == got[k].dtype and torch.equal(expected[k], got[k]) for k in expected)
     if sharded:  # the base's layout: the same shards, each with the same tensor names (export tags shard names)

@@ -6,6 +6,7 @@ import torch
 from peft_lota.lota import ternary
 from peft_lota.formats.base import QuantState, group_counts
 from peft_lota.lota.ternary import lota_linear
+from tiny_models import ternary_reference
 
 
 def test_init_is_ternary_and_fresh_adapter_is_a_no_op():
@@ -57,38 +58,15 @@ def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
     return state, A, B, x
 
 
-def _reference(state, A, B, x, omega, offset, max_step=1, scales=None):
-    """Spec section 2 written directly with autograd: STE = `D + P - P.detach()`.
 
-    scales: trained scales (float32, may require grad), used rounded to state.scales' dtype with an STE.
-    """
-    P = A @ B
-    D = ternary.delta_codes(P.detach(), state.codes, omega, state.maxq, max_step).float()
-    g = state.g_idx
-    if scales is None:
-        s = state.scales.float()[g]
-    else:
-        s = (scales + (scales.detach().to(state.scales.dtype).float() - scales.detach()))[g]
-    codes = state.codes.float() + D + (P - P.detach())
-    zeros = state.zeros.float()
-    if offset == "none":
-        w = s * (codes - zeros[g])
-    else:
-        mu = ternary.group_mean(P - omega * D, g, state.counts) / omega
-        if offset == "float":
-            w = s * (codes - zeros[g] + mu[g])
-        else:
-            z_int = ternary.shift_zeros(state.zeros, mu.detach(), state.zero_range).float()
-            w = s * (codes - z_int[g] + (mu - mu.detach())[g])
-    return x @ w + state.bias
 
 
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
-def test_straight_through_gradients_match_reference(offset):
+def test_straight_through_gradients_matchternary_reference(offset):
     omega = 1
     state, A, B, x = _problem(offset)
     y = lota_linear(x, state, [(A, B)], [(omega, offset, 1)])
-    y_ref = _reference(state, A, B, x, omega, offset)
+    y_ref = ternary_reference(state, A, B, x, omega, offset)
     assert torch.allclose(y, y_ref, atol=1e-4)
     grad_out = torch.randn_like(y)
     gA, gB, gx = torch.autograd.grad(y, (A, B, x), grad_out)
@@ -129,7 +107,7 @@ def test_wide_steps_count_the_thresholds_passed_and_stop_at_the_grid_edge():
 
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
 @pytest.mark.parametrize("max_step", [1, 2])
-def test_trained_scales_and_wide_steps_match_reference(offset, max_step):
+def test_trained_scales_and_wide_steps_matchternary_reference(offset, max_step):
     """Trained scales: the forward uses them rounded to the stored dtype (fp16 here), the gradient passes through."""
     state, A, B, x = _problem(offset, seed=5, r=6)
     state = state.replace(scales=state.scales.half())
@@ -137,7 +115,7 @@ def test_trained_scales_and_wide_steps_match_reference(offset, max_step):
                                                              generator=torch.Generator().manual_seed(2))))
     scales.requires_grad_()
     y = lota_linear(x, state, [(A, B)], [(1, offset, max_step)], scales)
-    y_ref = _reference(state, A, B, x, 1, offset, max_step, scales)
+    y_ref = ternary_reference(state, A, B, x, 1, offset, max_step, scales)
     # The forward also rounds each weight s * (Q - z) to fp16, as the stock kernel does; the reference does not.
     assert torch.allclose(y, y_ref, atol=2e-3)
     grad_out = torch.randn_like(y)

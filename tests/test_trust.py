@@ -21,15 +21,14 @@ import peft_lota_autoload
 from peft_lota import cli
 from peft_lota.paths import read_token_ids, separate_output
 from peft_lota.stream import INDEX
-from test_cli_mistakes import inputs, made, no_loading, one_line, snapshot  # noqa: F401  (fixtures)
-from test_stream import _reshard
+from tiny_models import no_loading, one_line, reshard, snapshot
 
 
 @pytest.fixture
-def sharded(inputs, tmp_path):  # noqa: F811
+def sharded(inputs, tmp_path):
     """(work folder, base cut into 3 shards with an index, adapter)."""
     base, adapter = inputs
-    return base.parent, _reshard(base, base.parent / "sharded"), adapter
+    return base.parent, reshard(base, base.parent / "sharded"), adapter
 
 
 def _index(base: Path) -> dict:
@@ -161,7 +160,7 @@ OUT_CASES = ["inside the base", "holds the base", "the base through a linked par
 
 @pytest.mark.parametrize("command", ["merge", "merge --stream", "convert"])
 @pytest.mark.parametrize("case", OUT_CASES)
-def test_merge_and_convert_refuse_an_out_around_or_inside_an_input(inputs, tmp_path, capsys, monkeypatch, command,  # noqa: F811
+def test_merge_and_convert_refuse_an_out_around_or_inside_an_input(inputs, tmp_path, capsys, monkeypatch, command,
                                                                     case):
     base, adapter = inputs
     out = _out_case(case, base, tmp_path)
@@ -175,7 +174,7 @@ def test_merge_and_convert_refuse_an_out_around_or_inside_an_input(inputs, tmp_p
     assert snapshot(base.parent) == before
 
 
-def test_a_bind_mount_of_the_base_is_the_base(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_bind_mount_of_the_base_is_the_base(inputs, tmp_path, capsys, monkeypatch):
     base, adapter = inputs
     mount = tmp_path / "mnt"
     mount.mkdir()
@@ -191,7 +190,7 @@ def test_a_bind_mount_of_the_base_is_the_base(inputs, tmp_path, capsys, monkeypa
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_out_inside_the_adapter_is_finetunes_own_layout(inputs, tmp_path):  # noqa: F811
+def test_out_inside_the_adapter_is_finetunes_own_layout(inputs, tmp_path):
     base, adapter = inputs
     separate_output(adapter / "merged", {"base": base, "adapter": adapter}, "OUT", may_contain=("adapter",))
     with pytest.raises(ValueError, match="holds the adapter"):
@@ -201,7 +200,7 @@ def test_out_inside_the_adapter_is_finetunes_own_layout(inputs, tmp_path):  # no
 @pytest.mark.parametrize("case", ["output_dir is the model", "merged_dir is the model", "merged_dir is output_dir",
                                   "output_dir holds the model", "merged_dir inside the model", "output_dir holds data",
                                   "merged_dir holds output_dir"])
-def test_finetune_refuses_outputs_in_its_inputs_before_loading(made, tmp_path, capsys, monkeypatch, case):  # noqa: F811
+def test_finetune_refuses_outputs_in_its_inputs_before_loading(made, tmp_path, capsys, monkeypatch, case):
     from peft_lota.scripts import finetune
 
     work = tmp_path / "work"
@@ -292,7 +291,7 @@ def test_calibration_text_that_is_not_a_text_file_is_refused_at_once(tmp_path, c
         read_token_ids(_Tok(), path, "--calib_file", want=1000)
 
 
-def test_merge_lora_with_a_fifo_calibration_file_is_one_line(made, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_merge_lora_with_a_fifo_calibration_file_is_one_line(made, tmp_path, capsys, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from tiny_models import load_gptq
 
@@ -369,7 +368,7 @@ def test_autoload_round_trip_and_a_site_packages_it_cannot_write(site, capsys, m
 # ---- 7. damaged inputs: one line naming the file, exit 2 -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def lora_adapter(made, tmp_path_factory):  # noqa: F811
+def lora_adapter(made, tmp_path_factory):
     """A PEFT LoRA (random B, so it changes the model) saved for the GPTQ fixture, and calibration text."""
     from peft import LoraConfig, get_peft_model
     from tiny_models import calibration_texts, load_gptq
@@ -388,7 +387,7 @@ def lora_adapter(made, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("case", ["lora_alpha NaN", "lora_alpha 1e300", "lora_alpha '16'", "alpha_pattern null",
                                   "r disagrees, rank_pattern {}", "rank_pattern a list"])
-def test_merge_lora_with_a_damaged_config_is_one_line(made, lora_adapter, tmp_path, capsys, case):  # noqa: F811
+def test_merge_lora_with_a_damaged_config_is_one_line(made, lora_adapter, tmp_path, capsys, case):
     lora, calib = lora_adapter
     adapter = tmp_path / "lora"
     adapter.mkdir()
@@ -415,7 +414,10 @@ def test_merge_lora_with_a_damaged_config_is_one_line(made, lora_adapter, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_a_target_pattern_that_backtracks_is_refused_not_hung_on(inputs, capsys):  # noqa: F811
+def test_a_target_pattern_that_backtracks_is_refused_not_hung_on(inputs, capsys, monkeypatch):
+    from peft_lota import inputs as checks
+
+    monkeypatch.setattr(checks, "PROBE_SECONDS", 1.0)  # (the pattern hangs: the test would wait out any budget)
     _, adapter = inputs
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["target_modules"] = "(.|.)*Z"
@@ -426,7 +428,7 @@ def test_a_target_pattern_that_backtracks_is_refused_not_hung_on(inputs, capsys)
 
 @pytest.mark.parametrize("case", ["200,000 deep", "meta a string", "ct bits 0", "ct bits null", "ct bits 2^40",
                                   "ct groups a string"])
-def test_inspect_on_a_damaged_config_is_one_line(made, ct_dir, tmp_path, capsys, case):  # noqa: F811
+def test_inspect_on_a_damaged_config_is_one_line(made, ct_dir, tmp_path, capsys, case):
     from tiny_models import CtSpec
 
     folder = tmp_path / "model"
@@ -455,7 +457,7 @@ def test_inspect_on_a_damaged_config_is_one_line(made, ct_dir, tmp_path, capsys,
     assert "yes" not in captured.out  # never described as servable
 
 
-def test_tokenizer_files_keep_their_permissions_and_never_come_from_outside(inputs, tmp_path, capsys):  # noqa: F811
+def test_tokenizer_files_keep_their_permissions_and_never_come_from_outside(inputs, tmp_path, capsys):
     """A tokenizer file that links out of the base's folder (a cloned repo's link to a private file) is not copied
     into OUT (which a --push would upload); one that is the base's own keeps its permission bits."""
     base, adapter = inputs
@@ -476,7 +478,7 @@ def test_tokenizer_files_keep_their_permissions_and_never_come_from_outside(inpu
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_full_disk_is_one_line_and_leaves_out_as_it_was(made, tmp_path, capsys, stream):  # noqa: F811
+def test_a_full_disk_is_one_line_and_leaves_out_as_it_was(made, tmp_path, capsys, stream):
     disk = tmp_path / "small"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
@@ -493,7 +495,7 @@ def test_a_full_disk_is_one_line_and_leaves_out_as_it_was(made, tmp_path, capsys
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-def test_both_merge_paths_ship_the_same_tokenizer_inside_the_commit(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_both_merge_paths_ship_the_same_tokenizer_inside_the_commit(inputs, tmp_path, capsys, monkeypatch):
     """The in-memory merge and --stream ship the same tokenizer files, all from one folder: the adapter's when it
     holds a tokenizer (what training used), else the base's; written inside the checkpoint's commit (a manifest
     entry), not after it."""
@@ -515,7 +517,7 @@ def test_both_merge_paths_ship_the_same_tokenizer_inside_the_commit(inputs, tmp_
             assert (out / name).read_bytes() == (adapter / name).read_bytes(), (out, name)
 
 
-def test_a_checkpoint_that_ships_its_own_model_code_is_refused_and_never_run(made, tmp_path, capsys):  # noqa: F811
+def test_a_checkpoint_that_ships_its_own_model_code_is_refused_and_never_run(made, tmp_path, capsys):
     base = tmp_path / "custom"
     base.mkdir()
     for f in Path(made[0]).iterdir():
@@ -579,9 +581,11 @@ def test_text_pieces_stay_bounded_keep_line_ends_and_never_split_a_character(tmp
     ({"target_modules": "q_proj{4294967296}"}, "is not a regular expression"),
     ({"rank_pattern": {"q_proj(": 4}}, "is not a regular expression"),
     ({"alpha_pattern": {"(.|.)*Z": 8}}, "takes seconds")])
-def test_adapter_patterns_that_hang_or_break_peft_are_refused(config, phrase):
+def test_adapter_patterns_that_hang_or_break_peft_are_refused(config, phrase, monkeypatch):
+    from peft_lota import inputs as checks
     from peft_lota.inputs import UsageError, check_target_pattern
 
+    monkeypatch.setattr(checks, "PROBE_SECONDS", 1.0)  # (a pattern that hangs would wait out any budget)
     with pytest.raises(UsageError, match=phrase):
         check_target_pattern(config, Path("adapter_config.json"))
 
@@ -596,7 +600,7 @@ def test_the_autoload_line_is_silent_when_the_module_is_broken(site, tmp_path):
     assert proc.stdout.strip() == "up" and proc.stderr == "", proc.stderr
 
 
-def test_a_read_only_tokenizer_is_shipped_read_only(inputs, tmp_path, capsys):  # noqa: F811
+def test_a_read_only_tokenizer_is_shipped_read_only(inputs, tmp_path, capsys):
     base, adapter = inputs
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (base / name).chmod(0o444)

@@ -1,4 +1,6 @@
-"""Tiny GPTQ-quantized Llama/Qwen2 checkpoints built offline on CPU, for tests.
+"""The tests' shared module: tiny Llama/Qwen2 checkpoints of every format built offline on CPU, their loaders, the
+format x method contract (`adapt_merge_save_reload`), the fixture matrices and their inner-loop subsets (`tiered`),
+and the helpers several test files use.
 
 Importable without pytest. Everything is seeded: the same Spec gives the same checkpoint on the
 same versions of torch/transformers/gptqmodel/Python (the tokenizer is trained on the running
@@ -74,6 +76,21 @@ SPECS_MATRIX: list[Spec] = [
     Spec("llama", 8, True, True, "gptq_v2"),
     Spec("qwen2", 4, False, False, "gptq_v2", group_size=-1),
 ]
+# The specs the inner loop (`pytest -m "not slow"`) runs: between them 2/3/4 bits, sym and asym, act-order and not,
+# v1 and v2, group 32 and -1, Llama and Qwen2 (bias). The full suite (`make test`) runs the whole matrix.
+FAST_SPECS = (Spec("qwen2", 3, False, True, "gptq_v2"), Spec("llama", 2, True, True, "gptq", group_size=-1),
+              Spec("qwen2", 4, True, False, "gptq_v2"))
+
+
+def tiered(items, fast, ids=None, unpack: bool = False) -> list:
+    """`items` as pytest params: those in `fast` run in every tier, the others only in the full suite (marked slow),
+    so that the inner loop runs one of each kind and `make test` the whole matrix. `unpack`: each item is a tuple of
+    the values of several argument names."""
+    import pytest
+
+    ids = ids or (lambda x: x.slug() if hasattr(x, "slug") else str(x))
+    return [pytest.param(*(x if unpack else (x,)), id=ids(x), marks=() if x in fast else pytest.mark.slow)
+            for x in items]
 
 
 def calibration_texts(n: int = 16, seed: int = 0, chars: int = 400) -> list[str]:
@@ -213,6 +230,13 @@ class AwqSpec:
         return f"awq-{self.arch}-{self.bits}b-{'sym' if self.sym else 'asym'}-g{self.group_size}"
 
 
+# The AWQ fixtures: 2/3/4/8 bits, symmetric and asymmetric, group 32 and 64, with and without bias (qwen2); the inner
+# loop runs the two in AWQ_FAST.
+AWQ_SPECS = (AwqSpec("llama", 4, False, 32), AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 2, False, 32),
+             AwqSpec("llama", 3, False, 32), AwqSpec("qwen2", 8, False, 32))
+AWQ_FAST = (AwqSpec("qwen2", 4, True, 64), AwqSpec("llama", 3, False, 32))
+
+
 def build_awq_checkpoint(spec: AwqSpec, root) -> Path:
     """An AWQ (GEMM) checkpoint quantized by gptqmodel's own AWQ on CPU from the same float model as the GPTQ
     fixtures of its architecture (a few seconds)."""
@@ -250,6 +274,11 @@ class CtSpec:
 
     def slug(self) -> str:
         return f"ct-{self.arch}-{self.bits}b-{'ch' if self.group_size is None else f'g{self.group_size}'}"
+
+
+# The compressed-tensors fixtures: 4-bit groups of 32, 8-bit per channel with bias (qwen2), 2- and 3-bit groups of 64.
+CT_SPECS = (CtSpec("llama", 4, 32), CtSpec("qwen2", 8, None), CtSpec("llama", 2, 64), CtSpec("llama", 3, 64))
+CT_FAST = (CtSpec("qwen2", 8, None), CtSpec("llama", 2, 64))
 
 
 def build_ct_checkpoint(spec: CtSpec, root) -> Path:
@@ -422,6 +451,62 @@ def build_gguf(arch: str, root, types=GGUF_TYPES, tied: bool = False, dims=(HIDD
     return path
 
 
+K_QUANTS = ("Q4_K", "Q6_K")  # super-blocks of 256: a model of its own, whose widths are multiples of 256
+K_TYPES = ("Q8_0", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "Q4_K", "Q6_K", "F16")
+
+
+def gguf_blocks(model) -> dict:
+    """{name: raw blocks} of a GGUF-loaded model's quantized layers."""
+    return {n: t for n, t in model.named_buffers() if n.endswith("qblocks")}
+
+
+def gguf_dense(path):
+    """transformers' own (dequantizing) load of a GGUF file: the oracle for what a file computes."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+def check_written_gguf(source, written, merged) -> int:
+    """Every byte before the tensor data, and every tensor the merge did not change, is the source's; the gguf package
+    dequantizes every written tensor of a GGUF layer to the merged layer's own weight (rows in the file's order).
+    Returns how many tensors changed."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from peft_lota.formats.gguf import GGUFLinear
+
+    r0, r1 = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(written))
+    start = r0.tensors[0].data_offset
+    assert os.path.getsize(source) == os.path.getsize(written)
+    with open(source, "rb") as a, open(written, "rb") as b:
+        assert a.read(start) == b.read(start)  # header, metadata, tensor infos
+    layers = {m.tensor_name: m for m in merged.modules() if isinstance(m, GGUFLinear)}
+    changed = 0
+    for t0, t1 in zip(r0.tensors, r1.tensors):
+        assert (t0.name, t0.tensor_type, t0.data_offset) == (t1.name, t1.tensor_type, t1.data_offset)
+        if t0.name not in layers:
+            assert np.array_equal(t0.data, t1.data), t0.name
+            continue
+        changed += not np.array_equal(t0.data, t1.data)
+        layer = layers[t0.name]
+        ours = layer._peft_lota_weights.read().weight().t()  # [N, K], the model's row order
+        if layer.row_order is not None:
+            ours = ours[torch.argsort(layer.row_order)]
+        assert torch.equal(torch.from_numpy(dequantize(t1.data, t1.tensor_type)), ours), t0.name
+    return changed
+
+
+def load_int8(path, quantize=True):
+    """A model loaded in LLM.int8 on CPU (`quantize`: BitsAndBytesConfig(load_in_8bit=True) on a float checkpoint;
+    else a saved LLM.int8 checkpoint, with its own quantization_config)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)} if quantize else {}
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu", **kwargs)
+
+
 def build_float_checkpoint(arch: str, root) -> Path:
     """The full-precision model the GPTQ fixtures of `arch` are quantized from, saved with its tokenizer."""
     out = Path(root) / f"float-{arch}"
@@ -477,3 +562,142 @@ def assert_kernel_reads_weights(stock, reference) -> None:
         step = state.scales.float()[state.g_idx]
         bound = 2.0 ** -7 * (want.abs() + bias.abs() + 8 * step.abs()) + 1e-6
         assert ((got - want).abs() <= bound).all(), (name, type(layer).__name__, float((got - want).abs().max()))
+
+
+# ---- shared by the test modules: adapters, file snapshots, command-line output -----------------------------------
+
+CLI_SPEC = Spec("llama", 4, True, False, "gptq")  # symmetric 4-bit: the fast kernels can serve it
+
+
+def saved_adapter(base: Path, out: Path, method: str) -> Path:
+    """A LoTA or L4Q adapter on the GPTQ checkpoint `base` whose B factors are random (it moves codes), saved."""
+    from peft import get_peft_model
+
+    from peft_lota import L4QConfig, LotaConfig
+
+    config = LotaConfig(r=4, omega=1, init_seed=0) if method == "lota" else L4QConfig(r=4, init_seed=0)
+    model = get_peft_model(load_gptq(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lota_B.default", "l4q_B.default")):
+                p.copy_(torch.randint(-1, 2, p.shape).float() if method == "lota" else torch.randn(p.shape) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def lota_layers(model) -> list:
+    from peft_lota import LotaLayer
+
+    return [m for m in model.modules() if isinstance(m, LotaLayer)]
+
+
+def randomize(model, seed=0, adapter="default") -> None:
+    """Random ternary A and B: with r=4, omega=1 a good share of codes move (and hit the grid edges)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lota_layers(model):
+            for p in (layer.lota_A[adapter], layer.lota_B[adapter]):
+                p.copy_(torch.randint(-1, 2, p.shape, generator=g).float())
+
+
+def adapted(path, offset="none", seed=0, **kw):
+    """A LoTA model on the GPTQ checkpoint `path` with random ternary factors (`randomize`)."""
+    from peft import get_peft_model
+
+    from peft_lota import LotaConfig
+
+    config = LotaConfig(r=kw.pop("r", 4), omega=kw.pop("omega", 1), offset=offset, init_seed=0, **kw)
+    model = get_peft_model(load_gptq(path), config)
+    randomize(model, seed)
+    return model
+
+
+def ternary_reference(state, A, B, x, omega, offset, max_step=1, scales=None):
+    """LoTA's forward written directly with autograd (the straight-through estimate is `D + P - P.detach()`): the
+    reference the fused kernels are checked against.
+
+    scales: trained scales (float32, may require grad), used rounded to state.scales' dtype with an STE.
+    """
+    from peft_lota.lota import ternary
+
+    P = A @ B
+    D = ternary.delta_codes(P.detach(), state.codes, omega, state.maxq, max_step).float()
+    g = state.g_idx
+    if scales is None:
+        s = state.scales.float()[g]
+    else:
+        s = (scales + (scales.detach().to(state.scales.dtype).float() - scales.detach()))[g]
+    codes = state.codes.float() + D + (P - P.detach())
+    zeros = state.zeros.float()
+    if offset == "none":
+        w = s * (codes - zeros[g])
+    else:
+        mu = ternary.group_mean(P - omega * D, g, state.counts) / omega
+        if offset == "float":
+            w = s * (codes - zeros[g] + mu[g])
+        else:
+            z_int = ternary.shift_zeros(state.zeros, mu.detach(), state.zero_range).float()
+            w = s * (codes - z_int[g] + (mu - mu.detach())[g])
+    return x @ w + state.bias
+
+
+def snapshot(*folders) -> dict:
+    """Every file (and symlink target) under the folders, byte for byte."""
+    import hashlib
+
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            out[str(p)] = os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() \
+                if p.is_file() else "dir"
+    return out
+
+
+def one_line(err: str) -> str:
+    """`err`, asserted to be one line and no traceback (how the command line says a mistake)."""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def no_loading(monkeypatch) -> None:
+    """Make any model load fail the test: a mistake must be refused before anything loads."""
+    from peft_lota import inputs as checks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was refused")
+
+    monkeypatch.setattr(checks, "load_checked", refuse)
+
+
+def checkpoint_tensors(folder: Path) -> dict:
+    """{name: tensor} of every safetensors file of a checkpoint folder."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def reshard(src: Path, dst: Path, parts: int = 3) -> Path:
+    """A copy of a single-file checkpoint cut into `parts` shards with an index (layers split across shards)."""
+    from safetensors.torch import save_file
+
+    from peft_lota.stream import INDEX
+
+    dst.mkdir()
+    tensors = checkpoint_tensors(src)
+    names = sorted(tensors)
+    step = -(-len(names) // parts)
+    weight_map = {}
+    for i in range(parts):
+        shard = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = names[i * step:(i + 1) * step]
+        save_file({k: tensors[k] for k in chunk}, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in chunk})
+    (dst / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    return dst
