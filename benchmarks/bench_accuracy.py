@@ -766,8 +766,9 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
         batches, score, loss_fn = setting_data(setting, cfg, dirs, tok, validation=True)
         short = batches[: max(1, round(cfg["l4q_from_lora_fraction"] * len(batches)))]
         res = results.setdefault(setting, {})
-        res.setdefault("fp", {})["-"] = score(load_fp(dirs["fp"]))
-        res.setdefault("gptq", {})["-"] = score(load_quant(dirs[bits]))
+        for ref, load in (("fp", lambda: load_fp(dirs["fp"])), ("gptq", lambda: load_quant(dirs[bits]))):
+            if "-" not in res.get(ref, {}):  # (--resume: kept from the earlier run)
+                res.setdefault(ref, {})["-"] = score(load())
         runs = []
         for method in cfg["tune_methods"]:
             if LOTA_VARIANTS.get(method, (None, "adamw"))[1].startswith("tsign"):
@@ -776,6 +777,9 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
                 grid = cfg["tune_lrs"][method] if isinstance(cfg["tune_lrs"], dict) else cfg["tune_lrs"]
                 runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in grid]
         for method, knob, key in runs:
+            if key in res.get(method, {}):  # --resume: this run is in the results already
+                print(f"  {setting:8s} {method:14s} {key:12s} kept (--resume)", flush=True)
+                continue
             if method == "lora_l4q":  # a LoRA at its chosen rate, then the short L4Q run at each rate
                 lora = make_adapter_model("lora", dirs, bits, cfg)
                 train(lora, "lora", batches, loss_fn, cfg["lrs"][setting]["lora"], f"tune {setting} lora for l4q")
