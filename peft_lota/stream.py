@@ -279,11 +279,15 @@ def merge_checkpoint(base, adapter, out, *, safe: bool = False, count_codes: boo
                 copy_into(source, staged, name)
 
         digests: dict = {}
-        gc.freeze()  # what exists now is never garbage: the collection after each shard scans only the new objects
+        # What exists now is never garbage: frozen, the collection after each shard scans only the new objects. A
+        # caller who froze objects of their own keeps them frozen (unfreeze has no undo of one freeze only).
+        caller_froze = gc.get_freeze_count() > 0
+        gc.freeze()
         try:
             commit_checkpoint(out, write)
         finally:
-            gc.unfreeze()
+            if not caller_froze:
+                gc.unfreeze()
     report.verified_tensors = _verify(out, digests)
     report.seconds = round(time.time() - started, 1)
     report.peak_rss_mib = peak_rss_mib()

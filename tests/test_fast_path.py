@@ -119,7 +119,7 @@ def test_chunks_that_cannot_move_are_skipped_and_still_exact(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "act-order", "one"])
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
 @pytest.mark.parametrize("factored", [False, True])
-def test_forward_is_bit_exact_and_gradients_matchternary_reference(layout, offset, factored, monkeypatch):
+def test_forward_is_bit_exact_and_gradients_match_reference(layout, offset, factored, monkeypatch):
     if factored and layout == "act-order":
         pytest.skip("the factored gradient needs contiguous groups")
     monkeypatch.setattr(ternary, "_factored_pays", lambda *a: factored)
@@ -141,7 +141,7 @@ def test_forward_is_bit_exact_and_gradients_matchternary_reference(layout, offse
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "act-order", "one"])
-def test_trained_scales_forward_is_bit_exact_and_gradients_matchternary_reference(layout):
+def test_trained_scales_forward_is_bit_exact_and_gradients_match_reference(layout):
     state = make_state(layout, bits=3, seed=8, packed=True)  # fp16 scales, as GPTQ stores them
     K, N, r = 256, 24, 4
     A, B = (t.requires_grad_() for t in factors(K, N, r, seed=4))

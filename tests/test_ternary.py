@@ -62,7 +62,7 @@ def _problem(offset, seed=0, K=64, N=24, G=4, bits=3, r=4):
 
 
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
-def test_straight_through_gradients_matchternary_reference(offset):
+def test_straight_through_gradients_match_reference(offset):
     omega = 1
     state, A, B, x = _problem(offset)
     y = lota_linear(x, state, [(A, B)], [(omega, offset, 1)])
@@ -107,7 +107,7 @@ def test_wide_steps_count_the_thresholds_passed_and_stop_at_the_grid_edge():
 
 @pytest.mark.parametrize("offset", ternary.OFFSET_MODES)
 @pytest.mark.parametrize("max_step", [1, 2])
-def test_trained_scales_and_wide_steps_matchternary_reference(offset, max_step):
+def test_trained_scales_and_wide_steps_match_reference(offset, max_step):
     """Trained scales: the forward uses them rounded to the stored dtype (fp16 here), the gradient passes through."""
     state, A, B, x = _problem(offset, seed=5, r=6)
     state = state.replace(scales=state.scales.half())
