@@ -1140,11 +1140,15 @@ def append_history(record: dict, cfg: dict, path: Path, note: str) -> None:
 
 
 def report_only(args) -> None:
-    """The markdown (and plot) of a results file as it stands, e.g. after an interrupted run."""
-    stem = f"accuracy-{args.preset}" + (f"-{args.tag}" if args.tag else "")
+    """The markdown (and plot) of a results file as it stands, e.g. after an interrupted run (a pilot's too)."""
+    stem = f"accuracy-{args.preset}" + ("-tune" if args.tune else "") + (f"-{args.tag}" if args.tag else "")
     out_dir = Path(args.out)
     record = json.loads((out_dir / f"{stem}.json").read_text())
     cfg, results = record["config"], record["results"]
+    if args.tune:
+        write_report(record, args.preset, cfg, format_tune(results, cfg), out_dir / stem, record.get("note", ""))
+        print(format_tune(results, cfg))
+        return
     if "runs" in record:
         results = over_seeds(record["runs"])
     bits = tuple(cfg["bits"])
