@@ -1025,7 +1025,8 @@ def resume(record: dict, previous: Path) -> None:
     results.update(old["results"])
     if "runs" in old:
         record["runs"] = old["runs"]
-    record["gap"] = old.get("gap")
+    if old.get("gap") is not None:  # (a pilot's record has none)
+        record["gap"] = old["gap"]
     record["machine"]["resumed_from"] = old["machine"]
     print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
 
