@@ -44,14 +44,14 @@ class Checkpoint:
 
 # ---- how each format's checkpoints are built, loaded, compared, and what their save must say ---------------------
 
-def _gptq_check(spec, merged, reloaded, qc, folder):
+def _gptq_check(spec, method, merged, reloaded, qc, path, folder, caplog):
     assert qc["quant_method"] == "gptq" and qc.get("backend") in (None, "auto")
     assert (folder / "quantize_config.json").exists()
     if spec.group_size != -1:  # the stock CPU int4 kernel only runs groups of 32..256 (the base model fails too)
         assert_kernel_reads_weights(load_gptq(folder, backend=None), reloaded)  # whatever kernel a user gets
 
 
-def _awq_check(spec, method, merged, reloaded, qc, folder):
+def _awq_check(spec, method, merged, reloaded, qc, path, folder, caplog):
     assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc.get("backend") in (None, "auto")
     assert (folder / "quantize_config.json").exists()
     if spec.sym and method == "l4q":  # L4Q keeps zero points: a symmetric checkpoint stays symmetric
@@ -60,7 +60,16 @@ def _awq_check(spec, method, merged, reloaded, qc, folder):
     assert_kernel_reads_weights(load_awq(folder, backend=None), reloaded)
 
 
-def _gguf_check(spec, method, merged, path, folder, caplog):
+def _ct_check(spec, method, merged, reloaded, qc, path, folder, caplog):
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quantization_status"] == "compressed"
+
+
+def _int8_check(spec, method, merged, reloaded, qc, path, folder, caplog):
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
+
+
+def _gguf_check(spec, method, merged, reloaded, qc, path, folder, caplog):
     from peft_lota.formats.gguf import GGUFLinear, gguf_dequantizes_to, load_gguf
 
     written = folder / path.name
@@ -83,29 +92,30 @@ def _gguf_check(spec, method, merged, path, folder, caplog):
 class Route:
     fixture: str  # the conftest factory that builds a checkpoint from its spec
     load: Callable
+    check: Callable  # what the format's own save must say: check(spec, method, merged, reloaded, qc, path, ...)
     tensors: Callable = formats.quantized_tensors
     kwargs: Callable = lambda path: {}  # noqa: E731  (adapt_merge_save_reload's options for this checkpoint)
-
-
-ROUTES = {
-    "gptq": Route("gptq_dir", load_gptq),
-    "awq": Route("awq_dir", load_awq),
-    # stock loading: compressed on load, decompressed to dense weights on the first forward. A short batch too:
-    # small matmuls are where two memory layouts of one weight round differently.
-    "compressed-tensors": Route("ct_dir", load_ct, kwargs=lambda path: {"inputs": (X, X[:1, :5])}),
-    # bitsandbytes' own int8 matmul runs on the adapted codes; the save reloads with its stored quantization_config
-    "bitsandbytes-int8": Route("fp_dir", load_int8,
-                               kwargs=lambda path: {"r": 8, "load_saved": lambda p: load_int8(p, quantize=False)}),
-    # a GGUF save writes its one file, named as the source, into the folder
-    "gguf": Route("gguf_root", lambda path: _load_gguf(path), tensors=gguf_blocks,
-                  kwargs=lambda path: {"load_saved": lambda folder: _load_gguf(folder / path.name)}),
-}
 
 
 def _load_gguf(path):
     from peft_lota.formats.gguf import load_gguf
 
     return load_gguf(path)
+
+
+ROUTES = {
+    "gptq": Route("gptq_dir", load_gptq, _gptq_check),
+    "awq": Route("awq_dir", load_awq, _awq_check),
+    # stock loading: compressed on load, decompressed to dense weights on the first forward. A short batch too:
+    # small matmuls are where two memory layouts of one weight round differently.
+    "compressed-tensors": Route("ct_dir", load_ct, _ct_check, kwargs=lambda path: {"inputs": (X, X[:1, :5])}),
+    # bitsandbytes' own int8 matmul runs on the adapted codes; the save reloads with its stored quantization_config
+    "bitsandbytes-int8": Route("fp_dir", load_int8, _int8_check,
+                               kwargs=lambda path: {"r": 8, "load_saved": lambda p: load_int8(p, quantize=False)}),
+    # a GGUF save writes its one file, named as the source, into the folder
+    "gguf": Route("gguf_root", _load_gguf, _gguf_check, tensors=gguf_blocks,
+                  kwargs=lambda path: {"load_saved": lambda folder: _load_gguf(folder / path.name)}),
+}
 
 
 CHECKPOINTS = [
@@ -155,16 +165,5 @@ def test_every_format_keeps_the_contract_with_every_method(checkpoint, method, r
         assert torch.equal(logits(model), logits(gguf_dense(path)))
     merged, reloaded, qc = adapt_merge_save_reload(method, route.load, path, route.tensors, tmp_path,
                                                    **route.kwargs(path))
-    folder = tmp_path / "merged"
     assert (qc is None) == (checkpoint.format == "gguf")  # a transformers config, except GGUF's file of its own
-    if checkpoint.format == "gptq":
-        _gptq_check(spec, merged, reloaded, qc, folder)
-    elif checkpoint.format == "awq":
-        _awq_check(spec, method, merged, reloaded, qc, folder)
-    elif checkpoint.format == "compressed-tensors":
-        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-        assert qc["quantization_status"] == "compressed"
-    elif checkpoint.format == "bitsandbytes-int8":
-        assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] is True
-    else:
-        _gguf_check(spec, method, merged, path, folder, caplog)
+    route.check(spec, method, merged, reloaded, qc, path, tmp_path / "merged", caplog)
