@@ -578,6 +578,38 @@ def codes_moved_pct(model) -> float:
     return None if moved is None else round(100 * moved[0] / moved[1], 3)
 
 
+@torch.no_grad()
+def lora_update_in_steps(model) -> dict:
+    """How large a trained LoRA's update is on its quantized base's grid: |B A * scaling| over each weight's
+    quantization step, over every adapted quantized layer. The share past half a step is what nearest rounding
+    would move as a code; the share past a whole step, what a LoTA move of one step could reach alone.
+    (Issue 29: whether code moves can carry a fine-tune of this length at all.)"""
+    from peft.tuners.lora import LoraLayer
+
+    from peft_lota import formats
+
+    n = half = whole = 0
+    sq = 0.0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        quant = formats.dispatch(layer.get_base_layer(), name)
+        if quant is None:
+            continue
+        state = quant.read()
+        delta = sum(layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float() * layer.scaling[a]
+                    for a in layer.active_adapters if a in layer.lora_A)  # [out, in]
+        ratio = (delta.t() / state.scales.float()[state.g_idx]).abs()  # [in, out], in steps
+        n += ratio.numel()
+        half += int((ratio > 0.5).sum())
+        whole += int((ratio > 1.0).sum())
+        sq += float(ratio.square().sum())
+    if not n:
+        return {}
+    return {"update_past_half_step_pct": round(100 * half / n, 3), "update_past_one_step_pct": round(100 * whole / n, 4),
+            "update_rms_steps": round((sq / n) ** 0.5, 4)}
+
+
 def merged_exactly(model, probe: torch.Tensor) -> tuple[object, dict]:
     """merge_and_unload, and the largest logit difference of the merged model against the adapter model."""
     with torch.no_grad():
@@ -651,7 +683,7 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
     """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route."""
     m = make_adapter_model(method, run.dirs, bits, run.cfg)
     log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method]))
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
     if method == "lora":  # the same trained adapter, merged the way users can today ...
         lora_by_requantizing(run, m, bits)
         lora_by_merge_lora(run, m, bits)  # ... by merge_lora onto the base's own grid ...
@@ -789,6 +821,8 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
                 model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
                 log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
             log["codes_moved_pct"] = codes_moved_pct(model)
+            if method in ("lora", "lora_r16", "qalora"):
+                log.update(lora_update_in_steps(model))
             res.setdefault(method, {})[key] = dict(**score(model), **log)
             res[method][key].pop("samples", None)
             save()
@@ -852,6 +886,11 @@ def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
     return "\n".join(lines)
 
 
+UPDATE_HEAD = ("The trained LoRA's update on its base's grid (|B A * scaling| over each weight's quantization step, "
+               "all adapted layers): past half a step, nearest rounding would move a code; below it, only trained "
+               "scales or coordinated moves (merge_lora's error feedback) can carry it.")
+
+
 def format_details(results: dict, bits: tuple) -> str:
     """What the merges did, per setting and bit width, and the training time of each method."""
     exact = [m for m in METHODS if m.startswith(("lota", "l4q", "lora_l4q")) and m not in ("lota_float",
@@ -875,6 +914,13 @@ def format_details(results: dict, bits: tuple) -> str:
         lines += [f"| {setting} | {b} | {METHODS[v][0]} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} | "
                   f"{r['top1_agreement_pct']} | {r['mean_layer_error_nearest']} -> {r['mean_layer_error']} | "
                   f"{r['merge_s']} |" for setting, b, v, r in merges]
+    updates = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits)
+               for m in ("lora", "lora_r16", "qalora") if "update_rms_steps" in res.get(m, {}).get(b, {})]
+    if updates:
+        lines += ["", UPDATE_HEAD, "", "| setting | bits | method | past half a step % | past one step % | rms, steps |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {r['update_past_half_step_pct']:.3f} | "
+                  f"{r['update_past_one_step_pct']:.4f} | {r['update_rms_steps']:.4f} |" for setting, b, m, r in updates]
     times: dict = {}
     for setting, res in results.items():
         for method, by_bits in res.items():
@@ -902,6 +948,13 @@ def format_tune(results: dict, cfg: dict) -> str:
                 lines.append(f"| {method} | {knob} | {score_str(r)} | {r.get('final_loss', '-')} | "
                              f"{r.get('codes_moved_pct', '-')} |")
         lines.append("")
+        updates = [(m, k, r) for m, by_knob in res.items() for k, r in by_knob.items() if "update_rms_steps" in r]
+        if updates:
+            lines += [UPDATE_HEAD, "", "| method | knob | past half a step % | past one step % | rms, steps |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {m} | {k} | {r['update_past_half_step_pct']:.3f} | {r['update_past_one_step_pct']:.4f} | "
+                      f"{r['update_rms_steps']:.4f} |" for m, k, r in updates]
+            lines.append("")
     return "\n".join(lines)
 
 
