@@ -835,6 +835,13 @@ def score_value(r: dict) -> float:
     return r["ppl"] if "ppl" in r else r["em"]
 
 
+def gain_over(base: dict, r: dict) -> float:
+    """How much better r scores than base: log(ppl_base / ppl) for perplexity, exact-match points for a task."""
+    import math
+
+    return math.log(base["ppl"] / r["ppl"]) if "ppl" in r else r["em"] - base["em"]
+
+
 def score_str(r: dict | None) -> str:
     """A score; over several seeds, their mean +- half their range."""
     if r is None:
@@ -914,6 +921,18 @@ def format_details(results: dict, bits: tuple) -> str:
         lines += [f"| {setting} | {b} | {METHODS[v][0]} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} | "
                   f"{r['top1_agreement_pct']} | {r['mean_layer_error_nearest']} -> {r['mean_layer_error']} | "
                   f"{r['merge_s']} |" for setting, b, v, r in merges]
+    ablation = [(setting, b, res) for setting, res in results.items() for b in map(str, bits)
+                if all(b in res.get(m, {}) for m in ("gptq", "lota", "lota_scales_only", "lota_noscales"))]
+    if ablation:
+        lines += ["", "What LoTA's parts carry (the gain over the GPTQ model: perplexity as a log ratio, exact match in "
+                  "points; the codes' share is the part of the defaults' gain that the scales alone do not reach):", "",
+                  "| setting | bits | defaults | scales only | codes only | codes' share of the defaults' gain |",
+                  "|---|---|---|---|---|---|"]
+        for setting, b, res in ablation:
+            gain = {m: gain_over(res["gptq"][b], res[m][b]) for m in ("lota", "lota_scales_only", "lota_noscales")}
+            share = "-" if gain["lota"] <= 0 else f"{100 * (1 - gain['lota_scales_only'] / gain['lota']):+.0f}%"
+            lines.append(f"| {setting} | {b} | {gain['lota']:+.4f} | {gain['lota_scales_only']:+.4f} | "
+                         f"{gain['lota_noscales']:+.4f} | {share} |")
     updates = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits)
                for m in ("lora", "lora_r16", "qalora") if "update_rms_steps" in res.get(m, {}).get(b, {})]
     if updates:
@@ -1068,10 +1087,18 @@ def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
     return dm.build(cfg["model"], root, bits=bits)
 
 
+def same_configuration(old: dict, config: dict) -> bool:
+    """--resume: whether the kept results were run as this run would run them. The settings asked for, and the rates of
+    a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot."""
+    done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
+    rest = [{k: v for k, v in c.items() if k not in ("settings", "lrs")} for c in (old["config"], config)]
+    return rest[0] == rest[1] and all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done)
+
+
 def resume(record: dict, previous: Path) -> None:
     """--resume: keep the results (and quantization gap) of an earlier run of the same configuration."""
     old = json.loads(previous.read_text())
-    if old["config"] != json.loads(json.dumps(record["config"], default=str)):
+    if not same_configuration(old, json.loads(json.dumps(record["config"], default=str))):
         sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
                  "(or with the same preset, options and --lr) to start over")
     results = record["results"]
