@@ -160,6 +160,9 @@ LOTA_VARIANTS = {
     "lota_noscales": ({"train_scales": False}, "adamw"),
     "lota_scales_only": ({"freeze_factors": True}, "adamw"),  # the ternary factors frozen at their start (B = 0)
     "lota_fast": ({"latent_threshold": 1e-4}, "adamw"),  # the default until issue 29's round: flips in a step or two
+    # Under AdamW the factors' ternary path depends only on latent_threshold / rate (A starts at +-2 thresholds, B at 0):
+    # a lower threshold is the factors training faster than the scales, at the scales' own rate.
+    "lota_thr3e-4": ({"latent_threshold": 3e-4}, "adamw"),
     "lota_step2": ({"max_step": 2, "omega": 24}, "adamw"),  # two thresholds need 2 omega <= r
     "lota_w16": ({"omega": "paper"}, "adamw"),
     "lota_paper": ({"train_mode": "ternary", "omega": "paper", "train_scales": False}, "tsign"),
@@ -196,6 +199,8 @@ METHODS = {  # key: (label, description, ships as)
                          "learn (no code moves)", "GPTQ, exact"),
     "lota_fast": ("LoTA latent, latent_threshold 1e-4, merged", "the old default: an entry of A or B flips after "
                   "a step or two of a consistent gradient at 1e-4", "GPTQ, exact"),
+    "lota_thr3e-4": ("LoTA latent, latent_threshold 3e-4, merged", "candidate: the factors flip after ~3 steps of a "
+                     "consistent gradient at 1e-4 (as if they trained at 3.3x the scales' rate)", "GPTQ, exact"),
     "lota_step2": ("LoTA latent, omega 24, steps of up to 2, merged", "candidate: max_step=2 (omega 0.375 r, so that "
                    "2 omega <= r)", "GPTQ, exact"),
     "lota_w16": ("LoTA latent, omega 16, merged", "candidate: the paper variant's omega under AdamW", "GPTQ, exact"),
@@ -1087,18 +1092,29 @@ def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
     return dm.build(cfg["model"], root, bits=bits)
 
 
-def same_configuration(old: dict, config: dict) -> bool:
+def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     """--resume: whether the kept results were run as this run would run them. The settings asked for, and the rates of
-    a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot."""
+    a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot. A pilot's
+    methods and grids may differ too (its results are keyed by method and rate: a grid extended at its edge, a
+    candidate added), and its rates (the benchmark's, which only lora_l4q's pilot uses)."""
     done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
-    rest = [{k: v for k, v in c.items() if k not in ("settings", "lrs")} for c in (old["config"], config)]
-    return rest[0] == rest[1] and all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done)
+    free = ("settings", "lrs") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
+    rest = [{k: v for k, v in c.items() if k not in free} for c in (old["config"], config)]
+    return rest[0] == rest[1] and (tune or all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done))
 
 
-def resume(record: dict, previous: Path) -> None:
+def run_part(record: dict) -> dict:
+    """One part of a run in parts (--resume): when and at which commit it ran, its note, and what it was asked to run."""
+    config = record["config"]
+    asked = ("tune_methods", "tune_lrs") if "tune_methods" in config and record.get("gap") is None else ("settings",)
+    return dict(date=record["machine"]["date"], commit=record["machine"]["git_commit"], note=record.get("note", ""),
+                **{k: config.get(k) for k in asked})
+
+
+def resume(record: dict, previous: Path, tune: bool = False) -> None:
     """--resume: keep the results (and quantization gap) of an earlier run of the same configuration."""
     old = json.loads(previous.read_text())
-    if not same_configuration(old, json.loads(json.dumps(record["config"], default=str))):
+    if not same_configuration(old, json.loads(json.dumps(record["config"], default=str)), tune):
         sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
                  "(or with the same preset, options and --lr) to start over")
     results = record["results"]
@@ -1108,6 +1124,8 @@ def resume(record: dict, previous: Path) -> None:
     if old.get("gap") is not None:  # (a pilot's record has none)
         record["gap"] = old["gap"]
     record["machine"]["resumed_from"] = old["machine"]
+    record["parts"] = old.get("parts") or [run_part(old)]  # what each part ran, where and beside what
+    record["parts"].append(run_part(record))
     print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
 
 
@@ -1163,7 +1181,7 @@ def main(argv=None) -> None:
     record["machine"] = machine_info()  # once: the commit measured, before the run
     previous = out_dir / f"{stem}.json"
     if args.resume and previous.exists():
-        resume(record, previous)
+        resume(record, previous, args.tune)
 
     def save():
         record["machine"]["wall_s"] = dict(wall, total_s=round(time.time() - t_start, 1))
@@ -1247,6 +1265,12 @@ def write_report(record: dict, preset: str, cfg: dict, text: str, stem: Path, no
               f"commit {m['git_commit']}. {note}\n\n"
               f"Wall time: benchmark {m['wall_s'].get('benchmark_s', m['wall_s']['total_s']):.0f} s "
               f"(model build/cache {m['wall_s']['build_s']:.0f} s).\n\n")
+    if record.get("parts"):
+        header += "Run in parts (`--resume`):\n\n" + "\n".join(
+            f"- {p['date'][:16]}, commit {p['commit']}: " + ", ".join(
+                f"{k} {v if isinstance(v, (str, int, float)) else json.dumps(v)}" for k, v in p.items()
+                if k not in ("date", "commit", "note")) + (f". {p['note']}" if p["note"] else "")
+            for p in record["parts"]) + "\n\n"
     if "gap" in record:
         fp_ppl = record["gap"]["fp"]
         header += ("Quantization gap first (held-out perplexity, no fine-tuning): full precision "
