@@ -693,7 +693,8 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
     """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route."""
     m = make_adapter_model(method, run.dirs, bits, run.cfg)
     log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
+    update = lora_update_in_steps(m) if method != "qalora" else {}  # (QA-LoRA's A reads pooled inputs)
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **update))
     if method == "lora":  # the same trained adapter, merged the way users can today ...
         lora_by_requantizing(run, m, bits)
         lora_by_merge_lora(run, m, bits)  # ... by merge_lora onto the base's own grid ...
@@ -831,7 +832,7 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
                 model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
                 log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
             log["codes_moved_pct"] = codes_moved_pct(model)
-            if method in ("lora", "lora_r16", "qalora"):
+            if method in ("lora", "lora_r16"):
                 log.update(lora_update_in_steps(model))
             res.setdefault(method, {})[key] = dict(**score(model), **log)
             res[method][key].pop("samples", None)
@@ -944,7 +945,7 @@ def format_details(results: dict, bits: tuple) -> str:
             lines.append(f"| {setting} | {b} | {gain['lota']:+.4f} | {gain['lota_scales_only']:+.4f} | "
                          f"{gain['lota_noscales']:+.4f} | {share} |")
     updates = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits)
-               for m in ("lora", "lora_r16", "qalora") if "update_rms_steps" in res.get(m, {}).get(b, {})]
+               for m in ("lora", "lora_r16") if "update_rms_steps" in res.get(m, {}).get(b, {})]
     if updates:
         lines += ["", UPDATE_HEAD, "", "| setting | bits | method | past half a step % | past one step % | rms, steps |",
                   "|---|---|---|---|---|---|"]
