@@ -610,8 +610,8 @@ def lora_update_in_steps(model) -> dict:
         if not isinstance(layer, LoraLayer):
             continue
         quant = formats.dispatch(layer.get_base_layer(), name)
-        if quant is None:
-            continue
+        if quant is None or any(layer.lora_A[a].in_features != layer.in_features for a in layer.lora_A):
+            continue  # (not quantized, or QA-LoRA, whose A reads pooled inputs: no per-weight update)
         state = quant.read()
         delta = sum(layer.lora_B[a].weight.float() @ layer.lora_A[a].weight.float() * layer.scaling[a]
                     for a in layer.active_adapters if a in layer.lora_A)  # [out, in]
@@ -699,8 +699,7 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
     """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route."""
     m = make_adapter_model(method, run.dirs, bits, run.cfg)
     log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-    update = lora_update_in_steps(m) if method != "qalora" else {}  # (QA-LoRA's A reads pooled inputs)
-    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **update))
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
     if method == "lora":  # the same trained adapter, merged the way users can today ...
         lora_by_requantizing(run, m, bits)
         lora_by_merge_lora(run, m, bits)  # ... by merge_lora onto the base's own grid ...
@@ -838,7 +837,7 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
                 model = make_adapter_model(method, dirs, bits, dict(cfg, **knob))
                 log = train(model, method, batches, loss_fn, knob.get("lr"), f"tune {setting} {method} {key}")
             log["codes_moved_pct"] = codes_moved_pct(model)
-            if method in ("lora", "lora_r16"):
+            if method in ("lora", "lora_r16", "qalora"):
                 log.update(lora_update_in_steps(model))
             res.setdefault(method, {})[key] = dict(**score(model), **log)
             res[method][key].pop("samples", None)
@@ -1117,13 +1116,14 @@ def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
     free = ("settings", "lrs") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
     keys = (set(old["config"]) | set(config)) - set(free)  # a key an older record lacks reads as None
-    return all(old["config"].get(k) == config.get(k) for k in keys) and (tune or all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done))
+    same_rates = tune or all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done)
+    return same_rates and all(old["config"].get(k) == config.get(k) for k in keys)
 
 
-def run_part(record: dict) -> dict:
+def run_part(record: dict, tune: bool) -> dict:
     """One part of a run in parts (--resume): when and at which commit it ran, its note, and what it was asked to run."""
     config = record["config"]
-    asked = ("tune_methods", "tune_lrs") if "tune_methods" in config and record.get("gap") is None else ("settings",)
+    asked = ("tune_methods", "tune_lrs") if tune else ("settings",)
     return dict(date=record["machine"]["date"], commit=record["machine"]["git_commit"], note=record.get("note", ""),
                 **{k: config.get(k) for k in asked})
 
@@ -1141,8 +1141,8 @@ def resume(record: dict, previous: Path, tune: bool = False) -> None:
     if old.get("gap") is not None:  # (a pilot's record has none)
         record["gap"] = old["gap"]
     record["machine"]["resumed_from"] = old["machine"]
-    record["parts"] = old.get("parts") or [run_part(old)]  # what each part ran, where and beside what
-    record["parts"].append(run_part(record))
+    record["parts"] = old.get("parts") or [run_part(old, tune)]  # what each part ran, where and beside what
+    record["parts"].append(run_part(record, tune))
     print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
 
 
@@ -1263,8 +1263,9 @@ def report_only(args) -> None:
     record = json.loads((out_dir / f"{stem}.json").read_text())
     cfg, results = record["config"], record["results"]
     if args.tune:
-        write_report(record, args.preset, cfg, format_tune(results, cfg), out_dir / stem, record.get("note", ""))
-        print(format_tune(results, cfg))
+        text = format_tune(results, cfg)
+        write_report(record, args.preset, cfg, text, out_dir / stem, record.get("note", ""))
+        print(text)
         return
     if "runs" in record:
         results = over_seeds(record["runs"])
