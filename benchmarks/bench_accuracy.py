@@ -660,6 +660,7 @@ class SettingRun:
     res: dict  # results[setting]: {method: {bits: result}}
     save: Callable
     work: Path  # scratch folder of the LoRA merge routes
+    kept: Path | None = None  # where plain LoRA's trained adapters are kept, so that --resume can finish its routes
     probe: torch.Tensor = field(init=False)  # two training sequences: merged and adapter logits are compared on them
 
     def __post_init__(self) -> None:
@@ -695,15 +696,39 @@ def run_fp_lora(run: SettingRun) -> None:
     run.record("fp_lora", "fp", dict(**run.evaluate(m), **log, lr=run.lrs["fp_lora"]))
 
 
+LORA_ROUTES = ("lora_requant", *MERGE_VARIANTS, "lora_l4q")
+
+
 def run_lora(run: SettingRun, method: str, bits: int) -> None:
-    """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route."""
-    m = make_adapter_model(method, run.dirs, bits, run.cfg)
-    log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
-    if method == "lora":  # the same trained adapter, merged the way users can today ...
+    """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route.
+
+    Plain LoRA's trained adapter is kept (run.kept) before its routes: a run stopped among them (an hour of the
+    long run) resumes with the routes still missing, on the same adapter, instead of training it again."""
+    kept = run.kept / f"lora-{bits}bit" if run.kept is not None and method == "lora" else None
+    if run.done(method, bits=bits) and kept is not None and (kept / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True)
+        print(f"  {run.setting} {bits}-bit lora: the kept adapter ({kept}) goes the routes still missing", flush=True)
+    else:
+        m = make_adapter_model(method, run.dirs, bits, run.cfg)
+        log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
+        run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
+        if method != "lora":
+            return
+        kept = kept or run.work / "lora"
+        staging = kept.with_name(kept.name + ".partial")  # a stopped save never passes for a kept adapter
+        shutil.rmtree(staging, ignore_errors=True)
+        m.save_pretrained(staging)
+        shutil.rmtree(kept, ignore_errors=True)
+        staging.rename(kept)
+    # the same trained adapter, merged the way users can today: by re-quantizing, by merge_lora onto the base's
+    # own grid, and through L4Q (last: it takes the model over)
+    if not run.done("lora_requant", bits=bits):
         lora_by_requantizing(run, m, bits)
-        lora_by_merge_lora(run, m, bits)  # ... by merge_lora onto the base's own grid ...
-        lora_through_l4q(run, m, bits)  # ... and through L4Q
+    lora_by_merge_lora(run, kept, bits)
+    if not run.done("lora_l4q", bits=bits):
+        lora_through_l4q(run, m, bits)
 
 
 def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
@@ -714,13 +739,13 @@ def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def lora_by_merge_lora(run: SettingRun, m, bits: int) -> None:
+def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int) -> None:
     """MERGE_VARIANTS: the saved LoRA merged by merge_lora onto the base's own grid (a fresh copy of the base each
     time), calibrated on the LoRA's own training data."""
-    lora_dir = run.work / "lora"
-    m.save_pretrained(lora_dir)
     calib = [b if run.setting == "recovery" else b[0] for b in run.batches]  # the LoRA's training data
     for variant, options in MERGE_VARIANTS.items():
+        if run.done(variant, bits=bits):
+            continue
         options = {k: (len(calib) if v is None else v) for k, v in options.items()}
         merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
         run.record(variant, bits, dict(**run.evaluate(merged), **info))
@@ -769,15 +794,17 @@ def merged_with_rounding(run: SettingRun, m) -> dict:
     return out
 
 
-def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known: dict | None = None) -> None:
+def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known: dict | None = None,
+                kept: Path | None = None) -> None:
     """Every method at every bit width for one setting; fills results[setting][method][bits].
-    `known`: scores already measured for the un-fine-tuned models ({"fp": {...}, "4": {...}})."""
+    `known`: scores already measured for the un-fine-tuned models ({"fp": {...}, "4": {...}}); `kept`: where plain
+    LoRA's trained adapters are kept for --resume (None: not kept)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dirs["fp"])
     batches, score, loss_fn = setting_data(setting, cfg, dirs, tok)
     run = SettingRun(setting, cfg, dirs, batches, score, loss_fn, results.setdefault(setting, {}), save,
-                     Path(tempfile.mkdtemp(prefix="bench_acc_")))
+                     Path(tempfile.mkdtemp(prefix="bench_acc_")), kept)
     try:
         known = known or {}
         methods = cfg.get("setting_methods", {}).get(setting, cfg["methods"])
@@ -791,7 +818,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
             at_bits = cfg.get("bits_methods", {}).get(bits, methods)
             chosen = [m for m in methods if m in at_bits]  # what this setting runs at these bits
             for method in (m for m in ("lora", "lora_r16", "qalora") if m in chosen):
-                routes = ("lora_requant", *MERGE_VARIANTS, "lora_l4q") if method == "lora" else ()
+                routes = LORA_ROUTES if method == "lora" else ()
                 if not run.done(method, *routes, bits=bits):
                     run_lora(run, method, bits)
             for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
@@ -1211,16 +1238,17 @@ def main(argv=None) -> None:
         text = format_tune(results, cfg)
     else:
         known = quantization_gap(cfg, dirs, record)
+        kept = root / "kept-loras" / stem  # plain LoRA's trained adapters, for --resume (build/, not committed)
         runs = record.setdefault("runs", {}) if cfg["seeds"] else None  # {seed: results}, when seeds are asked for
         for setting in args.settings:
             t0 = time.time()
             gap = known if setting == "recovery" else None
             if runs is None:
-                run_setting(setting, cfg, dirs, results, save, gap)
+                run_setting(setting, cfg, dirs, results, save, gap, kept / setting)
             for seed in cfg["seeds"]:
                 print(f"{setting}, seed {seed}", flush=True)
                 run_setting(setting, dict(cfg, seed=seed, data_seed=seed), dirs, runs.setdefault(str(seed), {}),
-                            save, gap)
+                            save, gap, kept / f"{setting}-seed{seed}")
             wall[f"{setting}_s"] = round(time.time() - t0, 1)
             print(f"{setting}: {wall[f'{setting}_s']:.0f} s", flush=True)
         if runs is not None:
