@@ -81,12 +81,13 @@ _LRS = {"recovery": {"lora": 1e-3, "lora_r16": 1e-3, "qalora": 3e-4, "fp_lora": 
 _REAL = {"lora": 3e-3, "lora_r16": 3e-3, "fp_lora": 3e-3, "lota": 1e-4, "lota_noscales": 1e-4, "l4q": 3e-3,
          "l4q_fp": 3e-3, "lora_l4q": 3e-3}
 _REAL_LRS = {"recovery": dict(_REAL), "task": dict(_REAL)}
-# real-long's rates: its own pilot's best (--preset real-long --tune, recovery at 4 bits, 60 steps of 8 x 128 tokens in
-# float32, every grid bracketed: results/accuracy-real-long-tune.md). The task takes them until its own pilot (a
-# --resume may still change them: no task result is kept yet). lora_l4q takes L4Q's rate.
-_LONG = {"lora": 3e-3, "lora_r16": 3e-3, "lota": 1e-4, "lota_scales_only": 1e-4, "lota_noscales": 1e-3, "l4q": 3e-3,
-         "l4q_fp": 3e-3, "lora_l4q": 3e-3}
-_LONG_LRS = {"recovery": dict(_LONG), "task": dict(_LONG)}
+# real-long's rates: its own pilot's best (--preset real-long --tune at 4 bits, 60 steps in float32, every grid
+# bracketed: results/accuracy-real-long-tune.md); recovery: 8 x 128 tokens a step, the task: 8 chats a step.
+# lora_l4q (not piloted) takes L4Q's rate: from the GPTQ model for recovery, from full precision for the task.
+_LONG_LRS = {"recovery": {"lora": 3e-3, "lora_r16": 3e-3, "lota": 1e-4, "lota_scales_only": 1e-4,
+                          "lota_noscales": 1e-3, "l4q": 3e-3, "l4q_fp": 3e-3, "lora_l4q": 3e-3},
+             "task": {"lora": 1e-3, "lora_r16": 1e-3, "lota": 3e-5, "lota_scales_only": 3e-5,
+                      "lota_noscales": 1e-4, "l4q_fp": 3e-4, "lora_l4q": 3e-4}}
 _COMMON = dict(rank=64, paper_omega=16, qalora_group=16, task="count_params", lrs=_LRS, tune_bits=2,
                tune_lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), tune_omegas=(48, 16, 8), l4q_from_lora_fraction=0.2,
                methods=("fp_lora", "lora", "qalora", "lota", "lota_paper", "l4q", "l4q_fp"),
@@ -130,8 +131,7 @@ BENCH_PRESETS: dict[str, dict] = {
     # --resume): 128-token recovery blocks, the task at 4 bits only, its head computed on the answer tokens only, the
     # training steps under bf16 autocast (what a Trainer with bf16=True runs; 1.45x faster than float32 on this
     # machine's CPU, for LoRA and LoTA alike; scoring and merges stay float32).
-    # Its pilot (--tune): 60 steps in float32, each method's grid bracketing its best. Rates: the 30-step pilot's until
-    # its own.
+    # Its pilot (--tune): 60 steps in float32, each method's grid bracketing its best; its rates are _LONG_LRS.
     "real-long": dict(_COMMON, source="real", model="real", model_name="SmolLM2-135M-Instruct", layers=None,
                       variants={4: "gptq-4b-sym", 3: "gptq-3b-asym"}, bits=(4, 3), seq_len=128, eval_docs=64,
                       eval_blocks=48, recovery_steps=200, recovery_batch=8, task_steps=200, task_batch=8, max_test=256,
@@ -232,7 +232,8 @@ def quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("logbar", "gptqmodel", "peft", "peft_lota", "accelerate", "optimum", "torch", "matplotlib"):
+    for name in ("logbar", "gptqmodel", "peft", "peft_lota", "accelerate", "optimum", "torch", "matplotlib",
+                 "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     try:  # gptqmodel logs through LogBar, whose shared logger resets its level when first created
