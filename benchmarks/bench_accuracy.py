@@ -1231,7 +1231,9 @@ def main(argv=None) -> None:
 
     def save():
         record["machine"]["wall_s"] = dict(wall, total_s=round(time.time() - t_start, 1))
-        (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+        staging = out_dir / f"{stem}.json.partial"  # then renamed: a run stopped mid-save keeps the last results
+        staging.write_text(json.dumps(record, indent=1, default=str))
+        staging.replace(out_dir / f"{stem}.json")
 
     if args.tune:
         run_tune(cfg, dirs, results, save)
