@@ -127,7 +127,7 @@ BENCH_PRESETS: dict[str, dict] = {
     # A budget a user would recognise (issue 29): 200 optimizer steps of 8 sequences, two seeds (adapter initialisation
     # and data order), GPTQ 4-bit symmetric and 3-bit asymmetric. The references (unmerged LoRA r16 and r64), the
     # LoRA r64 merged every way (re-quantized, merge_lora, merge_lora + distillation), LoTA's defaults and its two
-    # ablations (scales only, codes only), L4Q from full precision. Cut to fit 2 cores (~12 h in all, in parts with
+    # ablations (scales only, codes only), L4Q from full precision. Cut to fit 2 cores (~14 h in all, in parts with
     # --resume): 128-token recovery blocks, the task at 4 bits only, its head computed on the answer tokens only, the
     # training steps under bf16 autocast (what a Trainer with bf16=True runs; 1.45x faster than float32 on this
     # machine's CPU, for LoRA and LoTA alike; scoring and merges stay float32).
