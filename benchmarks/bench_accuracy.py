@@ -724,16 +724,16 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
     # the same trained adapter, merged the way users can today: by re-quantizing, by merge_lora onto the base's
-    # own grid, and through L4Q (last: it takes the model over)
-    if not run.done("lora_requant", bits=bits):
-        lora_by_requantizing(run, m, bits)
+    # own grid, and through L4Q (last: it takes the model over); each route skips itself if its result is kept
+    lora_by_requantizing(run, m, bits)
     lora_by_merge_lora(run, kept, bits)
-    if not run.done("lora_l4q", bits=bits):
-        lora_through_l4q(run, m, bits)
+    lora_through_l4q(run, m, bits)
 
 
 def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
     """lora_requant: the trained LoRA merged by dequantizing, adding its delta and quantizing with GPTQ again."""
+    if run.done("lora_requant", bits=bits):
+        return
     q, info, tmp = lora_requantize(m, run.dirs, bits, run.cfg, run.work, run.probe)
     run.record("lora_requant", bits, dict(**run.evaluate(q), **info))
     for d in tmp:
@@ -756,6 +756,9 @@ def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int) -> None:
 def lora_through_l4q(run: SettingRun, m, bits: int) -> None:
     """lora_l4q: the same A, B inside L4Q's quantizer, a short quantization-aware run, merged exactly."""
     import peft_lota
+
+    if run.done("lora_l4q", bits=bits):
+        return
 
     short = run.batches[: max(1, round(run.cfg["l4q_from_lora_fraction"] * len(run.batches)))]
     l4q = peft_lota.l4q_from_lora(m)
