@@ -701,30 +701,38 @@ LORA_ROUTES = ("lora_requant", *MERGE_VARIANTS, "lora_l4q")
 
 
 def run_lora(run: SettingRun, method: str, bits: int) -> None:
-    """A LoRA-family adapter on the GPTQ model, scored unmerged; plain LoRA then goes every merge route.
-
-    Plain LoRA's trained adapter is kept (run.kept) before its routes: a run stopped among them (an hour of the
+    """A LoRA-family adapter on the GPTQ model, scored unmerged. Plain LoRA's trained adapter is kept (run.kept)
+    for its merge routes (lora_routes), which run after the exact methods: a run stopped among them (an hour of the
     long run) resumes with the routes still missing, on the same adapter, instead of training it again."""
-    kept = run.kept / f"lora-{bits}bit" if run.kept is not None and method == "lora" else None
-    if run.done(method, bits=bits) and kept is not None and (kept / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        m = PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True)
-        print(f"  {run.setting} {bits}-bit lora: the kept adapter ({kept}) goes the routes still missing", flush=True)
-    else:
-        m = make_adapter_model(method, run.dirs, bits, run.cfg)
-        log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-        run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
-        if method != "lora":
-            return
-        kept = kept or run.work / "lora"
+    m = make_adapter_model(method, run.dirs, bits, run.cfg)
+    log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
+    if method == "lora":
+        kept = kept_lora(run, bits)
         staging = kept.with_name(kept.name + ".partial")  # a stopped save never passes for a kept adapter
         shutil.rmtree(staging, ignore_errors=True)
         m.save_pretrained(staging)
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
-    # the same trained adapter, merged the way users can today: by re-quantizing, by merge_lora onto the base's
-    # own grid, and through L4Q (last: it takes the model over); each route skips itself if its result is kept
+
+
+def kept_lora(run: SettingRun, bits: int) -> Path:
+    """Where plain LoRA's trained adapter is kept for its merge routes (and for --resume)."""
+    return run.kept / f"lora-{bits}bit" if run.kept is not None else run.work / f"lora-{bits}bit"
+
+
+def lora_routes(run: SettingRun, bits: int) -> None:
+    """Plain LoRA's kept adapter merged the way users can today: by re-quantizing, by merge_lora onto the base's own
+    grid, and through L4Q (last: it takes the model over); each route skips itself if its result is kept. Without a
+    kept adapter (a part stopped before them in another session: build/ is not kept) LoRA is trained again, with the
+    same seed, and its row is replaced by the adapter the remaining routes merge."""
+    from peft import PeftModel
+
+    kept = kept_lora(run, bits)
+    if not (kept / "adapter_config.json").exists():
+        print(f"  {run.setting} {bits}-bit lora: no kept adapter; trained again for its merge routes", flush=True)
+        run_lora(run, "lora", bits)
+    m = PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True)
     lora_by_requantizing(run, m, bits)
     lora_by_merge_lora(run, kept, bits)
     lora_through_l4q(run, m, bits)
@@ -821,12 +829,15 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                 run.record("gptq", bits, known.get(str(bits)) or run.evaluate(load_quant(dirs[bits])))
             at_bits = cfg.get("bits_methods", {}).get(bits, methods)
             chosen = [m for m in methods if m in at_bits]  # what this setting runs at these bits
+            # the references first, then the exact methods, then plain LoRA's merge routes (the slowest part of a
+            # long run's cell: a part stopped there has every method's own row)
             for method in (m for m in ("lora", "lora_r16", "qalora") if m in chosen):
-                routes = LORA_ROUTES if method == "lora" else ()
-                if not run.done(method, *routes, bits=bits):
+                if not run.done(method, bits=bits):
                     run_lora(run, method, bits)
             for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
                 run_exact(run, method, bits)
+            if "lora" in chosen and not run.done(*LORA_ROUTES, bits=bits):
+                lora_routes(run, bits)
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
 
@@ -1165,6 +1176,10 @@ def resume(record: dict, previous: Path, tune: bool = False) -> None:
     if not same_configuration(old, json.loads(json.dumps(record["config"], default=str)), tune):
         sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
                  "(or with the same preset, options and --lr) to start over")
+    if not tune and old.get("bases") != record.get("bases"):
+        sys.exit(f"--resume: {previous} was measured on other base models than the ones built here (fingerprints "
+                 f"{old.get('bases')} there, {record.get('bases')} here; a build from before the reproducible "
+                 "build has none): results on different bases cannot be mixed; run without --resume to start over")
     results = record["results"]
     results.update(old["results"])
     if "runs" in old:
@@ -1228,6 +1243,8 @@ def main(argv=None) -> None:
                   results=results)
 
     record["machine"] = machine_info()  # once: the commit measured, before the run
+    if real:  # which base models were measured: results on different builds are never mixed (see resume)
+        record["bases"] = {str(k): real_model.fingerprint(d) for k, d in dirs.items()}
     previous = out_dir / f"{stem}.json"
     if args.resume and previous.exists():
         resume(record, previous, args.tune)

@@ -205,14 +205,14 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
     spec = VARIANTS[variant]
     fp = float_checkpoint(root, layers)
     out = Path(root) / (variant if layers is None else f"{variant}-L{layers}")
-    if _done(out):
-        return out
+    if _done(out) and (spec["kind"] not in ("gptq", "awq") or "fingerprint" in build_info(out)):
+        return out  # (a library build without a fingerprint predates the reproducible build: made again)
     tmp = Path(root) / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     kind = spec["kind"]
     if kind in ("gptq", "awq"):
-        library_quantize(fp, tmp, spec, calib, calib_len)
+        reproducible_quantize(fp, tmp, variant, calib, calib_len)
     elif kind == "ct":
         compressed_tensors_checkpoint(fp, tmp, spec["bits"])
     elif kind == "bnb-int8":
@@ -226,7 +226,44 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
     copy_tokenizer(fp, tmp)
     print(f"[real-model] {out.name}: {time.time() - t0:.0f} s")
     return _finish(tmp, out, {"variant": variant, "group_size": GROUP, **spec, "calibration_texts": calib,
-                              "layers": layers})
+                              "layers": layers, "fingerprint": fingerprint(tmp)})
+
+
+# GPTQ's rounding decisions follow float sums, and CPUs sum differently: MKL, oneDNN and PyTorch's own kernels pick
+# their code by the instruction set, and the same 3-bit GPTQ build came out 51.02 perplexity on one machine of ours
+# (AMD, AVX-512) and 48.62 on another (Intel, AMX). Pinned to the code every x86-64 CPU runs (MKL's COMPATIBLE branch
+# is the one it keeps identical across vendors), two threads and static scheduling, the build is the same file
+# everywhere, so that results measured in different sessions share one base model. ~1.8x slower.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                    "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2",
+                    "TORCHDYNAMO_DISABLE": "1"}
+
+
+def reproducible_quantize(fp: Path, out: Path, variant: str, calib: int = 64, calib_len: int = 256) -> None:
+    """library_quantize in a child process under REPRODUCIBLE_ENV (the libraries read it when they load)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import real_model as r; "
+            f"r._quiet(); r.library_quantize({str(fp)!r}, {str(out)!r}, r.VARIANTS[{variant!r}], {calib}, {calib_len})")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV}, check=True)
+
+
+def fingerprint(folder) -> str:
+    """sha256 (first 16 hex digits) of a checkpoint's safetensors files: the same build gives the same fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def build_info(folder) -> dict:
+    """What a cached build's marker says (its variant, spec and fingerprint; older builds lack the fingerprint)."""
+    return json.loads((Path(folder) / MARKER).read_text())
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
