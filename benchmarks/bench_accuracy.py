@@ -503,7 +503,7 @@ def exact_match(model, tok, items, batch_size: int = 64, max_new: int = 16) -> d
 def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, probe: torch.Tensor):
     """Dequantize every GPTQ layer, add the LoRA delta in float32, GPTQ-quantize again with the
     base's bits, group size and calibration (demo_model.quantize on the merged fp model; the real model:
-    real_model.library_quantize, the quantizer and calibration its GPTQ variants were made with)."""
+    real_model.reproducible_quantize, the pinned quantizer and calibration its GPTQ variants were made with)."""
     from peft.tuners.lora import LoraLayer
 
     fp = load_fp(dirs["fp"]).cpu()
@@ -531,7 +531,7 @@ def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, pr
     t0 = time.time()
     if cfg.get("source") == "real":
         real_model.copy_tokenizer(dirs["fp"], merged_fp)
-        real_model.library_quantize(merged_fp, merged_q, real_model.VARIANTS[cfg["variants"][bits]])
+        real_model.reproducible_quantize(merged_fp, merged_q, cfg["variants"][bits])
     else:
         p = dm.get_preset(cfg["model"])
         q_cfg = json.loads((Path(dirs[bits]) / "quant_log.json").read_text())
@@ -706,14 +706,14 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
     long run) resumes with the routes still missing, on the same adapter, instead of training it again."""
     m = make_adapter_model(method, run.dirs, bits, run.cfg)
     log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
-    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
-    if method == "lora":
+    if method == "lora":  # kept before its row is recorded: a row never points at an older adapter
         kept = kept_lora(run, bits)
         staging = kept.with_name(kept.name + ".partial")  # a stopped save never passes for a kept adapter
         shutil.rmtree(staging, ignore_errors=True)
         m.save_pretrained(staging)
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
+    run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
 
 
 def kept_lora(run: SettingRun, bits: int) -> Path:
@@ -1166,8 +1166,8 @@ def run_part(record: dict, tune: bool) -> dict:
     """One part of a run in parts (--resume): when and at which commit it ran, its note, and what it was asked to run."""
     config = record["config"]
     asked = ("tune_methods", "tune_lrs") if tune else ("settings",)
-    return dict(date=record["machine"]["date"], commit=record["machine"]["git_commit"], note=record.get("note", ""),
-                **{k: config.get(k) for k in asked})
+    return dict(date=record["machine"]["date"], commit=record["machine"]["git_commit"], cpu=record["machine"]["cpu"],
+                note=record.get("note", ""), **{k: config.get(k) for k in asked})
 
 
 def resume(record: dict, previous: Path, tune: bool = False) -> None:
@@ -1176,7 +1176,7 @@ def resume(record: dict, previous: Path, tune: bool = False) -> None:
     if not same_configuration(old, json.loads(json.dumps(record["config"], default=str)), tune):
         sys.exit(f"--resume: {previous} was written with another configuration; run without --resume "
                  "(or with the same preset, options and --lr) to start over")
-    if not tune and old.get("bases") != record.get("bases"):
+    if old.get("bases") != record.get("bases") and not (tune and "bases" not in old):  # (older pilots have none)
         sys.exit(f"--resume: {previous} was measured on other base models than the ones built here (fingerprints "
                  f"{old.get('bases')} there, {record.get('bases')} here; a build from before the reproducible "
                  "build has none): results on different bases cannot be mixed; run without --resume to start over")

@@ -205,13 +205,14 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
     spec = VARIANTS[variant]
     fp = float_checkpoint(root, layers)
     out = Path(root) / (variant if layers is None else f"{variant}-L{layers}")
-    if _done(out) and (spec["kind"] not in ("gptq", "awq") or "fingerprint" in build_info(out)):
-        return out  # (a library build without a fingerprint predates the reproducible build: made again)
+    library = spec["kind"] in ("gptq", "awq")
+    if _done(out) and (not library or build_info(out).get("recipe") == build_recipe()):
+        return out  # (a library build made under another recipe, or before there was one, is made again)
     tmp = Path(root) / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     kind = spec["kind"]
-    if kind in ("gptq", "awq"):
+    if library:
         reproducible_quantize(fp, tmp, variant, calib, calib_len)
     elif kind == "ct":
         compressed_tensors_checkpoint(fp, tmp, spec["bits"])
@@ -226,35 +227,68 @@ def quantized(variant: str, root, layers: Optional[int] = None, calib: int = 64,
     copy_tokenizer(fp, tmp)
     print(f"[real-model] {out.name}: {time.time() - t0:.0f} s")
     return _finish(tmp, out, {"variant": variant, "group_size": GROUP, **spec, "calibration_texts": calib,
-                              "layers": layers, "fingerprint": fingerprint(tmp)})
+                              "layers": layers, **({"recipe": build_recipe(), "fingerprint": fingerprint(tmp)}
+                                                   if library else {})})
 
 
 # GPTQ's rounding decisions follow float sums, and CPUs sum differently: MKL, oneDNN and PyTorch's own kernels pick
 # their code by the instruction set, and the same 3-bit GPTQ build came out 51.02 perplexity on one machine of ours
 # (AMD, AVX-512) and 48.62 on another (Intel, AMX). Pinned to the code every x86-64 CPU runs (MKL's COMPATIBLE branch
-# is the one it keeps identical across vendors), two threads and static scheduling, the build is the same file
-# everywhere, so that results measured in different sessions share one base model. ~1.8x slower.
-REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                    "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2",
-                    "TORCHDYNAMO_DISABLE": "1"}
+# is the one it keeps identical across vendors; ATen's baseline kernels; oneDNN's SSE4.1), two threads that MKL and
+# OpenMP may not re-size, and the CPU even where a GPU is visible (gptqmodel would quantize there), the build is meant
+# to be the same file on every machine, so that results measured in different sessions share one base model (the
+# fingerprint says whether it is). ~1.8x slower than unpinned.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE", "OMP_NUM_THREADS": "2",
+                    "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                    "CUDA_VISIBLE_DEVICES": "", "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def build_recipe() -> dict:
+    """What a library build depends on besides its variant: the pinned environment and the versions (the calibration
+    texts are this Python's standard library)."""
+    import platform
+    from importlib.metadata import version
+
+    return dict(env=REPRODUCIBLE_ENV, python=platform.python_version(), torch=version("torch"),
+                gptqmodel=version("gptqmodel"))
+
+
+def _die_with_parent() -> None:
+    """In the child: end when the parent does (a benchmark stopped by `kill` must not leave a build running)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child may outlive a killed parent
+        pass
 
 
 def reproducible_quantize(fp: Path, out: Path, variant: str, calib: int = 64, calib_len: int = 256) -> None:
-    """library_quantize in a child process under REPRODUCIBLE_ENV (the libraries read it when they load)."""
+    """library_quantize in a child process under REPRODUCIBLE_ENV (the libraries read it when they load); a failed
+    build leaves nothing at `out`."""
     import subprocess
     import sys
 
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import real_model as r; "
             f"r._quiet(); r.library_quantize({str(fp)!r}, {str(out)!r}, r.VARIANTS[{variant!r}], {calib}, {calib_len})")
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV}, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV},
+                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    if done.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"quantizing {fp} as {variant} failed in its child process (exit code {done.returncode}; "
+                           "its traceback is above)")
 
 
 def fingerprint(folder) -> str:
     """sha256 (first 16 hex digits) of a checkpoint's safetensors files: the same build gives the same fingerprint."""
     import hashlib
 
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors file to fingerprint")
     digest = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
