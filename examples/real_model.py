@@ -265,19 +265,26 @@ def _die_with_parent() -> None:
 
 
 def reproducible_quantize(fp: Path, out: Path, variant: str, calib: int = 64, calib_len: int = 256) -> None:
-    """library_quantize in a child process under REPRODUCIBLE_ENV (the libraries read it when they load); a failed
-    build leaves nothing at `out`."""
+    """library_quantize in a child process under REPRODUCIBLE_ENV (the libraries read it when they load). The
+    library's own output (progress bars, the saved configs it prints) goes to a log beside `out`, shown if it fails; a
+    failed build leaves nothing at `out`."""
     import subprocess
     import sys
 
+    out = Path(out)
+    log = out.with_name(out.name + ".log")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import real_model as r; "
             f"r._quiet(); r.library_quantize({str(fp)!r}, {str(out)!r}, r.VARIANTS[{variant!r}], {calib}, {calib_len})")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV},
-                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    print(f"[real-model] quantizing {Path(fp).name} as {variant} on a pinned code path (minutes)", flush=True)
+    with open(log, "w") as fh:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV}, stdout=fh,
+                              stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     if done.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"quantizing {fp} as {variant} failed in its child process (exit code {done.returncode}; "
-                           "its traceback is above)")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"quantizing {fp} as {variant} failed (exit code {done.returncode}); the library's output "
+                           f"is in {log}, ending:\n{tail}")
+    log.unlink()
 
 
 def fingerprint(folder) -> str:
