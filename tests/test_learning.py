@@ -40,6 +40,9 @@ STEPS, BATCH, SEQ, HELD = 12, 4, 64, 16
 # of the same recipe (gptqmodel's output is not bit-reproducible from run to run; 2026-12-06, the same at 1 and 2
 # threads). Untrained: 18.76 / 18.78. LoTA's code moves are chaotic (a flip changes the gradients that decide the
 # next flips), so the codes-only band is the widest: it still fails a route that stops learning (scales only: 15.2).
+# On the pinned build (real_model.REPRODUCIBLE_ENV, the same file on every machine; 2026-12-07): untrained 18.79,
+# lora_r16 14.27, lota 15.20 (no code moved), codes only 13.27 (26,854 codes), scales only 15.20, l4q 16.90,
+# merge_lora 14.47, lota_gguf_q4_1 16.32: every one inside its band.
 BANDS = {
     "lora_r16": (3e-3, (13.6, 14.8)),  # 14.19 / 14.18; the reference: a change here is the recipe's or a library's
     # LotaConfig() defaults: latent ternary factors and trained scales. 15.15, no code moved: since latent_threshold
