@@ -592,7 +592,7 @@ def codes_moved_pct(model) -> float:
     from peft_lota.tuner_layer import codes_moved
 
     moved = codes_moved(model)
-    return None if moved is None else round(100 * moved[0] / moved[1], 3)
+    return None if moved is None else float(f"{100 * moved[0] / moved[1]:.3g}")  # 3 significant digits: 1 code shows
 
 
 @torch.no_grad()
