@@ -1152,11 +1152,12 @@ def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
 
 def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     """--resume: whether the kept results were run as this run would run them. The settings asked for, and the rates of
-    a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot. A pilot's
-    methods and grids may differ too (its results are keyed by method and rate: a grid extended at its edge, a
-    candidate added), and its rates (the benchmark's, which only lora_l4q's pilot uses)."""
+    a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot. The methods
+    may differ (results are keyed by method: a candidate added to a candidates file), and a pilot's grids too (its
+    results are keyed by method and rate: a grid extended at its edge), and its rates (the benchmark's, which only
+    lora_l4q's pilot uses)."""
     done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
-    free = ("settings", "lrs") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
+    free = ("settings", "lrs", "methods") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
     keys = (set(old["config"]) | set(config)) - set(free)  # a key an older record lacks reads as None
     same_rates = tune or all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done)
     return same_rates and all(old["config"].get(k) == config.get(k) for k in keys)
