@@ -181,7 +181,15 @@ LOTA_VARIANTS = {
     "lota_integer": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "integer"}, "tsign"),
     "lota_float": ({"train_mode": "ternary", "omega": "paper", "train_scales": False, "offset": "float"}, "tsign"),
 }
-TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS)
+# L4Q's variants from the GPTQ model: L4QConfig fields over the benchmark's L4Q, trained at plain LoRA's rate.
+# Anchored: the LoRA's update rounds onto the base's own grid (a code moves where it passes half a step of it, the
+# rest carried as the rounding error of the next step), with scales that move as LoTA's do at its rate: scale_rate =
+# LOTA_SCALE_UNIT * LoTA's rate / LoRA's (100 * 1e-4 / 3e-3, the long run's recovery rates).
+L4Q_VARIANTS = {
+    "l4q_anchored": {"anchor_codes": True, "scale_rate": 100 * 1e-4 / 3e-3},
+    "l4q_anchored_s1": {"anchor_codes": True},  # the scales at L4Q's own rate (scale_rate 1)
+}
+TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS, *L4Q_VARIANTS)
 METHODS = {  # key: (label, description, ships as)
     "fp": ("full precision, no fine-tuning", "the unquantized model", "fp model"),
     "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of this fine-tuning", "fp model"),
@@ -202,6 +210,11 @@ METHODS = {  # key: (label, description, ships as)
     "l4q": ("L4Q from the GPTQ model, merged", "LoRA through a learnable quantizer on the GPTQ grid", "GPTQ, exact"),
     "l4q_fp": ("L4Q from full precision, merged", "LoRA through a learnable quantizer from the fp weights, the grid "
                "initialised by L4Q (same bits, group size, asymmetric)", "GPTQ, exact"),
+    "l4q_anchored": ("L4Q anchored to the GPTQ grid, LoTA-rate scales, merged", "candidate: a LoRA at LoRA's rate "
+                     "whose update rounds onto the base's grid (codes move where it passes half a step), trained "
+                     "scales moving as LoTA's", "GPTQ, exact"),
+    "l4q_anchored_s1": ("L4Q anchored to the GPTQ grid, merged", "candidate: the same at L4Q's own scale rate (a "
+                        "step moves a scale by ~lr)", "GPTQ, exact"),
     "lota": ("LoTA, defaults (latent A, B + scales, AdamW), merged", "LotaConfig() defaults under AdamW", "GPTQ, exact"),
     "lota_noscales": ("LoTA latent, codes only (no trained scales), merged", "the ablation: what moved codes learn",
                       "GPTQ, exact"),
@@ -273,8 +286,9 @@ def lota_config(method: str, cfg: dict):
     return peft_lota.LotaConfig(r=cfg["rank"], target_modules=LORA_TARGETS, init_seed=cfg.get("seed", 0), **fields)
 
 
-def l4q_config(cfg: dict, quant_dir=None):
-    """L4Q at the benchmark's rank (lora_alpha = r, like LoRA here); from full precision with the GPTQ base's grid."""
+def l4q_config(cfg: dict, quant_dir=None, **fields):
+    """L4Q at the benchmark's rank (lora_alpha = r, like LoRA here); from full precision with the GPTQ base's grid;
+    `fields`: further L4QConfig fields (L4Q_VARIANTS)."""
     import peft_lota
 
     grid = {}
@@ -282,7 +296,7 @@ def l4q_config(cfg: dict, quant_dir=None):
         qc = json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]
         grid = dict(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"])
     return peft_lota.L4QConfig(r=cfg["rank"], lora_alpha=cfg["rank"], target_modules=LORA_TARGETS,
-                               init_seed=cfg.get("seed", 0), **grid)
+                               init_seed=cfg.get("seed", 0), **grid, **fields)
 
 
 def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
@@ -301,8 +315,8 @@ def make_adapter_model(method: str, dirs: dict, bits: int | None, cfg: dict):
         return get_peft_model(base, lora_config(16, alpha=32))
     if method == "qalora":
         return get_peft_model(base, lora_config(cfg["rank"], cfg["qalora_group"]))
-    if method == "l4q":
-        return get_peft_model(base, l4q_config(cfg))
+    if method == "l4q" or method in L4Q_VARIANTS:
+        return get_peft_model(base, l4q_config(cfg, **L4Q_VARIANTS.get(method, {})))
     model = get_peft_model(base, lota_config(method, cfg))
     if LOTA_VARIANTS[method][0].get("freeze_factors"):  # only the scales train: B stays 0, no code moves
         for name, p in model.named_parameters():
@@ -672,8 +686,10 @@ class SettingRun:
         return self.cfg["lrs"][self.setting]
 
     def lr_of(self, method: str) -> float | None:
-        """A method's learning rate; LoTA's variants without their own take LoTA's."""
-        return self.lrs.get(method, self.lrs["lota"] if method.startswith("lota") else None)
+        """A method's learning rate; LoTA's variants without their own take LoTA's, L4Q's plain LoRA's."""
+        if method in self.lrs:
+            return self.lrs[method]
+        return self.lrs["lota"] if method.startswith("lota") else self.lrs["lora"] if method in L4Q_VARIANTS else None
 
     def record(self, method: str, bits, out: dict) -> None:
         self.res.setdefault(method, {})[str(bits)] = out
@@ -1159,7 +1175,8 @@ def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
     free = ("settings", "lrs", "methods") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
     keys = (set(old["config"]) | set(config)) - set(free)  # a key an older record lacks reads as None
-    same_rates = tune or all(old["config"]["lrs"].get(s) == config["lrs"].get(s) for s in done)
+    same_rates = tune or all(config["lrs"].get(s, {}).get(m) == lr for s in done
+                             for m, lr in old["config"]["lrs"].get(s, {}).items())  # (a new method's rate may join)
     return same_rates and all(old["config"].get(k) == config.get(k) for k in keys)
 
 

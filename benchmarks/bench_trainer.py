@@ -65,8 +65,6 @@ def parse_args(argv=None):
     ap.add_argument("--code", default=None, help="a checkout whose peft_lota is imported instead of this one")
     ap.add_argument("--tag", default="", help="a name for the row")
     ap.add_argument("--note", default="", help="what else ran on the machine, or anything else the row should say")
-    ap.add_argument("--l4q-scale-unit", type=float, default=None,
-                    help="L4Q: the scale multiplier's unit (1 + unit * u; the package's is 1; LoTA's is 100)")
     ap.add_argument("--diagnose", action="store_true", help="LoTA, L4Q: record how the moved codes sit in each layer "
                     "(spectral norm of s * D against the weight's, rank-one share, a random-placement control)")
     ap.add_argument("--report", action="store_true", help="write trainer-runs.md from trainer-runs.jsonl, run nothing")
@@ -215,10 +213,6 @@ def main(argv=None) -> None:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=config.get("lora_alpha", 2 * r),
                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
     elif args.method == "l4q":
-        if args.l4q_scale_unit is not None:  # an experiment's knob: how far a step of the learning rate moves a scale
-            import peft_lota.l4q.layer as l4q_layer
-
-            l4q_layer.L4Q_SCALE_UNIT = args.l4q_scale_unit
         model = get_peft_model(model, peft_lota.L4QConfig(target_modules=TARGETS, init_seed=args.init_seed, **config))
     else:
         fields = {k: v for k, v in config.items() if k != "freeze_factors"}
@@ -246,8 +240,6 @@ def main(argv=None) -> None:
     if args.code:
         commit = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or args.code
-    if args.l4q_scale_unit is not None:
-        config = dict(config, scale_unit=args.l4q_scale_unit)
     row = dict(tag=args.tag, commit=commit, method=args.method,
                lr=args.lr, config=config, init_seed=args.init_seed, seed=args.seed, variant=args.variant,
                seq=args.seq,

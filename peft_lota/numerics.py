@@ -123,10 +123,9 @@ def add_group_sums_(total: torch.Tensor, state: QuantState, part: torch.Tensor, 
 
 
 # Trained scales are parametrised as s0 * (1 + unit * u), u starting at 0, so that one optimizer step at the
-# method's usual learning rate moves a scale by a sensible fraction: LoTA (lr ~1e-4) by up to ~1%, L4Q (lr ~1e-3,
-# its LoRA's) by up to ~0.1%. The accuracy pilot chose both (benchmarks/README.md).
+# method's usual learning rate moves a scale by a sensible fraction: LoTA (lr ~1e-4) by up to ~1%; L4Q's unit is its
+# config's scale_rate (default 1: at its LoRA's lr ~1e-3, ~0.1%). The accuracy pilot chose both (benchmarks/README.md).
 LOTA_SCALE_UNIT = 100.0
-L4Q_SCALE_UNIT = 1.0
 
 
 def scale_multiplier(u: torch.Tensor, unit: float) -> torch.Tensor:

@@ -137,6 +137,30 @@ def test_anchored_codes_move_with_the_lora_only(gptq_dir, tmp_path):
         L4QConfig(anchor_codes=True, scale_gradient="lsq")
 
 
+def test_scale_rate_is_how_far_u_moves_a_scale_and_reloads(gptq_dir, tmp_path):
+    """scale_rate k: the scales are s0 * (1 + k u), the same model as k u at rate 1; it is saved with the adapter, so a
+    reloaded adapter gives the same logits, and the merge is exact."""
+    path = gptq_dir(Spec("llama", 3, False, True, "gptq"))
+    out = {}
+    for rate in (1.0, 4.0):
+        model = get_peft_model(load_gptq(path), L4QConfig(r=4, init_seed=0, anchor_codes=True, scale_rate=rate))
+        with torch.no_grad():
+            for i, layer in enumerate(l4q_layers(model)):
+                m = layer.l4q_scales["default"]
+                m.copy_(0.02 * (torch.rand(m.shape, generator=torch.Generator().manual_seed(i)) - 0.5) / rate)
+        out[rate] = logits(model)
+    assert torch.equal(out[1.0], out[4.0])  # 4 * (x / 4) and x are the same float32 multiplier here
+    assert not torch.equal(out[1.0], logits(load_gptq(path)))
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_gptq(path), str(tmp_path / "adapter"))
+    assert reloaded.peft_config["default"].scale_rate == 4.0
+    assert torch.equal(logits(reloaded), out[4.0])
+    assert torch.equal(logits(model.merge_and_unload(safe_merge=True)), out[4.0])
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="scale_rate"):
+            L4QConfig(scale_rate=bad)
+
+
 def test_a_fresh_adapter_reproduces_the_codes_and_the_stock_weights():
     state, A, B, s, x = _problem("act-order", scales_dtype=torch.float16)
     grid = q.Grid.from_quantized(state)

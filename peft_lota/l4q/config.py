@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -89,6 +91,13 @@ class L4QConfig(PeftConfig):
                           "without re-rounding it, so a code moves only where the LoRA passes half a step of it. False "
                           "(the paper): the codes round against the trained scales, so a scale change can move codes."},
     )
+    scale_rate: float = field(
+        default=1.0,
+        metadata={"help": "How fast the trained scales move against the LoRA: a scale is s0 * (1 + scale_rate * u), "
+                          "so one optimizer step at rate lr changes it by up to about scale_rate * lr of itself. 1: a "
+                          "step at L4Q's usual rate (1e-3) moves a scale by ~0.1%; LoTA's trained scales move ~1% a "
+                          "step at its rate."},
+    )
     base_layers: Optional[dict] = field(default=None, metadata={"help": BASE_LAYERS_HELP})
     init_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed for the Kaiming-uniform initialisation of A (None: torch's global one)."})
@@ -127,6 +136,9 @@ class L4QConfig(PeftConfig):
             raise ValueError("L4QConfig: anchor_codes=True keeps the codes where the starting grid rounds them, so the "
                              "scales' gradient is their own (scale_gradient='codes', the default with it); LSQ's "
                              "gradient assumes codes that re-round as the scales move.")
+        if isinstance(self.scale_rate, bool) or not isinstance(self.scale_rate, (int, float)) \
+                or not (math.isfinite(self.scale_rate) and self.scale_rate > 0):
+            raise ValueError(f"L4QConfig: scale_rate must be a positive number, got {self.scale_rate!r}.")
         if not isinstance(self.learn_scales, bool):
             raise ValueError(f"L4QConfig: learn_scales must be True or False, got {self.learn_scales!r}.")
 

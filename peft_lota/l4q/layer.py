@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from .. import formats
 from ..formats.base import Format, QuantWeights
 from ..formats.packing import word_rows
-from ..numerics import L4Q_SCALE_UNIT, scale_multiplier
+from ..numerics import scale_multiplier
 from ..guards import NonFiniteError, refuse_non_finite, refuse_non_finite_adapters
 from ..tuner_layer import QuantLayer, RoundToStoredSTE
 from .quantizer import Grid, default_g_idx, init_grid, l4q_linear, quantized_codes
@@ -38,6 +38,7 @@ class L4QSettings:
     learn_scales: bool = True
     scale_gradient: str = "lsq"
     anchor_codes: bool = False
+    scale_rate: float = 1.0  # L4QConfig.scale_rate: the scales' multiplier is 1 + scale_rate * u
 
 
 class L4QLayer(QuantLayer):
@@ -55,7 +56,7 @@ class L4QLayer(QuantLayer):
         super().__init__(base_layer, quant, adapter_name, current_key)
         self.l4q_A = nn.ParameterDict({})
         self.l4q_B = nn.ParameterDict({})
-        self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + L4Q_SCALE_UNIT * u)
+        self.l4q_scales = nn.ParameterDict({})  # u of the learned scales s0 * (1 + scale_rate * u)
         self.settings: dict[str, L4QSettings] = {}
         self.target_format_name: Optional[str] = None  # nn.Linear base: the format a merge builds (a name: picklable)
         if quant is None:
@@ -139,7 +140,8 @@ class L4QLayer(QuantLayer):
         if adapter_name not in self.l4q_scales:
             return None
         s0 = grid.state.scales  # rounded to what the checkpoint stores (GGUF: fp16 d, its products in float32)
-        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name], L4Q_SCALE_UNIT),
+        return RoundToStoredSTE.apply(s0.float() * scale_multiplier(self.l4q_scales[adapter_name],
+                                                                      self.settings[adapter_name].scale_rate),
                                       grid.state.scale_dtype)
 
     def adapted_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:

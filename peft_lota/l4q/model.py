@@ -42,7 +42,8 @@ class L4QModel(QuantTuner):
     @staticmethod
     def _settings(config: L4QConfig) -> L4QSettings:
         return L4QSettings(r=config.r, scaling=config.scaling, learn_scales=config.learn_scales,
-                           scale_gradient=config.scale_gradient, anchor_codes=config.anchor_codes)
+                           scale_gradient=config.scale_gradient, anchor_codes=config.anchor_codes,
+                           scale_rate=float(config.scale_rate))
 
     def _create_and_replace(self, config: L4QConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:
