@@ -258,13 +258,28 @@ def quiet() -> None:
 
 
 # ----------------------------------------------------------------------------- models
+BASES: dict[str, str] = {}  # the real presets' base models: folder -> fingerprint when the run began (set in main)
+
+
+def check_base(folder) -> None:
+    """Refuse a base model that changed under a running benchmark (a second build on the same --root replaces it):
+    the rows measured before and after would be on two different models."""
+    want = BASES.get(str(Path(folder).resolve()))
+    if want is not None and real_model.fingerprint(folder) != want:
+        raise RuntimeError(f"{folder} changed while this benchmark ran (its fingerprint was {want}; another build on "
+                           "the same --root?): rows on two base models cannot be mixed. Run it again with --resume, "
+                           "which keeps the rows measured so far only if they were on the model now there.")
+
+
 def load_fp(fp_dir):
     from transformers import AutoModelForCausalLM
 
+    check_base(fp_dir)
     return AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).to(device())
 
 
 def load_quant(q_dir):
+    check_base(q_dir)
     # float32 activations everywhere: the adapters train in float32 and CPU has no fast fp16 matmul.
     return dm.load_gptq(q_dir, dtype=torch.float32, device_map={"": device()})
 
@@ -1263,6 +1278,7 @@ def main(argv=None) -> None:
     record["machine"] = machine_info()  # once: the commit measured, before the run
     if real:  # which base models were measured: results on different builds are never mixed (see resume)
         record["bases"] = {str(k): real_model.fingerprint(d) for k, d in dirs.items()}
+        BASES.update({str(Path(d).resolve()): record["bases"][str(k)] for k, d in dirs.items()})
     previous = out_dir / f"{stem}.json"
     if args.resume and previous.exists():
         resume(record, previous, args.tune)

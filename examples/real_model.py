@@ -273,11 +273,11 @@ def reproducible_quantize(fp: Path, out: Path, variant: str, calib: int = 64, ca
 
     out = Path(out)
     log = out.with_name(out.name + ".log")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import real_model as r; "
-            f"r._quiet(); r.library_quantize({str(fp)!r}, {str(out)!r}, r.VARIANTS[{variant!r}], {calib}, {calib_len})")
+    command = [sys.executable, str(Path(__file__).resolve()), "--quantize-only", str(fp), str(out), variant, str(calib),
+               str(calib_len)]
     print(f"[real-model] quantizing {Path(fp).name} as {variant} on a pinned code path (minutes)", flush=True)
     with open(log, "w") as fh:
-        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **REPRODUCIBLE_ENV}, stdout=fh,
+        done = subprocess.run(command, env={**os.environ, **REPRODUCIBLE_ENV}, stdout=fh,
                               stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     if done.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -405,8 +405,15 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all 30)")
     ap.add_argument("--eval", type=int, default=0, metavar="N", help="also print each one's perplexity on N held-out "
                                                                       "docstrings")
+    # reproducible_quantize's child: library_quantize alone, in the environment its parent pinned
+    ap.add_argument("--quantize-only", nargs=5, metavar=("FP", "OUT", "VARIANT", "CALIB", "CALIB_LEN"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     _quiet()
+    if args.quantize_only:
+        fp, out, variant, calib, calib_len = args.quantize_only
+        library_quantize(fp, out, VARIANTS[variant], int(calib), int(calib_len))
+        return
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
