@@ -265,7 +265,11 @@ def check_base(folder) -> None:
     """Refuse a base model that changed under a running benchmark (a second build on the same --root replaces it):
     the rows measured before and after would be on two different models."""
     want = BASES.get(str(Path(folder).resolve()))
-    if want is not None and real_model.fingerprint(folder) != want:
+    try:
+        now = want and real_model.fingerprint(folder)
+    except FileNotFoundError:  # (caught in the middle of being replaced)
+        now = None
+    if want is not None and now != want:
         raise RuntimeError(f"{folder} changed while this benchmark ran (its fingerprint was {want}; another build on "
                            "the same --root?): rows on two base models cannot be mixed. Run it again with --resume, "
                            "which keeps the rows measured so far only if they were on the model now there.")
@@ -701,10 +705,7 @@ class SettingRun:
         return self.cfg["lrs"][self.setting]
 
     def lr_of(self, method: str) -> float | None:
-        """A method's learning rate; LoTA's variants without their own take LoTA's, L4Q's plain LoRA's."""
-        if method in self.lrs:
-            return self.lrs[method]
-        return self.lrs["lota"] if method.startswith("lota") else self.lrs["lora"] if method in L4Q_VARIANTS else None
+        return rate_of(self.lrs, method)
 
     def record(self, method: str, bits, out: dict) -> None:
         self.res.setdefault(method, {})[str(bits)] = out
@@ -895,7 +896,8 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
             if LOTA_VARIANTS.get(method, (None, "adamw"))[1].startswith("tsign"):
                 runs += [(method, dict(paper_omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
             else:
-                grid = cfg["tune_lrs"][method] if isinstance(cfg["tune_lrs"], dict) else cfg["tune_lrs"]
+                grid = cfg["tune_lrs"] if not isinstance(cfg["tune_lrs"], dict) else \
+                    cfg["tune_lrs"].get(method) or cfg["tune_lrs"]["lota" if method.startswith("lota") else "lora"]
                 runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in grid]
         for method, knob, key in runs:
             if key in res.get(method, {}):  # --resume: this run is in the results already
@@ -1163,6 +1165,9 @@ def preset_config(args: argparse.Namespace) -> dict:
     cfg["seeds"] = list(args.seeds or cfg.get("seeds") or ())  # empty: one run at --seed, the data in a fixed order
     if args.methods:
         cfg["methods"] = tuple(args.methods)
+    # what each LoTA and L4Q variant is (--resume refuses rows of a variant whose definition has changed since)
+    cfg["variants"] = {**{k: {"fields": v[0], "rule": v[1]} for k, v in LOTA_VARIANTS.items()},
+                       **{k: {"fields": v, "rule": "adamw"} for k, v in L4Q_VARIANTS.items()}}
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
@@ -1181,18 +1186,33 @@ def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
     return dm.build(cfg["model"], root, bits=bits)
 
 
+def rate_of(lrs: dict, method: str) -> float | None:
+    """A method's learning rate in one setting's table; LoTA's variants without their own take LoTA's, L4Q's plain
+    LoRA's."""
+    if method in lrs:
+        return lrs[method]
+    return lrs.get("lota") if method.startswith("lota") else lrs.get("lora") if method in L4Q_VARIANTS else None
+
+
 def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     """--resume: whether the kept results were run as this run would run them. The settings asked for, and the rates of
     a setting the earlier run has no result of, may differ: a long run's task joins after its own pilot. The methods
     may differ (results are keyed by method: a candidate added to a candidates file), and a pilot's grids too (its
     results are keyed by method and rate: a grid extended at its edge), and its rates (the benchmark's, which only
-    lora_l4q's pilot uses)."""
-    done = set(old["results"]) | {setting for by_seed in old.get("runs", {}).values() for setting in by_seed}
-    free = ("settings", "lrs", "methods") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
+    lora_l4q's pilot uses). A method with kept rows must keep its rate (its own or its family's) and its variant's
+    fields (an older record has none to compare)."""
+    tables = [old["results"], *old.get("runs", {}).values()]
+    kept = {(setting, method) for t in tables for setting, by_method in t.items() for method in by_method}
+    done = {setting for setting, _ in kept} | set(old["results"])
+    free = ("settings", "lrs", "methods", "variants") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
     keys = (set(old["config"]) | set(config)) - set(free)  # a key an older record lacks reads as None
-    same_rates = tune or all(config["lrs"].get(s, {}).get(m) == lr for s in done
-                             for m, lr in old["config"]["lrs"].get(s, {}).items())  # (a new method's rate may join)
-    return same_rates and all(old["config"].get(k) == config.get(k) for k in keys)
+    old_lrs, new_lrs = old["config"]["lrs"], config["lrs"]
+    same_rates = tune or (all(new_lrs.get(s, {}).get(m) == lr for s in done  # (a new method's rate may join)
+                              for m, lr in old_lrs.get(s, {}).items())
+                          and all(rate_of(old_lrs.get(s, {}), m) == rate_of(new_lrs.get(s, {}), m) for s, m in kept))
+    old_variants = old["config"].get("variants") or {}
+    same_variants = all(old_variants[m] == config.get("variants", {}).get(m) for _, m in kept if m in old_variants)
+    return same_rates and same_variants and all(old["config"].get(k) == config.get(k) for k in keys)
 
 
 def run_part(record: dict, tune: bool) -> dict:

@@ -155,6 +155,11 @@ def test_scale_rate_is_how_far_u_moves_a_scale_and_reloads(gptq_dir, tmp_path):
     reloaded = PeftModel.from_pretrained(load_gptq(path), str(tmp_path / "adapter"))
     assert reloaded.peft_config["default"].scale_rate == 4.0
     assert torch.equal(logits(reloaded), out[4.0])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    del config["scale_rate"]  # an adapter saved before the field: rate 1
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    older = PeftModel.from_pretrained(load_gptq(path), str(tmp_path / "adapter"))
+    assert older.peft_config["default"].scale_rate == 1.0 and not torch.equal(logits(older), out[4.0])
     assert torch.equal(logits(model.merge_and_unload(safe_merge=True)), out[4.0])
     for bad in (0, -1.0, float("nan"), True, "2"):
         with pytest.raises(ValueError, match="scale_rate"):

@@ -150,6 +150,7 @@ class L4QConfig(PeftConfig):
     def describe_settings(config: dict) -> list[tuple[str, object]]:
         """(key, value) rows of a saved L4QConfig (adapter_config.json), for the command line's inspect."""
         return [("lora_alpha", config.get("lora_alpha")), ("learned scales", config.get("learn_scales")),
+                ("scale rate", config.get("scale_rate", 1.0)), ("anchored codes", config.get("anchor_codes", False)),
                 ("grid (bits, group, sym)", (config.get("bits"), config.get("group_size"), config.get("sym")))]
 
     def quantizer(self) -> tuple[int, int, bool]:

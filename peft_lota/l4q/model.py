@@ -123,5 +123,7 @@ class L4QModel(QuantTuner):
                        "the merge wrote the quantized result, the codes and the trained scales, exactly as training "
                        "computed them.",
             "settings": {"L4Q rank r": getattr(config, "r", None), "L4Q lora_alpha": getattr(config, "lora_alpha", None),
-                         "L4Q learned scales": getattr(config, "learn_scales", None)},
+                         "L4Q learned scales": getattr(config, "learn_scales", None),
+                         "L4Q scale rate": getattr(config, "scale_rate", None),
+                         "L4Q anchored codes": getattr(config, "anchor_codes", None)},
         }
