@@ -1169,7 +1169,7 @@ def preset_config(args: argparse.Namespace) -> dict:
     if args.methods:
         cfg["methods"] = tuple(args.methods)
     # what each LoTA and L4Q variant is (--resume refuses rows of a variant whose definition has changed since)
-    cfg["variants"] = {**{k: {"fields": v[0], "rule": v[1]} for k, v in LOTA_VARIANTS.items()},
+    cfg["method_variants"] = {**{k: {"fields": v[0], "rule": v[1]} for k, v in LOTA_VARIANTS.items()},
                        **{k: {"fields": v, "rule": "adamw"} for k, v in L4Q_VARIANTS.items()}}
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
@@ -1207,14 +1207,14 @@ def same_configuration(old: dict, config: dict, tune: bool) -> bool:
     tables = [old["results"], *old.get("runs", {}).values()]
     kept = {(setting, method) for t in tables for setting, by_method in t.items() for method in by_method}
     done = {setting for setting, _ in kept} | set(old["results"])
-    free = ("settings", "lrs", "methods", "variants") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
+    free = ("settings", "lrs", "methods", "method_variants") + (("tune_lrs", "tune_methods", "tune_omegas") if tune else ())
     keys = (set(old["config"]) | set(config)) - set(free)  # a key an older record lacks reads as None
     old_lrs, new_lrs = old["config"]["lrs"], config["lrs"]
     same_rates = tune or (all(new_lrs.get(s, {}).get(m) == lr for s in done  # (a new method's rate may join)
                               for m, lr in old_lrs.get(s, {}).items())
                           and all(rate_of(old_lrs.get(s, {}), m) == rate_of(new_lrs.get(s, {}), m) for s, m in kept))
-    old_variants = old["config"].get("variants") or {}
-    same_variants = all(old_variants[m] == config.get("variants", {}).get(m) for _, m in kept if m in old_variants)
+    old_variants = old["config"].get("method_variants") or {}
+    same_variants = all(old_variants[m] == config.get("method_variants", {}).get(m) for _, m in kept if m in old_variants)
     return same_rates and same_variants and all(old["config"].get(k) == config.get(k) for k in keys)
 
 
