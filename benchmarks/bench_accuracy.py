@@ -186,7 +186,8 @@ LOTA_VARIANTS = {
 # rest carried as the rounding error of the next step), with scales that move as LoTA's do at its rate: scale_rate =
 # LOTA_SCALE_UNIT * LoTA's rate / LoRA's (100 * 1e-4 / 3e-3, the long run's recovery rates).
 L4Q_VARIANTS = {
-    "l4q_anchored": {"anchor_codes": True, "scale_rate": 100 * 1e-4 / 3e-3},
+    "l4q_anchored": {"anchor_codes": True,
+                     "scale_rate": 100 * _LONG_LRS["recovery"]["lota"] / _LONG_LRS["recovery"]["lora"]},
     "l4q_anchored_s1": {"anchor_codes": True},  # the scales at L4Q's own rate (scale_rate 1)
 }
 TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS, *L4Q_VARIANTS)
@@ -266,11 +267,13 @@ def check_base(folder) -> None:
     """Refuse a base model that changed under a running benchmark (a second build on the same --root replaces it):
     the rows measured before and after would be on two different models."""
     want = BASES.get(str(Path(folder).resolve()))
+    if want is None:  # (not a base model of a real preset)
+        return
     try:
-        now = want and real_model.fingerprint(folder)
+        now = real_model.fingerprint(folder)
     except FileNotFoundError:  # (caught in the middle of being replaced)
         now = None
-    if want is not None and now != want:
+    if now != want:
         raise RuntimeError(f"{folder} changed while this benchmark ran (its fingerprint was {want}; another build on "
                            "the same --root?): rows on two base models cannot be mixed. Run it again with --resume, "
                            "which keeps the rows measured so far only if they were on the model now there.")
@@ -582,7 +585,7 @@ def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, pr
 # merge_lora's routes for one LoRA: codes only, its defaults (codes and scales), and the defaults plus a distillation
 # of as many steps as the LoRA trained (None: the number of training batches).
 MERGE_VARIANTS = {"lora_merge": {"train_scales": False}, "lora_merge_scales": {},
-                  "lora_merge_distill": {"distill_steps": None}}  # None: the run's (below)
+                  "lora_merge_distill": {"distill_steps": None}}  # None: as many steps as the LoRA trained
 
 
 def lora_merged(q_dir, lora_dir, calib: list, options: dict):
@@ -788,10 +791,9 @@ def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int) -> None:
     for variant, options in MERGE_VARIANTS.items():
         if run.done(variant, bits=bits):
             continue
-        # as many distillation steps as the LoRA trained, at merge_lora's default rate (3e-5): LoTA's rate (1e-4) did
-        # worse on the long run's first cell (18.51 against 16.94; a lower rate is not tried yet)
-        run_value = {"distill_steps": len(calib)}
-        options = {k: (run_value[k] if v is None else v) for k, v in options.items()}
+        # (distilled at merge_lora's default rate, 3e-5: LoTA's 1e-4 did worse on the long run's first cell, 18.51
+        # against 16.94; a lower rate is not tried yet)
+        options = {k: (len(calib) if v is None else v) for k, v in options.items()}
         merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
         run.record(variant, bits, dict(**run.evaluate(merged), **info))
         del merged
@@ -901,7 +903,7 @@ def run_tune(cfg: dict, dirs: dict, results: dict, save) -> None:
                 runs += [(method, dict(paper_omega=o), f"omega={o}") for o in cfg["tune_omegas"]]
             else:
                 grid = cfg["tune_lrs"] if not isinstance(cfg["tune_lrs"], dict) else \
-                    cfg["tune_lrs"].get(method) or cfg["tune_lrs"]["lota" if method.startswith("lota") else "lora"]
+                    cfg["tune_lrs"].get(method) or cfg["tune_lrs"][family_of(method)]
                 runs += [(method, dict(lr=lr), f"lr={lr:g}") for lr in grid]
         for method, knob, key in runs:
             if key in res.get(method, {}):  # --resume: this run is in the results already
@@ -1190,12 +1192,14 @@ def build_models(cfg: dict, root: Path, bits: tuple) -> dict:
     return dm.build(cfg["model"], root, bits=bits)
 
 
+def family_of(method: str) -> str:
+    """Whose rate (and pilot grid) a method without its own takes: LoTA's variants LoTA's, L4Q's plain LoRA's."""
+    return "lota" if method.startswith("lota") else "lora" if method in L4Q_VARIANTS else method
+
+
 def rate_of(lrs: dict, method: str) -> float | None:
-    """A method's learning rate in one setting's table; LoTA's variants without their own take LoTA's, L4Q's plain
-    LoRA's."""
-    if method in lrs:
-        return lrs[method]
-    return lrs.get("lota") if method.startswith("lota") else lrs.get("lora") if method in L4Q_VARIANTS else None
+    """A method's learning rate in one setting's table, else its family's."""
+    return lrs.get(method, lrs.get(family_of(method)))
 
 
 def same_configuration(old: dict, config: dict, tune: bool) -> bool:
