@@ -190,6 +190,9 @@ L4Q_VARIANTS = {
                      "scale_rate": 100 * _LONG_LRS["recovery"]["lota"] / _LONG_LRS["recovery"]["lora"]},
     "l4q_anchored_s1": {"anchor_codes": True},  # the scales at L4Q's own rate (scale_rate 1)
 }
+# merge_lora candidates over its routes (MERGE_VARIANTS), run only when named in --methods (in a candidates file, on
+# the main run's kept LoRA): the distillation's rate bracketed (1e-4 did worse than the default 3e-5).
+MERGE_CANDIDATES = {"lora_merge_distill_lr1e-5": {"distill_steps": None, "distill_lr": 1e-5}}
 TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS, *L4Q_VARIANTS)
 METHODS = {  # key: (label, description, ships as)
     "fp": ("full precision, no fine-tuning", "the unquantized model", "fp model"),
@@ -207,6 +210,8 @@ METHODS = {  # key: (label, description, ships as)
     "lora_merge_distill": ("LoRA merged by merge_lora + distillation", "the defaults, then as many steps of LoTA as "
                            "the LoRA trained, distilling the unmerged LoRA's next-token distribution",
                            "GPTQ, base grid"),
+    "lora_merge_distill_lr1e-5": ("LoRA merged by merge_lora + distillation at 1e-5", "candidate: the same "
+                                  "distillation at a third of merge_lora's default rate", "GPTQ, base grid"),
     "lora_l4q": ("LoRA -> l4q_from_lora (+1/5 of the steps), merged", "the same LoRA inside L4Q's quantizer, a short "
                  "quantization-aware run, merged exactly", "GPTQ, exact"),
     "l4q": ("L4Q from the GPTQ model, merged", "LoRA through a learnable quantizer on the GPTQ grid", "GPTQ, exact"),
@@ -583,9 +588,9 @@ def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, pr
 
 
 # merge_lora's routes for one LoRA: codes only, its defaults (codes and scales), and the defaults plus a distillation
-# of as many steps as the LoRA trained (None: the number of training batches).
+# of as many steps as the LoRA trained (None: the number of training batches), at merge_lora's default rate (3e-5).
 MERGE_VARIANTS = {"lora_merge": {"train_scales": False}, "lora_merge_scales": {},
-                  "lora_merge_distill": {"distill_steps": None}}  # None: as many steps as the LoRA trained
+                  "lora_merge_distill": {"distill_steps": None}}
 
 
 def lora_merged(q_dir, lora_dir, calib: list, options: dict):
@@ -698,7 +703,7 @@ class SettingRun:
     res: dict  # results[setting]: {method: {bits: result}}
     save: Callable
     work: Path  # scratch folder of the LoRA merge routes
-    kept: Path | None = None  # where plain LoRA's trained adapters are kept, so that --resume can finish its routes
+    kept: Path | None = None  # where plain LoRA's trained adapters are kept, for --resume and merge candidates
     probe: torch.Tensor = field(init=False)  # two training sequences: merged and adapter logits are compared on them
 
     def __post_init__(self) -> None:
@@ -747,31 +752,55 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
         staging = kept.with_name(kept.name + ".partial")  # a stopped save never passes for a kept adapter
         shutil.rmtree(staging, ignore_errors=True)
         m.save_pretrained(staging)
+        (staging / RECIPE).write_text(json.dumps(lora_recipe(run, bits), indent=1, sort_keys=True))
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
     run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
 
 
+RECIPE = "bench_recipe.json"  # beside a kept LoRA adapter: what it was trained by (lora_recipe)
+# Configuration keys that only choose what a run runs (which methods, settings, bit widths, seeds; the pilot's grids)
+# and not how plain LoRA trains: a kept adapter serves every run that differs from its own only in these.
+NOT_RECIPE = ("methods", "method_variants", "settings", "bits", "setting_bits", "bits_methods", "setting_methods",
+              "seeds", "lrs", "history", "tune_bits", "tune_lrs", "tune_methods", "tune_omegas")
+
+
+def lora_recipe(run: SettingRun, bits: int) -> dict:
+    """What plain LoRA's trained adapter depends on: the run's configuration less NOT_RECIPE (a key it does not name
+    counts: an unforeseen difference trains again rather than reuses), its setting, rate, and base model."""
+    cfg = {k: v for k, v in run.cfg.items() if k not in NOT_RECIPE}
+    base = BASES.get(str(Path(run.dirs[bits]).resolve()), str(run.dirs[bits]))
+    return json.loads(json.dumps(dict(cfg, setting=run.setting, bits=bits, lr=run.lrs["lora"], base=base),
+                                 default=str, sort_keys=True))
+
+
 def kept_lora(run: SettingRun, bits: int) -> Path:
-    """Where plain LoRA's trained adapter is kept for its merge routes (and for --resume)."""
+    """Where plain LoRA's trained adapter is kept for its merge routes (and for --resume, and merge candidates)."""
     return run.kept / f"lora-{bits}bit" if run.kept is not None else run.work / f"lora-{bits}bit"
 
 
-def lora_routes(run: SettingRun, bits: int) -> None:
+def lora_routes(run: SettingRun, bits: int, routes) -> None:
     """Plain LoRA's kept adapter merged the way users can today: by re-quantizing, by merge_lora onto the base's own
-    grid, and through L4Q (last: it takes the model over); each route skips itself if its result is kept. Without a
-    kept adapter (a part stopped before them in another session: build/ is not kept) LoRA is trained again, with the
-    same seed, and its row is replaced by the adapter the remaining routes merge."""
+    grid, and through L4Q (last: it takes the model over); `routes`: which of them (LORA_ROUTES, MERGE_CANDIDATES),
+    each skipped if its result is kept. Without a kept adapter of this very recipe (a part stopped before them in
+    another session: build/ is not kept; a candidates file of other settings) LoRA is trained again, with the same
+    seed, and its row is replaced by the adapter the remaining routes merge."""
     from peft import PeftModel
 
     kept = kept_lora(run, bits)
-    if not (kept / "adapter_config.json").exists():
-        print(f"  {run.setting} {bits}-bit lora: no kept adapter; trained again for its merge routes", flush=True)
+    try:
+        same = json.loads((kept / RECIPE).read_text()) == lora_recipe(run, bits)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        print(f"  {run.setting} {bits}-bit lora: no kept adapter of this recipe; trained for its merge routes", flush=True)
         run_lora(run, "lora", bits)
     m = PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True)
-    lora_by_requantizing(run, m, bits)
-    lora_by_merge_lora(run, kept, bits)
-    lora_through_l4q(run, m, bits)
+    if "lora_requant" in routes:
+        lora_by_requantizing(run, m, bits)
+    lora_by_merge_lora(run, kept, bits, [r for r in routes if r in MERGE_VARIANTS or r in MERGE_CANDIDATES])
+    if "lora_l4q" in routes:
+        lora_through_l4q(run, m, bits)
 
 
 def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
@@ -784,16 +813,16 @@ def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int) -> None:
-    """MERGE_VARIANTS: the saved LoRA merged by merge_lora onto the base's own grid (a fresh copy of the base each
-    time), calibrated on the LoRA's own training data."""
+def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int, variants) -> None:
+    """`variants` (of MERGE_VARIANTS, MERGE_CANDIDATES): the saved LoRA merged by merge_lora onto the base's own grid
+    (a fresh copy of the base each time), calibrated on the LoRA's own training data."""
     calib = [b if run.setting == "recovery" else b[0] for b in run.batches]  # the LoRA's training data
-    for variant, options in MERGE_VARIANTS.items():
+    for variant in variants:
         if run.done(variant, bits=bits):
             continue
         # (distilled at merge_lora's default rate, 3e-5: LoTA's 1e-4 did worse on the long run's first cell, 18.51
-        # against 16.94; a lower rate is not tried yet)
-        options = {k: (len(calib) if v is None else v) for k, v in options.items()}
+        # against 16.94)
+        options = {k: (len(calib) if v is None else v) for k, v in {**MERGE_VARIANTS, **MERGE_CANDIDATES}[variant].items()}
         merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
         run.record(variant, bits, dict(**run.evaluate(merged), **info))
         del merged
@@ -874,8 +903,9 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                     run_lora(run, method, bits)
             for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
                 run_exact(run, method, bits)
-            if "lora" in chosen and not run.done(*LORA_ROUTES, bits=bits):
-                lora_routes(run, bits)
+            routes = [*(LORA_ROUTES if "lora" in chosen else ()), *(m for m in chosen if m in MERGE_CANDIDATES)]
+            if routes and not run.done(*routes, bits=bits):
+                lora_routes(run, bits, routes)
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
 
@@ -1008,7 +1038,7 @@ def format_details(results: dict, bits: tuple) -> str:
                     lines.append(f"| {setting} | {b} | {METHODS[method][0]} | {r.get('codes_moved_pct', '-')} | "
                                  f"{r.get('max_logit_diff_merged_vs_adapter', '-')} |")
     merges = [(setting, b, v, res[v][b]) for setting, res in results.items() for b in map(str, bits)
-              for v in MERGE_VARIANTS if b in res.get(v, {})]
+              for v in (*MERGE_VARIANTS, *MERGE_CANDIDATES) if b in res.get(v, {})]
     if merges:
         lines += ["", "merge_lora, as it reported (on the held-out eighth of the LoRA's training batches: loss gap to "
                   "the unmerged LoRA, top-1 agreement; the layers' output error on the calibration inputs, relative to "
@@ -1122,8 +1152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
                          "others also use ran 5-10x slower than 1)")
-    ap.add_argument("--methods", nargs="+", default=None, choices=TRAINED,
-                    help="fine-tuned methods to run (default: the preset's; lora_requant and lora_l4q come with lora)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=(*TRAINED, *MERGE_CANDIDATES),
+                    help="fine-tuned methods to run (default: the preset's; plain LoRA's merge routes come with "
+                         "lora; a merge candidate merges the kept LoRA of the same recipe, trained if none is kept)")
     ap.add_argument("--seed", type=int, default=0, help="adapter initialisation seed (the data order stays fixed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="run every method once per seed (adapter initialisation and data order) and report each "
@@ -1250,7 +1281,9 @@ def resume(record: dict, previous: Path, tune: bool = False) -> None:
     record["machine"]["resumed_from"] = old["machine"]
     record["parts"] = old.get("parts") or [run_part(old, tune)]  # what each part ran, where and beside what
     record["parts"].append(run_part(record, tune))
-    print(f"resuming {previous}: {sum(len(v) for r in results.values() for v in r.values())} results kept", flush=True)
+    tables = [results, *record.get("runs", {}).values()]  # (a run with seeds keeps its rows in runs)
+    print(f"resuming {previous}: {sum(len(v) for t in tables for r in t.values() for v in r.values())} results kept",
+          flush=True)
 
 
 def quantization_gap(cfg: dict, dirs: dict, record: dict) -> dict:
@@ -1323,7 +1356,9 @@ def main(argv=None) -> None:
         text = format_tune(results, cfg)
     else:
         known = quantization_gap(cfg, dirs, record)
-        kept = root / "kept-loras" / stem  # plain LoRA's trained adapters, for --resume (build/, not committed)
+        # plain LoRA's trained adapters (build/, not committed), for --resume and for a candidates file (--tag) of the
+        # same preset: each beside its recipe, reused only by a run of the same (lora_recipe)
+        kept = root / "kept-loras" / f"accuracy-{args.preset}"
         runs = record.setdefault("runs", {}) if cfg["seeds"] else None  # {seed: results}, when seeds are asked for
         for setting in args.settings:
             t0 = time.time()
