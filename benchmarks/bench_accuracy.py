@@ -26,6 +26,7 @@ the other 10% (never on the test split). Results go to benchmarks/results/accura
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -748,13 +749,7 @@ def run_lora(run: SettingRun, method: str, bits: int) -> None:
     m = make_adapter_model(method, run.dirs, bits, run.cfg)
     log = train(m, method, run.batches, run.loss_fn, run.lrs[method], f"{run.setting} {bits}-bit {method}")
     if method == "lora":  # kept before its row is recorded: a row never points at an older adapter
-        kept = kept_lora(run, bits)
-        staging = kept.with_name(kept.name + ".partial")  # a stopped save never passes for a kept adapter
-        shutil.rmtree(staging, ignore_errors=True)
-        m.save_pretrained(staging)
-        (staging / RECIPE).write_text(json.dumps(lora_recipe(run, bits), indent=1, sort_keys=True))
-        shutil.rmtree(kept, ignore_errors=True)
-        staging.rename(kept)
+        keep_lora(run, m, bits)
     run.record(method, bits, dict(**run.evaluate(m), **log, lr=run.lrs[method], **lora_update_in_steps(m)))
 
 
@@ -767,16 +762,34 @@ NOT_RECIPE = ("methods", "method_variants", "settings", "bits", "setting_bits", 
 
 def lora_recipe(run: SettingRun, bits: int) -> dict:
     """What plain LoRA's trained adapter depends on: the run's configuration less NOT_RECIPE (a key it does not name
-    counts: an unforeseen difference trains again rather than reuses), its setting, rate, and base model."""
+    counts: an unforeseen difference trains again rather than reuses), its setting, rate, threads and base model."""
     cfg = {k: v for k, v in run.cfg.items() if k not in NOT_RECIPE}
     base = BASES.get(str(Path(run.dirs[bits]).resolve()), str(run.dirs[bits]))
-    return json.loads(json.dumps(dict(cfg, setting=run.setting, bits=bits, lr=run.lrs["lora"], base=base),
-                                 default=str, sort_keys=True))
+    return json.loads(json.dumps(dict(cfg, setting=run.setting, bits=bits, lr=run.lrs["lora"], base=base,
+                                      threads=THREADS[0]), default=str, sort_keys=True))
 
 
 def kept_lora(run: SettingRun, bits: int) -> Path:
-    """Where plain LoRA's trained adapter is kept for its merge routes (and for --resume, and merge candidates)."""
-    return run.kept / f"lora-{bits}bit" if run.kept is not None else run.work / f"lora-{bits}bit"
+    """Where plain LoRA's trained adapter of this run's recipe is kept, for its merge routes (--resume, and merge
+    candidates in another results file): one folder per recipe, so that runs of other recipes never replace it."""
+    recipe = hashlib.sha256(json.dumps(lora_recipe(run, bits), sort_keys=True).encode()).hexdigest()[:12]
+    return (run.kept if run.kept is not None else run.work) / f"lora-{bits}bit-{recipe}"
+
+
+def keep_lora(run: SettingRun, m, bits: int) -> None:
+    """Save plain LoRA's trained adapter where kept_lora finds it, its recipe beside it (to read). Written under a
+    name of its own and renamed into place: a stopped save, or another run saving the same recipe, never leaves a
+    half-written adapter there."""
+    kept = kept_lora(run, bits)
+    staging = kept.with_name(f"{kept.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    m.save_pretrained(staging)
+    (staging / RECIPE).write_text(json.dumps(lora_recipe(run, bits), indent=1, sort_keys=True))
+    old = kept.with_name(f"{kept.name}.old-{os.getpid()}")
+    if kept.exists():  # (the same recipe trained again: a run started over without --resume)
+        kept.rename(old)
+    staging.rename(kept)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def lora_routes(run: SettingRun, bits: int, routes) -> None:
@@ -788,19 +801,14 @@ def lora_routes(run: SettingRun, bits: int, routes) -> None:
     from peft import PeftModel
 
     kept = kept_lora(run, bits)
-    try:
-        same = json.loads((kept / RECIPE).read_text()) == lora_recipe(run, bits)
-    except (OSError, ValueError):
-        same = False
-    if not same:
+    if not (kept / RECIPE).exists():  # (written last, before the rename: its presence is a whole adapter)
         print(f"  {run.setting} {bits}-bit lora: no kept adapter of this recipe; trained for its merge routes", flush=True)
         run_lora(run, "lora", bits)
-    m = PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True)
     if "lora_requant" in routes:
-        lora_by_requantizing(run, m, bits)
+        lora_by_requantizing(run, PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept)), bits)
     lora_by_merge_lora(run, kept, bits, [r for r in routes if r in MERGE_VARIANTS or r in MERGE_CANDIDATES])
     if "lora_l4q" in routes:
-        lora_through_l4q(run, m, bits)
+        lora_through_l4q(run, PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True), bits)
 
 
 def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
@@ -1204,7 +1212,8 @@ def preset_config(args: argparse.Namespace) -> dict:
         cfg["methods"] = tuple(args.methods)
     # what each LoTA and L4Q variant is (--resume refuses rows of a variant whose definition has changed since)
     cfg["method_variants"] = {**{k: {"fields": v[0], "rule": v[1]} for k, v in LOTA_VARIANTS.items()},
-                       **{k: {"fields": v, "rule": "adamw"} for k, v in L4Q_VARIANTS.items()}}
+                       **{k: {"fields": v, "rule": "adamw"} for k, v in L4Q_VARIANTS.items()},
+                       **{k: {"fields": v, "rule": "merge_lora"} for k, v in MERGE_CANDIDATES.items()}}
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
@@ -1281,7 +1290,7 @@ def resume(record: dict, previous: Path, tune: bool = False) -> None:
     record["machine"]["resumed_from"] = old["machine"]
     record["parts"] = old.get("parts") or [run_part(old, tune)]  # what each part ran, where and beside what
     record["parts"].append(run_part(record, tune))
-    tables = [results, *record.get("runs", {}).values()]  # (a run with seeds keeps its rows in runs)
+    tables = list(record["runs"].values()) if "runs" in record else [results]  # (results: the seeds' mean)
     print(f"resuming {previous}: {sum(len(v) for t in tables for r in t.values() for v in r.values())} results kept",
           flush=True)
 
