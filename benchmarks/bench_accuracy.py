@@ -862,8 +862,37 @@ def run_exact(run: SettingRun, method: str, bits: int) -> None:
         run.record(method, bits, dict(**run.evaluate(m), **log))
         run.record("lota_float_rounded", bits, merged_with_rounding(run, m))
     else:
+        if log["codes_moved_pct"] and any(mod.lota_scales for mod in lota_layers(m)):
+            log.update(parts_in_run(run, m))
         merged, info = merged_exactly(m, run.probe)
         run.record(method, bits, dict(**run.evaluate(merged), **log, **info))
+
+
+def lota_layers(model) -> list:
+    from peft_lota.lota.layer import LotaLayer
+
+    return [mod for mod in model.modules() if isinstance(mod, LotaLayer)]
+
+
+@torch.no_grad()
+def parts_in_run(run: SettingRun, model) -> dict:
+    """What the code moves and the trained scales of one trained LoTA model each carry (issue 29's ablation on one
+    training trajectory; the scales-only and codes-only rows train apart, and differ from it by a run's own noise):
+    its score with the moves taken back (every B at 0: no code moves, the trained scales kept), and with the scales
+    taken back (the base's scales, the moves kept). Keys: the score's, suffixed _without_moves / _without_scales."""
+    out = {}
+    for part, tables in (("moves", ("lota_B",)), ("scales", ("lota_scales", "lota_offsets"))):
+        params = [p for mod in lota_layers(model) for t in tables for p in getattr(mod, t).values()]
+        kept = [p.detach().clone() for p in params]
+        for p in params:
+            p.zero_()  # (B = 0: A @ B = 0, no code moves; u = 0: multiplier 1, the base's scales)
+        try:
+            score = run.evaluate(model)
+        finally:
+            for p, v in zip(params, kept):
+                p.copy_(v)
+        out.update({f"{k}_without_{part}": v for k, v in score.items() if k in ("ppl", "em")})
+    return out
 
 
 def merged_with_rounding(run: SettingRun, m) -> dict:
@@ -1045,6 +1074,17 @@ def format_details(results: dict, bits: tuple) -> str:
                 if r:
                     lines.append(f"| {setting} | {b} | {METHODS[method][0]} | {r.get('codes_moved_pct', '-')} | "
                                  f"{r.get('max_logit_diff_merged_vs_adapter', '-')} |")
+    parts = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits) for m in exact
+             if any(k.endswith("_without_moves") for k in res.get(m, {}).get(b, {}))]
+    if parts:
+        lines += ["", "What one trained LoTA model's parts carry (the same run scored with its code moves taken back, "
+                  "and with its trained scales taken back):", "",
+                  "| setting | bits | method | merged | without its code moves | without its trained scales |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {score_value(r)} | "
+                  f"{score_value({k.removesuffix('_without_moves'): v for k, v in r.items() if k.endswith('_without_moves')})} | "
+                  f"{score_value({k.removesuffix('_without_scales'): v for k, v in r.items() if k.endswith('_without_scales')})} |"
+                  for setting, b, m, r in parts]
     merges = [(setting, b, v, res[v][b]) for setting, res in results.items() for b in map(str, bits)
               for v in (*MERGE_VARIANTS, *MERGE_CANDIDATES) if b in res.get(v, {})]
     if merges:
