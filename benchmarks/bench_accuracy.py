@@ -99,7 +99,10 @@ BENCH_PRESETS: dict[str, dict] = {
                                                num_attention_heads=2, seq_len=64, batch_size=8, steps=30, warmup=5,
                                                group_size=64, eval_blocks=16, calib_samples=16, calib_len=128),
                   model_name="smoke", bits=(2,), rank=8, paper_omega=2, recovery_steps=5, recovery_batch=4,
-                  task_steps=5, task_batch=8, max_test=24, tune_lrs=(1e-3,), tune_omegas=(2,)),
+                  task_steps=5, task_batch=8, max_test=24, tune_lrs=(1e-3,), tune_omegas=(2,),
+                  # LoTA with fast factors at a high rate: codes move in 5 steps, so its parts' ablation runs too
+                  methods=(*_COMMON["methods"], "lota_fast"),
+                  lrs={k: dict(v, lota_fast=1e-2) for k, v in _LRS.items()}),
     # 2 CPU cores: the demo model (the cached build shared with the demo; ~5 min to build).
     "cpu": dict(_COMMON, model="demo", model_name="demo", bits=(4, 3, 2), recovery_steps=100, recovery_batch=16,
                 task_steps=100, task_batch=32, max_test=None),
