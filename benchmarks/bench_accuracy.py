@@ -595,6 +595,7 @@ def lora_requantize(lora_model, dirs: dict, bits: int, cfg: dict, work: Path, pr
 # of as many steps as the LoRA trained (None: the number of training batches), at merge_lora's default rate (3e-5).
 MERGE_VARIANTS = {"lora_merge": {"train_scales": False}, "lora_merge_scales": {},
                   "lora_merge_distill": {"distill_steps": None}}
+MERGES = {**MERGE_VARIANTS, **MERGE_CANDIDATES}  # every merge_lora route a run may name
 
 
 def lora_merged(q_dir, lora_dir, calib: list, options: dict):
@@ -783,11 +784,11 @@ def keep_lora(run: SettingRun, m, bits: int) -> None:
     """Save plain LoRA's trained adapter where kept_lora finds it, its recipe beside it (to read). Written under a
     name of its own and renamed into place: a stopped save, or another run saving the same recipe, never leaves a
     half-written adapter there."""
-    kept = kept_lora(run, bits)
+    kept, recipe = kept_lora(run, bits), lora_recipe(run, bits)
     staging = kept.with_name(f"{kept.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     m.save_pretrained(staging)
-    (staging / RECIPE).write_text(json.dumps(lora_recipe(run, bits), indent=1, sort_keys=True))
+    (staging / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
     old = kept.with_name(f"{kept.name}.old-{os.getpid()}")
     if kept.exists():  # (the same recipe trained again: a run started over without --resume)
         kept.rename(old)
@@ -809,7 +810,7 @@ def lora_routes(run: SettingRun, bits: int, routes) -> None:
         run_lora(run, "lora", bits)
     if "lora_requant" in routes:
         lora_by_requantizing(run, PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept)), bits)
-    lora_by_merge_lora(run, kept, bits, [r for r in routes if r in MERGE_VARIANTS or r in MERGE_CANDIDATES])
+    lora_by_merge_lora(run, kept, bits, [r for r in routes if r in MERGES])
     if "lora_l4q" in routes:
         lora_through_l4q(run, PeftModel.from_pretrained(load_quant(run.dirs[bits]), str(kept), is_trainable=True), bits)
 
@@ -833,7 +834,7 @@ def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int, variants) -> 
             continue
         # (distilled at merge_lora's default rate, 3e-5: LoTA's 1e-4 did worse on the long run's first cell, 18.51
         # against 16.94)
-        options = {k: (len(calib) if v is None else v) for k, v in {**MERGE_VARIANTS, **MERGE_CANDIDATES}[variant].items()}
+        options = {k: (len(calib) if v is None else v) for k, v in MERGES[variant].items()}
         merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
         run.record(variant, bits, dict(**run.evaluate(merged), **info))
         del merged
@@ -1084,12 +1085,12 @@ def format_details(results: dict, bits: tuple) -> str:
                   "and with its trained scales taken back):", "",
                   "| setting | bits | method | merged | without its code moves | without its trained scales |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {score_value(r)} | "
-                  f"{score_value({k.removesuffix('_without_moves'): v for k, v in r.items() if k.endswith('_without_moves')})} | "
-                  f"{score_value({k.removesuffix('_without_scales'): v for k, v in r.items() if k.endswith('_without_scales')})} |"
-                  for setting, b, m, r in parts]
+        without = lambda r, part: score_value({k.removesuffix(f"_without_{part}"): v for k, v in r.items()
+                                               if k.endswith(f"_without_{part}")})
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {score_value(r)} | {without(r, 'moves')} | "
+                  f"{without(r, 'scales')} |" for setting, b, m, r in parts]
     merges = [(setting, b, v, res[v][b]) for setting, res in results.items() for b in map(str, bits)
-              for v in (*MERGE_VARIANTS, *MERGE_CANDIDATES) if b in res.get(v, {})]
+              for v in MERGES if b in res.get(v, {})]
     if merges:
         lines += ["", "merge_lora, as it reported (on the held-out eighth of the LoRA's training batches: loss gap to "
                   "the unmerged LoRA, top-1 agreement; the layers' output error on the calibration inputs, relative to "
