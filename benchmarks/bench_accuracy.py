@@ -197,7 +197,12 @@ L4Q_VARIANTS = {
 # merge_lora candidates over its routes (MERGE_VARIANTS), run only when named in --methods (in a candidates file, on
 # the main run's kept LoRA): the distillation's rate bracketed (1e-4 did worse than the default 3e-5).
 MERGE_CANDIDATES = {"lora_merge_distill_lr1e-5": {"distill_steps": None, "distill_lr": 1e-5}}
-TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS, *L4Q_VARIANTS)
+# Item 2's joint route (a candidate): LoTA's trained scales and a float LoRA trained together, each at its own pilot
+# rate, so that the LoRA learns only what the scales cannot; then the scales merged exactly and the LoRA onto that
+# trained grid by merge_lora (codes by GPTQ error feedback; its options here). What the codes carry is the LoRA's
+# residual, and the row records the model without it (the scales alone) beside the merged one.
+JOINT_CANDIDATES = {"lota_lora_merge": {}, "lota_lora_merge_distill": {"distill_steps": None}}
+TRAINED = ("fp_lora", "lora", "lora_r16", "qalora", "l4q", "l4q_fp", *LOTA_VARIANTS, *L4Q_VARIANTS, *JOINT_CANDIDATES)
 METHODS = {  # key: (label, description, ships as)
     "fp": ("full precision, no fine-tuning", "the unquantized model", "fp model"),
     "fp_lora": ("full precision + LoRA", "LoRA on the unquantized model: the ceiling of this fine-tuning", "fp model"),
@@ -226,6 +231,10 @@ METHODS = {  # key: (label, description, ships as)
                      "scales moving as LoTA's", "GPTQ, exact"),
     "l4q_anchored_s1": ("L4Q anchored to the GPTQ grid, merged", "candidate: the same at L4Q's own scale rate (a "
                         "step moves a scale by ~lr)", "GPTQ, exact"),
+    "lota_lora_merge": ("LoTA scales + LoRA trained together, merge_lora onto the trained grid", "candidate: "
+                        "the scales merged exactly, the LoRA's residual by merge_lora's defaults", "GPTQ, base grid"),
+    "lota_lora_merge_distill": ("the same + distillation", "candidate: merge_lora's distillation of the joint "
+                                "model after it", "GPTQ, base grid"),
     "lota": ("LoTA, defaults (latent A, B + scales, AdamW), merged", "LotaConfig() defaults under AdamW", "GPTQ, exact"),
     "lota_noscales": ("LoTA latent, codes only (no trained scales), merged", "the ablation: what moved codes learn",
                       "GPTQ, exact"),
@@ -378,19 +387,20 @@ def task_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(inner.lm_head(hidden[keep]).float(), targets[keep])
 
 
-def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: str) -> dict:
+def train(model, method: str, batches: list, loss_fn, lr: float | None, desc: str, groups: list | None = None) -> dict:
     """One run: AdamW (5% warm-up + cosine, clip 1.0), what any trainer builds, for every method but the
-    paper's LoTA, which trains with t-SignSGD (its quantile schedule, no clipping)."""
+    paper's LoTA, which trains with t-SignSGD (its quantile schedule, no clipping). `groups`: AdamW's parameter
+    groups, each with its own rate (the one schedule scales them all), instead of every trainable parameter at lr."""
     import peft_lota
 
     steps = len(batches)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in groups for p in g["params"]] if groups else [p for p in model.parameters() if p.requires_grad]
     rule = LOTA_VARIANTS.get(method, (None, "adamw"))[1]
     if rule.startswith("tsign"):
         kwargs = {"momentum": 0.9} if rule == "tsign-momentum" else {}
         opt, sched, clip = peft_lota.create_lota_optimizer(model, ternary_kwargs=kwargs, total_steps=steps), None, None
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(groups or params, lr=lr or 0.0, weight_decay=0.0)
         warmup = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: dm._lr_factor(s, warmup, steps))
         clip = 1.0
@@ -598,15 +608,19 @@ MERGE_VARIANTS = {"lora_merge": {"train_scales": False}, "lora_merge_scales": {}
 MERGES = {**MERGE_VARIANTS, **MERGE_CANDIDATES}  # every merge_lora route a run may name
 
 
-def lora_merged(q_dir, lora_dir, calib: list, options: dict):
-    """The saved LoRA on a fresh copy of its GPTQ base, merged by peft_lota.merge_lora; (model, what it reported)."""
+def lora_merged(q_dir, lora_dir, calib: list, options: dict, base=None):
+    """The saved LoRA on a fresh copy of its GPTQ base (or on `base`, a quantized model in memory), merged by
+    peft_lota.merge_lora; (model, what it reported)."""
     from peft import PeftModel
 
     import peft_lota
 
-    model = PeftModel.from_pretrained(load_quant(q_dir), str(lora_dir))
     t0 = time.time()
-    merged = peft_lota.merge_lora(model, calib, progress=False, **options)
+    if base is None:
+        model = PeftModel.from_pretrained(load_quant(q_dir), str(lora_dir))
+        merged = peft_lota.merge_lora(model, calib, progress=False, **options)
+    else:
+        merged = peft_lota.merge_lora(base, calib, lora=str(lora_dir), progress=False, **options)
     merge_s = time.time() - t0
     r = merged.merge_lora_report
     layers = r.layers.values()
@@ -828,7 +842,7 @@ def lora_by_requantizing(run: SettingRun, m, bits: int) -> None:
 def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int, variants) -> None:
     """`variants` (of MERGE_VARIANTS, MERGE_CANDIDATES): the saved LoRA merged by merge_lora onto the base's own grid
     (a fresh copy of the base each time), calibrated on the LoRA's own training data."""
-    calib = [b if run.setting == "recovery" else b[0] for b in run.batches]  # the LoRA's training data
+    calib = calibration(run)
     for variant in variants:
         if run.done(variant, bits=bits):
             continue
@@ -838,6 +852,55 @@ def lora_by_merge_lora(run: SettingRun, lora_dir: Path, bits: int, variants) -> 
         merged, info = lora_merged(run.dirs[bits], lora_dir, calib, options)
         run.record(variant, bits, dict(**run.evaluate(merged), **info))
         del merged
+
+
+def calibration(run: SettingRun) -> list:
+    """merge_lora's calibration: the LoRA's own training data (its input ids)."""
+    return [b if run.setting == "recovery" else b[0] for b in run.batches]
+
+
+def run_joint(run: SettingRun, method: str, bits: int) -> None:
+    """JOINT_CANDIDATES: LoTA's scales (factors frozen) and a float LoRA of the benchmark's rank on the same layers,
+    trained together (the scales at LoTA's rate, the LoRA at LoRA's); the scales merged exactly, the LoRA saved and
+    merged onto that trained grid by merge_lora. Records the merged score, and the joint model's unmerged score
+    (ppl_unmerged) and the scales' alone (ppl_without_lora: the same model less its LoRA)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    m = make_adapter_model("lota_scales_only", run.dirs, bits, run.cfg)
+    rank, loras, hooks, layers = run.cfg["rank"], {}, [], set(lota_layers(m))
+    for name, mod in m.named_modules():
+        if mod in layers:
+            A = torch.nn.Linear(mod.in_features, rank, bias=False, device=device())  # PEFT LoRA's init: A uniform,
+            B = torch.nn.Linear(rank, mod.out_features, bias=False, device=device())  # B = 0, scaling alpha / r = 1
+            torch.nn.init.zeros_(B.weight)
+            mod.joint_lora = torch.nn.Sequential(A, B)
+            hooks.append(mod.register_forward_hook(lambda mod, args, out: out + mod.joint_lora(args[0]).to(out.dtype)))
+            loras[name] = mod.joint_lora
+    scales = [p for n, p in m.named_parameters() if ".lota_scales." in n and p.requires_grad]
+    rates = dict(lr=run.lr_of("lota"), lora_lr=run.lrs["lora"])
+    groups = [dict(params=scales, lr=rates["lr"]),
+              dict(params=[p for seq in loras.values() for p in seq.parameters()], lr=rates["lora_lr"])]
+    log = train(m, method, run.batches, run.loss_fn, None, f"{run.setting} {bits}-bit {method}", groups=groups)
+    log.update(rates)
+    joint = run.evaluate(m)
+    folder = run.work / f"{method}-{bits}bit"
+    folder.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, task_type="CAUSAL_LM").save_pretrained(folder)
+    save_file({f"{n}.lora_{x}.weight": seq[i].weight.detach().float().cpu().contiguous()
+               for n, seq in loras.items() for i, x in enumerate("AB")}, folder / "adapter_model.safetensors")
+    for h in hooks:
+        h.remove()
+    for mod in loras:
+        del m.get_submodule(mod).joint_lora
+    scales_merged, info = merged_exactly(m, run.probe)
+    alone = run.evaluate(scales_merged)
+    options = {k: (len(run.batches) if v is None else v) for k, v in JOINT_CANDIDATES[method].items()}
+    merged, merge_info = lora_merged(None, folder, calibration(run), options, base=scales_merged)
+    run.record(method, bits, dict(**run.evaluate(merged), **log, **info, **merge_info,
+                                  **{f"{k}_unmerged": v for k, v in joint.items() if k in ("ppl", "em")},
+                                  **{f"{k}_without_lora": v for k, v in alone.items() if k in ("ppl", "em")}))
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def lora_through_l4q(run: SettingRun, m, bits: int) -> None:
@@ -943,7 +1006,7 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                 if not run.done(method, bits=bits):
                     run_lora(run, method, bits)
             for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
-                run_exact(run, method, bits)
+                (run_joint if method in JOINT_CANDIDATES else run_exact)(run, method, bits)
             routes = [*(LORA_ROUTES if "lora" in chosen else ()), *(m for m in chosen if m in MERGE_CANDIDATES)]
             if routes and not run.done(*routes, bits=bits):
                 lora_routes(run, bits, routes)
@@ -1100,6 +1163,16 @@ def format_details(results: dict, bits: tuple) -> str:
         lines += [f"| {setting} | {b} | {METHODS[v][0]} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} | "
                   f"{r['top1_agreement_pct']} | {r['mean_layer_error_nearest']} -> {r['mean_layer_error']} | "
                   f"{r['merge_s']} |" for setting, b, v, r in merges]
+    joint = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits)
+             for m in JOINT_CANDIDATES if b in res.get(m, {})]
+    if joint:
+        without = lambda r, suffix: score_value({k.removesuffix(suffix): v for k, v in r.items() if k.endswith(suffix)})
+        lines += ["", "The joint route's parts (one trained model: the scales and the LoRA unmerged; the scales alone, "
+                  "merged exactly, the LoRA dropped; the LoRA then merged onto that grid by merge_lora):", "",
+                  "| setting | bits | method | scales + LoRA, unmerged | scales alone | merged | codes moved % | "
+                  "merge's loss gap % |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {without(r, '_unmerged')} | {without(r, '_without_lora')} | "
+                  f"{score_value(r)} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} |" for setting, b, m, r in joint]
     ablation = [(setting, b, res) for setting, res in results.items() for b in map(str, bits)
                 if all(b in res.get(m, {}) for m in ("gptq", "lota", "lota_scales_only", "lota_noscales"))]
     if ablation:
@@ -1257,7 +1330,8 @@ def preset_config(args: argparse.Namespace) -> dict:
     # what each LoTA and L4Q variant is (--resume refuses rows of a variant whose definition has changed since)
     cfg["method_variants"] = {**{k: {"fields": v[0], "rule": v[1]} for k, v in LOTA_VARIANTS.items()},
                        **{k: {"fields": v, "rule": "adamw"} for k, v in L4Q_VARIANTS.items()},
-                       **{k: {"fields": v, "rule": "merge_lora"} for k, v in MERGE_CANDIDATES.items()}}
+                       **{k: {"fields": v, "rule": "merge_lora"} for k, v in MERGE_CANDIDATES.items()},
+                       **{k: {"fields": v, "rule": "joint"} for k, v in JOINT_CANDIDATES.items()}}
     for key in ("tune_lrs", "tune_omegas", "tune_methods"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
