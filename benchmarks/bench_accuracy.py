@@ -195,8 +195,10 @@ L4Q_VARIANTS = {
     "l4q_anchored_s1": {"anchor_codes": True},  # the scales at L4Q's own rate (scale_rate 1)
 }
 # merge_lora candidates over its routes (MERGE_VARIANTS), run only when named in --methods (in a candidates file, on
-# the main run's kept LoRA): the distillation's rate bracketed (1e-4 did worse than the default 3e-5).
-MERGE_CANDIDATES = {"lora_merge_distill_lr1e-5": {"distill_steps": None, "distill_lr": 1e-5}}
+# the main run's kept LoRA): the distillation's rate bracketed (at 4 bits, seed 0: 18.51 at 1e-4, 16.94 at the
+# default 3e-5, 16.82 at 1e-5, the grid's lower edge: 3e-6 next).
+MERGE_CANDIDATES = {"lora_merge_distill_lr1e-5": {"distill_steps": None, "distill_lr": 1e-5},
+                    "lora_merge_distill_lr3e-6": {"distill_steps": None, "distill_lr": 3e-6}}
 # Item 2's joint route (a candidate): LoTA's trained scales and a float LoRA trained together, each at its own pilot
 # rate, so that the LoRA learns only what the scales cannot; then the scales merged exactly and the LoRA onto that
 # trained grid by merge_lora (codes by GPTQ error feedback; its options here). What the codes carry is the LoRA's
@@ -221,6 +223,8 @@ METHODS = {  # key: (label, description, ships as)
                            "GPTQ, base grid"),
     "lora_merge_distill_lr1e-5": ("LoRA merged by merge_lora + distillation at 1e-5", "candidate: the same "
                                   "distillation at a third of merge_lora's default rate", "GPTQ, base grid"),
+    "lora_merge_distill_lr3e-6": ("LoRA merged by merge_lora + distillation at 3e-6", "candidate: the same "
+                                  "distillation at a tenth of merge_lora's default rate", "GPTQ, base grid"),
     "lora_l4q": ("LoRA -> l4q_from_lora (+1/5 of the steps), merged", "the same LoRA inside L4Q's quantizer, a short "
                  "quantization-aware run, merged exactly", "GPTQ, exact"),
     "l4q": ("L4Q from the GPTQ model, merged", "LoRA through a learnable quantizer on the GPTQ grid", "GPTQ, exact"),
