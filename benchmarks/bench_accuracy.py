@@ -204,7 +204,9 @@ MERGE_CANDIDATES = {"lora_merge_distill_lr1e-5": {"distill_steps": None, "distil
 # trained grid by merge_lora (codes by GPTQ error feedback; its options here). What the codes carry is the LoRA's
 # residual, and the row records the model without it (the scales alone) beside the merged one. At the two pilot
 # rates (4 bits, seed 0) the joint model, unmerged, did worse than either alone (16.85 against LoRA's 16.32 and
-# LoTA's 16.68; a higher training loss too): two paths at their own best rates overshoot, so the LoRA at 1e-3 next.
+# LoTA's 16.68; a higher training loss too): two paths at their own best rates overshoot. With the LoRA at 1e-3 the
+# pair did 16.75 unmerged, and its residual over the scales was below half a step nearly everywhere (merge_lora moved
+# 0.5% of the codes): merged 17.12. Neither beats LoTA's defaults (benchmarks/README.md, "Item 2's candidates").
 # Keys: merge_lora's options, and "lora_lr" (the LoRA's rate, default plain LoRA's).
 JOINT_CANDIDATES = {"lota_lora_merge": {}, "lota_lora_merge_distill": {"distill_steps": None},
                     "lota_lora1e-3_merge": {"lora_lr": 1e-3}}
