@@ -1086,13 +1086,17 @@ def gain_over(base: dict, r: dict) -> float:
     return math.log(base["ppl"] / r["ppl"]) if "ppl" in r else r["em"] - base["em"]
 
 
-def score_str(r: dict | None) -> str:
-    """A score; over several seeds, their mean +- half their range."""
+def score_str(r: dict | None, seeds: int = 0) -> str:
+    """A score; over several seeds, their mean +- half their range. `seeds`: how many the run has; a cell that has
+    fewer so far (a run in parts) says how many it holds, so that it is not read as a mean of them all."""
     if r is None:
         return "-"
     text = f"{r['ppl']:.2f}" if "ppl" in r else f"{r['em']:.1f}"
-    if len(r.get("per_seed", ())) > 1:
+    n = len(r.get("per_seed", ()))
+    if n > 1:
         text += f" ± {(max(r['per_seed']) - min(r['per_seed'])) / 2:.{2 if 'ppl' in r else 1}f}"
+    if n and n < seeds:
+        text += f" ({n} of {seeds} seeds)"
     return text
 
 
@@ -1128,10 +1132,11 @@ def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
             if method not in res:
                 continue
             r = res[method]
+            seeds = len(cfg.get("seeds") or ())
             if "fp" in r:  # bit-independent rows
-                cells = [score_str(r["fp"])] * len(bits)
+                cells = [score_str(r["fp"], seeds)] * len(bits)
             else:
-                cells = [score_str(r.get(str(b))) for b in bits]
+                cells = [score_str(r.get(str(b)), seeds) for b in bits]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
