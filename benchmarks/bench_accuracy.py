@@ -1086,6 +1086,11 @@ def gain_over(base: dict, r: dict) -> float:
     return math.log(base["ppl"] / r["ppl"]) if "ppl" in r else r["em"] - base["em"]
 
 
+def suffixed_score(r: dict, suffix: str) -> float:
+    """The score a row records under `suffix` (its parts: ppl_without_moves, em_unmerged, ...)."""
+    return score_value({k.removesuffix(suffix): v for k, v in r.items() if k.endswith(suffix)})
+
+
 def score_str(r: dict | None, seeds: int = 0) -> str:
     """A score; over several seeds, their mean +- half their range. `seeds`: how many the run has; a cell that has
     fewer so far (a run in parts) says how many it holds, so that it is not read as a mean of them all."""
@@ -1166,10 +1171,8 @@ def format_details(results: dict, bits: tuple) -> str:
                   "and with its trained scales taken back):", "",
                   "| setting | bits | method | merged | without its code moves | without its trained scales |",
                   "|---|---|---|---|---|---|"]
-        without = lambda r, part: score_value({k.removesuffix(f"_without_{part}"): v for k, v in r.items()
-                                               if k.endswith(f"_without_{part}")})
-        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {score_value(r)} | {without(r, 'moves')} | "
-                  f"{without(r, 'scales')} |" for setting, b, m, r in parts]
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {score_value(r)} | {suffixed_score(r, '_without_moves')} | "
+                  f"{suffixed_score(r, '_without_scales')} |" for setting, b, m, r in parts]
     merges = [(setting, b, v, res[v][b]) for setting, res in results.items() for b in map(str, bits)
               for v in MERGES if b in res.get(v, {})]
     if merges:
@@ -1184,12 +1187,11 @@ def format_details(results: dict, bits: tuple) -> str:
     joint = [(setting, b, m, res[m][b]) for setting, res in results.items() for b in map(str, bits)
              for m in JOINT_CANDIDATES if b in res.get(m, {})]
     if joint:
-        without = lambda r, suffix: score_value({k.removesuffix(suffix): v for k, v in r.items() if k.endswith(suffix)})
         lines += ["", "The joint route's parts (one trained model: the scales and the LoRA unmerged; the scales alone, "
                   "merged exactly, the LoRA dropped; the LoRA then merged onto that grid by merge_lora):", "",
                   "| setting | bits | method | scales + LoRA, unmerged | scales alone | merged | codes moved % | "
                   "merge's loss gap % |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {without(r, '_unmerged')} | {without(r, '_without_lora')} | "
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {suffixed_score(r, '_unmerged')} | {suffixed_score(r, '_without_lora')} | "
                   f"{score_value(r)} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} |" for setting, b, m, r in joint]
     ablation = [(setting, b, res) for setting, res in results.items() for b in map(str, bits)
                 if all(b in res.get(m, {}) for m in ("gptq", "lota", "lota_scales_only", "lota_noscales"))]
