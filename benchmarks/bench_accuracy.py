@@ -1020,7 +1020,9 @@ def run_setting(setting: str, cfg: dict, dirs: dict, results: dict, save, known:
                     run_lora(run, method, bits)
             for method in [m for m in chosen if m.startswith(("lota", "l4q")) and not run.done(m, bits=bits)]:
                 (run_joint if method in JOINT_CANDIDATES else run_exact)(run, method, bits)
-            routes = [*(LORA_ROUTES if "lora" in chosen else ()), *(m for m in chosen if m in MERGE_CANDIDATES)]
+            named = [m for m in chosen if m in LORA_ROUTES]  # routes named in --methods: those alone
+            routes = [*(named or (LORA_ROUTES if "lora" in chosen else ())),
+                      *(m for m in chosen if m in MERGE_CANDIDATES)]
             if routes and not run.done(*routes, bits=bits):
                 lora_routes(run, bits, routes)
     finally:
@@ -1297,9 +1299,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default on CPU: half the cores; 2 threads on a 2-core machine that "
                          "others also use ran 5-10x slower than 1)")
-    ap.add_argument("--methods", nargs="+", default=None, choices=(*TRAINED, *MERGE_CANDIDATES),
+    ap.add_argument("--methods", nargs="+", default=None, choices=(*TRAINED, *LORA_ROUTES, *MERGE_CANDIDATES),
                     help="fine-tuned methods to run (default: the preset's; plain LoRA's merge routes come with "
-                         "lora; a merge candidate merges the kept LoRA of the same recipe, trained if none is kept)")
+                         "lora, or only those named here; a route or merge candidate merges the kept LoRA of the "
+                         "same recipe, trained if none is kept)")
     ap.add_argument("--seed", type=int, default=0, help="adapter initialisation seed (the data order stays fixed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="run every method once per seed (adapter initialisation and data order) and report each "
