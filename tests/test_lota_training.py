@@ -167,3 +167,33 @@ def test_latent_resume_from_checkpoint_is_exact(gptq_dir, tokenizer, tmp_path):
 
     saved = load_file(str(tmp_path / "halves" / "checkpoint-3" / "adapter_model.safetensors"))
     assert any(k.endswith("lota_A_latent") for k in saved) and any(k.endswith("lota_scales") for k in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_change_nothing_until_a_code_moves(gptq_dir, tokenizer, dtype):
+    """The ablation's premise: while no code moves, LoTA's defaults train the scales exactly as a run with the
+    ternary factors frozen does (same forward, same scale gradients), under autocast too. Only the clipping norm,
+    which the factors' gradients join, may part them: clipped over the scales alone, the two are bit-identical."""
+    path, data = gptq_dir(SPEC), blocks(tokenizer, n=16)
+
+    def run(frozen):
+        torch.manual_seed(0)
+        model = get_peft_model(load_gptq(path), LotaConfig(r=8, train_scales=True, init_seed=0))
+        if frozen:
+            for layer in lota_layers(model):
+                layer.lota_A["default"].requires_grad_(False)
+                layer.lota_B["default"].requires_grad_(False)
+        scales = [p for n, p in model.named_parameters() if ".lota_scales." in n]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+        for i in range(0, 16, 4):
+            ids = torch.stack([d["input_ids"] for d in data[i:i + 4]])
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(scales, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert codes_moved(model) == 0  # (the rate keeps the factors below their threshold)
+        return torch.cat([p.detach().flatten() for p in scales])
+
+    defaults, frozen = run(False), run(True)
+    assert defaults.abs().max() > 0 and torch.equal(defaults, frozen)
