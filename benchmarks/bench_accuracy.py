@@ -1127,7 +1127,7 @@ def over_seeds(runs: dict) -> dict:
 
 
 def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
-    lines = []
+    lines, seeds = [], len(cfg.get("seeds") or ())
     for setting, unit in (("recovery", "held-out perplexity (lower is better)"),
                           ("task", f"exact match % on {cfg['task']} (higher is better)")):
         if setting not in results:
@@ -1139,7 +1139,6 @@ def format_tables(results: dict, bits: tuple, cfg: dict) -> str:
             if method not in res:
                 continue
             r = res[method]
-            seeds = len(cfg.get("seeds") or ())
             if "fp" in r:  # bit-independent rows
                 cells = [score_str(r["fp"], seeds)] * len(bits)
             else:
@@ -1193,8 +1192,8 @@ def format_details(results: dict, bits: tuple) -> str:
                   "merged exactly, the LoRA dropped; the LoRA then merged onto that grid by merge_lora):", "",
                   "| setting | bits | method | scales + LoRA, unmerged | scales alone | merged | codes moved % | "
                   "merge's loss gap % |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {suffixed_score(r, '_unmerged')} | {suffixed_score(r, '_without_lora')} | "
-                  f"{score_value(r)} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} |" for setting, b, m, r in joint]
+        lines += [f"| {setting} | {b} | {METHODS[m][0]} | {suffixed_score(r, '_unmerged')} | "
+                  f"{suffixed_score(r, '_without_lora')} | {score_value(r)} | {r['codes_moved_pct']} | {r['calib_gap_pct']:+.2f} |" for setting, b, m, r in joint]
     ablation = [(setting, b, res) for setting, res in results.items() for b in map(str, bits)
                 if all(b in res.get(m, {}) for m in ("gptq", "lota", "lota_scales_only", "lota_noscales"))]
     if ablation:
